@@ -1,0 +1,16 @@
+"""medi-fast: metadata-guided diffusion (MeDi) for computational pathology, made fast."""
+from .errors import MediFastError
+
+__version__ = "0.1.0"
+
+__all__ = ["MediFastError", "__version__", "load"]
+
+
+def load(path, backend: str = "auto", **options):
+    """Open a checkpoint (.pt/.safetensors) or engine (.onnx/.engine) for generation.
+
+    Returns a :class:`medi_fast.api.Pipeline` with ``.generate(class_=..., tss=..., n=..., seed=...)``.
+    """
+    from .api import Pipeline
+
+    return Pipeline.open(path, backend=backend, **options)

@@ -1,0 +1,152 @@
+"""Runtime backends: each implements the denoiser call ``backend(x, t, cond) -> eps``.
+
+A small explicit registry maps names to classes.  Each entry says which model files it runs
+(``checkpoint``: .pt/.safetensors, ``onnx``: .onnx, ``tensorrt``: .engine/.plan) and its rank for
+``auto``, which picks the highest-ranked entry that is available here for the given file.  Ranks
+follow the measurements in benchmarks/RESULTS.md.
+
+The runtime never imports ``medi_fast.training`` or ``medi_fast.engines``: it loads the files they
+wrote.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..conditioning import ConditionSpec
+from ..errors import MediFastError, suggest
+from ..schedule import Schedule
+
+
+@dataclass
+class ModelInfo:
+    """What a runtime needs to know about a model file, without its weights."""
+
+    path: Path
+    kind: str  # "checkpoint" | "onnx" | "tensorrt"
+    spec: ConditionSpec
+    schedule: Schedule
+    resolution: int
+    preset: str
+    model_hash: str
+    provenance: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # kind-specific (e.g. the loaded Checkpoint)
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    name: str
+    target: str  # "module:Class" under medi_fast.backends
+    kinds: tuple[str, ...]
+    rank: int  # higher is preferred by `auto`
+    description: str
+
+    def load_class(self):
+        module, cls = self.target.split(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+    def availability(self) -> tuple[bool, str]:
+        """(available, reason-if-not) on this machine."""
+        try:
+            cls = self.load_class()
+        except ImportError as e:
+            return False, f"not installed ({e.name or e})"
+        return cls.available()
+
+
+BACKENDS: dict[str, BackendEntry] = {}
+
+
+def register(name: str, target: str, kinds: tuple[str, ...], rank: int, description: str) -> None:
+    BACKENDS[name] = BackendEntry(name, target, kinds, rank, description)
+
+
+register("torch", "torch_backend:TorchBackend", ("checkpoint",), 10,
+         "PyTorch eager fp32 (CPU, or CUDA when present)")
+register("torch-fp16", "torch_backend:TorchFP16Backend", ("checkpoint",), 30,
+         "PyTorch CUDA, fp16 autocast + channels_last")
+register("torch-bf16", "torch_backend:TorchBF16Backend", ("checkpoint",), 31,
+         "PyTorch CUDA, bf16 autocast + channels_last")
+register("torch-compile", "torch_backend:TorchCompileBackend", ("checkpoint",), 5,
+         "torch.compile (CUDA: bf16 + channels_last + CUDA graphs; CPU: fp32)")
+
+# Reader for each model-file suffix: "module:function" returning a ModelInfo.
+READERS: dict[str, str] = {
+    ".pt": "torch_backend:read_checkpoint_info",
+    ".safetensors": "torch_backend:read_checkpoint_info",
+}
+
+
+def open_model(path) -> ModelInfo:
+    """Read a model file's description (conditioning, schedule, hash) and check it can be used."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [p for p in sorted(path.iterdir()) if p.suffix in READERS]
+        if len(candidates) != 1:
+            raise MediFastError(f"{path} is a directory; pass the model file inside it "
+                                f"({', '.join(p.name for p in candidates) or 'none found'})")
+        path = candidates[0]
+    if not path.exists():
+        raise MediFastError(f"model file {path} does not exist; check the path")
+    reader = READERS.get(path.suffix)
+    if reader is None:
+        raise MediFastError(f"{path} is not a model file; expected one of {', '.join(sorted(READERS))}")
+    module, func = reader.split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), func)(path)
+
+
+def available(kind: str | None = None) -> list[str]:
+    return [n for n, e in sorted(BACKENDS.items(), key=lambda kv: -kv[1].rank)
+            if (kind is None or kind in e.kinds) and e.availability()[0]]
+
+
+def resolve(name: str, info: ModelInfo) -> str:
+    """The backend name to use: ``auto`` becomes the best available one for this model file."""
+    if name == "auto":
+        names = available(info.kind)
+        if not names:
+            raise MediFastError(f"no backend can run {info.path.name} here; see `medi-fast backends`")
+        return names[0]
+    if name not in BACKENDS:
+        raise MediFastError(f"unknown backend {name!r}{suggest(name, BACKENDS)}; choose from auto, {', '.join(BACKENDS)}")
+    entry = BACKENDS[name]
+    if info.kind not in entry.kinds:
+        hint = "export it first with `medi-fast export`" if info.kind == "checkpoint" else "use --backend auto"
+        raise MediFastError(f"backend {name} cannot run a {info.kind} file ({info.path.name}); {hint}")
+    ok, why = entry.availability()
+    if not ok:
+        raise MediFastError(f"backend {name} is not available here: {why}; use --backend auto")
+    return name
+
+
+def create(name: str, info: ModelInfo, **options) -> Callable:
+    """Instantiate a backend (``auto`` allowed) for a model file."""
+    name = resolve(name, info)
+    backend = BACKENDS[name].load_class()(info, **options)
+    backend.name = name
+    return backend
+
+
+class Backend:
+    """Base class: subclasses set ``device`` and implement ``__call__``.
+
+    ``__call__(x, t, cond)``: x (B, 3, H, W) float32 on ``self.device``, t (B,) long,
+    cond {name: (B,)} -> eps (B, 3, H, W) float32 on ``self.device``.
+    """
+
+    name = "base"
+    device = torch.device("cpu")
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        return True, ""
+
+    def __call__(self, x, t, cond):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release device memory, sessions, engines."""

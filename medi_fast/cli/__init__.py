@@ -1,0 +1,68 @@
+"""The ``medi-fast`` command.  Each subcommand lives in a module of this package; the group loads
+it only when it is invoked, so ``medi-fast --help`` stays fast and one broken extra never blocks
+the rest.  Every MediFastError ends in one line on stderr and exit code 2, with no traceback."""
+from __future__ import annotations
+
+import errno
+import importlib
+import sys
+
+import click
+
+from ..errors import MediFastError
+
+# command name -> "module:function" (relative to medi_fast.cli); help text shown in --help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("core:generate", "Generate patches from a checkpoint or engine."),
+    "init-checkpoint": ("core:init_checkpoint", "Write a randomly initialised checkpoint (tests, benchmarks)."),
+    "info": ("core:info", "Describe a checkpoint or engine: conditioning, vocabularies, schedule, hash."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        target, _ = COMMANDS[name]
+        module, func = target.split(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), func)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, COMMANDS[name][1]) for name in sorted(COMMANDS)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="medi-fast")
+def cli():
+    """medi-fast: metadata-guided diffusion (MeDi) for computational pathology.
+
+    Start with `medi-fast demo`; see README.md for the whole pipeline.
+    """
+
+
+def main(argv=None) -> int:
+    try:
+        cli.main(args=argv, prog_name="medi-fast", standalone_mode=False)
+    except MediFastError as e:
+        click.echo(f"medi-fast: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("medi-fast: interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("medi-fast: interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if e.exit_code == 1 else e.exit_code)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            click.echo("medi-fast: error: disk full; free space, then rerun the same command to resume", err=True)
+            sys.exit(2)
+        raise
+    return 0

@@ -1,0 +1,60 @@
+"""DDIM (Song et al. 2021, eq. 12), the published sampler.
+
+Notation map (paper -> code):
+    x_t            sample            (B, C, H, W)
+    eps_theta      eps               denoiser output
+    alpha_bar_t    a_t               schedule.alphas_cumprod[t]
+    alpha_bar_prev a_prev            alphas_cumprod[t - T // steps], or 1 at the end
+    sigma_t        sigma             eta * sqrt((1-a_prev)/(1-a_t) * (1 - a_t/a_prev))
+
+Bit-for-bit the arithmetic of diffusers' ``DDIMScheduler.step`` (float32 scalars, previous timestep
+``t - T // steps`` whatever the spacing, optional x0 clipping), so results match the reference.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..schedule import Schedule
+
+
+def ddim(denoiser, x_T: torch.Tensor, timesteps: Sequence[int], schedule: Schedule, cond: dict,
+         *, eta: float = 0.0, noise: Callable[[int], torch.Tensor] | None = None,
+         callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """DDIM sampling x_T -> x_0 (Song et al. 2021, eq. 12).
+
+    ``noise(i)`` returns the fresh Gaussian noise for step ``i`` (shape of x); only used when
+    eta > 0.  ``callback(i, x)`` is called after every step.
+    """
+    alphas_cumprod = schedule.alphas_cumprod
+    final = schedule.final_alpha_cumprod
+    n_steps = len(timesteps)
+    stride = schedule.num_train_timesteps // n_steps
+    x = x_T
+    batch = x.shape[0]
+    for i, t in enumerate(int(t) for t in timesteps):
+        # 1. eps_theta(x_t, t, c)
+        t_batch = torch.full((batch,), t, dtype=torch.long, device=x.device)
+        eps = denoiser(x, t_batch, cond).to(x.dtype)  # (B, C, H, W)
+        # 2. alpha_bar_t and alpha_bar_{t-1}
+        prev_t = t - stride
+        a_t = alphas_cumprod[t]
+        a_prev = alphas_cumprod[prev_t] if prev_t >= 0 else final
+        b_t = 1 - a_t
+        # 3. predicted x_0, optionally clipped
+        x0 = (x - b_t ** 0.5 * eps) / a_t ** 0.5
+        if schedule.clip_sample:
+            x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+        # 4. sigma_t (eq. 16)
+        variance = ((1 - a_prev) / b_t) * (1 - a_t / a_prev)
+        sigma = eta * variance ** 0.5
+        # 5. x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
+        direction = (1 - a_prev - sigma ** 2) ** 0.5 * eps
+        x = a_prev ** 0.5 * x0 + direction
+        if eta > 0:
+            z = noise(i) if noise is not None else torch.randn_like(x)
+            x = x + sigma * z.to(device=x.device, dtype=x.dtype)
+        if callback is not None:
+            callback(i, x)
+    return x
