@@ -7,7 +7,7 @@ the timestep embedding.  ``d_class + sum(d_meta) == d_t`` is checked at construc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 from .errors import MediFastError
 from .vocab import Vocabulary
 
+MODES = ("concat", "additive", "linear")
 CATEGORICAL = "categorical"
 CONTINUOUS = "continuous"
 
@@ -59,7 +60,10 @@ class ConditionSpec:
 
     attributes: tuple[Attribute, ...]
     d_t: int
-    extra: dict = field(default_factory=dict, compare=False)
+    # How embeddings combine (the reference code's three modes): "concat" (the paper: widths sum to
+    # d_t), "additive" (every table d_t wide, summed), "linear" (d_t-wide tables concatenated, then a
+    # Linear layer back to d_t).
+    mode: str = "concat"
 
     def __post_init__(self):
         object.__setattr__(self, "attributes", tuple(self.attributes))
@@ -68,6 +72,14 @@ class ConditionSpec:
         names = [a.name for a in self.attributes]
         if len(set(names)) != len(names):
             raise MediFastError(f"conditioning attributes repeat a name: {names}")
+        if self.mode not in MODES:
+            raise MediFastError(f"unknown conditioning mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if self.mode != "concat":
+            wrong = [f"{a.name} {a.dim}" for a in self.attributes if a.dim != self.d_t]
+            if wrong:
+                raise MediFastError(f"in {self.mode} mode every embedding must be d_t = {self.d_t} wide, "
+                                    f"got {', '.join(wrong)}")
+            return
         total = sum(a.dim for a in self.attributes)
         if total != self.d_t:
             widths = " + ".join(f"{a.name} {a.dim}" for a in self.attributes)
@@ -101,24 +113,24 @@ class ConditionSpec:
 
     @classmethod
     def build(cls, d_t: int, classes: Sequence[str], metadata: Mapping[str, Sequence[str] | None] = (),
-              widths: Mapping[str, int] | None = None) -> "ConditionSpec":
+              widths: Mapping[str, int] | None = None, mode: str = "concat") -> "ConditionSpec":
         """Default widths as the reference 'concat' mode: floor(d_t / (1+k)) each, the class gets the rest.
 
         ``metadata`` maps a name to its values (categorical) or to None (continuous).
         """
         metadata = dict(metadata)
         k = len(metadata)
-        base = d_t // (1 + k)
+        base = d_t // (1 + k) if mode == "concat" else d_t
         widths = dict(widths or {})
         dims = {name: widths.get(name, base) for name in metadata}
-        class_dim = widths.get("class", d_t - sum(dims.values()))
+        class_dim = widths.get("class", d_t - sum(dims.values()) if mode == "concat" else d_t)
         attrs = [Attribute("class", CATEGORICAL, class_dim, Vocabulary("class", tuple(classes), tcga_aliases=True))]
         for name, values in metadata.items():
             if values is None:
                 attrs.append(Attribute(name, CONTINUOUS, dims[name]))
             else:
                 attrs.append(Attribute(name, CATEGORICAL, dims[name], Vocabulary(name, tuple(values))))
-        return cls(tuple(attrs), d_t)
+        return cls(tuple(attrs), d_t, mode)
 
     def encode(self, values: Mapping[str, object], n: int | None = None) -> dict[str, torch.Tensor]:
         """Names -> id tensors, e.g. {'class': 'LUAD', 'tss': '05'} -> {'class': tensor([0]), ...}.
@@ -155,11 +167,11 @@ class ConditionSpec:
         return out
 
     def to_dict(self) -> dict:
-        return {"d_t": self.d_t, "attributes": [a.to_dict() for a in self.attributes]}
+        return {"d_t": self.d_t, "mode": self.mode, "attributes": [a.to_dict() for a in self.attributes]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ConditionSpec":
-        return cls(tuple(Attribute.from_dict(a) for a in d["attributes"]), int(d["d_t"]))
+        return cls(tuple(Attribute.from_dict(a) for a in d["attributes"]), int(d["d_t"]), d.get("mode", "concat"))
 
 
 def sinusoidal(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -171,7 +183,10 @@ def sinusoidal(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class Conditioner(nn.Module):
-    """Embedding tables -> z_cond = concat[e_class, e_meta...], width d_t.   # (B, d_t)
+    """Embedding tables -> z_cond of width d_t.   # (B, d_t)
+
+    concat (the paper): z = [e_class, e_meta...]; additive: z = e_class + sum e_meta;
+    linear: z = W [e_class, e_meta...] + b.
 
     Table ``i`` has ``len(vocab) + 1`` rows; the last row is the learned null embedding.
     Continuous attributes use a fixed sinusoidal encoding; NaN selects a learned null vector.
@@ -187,6 +202,8 @@ class Conditioner(nn.Module):
                 self.tables[a.name] = nn.Embedding(len(a.vocab) + 1, a.dim)
             else:
                 self.nulls[a.name] = nn.Parameter(torch.zeros(a.dim))
+        if spec.mode == "linear":
+            self.linear_comb = nn.Linear(spec.d_t * len(spec.attributes), spec.d_t)
 
     def forward(self, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         parts = []
@@ -198,7 +215,10 @@ class Conditioner(nn.Module):
                 missing = torch.isnan(v)
                 enc = sinusoidal(torch.where(missing, torch.zeros_like(v), v) / a.scale, a.dim)
                 parts.append(torch.where(missing[:, None], self.nulls[a.name][None].to(enc.dtype), enc))
-        return torch.cat(parts, dim=1)
+        if self.spec.mode == "additive":
+            return torch.stack(parts, 0).sum(0)
+        z = torch.cat(parts, dim=1)
+        return self.linear_comb(z) if self.spec.mode == "linear" else z
 
 
 # Conditioning attribute name -> column of the data index / clinical CSV.  Any other metadata
