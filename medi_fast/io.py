@@ -69,7 +69,7 @@ def os_error(e: OSError, path) -> MediFastError:
                              f"the same command to resume")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return MediFastError(f"cannot write {path} (permission denied); choose another --out or fix its permissions")
-    return MediFastError(f"cannot write {path}: {e.strerror or e}")
+    return MediFastError(f"cannot write {path} ({e.strerror or e}); choose another --out")
 
 
 def _unlink(p) -> None:

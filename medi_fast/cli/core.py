@@ -1,0 +1,232 @@
+"""Core commands: generate, init-checkpoint, info, backends, plan."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import MediFastError
+from ..vocab import parse_list
+
+META_OPTIONS = ("tss", "gender", "race", "age")
+
+
+def _parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise MediFastError(f"--shard {text!r} must look like I/N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise MediFastError(f"--shard {text} is invalid; use I/N with 0 <= I < N")
+    return i, n
+
+
+def _metadata(tss, gender, race, age, meta) -> dict:
+    values = {k: v for k, v in (("tss", tss), ("gender", gender), ("race", race), ("age", age)) if v is not None}
+    for item in meta:
+        if "=" not in item:
+            raise MediFastError(f"--meta {item!r} must look like NAME=VALUE")
+        k, v = item.split("=", 1)
+        values[k.strip()] = v.strip()
+    return values
+
+
+def build_plan(spec, *, plan, class_, metadata, n, seed, sites_from, classes, n_per_combo):
+    from .. import plan as plans
+
+    if plan is None:
+        if class_ is None:
+            raise MediFastError("give --class (and metadata such as --tss), or --plan")
+        return plans.single(spec, {"class": class_, **metadata}, n if n is not None else 1, seed)
+    if class_ is not None or metadata:
+        raise MediFastError("--plan already says which combinations to make; drop --class/--tss/--meta")
+    if plan == "match-train":
+        if not sites_from:
+            raise MediFastError("--plan match-train needs --sites-from TRAINING_INDEX (parquet or split CSV)")
+        return plans.match_train(spec, sites_from, n, seed)
+    if plan == "fill-missing":
+        if not sites_from:
+            raise MediFastError("--plan fill-missing needs --sites-from SPLIT_CSV_OR_INDEX (the sites to fill)")
+        return plans.fill_missing(spec, parse_list(classes or ""), sites_from, n_per_combo or n or 1, seed)
+    if n is not None:
+        raise MediFastError("--n does not apply to a plan CSV (its count column says how many)")
+    return plans.from_csv(spec, plan, seed)
+
+
+PLAN_HELP = ("A plan CSV (columns class, metadata such as tss, count), or a strategy: 'match-train' (class and "
+             "site frequencies of --sites-from INDEX; the FID protocol) or 'fill-missing' (every --classes x site of "
+             "--sites-from, --n-per-combo each; the augmentation protocol).")
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--class", "class_", help="Cancer type: LUAD, TCGA-LUAD or Lung_adenocarcinoma.")
+@click.option("--tss", help="Tissue source site code, as a string (e.g. 05).")
+@click.option("--gender", help="Gender value, if the model is conditioned on it.")
+@click.option("--race", help="Race value, if the model is conditioned on it.")
+@click.option("--age", type=float, help="Age at index, if the model is conditioned on it.")
+@click.option("--meta", multiple=True, metavar="NAME=VALUE", help="Any other conditioning attribute (repeatable).")
+@click.option("--n", type=int, help="Number of images (single combination; or total for match-train).")
+@click.option("--plan", "plan", help=PLAN_HELP)
+@click.option("--sites-from", type=click.Path(path_type=Path), help="Training index/split CSV for --plan strategies.")
+@click.option("--classes", help="Comma-separated classes for --plan fill-missing (default: all of the model's).")
+@click.option("--n-per-combo", type=int, help="Images per class x site for --plan fill-missing.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output directory (resumable). Optional with --fid-stats.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Images per sampler batch.")
+@click.option("--steps", type=int, default=100, show_default=True, help="Sampler steps (DDIM-100 as published).")
+@click.option("--sampler", default="ddim", show_default=True, help="ddim, or a fast solver (see docs/samplers.md).")
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0 = deterministic).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Base seed; image i depends on (seed, i) only.")
+@click.option("--guidance", type=float, default=1.0, show_default=True,
+              help="Classifier-free guidance scale (1 = none; needs a model trained with --cond-drop).")
+@click.option("--backend", default="auto", show_default=True, help="auto, or a name from `medi-fast backends`.")
+@click.option("--device", help="torch device for torch backends (cpu, cuda, cuda:1).")
+@click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "tar"]), default="png", show_default=True)
+@click.option("--jpeg-quality", type=int, default=95, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="Encoder/writer threads.")
+@click.option("--shard", help="I/N: generate only shard I of N of the plan (for many GPUs or jobs).")
+@click.option("--fid-stats", type=click.Path(path_type=Path), help="Also stream Inception statistics to this .npz.")
+@click.option("--inception-weights", type=click.Path(path_type=Path), help="Local FID Inception weights file.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def generate(model, class_, tss, gender, race, age, meta, n, plan, sites_from, classes, n_per_combo, out,
+             batch_size, steps, sampler, eta, seed, guidance, backend, device, fmt, jpeg_quality, workers, shard,
+             fid_stats, inception_weights, quiet):
+    """Generate patches from MODEL (a checkpoint, or an exported .onnx/.engine).
+
+    \b
+    medi-fast generate ckpt.pt --class LUAD --tss 05 --n 1000 --out synth/
+    medi-fast generate model.onnx --plan fill-missing --classes LUAD,LUSC --sites-from split/train.csv \\
+        --n-per-combo 50 --out synth/
+    """
+    from .. import backends
+    from ..generate import GenerateConfig, Generator
+
+    if n is not None and n <= 0:
+        raise MediFastError(f"--n must be a positive number of images, got {n}")
+    if out is None and fid_stats is None:
+        raise MediFastError("give --out DIR (images) and/or --fid-stats FILE.npz (statistics only)")
+    cfg = GenerateConfig(steps=steps, eta=eta, sampler=sampler, guidance=guidance, batch_size=batch_size,
+                         format=fmt, jpeg_quality=jpeg_quality, workers=workers)
+    shard_ = _parse_shard(shard)
+    info = backends.open_model(model)
+    the_plan = build_plan(info.spec, plan=plan, class_=class_, metadata=_metadata(tss, gender, race, age, meta),
+                          n=n, seed=seed, sites_from=sites_from, classes=classes, n_per_combo=n_per_combo)
+    if out is not None:
+        from ..io import ensure_dir
+
+        ensure_dir(out)  # fail on an unwritable directory before loading any weights
+    sinks = []
+    if fid_stats is not None:
+        from ..eval.fid import FIDStatsSink
+
+        sink = FIDStatsSink(fid_stats, inception_weights=inception_weights, per="class", device=device)
+        sinks.append(sink.add)
+    opts = {"device": device} if device else {}
+    denoiser = backends.create(backend, info, **opts)
+    if not quiet:
+        click.echo(f"model {info.path.name} ({info.model_hash}), backend {denoiser.name}, {len(the_plan)} images "
+                   f"planned{f', shard {shard_[0]}/{shard_[1]}' if shard_[1] > 1 else ''}", err=True)
+    stats = Generator(info, denoiser, cfg, sinks=sinks, progress=not quiet).run(the_plan, out, shard_)
+    if fid_stats is not None:
+        sink.close()
+    if not quiet:
+        click.echo(f"generated {stats['generated']} images ({stats['skipped']} already done) in "
+                   f"{stats['seconds']:.1f} s, {stats['images_per_s']:.2f} images/s"
+                   + (f"; manifest {out / 'manifest.csv'}" if out is not None else ""), err=True)
+
+
+@click.command("init-checkpoint")
+@click.option("--preset", default="tiny-32", show_default=True, help="tiny-32, small-64 or medi-128.")
+@click.option("--classes", required=True, help="Comma-separated classes, e.g. LUAD,LUSC.")
+@click.option("--tss", help="Comma-separated tissue source site codes, e.g. 05,44,49.")
+@click.option("--meta", multiple=True, metavar="NAME=V1,V2", help="Other categorical metadata (repeatable).")
+@click.option("--age", is_flag=True, help="Also condition on age (continuous).")
+@click.option("--cls-only", is_flag=True, help="Class-only (CLS) model: same UNet, only the class embedding.")
+@click.option("--resolution", type=int, help="Override the preset's resolution.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .pt or .safetensors file.")
+def init_checkpoint(preset, classes, tss, meta, age, cls_only, resolution, seed, out):
+    """Write a randomly initialised checkpoint (tests, benchmarks, smoke runs)."""
+    import torch
+
+    from .. import checkpoint
+    from ..model import build_model
+    from ..schedule import Schedule
+    from ..vocab import canonical_class
+
+    metadata = {}
+    if not cls_only:
+        if tss:
+            metadata["tss"] = parse_list(tss)
+        for item in meta:
+            if "=" not in item:
+                raise MediFastError(f"--meta {item!r} must look like NAME=V1,V2")
+            k, v = item.split("=", 1)
+            metadata[k.strip()] = parse_list(v)
+        if age:
+            metadata["age"] = None
+    elif tss or meta or age:
+        raise MediFastError("--cls-only takes no metadata; drop --tss/--meta/--age")
+    torch.manual_seed(seed)
+    model = build_model(preset, classes=[canonical_class(c) for c in parse_list(classes)], metadata=metadata,
+                        resolution=resolution)
+    ck = checkpoint.from_model(model, Schedule(), preset=preset,
+                               provenance={"kind": "random-init", "seed": seed, "cond_drop": 0.0})
+    checkpoint.save(ck, out)
+    click.echo(f"wrote {out} (hash {ck.hash})")
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(model, as_json):
+    """Describe MODEL: conditioning, vocabularies, schedule, hash, provenance."""
+    from .. import backends
+
+    i = backends.open_model(model)
+    d = {"path": str(i.path), "kind": i.kind, "preset": i.preset, "resolution": i.resolution, "hash": i.model_hash,
+         "conditioning": i.spec.to_dict(), "schedule": i.schedule.to_dict(), "provenance": i.provenance}
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    click.echo(f"{i.path} ({i.kind}, preset {i.preset or '?'}, {i.resolution} px, hash {i.model_hash})")
+    for a in i.spec.attributes:
+        vals = ", ".join(a.vocab.names[:12]) + (" ..." if len(a.vocab) > 12 else "") if a.vocab else "continuous"
+        click.echo(f"  {a.name:<8} width {a.dim:<4} {len(a.vocab) if a.vocab else '':>4}  {vals}")
+    click.echo(f"  schedule {i.schedule.num_train_timesteps} {i.schedule.beta_schedule} betas "
+               f"{i.schedule.beta_start}..{i.schedule.beta_end}, {i.schedule.prediction_type}")
+
+
+@click.command("backends")
+def list_backends():
+    """List runtime backends and whether each is available here."""
+    from .. import backends
+
+    for name, e in sorted(backends.BACKENDS.items(), key=lambda kv: -kv[1].rank):
+        ok, why = e.availability()
+        click.echo(f"{name:<14} {'yes' if ok else 'no ':<4} runs {'/'.join(e.kinds):<12} {e.description}"
+                   + ("" if ok else f"  [{why}]"))
+
+
+@click.command("plan")
+@click.argument("strategy", type=click.Choice(["match-train", "fill-missing"]))
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="Checkpoint or engine (its vocabularies).")
+@click.option("--sites-from", required=True, type=click.Path(path_type=Path), help="Training index or split CSV.")
+@click.option("--classes", help="fill-missing: comma-separated classes (default: all of the model's).")
+@click.option("--n", type=int, help="match-train: total images (default: as many as the index rows).")
+@click.option("--n-per-combo", type=int, default=1, show_default=True, help="fill-missing: images per combination.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Plan CSV to write.")
+def plan_cmd(strategy, model, sites_from, classes, n, n_per_combo, out):
+    """Write a plan CSV (one row per combination with a count) for `generate --plan`."""
+    from .. import backends
+    from ..io import atomic_write_text
+
+    info = backends.open_model(model)
+    p = build_plan(info.spec, plan=strategy, class_=None, metadata={}, n=n, seed=0, sites_from=sites_from,
+                   classes=classes, n_per_combo=n_per_combo)
+    combos = p.combinations()
+    atomic_write_text(out, combos.to_csv(index=False))
+    click.echo(f"wrote {out}: {len(combos)} combinations, {len(p)} images")

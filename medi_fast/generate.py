@@ -1,0 +1,194 @@
+"""Generator: plan -> batches -> sampler -> uint8 images -> writer (and other sinks).
+
+Resumable: files are written atomically, so on a rerun of the same command whatever exists is
+whole and is skipped; stale temporary files from a killed run are removed first.  A run directory
+remembers what it was made with (``run.json``) and refuses to be continued with different
+settings, which would silently mix two experiments.  Encoding and writing run in worker threads
+while the next batch samples.
+"""
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .backends import ModelInfo
+from .conditioning import column_for
+from .errors import MediFastError
+from .guidance import classifier_free
+from .io import atomic_write_text, clean_tmp, ensure_dir
+from .plan import Plan
+from .samplers import get_sampler, timesteps_for
+from .writers import make_writer
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    # DDIM-100 with eta 0: the published sampling protocol (FID was computed on DDIM-100).
+    steps: int = 100
+    eta: float = 0.0
+    sampler: str = "ddim"
+    # 1.0 = no guidance, as published (the published models were trained without cond-dropout).
+    guidance: float = 1.0
+    # 16 fills a CPU; GPUs want 64-128 (see benchmarks/RESULTS.md).
+    batch_size: int = 16
+    format: str = "png"
+    jpeg_quality: int = 95
+    # Encoder threads: PNG encoding releases the GIL, two keep up with a GPU at 128 px.
+    workers: int = 2
+
+    def __post_init__(self):
+        if self.batch_size <= 0:
+            raise MediFastError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.eta < 0:
+            raise MediFastError(f"--eta must be >= 0, got {self.eta}")
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C), rounding as diffusers' pipelines do."""
+    x = (x.float() / 2 + 0.5).clamp(0, 1)
+    return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def sample_rows(denoiser, info: ModelInfo, rows: pd.DataFrame, cfg: GenerateConfig) -> np.ndarray:
+    """Generate one batch; each row's image depends only on its seed and conditioning."""
+    res = info.resolution
+    device = getattr(denoiser, "device", torch.device("cpu"))
+    gens = [torch.Generator().manual_seed(int(s)) for s in rows["seed"]]
+    x_T = torch.stack([torch.randn(3, res, res, generator=g) for g in gens]).to(device)  # (B, 3, H, W)
+
+    def noise(_: int) -> torch.Tensor:  # per-sample streams continue after x_T
+        return torch.stack([torch.randn(3, res, res, generator=g) for g in gens]).to(device)
+
+    values = {name: rows[name].tolist() for name in info.spec.names}
+    cond = {k: v.to(device) for k, v in info.spec.encode(values, len(rows)).items()}
+    fn = denoiser if cfg.guidance == 1.0 else classifier_free(denoiser, info.spec, cfg.guidance)
+    sampler = get_sampler(cfg.sampler)
+    ts = timesteps_for(cfg.sampler, info.schedule, cfg.steps)
+    x0 = sampler(fn, x_T, ts, info.schedule, cond, eta=cfg.eta, noise=noise if cfg.eta > 0 else None)
+    return to_uint8(x0)
+
+
+def _manifest(plan_rows: pd.DataFrame, files: list[str], info: ModelInfo, cfg: GenerateConfig) -> pd.DataFrame:
+    df = pd.DataFrame({"file": files})
+    for name in info.spec.names:
+        df[column_for(name)] = plan_rows[name].to_numpy()
+    df["index"] = plan_rows["index"].to_numpy()
+    df["seed"] = plan_rows["seed"].to_numpy()
+    df["steps"], df["eta"], df["guidance"], df["sampler"] = cfg.steps, cfg.eta, cfg.guidance, cfg.sampler
+    df["checkpoint_hash"] = info.model_hash
+    return df
+
+
+class Generator:
+    """Runs a plan through a backend.  ``sinks``: callables ``sink(images, rows)`` fed every batch
+    in plan order (e.g. streaming FID statistics); images skipped on resume are read back for them."""
+
+    def __init__(self, info: ModelInfo, denoiser, cfg: GenerateConfig, sinks: Sequence[Callable] = (),
+                 progress: bool = True):
+        self.info, self.denoiser, self.cfg, self.sinks, self.progress = info, denoiser, cfg, list(sinks), progress
+
+    def _check_run_dir(self, out: Path, plan: Plan, shard: tuple[int, int]) -> None:
+        record = {"model_hash": self.info.model_hash, "plan_digest": plan.digest(), "shards": shard[1],
+                  "config": {k: v for k, v in asdict(self.cfg).items() if k not in ("batch_size", "workers")}}
+        path = out / "run.json"
+        if path.exists():
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                old = None
+            if old is not None and {k: old.get(k) for k in record} != record:
+                diff = [k for k in record if old.get(k) != record[k]]
+                raise MediFastError(f"{out} holds a run made with different {', '.join(diff)}; rerun the original "
+                                    f"command to resume it, or choose a new --out")
+        atomic_write_text(path, json.dumps({**record, "medi_fast": __version__, "model": str(self.info.path)}, indent=2))
+
+    def run(self, plan: Plan, out=None, shard: tuple[int, int] = (0, 1)) -> dict:
+        """Generate ``plan`` (shard ``i`` of ``n``) into ``out`` (None: sinks only).  Returns stats."""
+        cfg = self.cfg
+        full_plan = plan
+        plan = plan.shard(*shard) if shard[1] > 1 else plan
+        writer = None
+        pending = np.ones(len(plan), dtype=bool)
+        if out is not None:
+            out = ensure_dir(out)
+            clean_tmp(out)
+            self._check_run_dir(out, full_plan, shard)
+            writer = make_writer(out, plan.attributes, cfg.format, cfg.jpeg_quality)
+            pending = writer.pending(plan.rows)
+        rows = plan.rows
+        units = self._units(rows, pending, writer)
+        t0 = time.perf_counter()
+        made = 0
+        bar = tqdm(total=int(pending.sum()), unit="img", desc="generate", disable=not self.progress,
+                   dynamic_ncols=True, smoothing=0.1)
+        futures: list[Future] = []
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+                for unit_rows, todo in units:
+                    images = np.empty((len(unit_rows), self.info.resolution, self.info.resolution, 3), np.uint8)
+                    new = np.flatnonzero(todo)
+                    for s in range(0, len(new), cfg.batch_size):
+                        sel = new[s:s + cfg.batch_size]
+                        images[sel] = sample_rows(self.denoiser, self.info, unit_rows.iloc[sel], cfg)
+                        bar.update(len(sel))
+                    made += len(new)
+                    if len(new) < len(unit_rows):  # resumed: read finished images back for the sinks
+                        if self.sinks:
+                            old = np.flatnonzero(~todo)
+                            images[old] = writer.read(unit_rows.iloc[old])
+                    for sink in self.sinks:
+                        sink(images, unit_rows)
+                    if writer is not None and len(new):
+                        futures.append(pool.submit(writer.write, images[new], unit_rows.iloc[new]))
+                    # Bound memory: at most 2 batches in flight per worker.
+                    while len(futures) > 2 * max(1, cfg.workers):
+                        futures.pop(0).result()
+                for f in futures:
+                    f.result()
+        finally:
+            bar.close()
+            if out is not None:
+                clean_tmp(out)
+        seconds = time.perf_counter() - t0
+        if out is not None:
+            self._write_manifest(out, full_plan, shard, writer)
+        return {"generated": made, "skipped": int((~pending).sum()), "seconds": seconds,
+                "images_per_s": made / seconds if seconds > 0 else 0.0}
+
+    def _units(self, rows: pd.DataFrame, pending: np.ndarray, writer):
+        """(rows, pending mask) work units: one batch for folders, one whole shard for tar."""
+        if writer is not None and self.cfg.format == "tar":
+            shards = writer.shard_of(rows["index"].to_numpy())
+            for k in np.unique(shards):
+                sel = np.flatnonzero(shards == k)
+                if pending[sel].any() or self.sinks:
+                    yield rows.iloc[sel], pending[sel]
+            return
+        step = self.cfg.batch_size
+        idx = np.flatnonzero(pending) if not self.sinks else np.arange(len(rows))
+        for s in range(0, len(idx), step):
+            sel = idx[s:s + step]
+            yield rows.iloc[sel], pending[sel]
+
+    def _write_manifest(self, out: Path, plan: Plan, shard: tuple[int, int], writer) -> None:
+        i, n = shard
+        part = plan.shard(i, n) if n > 1 else plan
+        df = _manifest(part.rows, writer.files(part.rows), self.info, self.cfg)
+        if n == 1:
+            atomic_write_text(out / "manifest.csv", df.to_csv(index=False))
+            return
+        atomic_write_text(out / f"manifest.shard-{i:04d}-of-{n:04d}.csv", df.to_csv(index=False))
+        parts = [out / f"manifest.shard-{k:04d}-of-{n:04d}.csv" for k in range(n)]
+        if all(p.exists() for p in parts):  # the last shard to finish writes the whole manifest
+            whole = pd.concat([pd.read_csv(p, dtype=str, keep_default_na=False) for p in parts])
+            atomic_write_text(out / "manifest.csv", whole.to_csv(index=False))

@@ -1,0 +1,208 @@
+"""Plans: the list of samples to make, one row each: (index, class, metadata..., seed).
+
+Strategies build plans: a single combination; rows of a CSV (one row per combination with a
+count); ``match-train`` (the class and site frequencies of a training index: the paper's FID
+experiment); ``fill-missing`` (uniform over every class x site combination: the paper's
+downstream experiment).  Seeds come from (base seed, index) alone, so sample ``i`` is the same
+image whatever the batch size, the shard or the backend.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .conditioning import CATEGORICAL, ConditionSpec, column_for
+from .errors import MediFastError
+
+COUNT_COLUMNS = ("count", "n")
+STRATEGIES = ("match-train", "fill-missing")
+
+_MASK64 = (1 << 64) - 1
+
+
+def derive_seeds(base_seed: int, indices) -> np.ndarray:
+    """splitmix64(base_seed, index) -> 63-bit per-sample seeds (a pure function of both)."""
+    idx = np.asarray(indices, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = (np.uint64(int(base_seed) & _MASK64) * np.uint64(0x9E3779B97F4A7C15)) ^ (idx + np.uint64(0x632BE59BD9B4E019))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(1)).astype(np.int64)
+
+
+@dataclass
+class Plan:
+    """``rows``: columns index, <attribute names in spec order>, seed."""
+
+    rows: pd.DataFrame
+    attributes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def shard(self, i: int, n: int) -> "Plan":
+        """Shard ``i`` of ``n``: a contiguous block of rows (deterministic, disjoint, covering)."""
+        if not (n >= 1 and 0 <= i < n):
+            raise MediFastError(f"--shard {i}/{n} is invalid; use I/N with 0 <= I < N")
+        bounds = np.linspace(0, len(self.rows), n + 1).round().astype(int)
+        return Plan(self.rows.iloc[bounds[i]:bounds[i + 1]].reset_index(drop=True), self.attributes)
+
+    def combinations(self) -> pd.DataFrame:
+        """One row per combination with its count (the CSV form a plan is written in)."""
+        cols = list(self.attributes)
+        return self.rows.groupby(cols, sort=False, dropna=False).size().reset_index(name="count")
+
+    def digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(pd.util.hash_pandas_object(self.rows, index=False).values.tobytes()).hexdigest()[:16]
+
+
+def _canonical(spec: ConditionSpec, name: str, values: Sequence) -> list:
+    """Validate values against the vocabulary (clear error up front) and spell them canonically."""
+    a = spec[name]
+    if a.kind == CATEGORICAL:
+        return [None if v is None else a.vocab.names[a.vocab.id(v)] for v in values]
+    out = []
+    for v in values:
+        try:
+            out.append(math.nan if v is None or v == "" else float(v))
+        except (TypeError, ValueError):
+            raise MediFastError(f"{name} must be a number, got {v!r}") from None
+    return out
+
+
+def from_counts(spec: ConditionSpec, combos: pd.DataFrame, seed: int) -> Plan:
+    """Expand (combination, count) rows into a plan; combination columns named by attribute."""
+    missing = [n for n in spec.names if n not in combos.columns]
+    if "class" in missing:
+        raise MediFastError("the plan has no 'class' column; give one class per row")
+    counts = combos["count"].astype(int).to_numpy()
+    if (counts < 0).any():
+        raise MediFastError("plan counts must be >= 0")
+    if counts.sum() <= 0:
+        raise MediFastError("the plan asks for 0 images; give a positive --n or count")
+    rows = {}
+    for name in spec.names:
+        vals = combos[name].tolist() if name in combos.columns else [None] * len(combos)
+        vals = [None if (isinstance(v, float) and math.isnan(v) and spec[name].kind == CATEGORICAL) else v for v in vals]
+        rows[name] = np.repeat(np.array(_canonical(spec, name, vals), dtype=object), counts)
+    df = pd.DataFrame(rows)
+    df.insert(0, "index", np.arange(len(df), dtype=np.int64))
+    df["seed"] = derive_seeds(seed, df["index"].to_numpy())
+    return Plan(df, tuple(spec.names))
+
+
+def single(spec: ConditionSpec, values: Mapping[str, object], n: int, seed: int = 0) -> Plan:
+    """``n`` samples of one combination, e.g. {'class': 'LUAD', 'tss': '05'}."""
+    if int(n) <= 0:
+        raise MediFastError(f"--n must be a positive number of images, got {n}")
+    if values.get("class") is None:
+        raise MediFastError("--class is required (or give --plan)")
+    spec.encode(values)  # validates names (e.g. --tss on a class-only checkpoint) and values
+    combo = {name: [values.get(name)] for name in spec.names}
+    return from_counts(spec, pd.DataFrame({**combo, "count": [int(n)]}), seed)
+
+
+def read_combinations(path, spec: ConditionSpec) -> pd.DataFrame:
+    """A plan CSV: columns class, metadata (by attribute name, e.g. tss, or data column, e.g.
+    tissue_source_site), and a count column (count or n)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MediFastError(f"plan file {path} does not exist")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise MediFastError(f"plan file {path} is not a readable CSV ({e})") from None
+    for name in spec.names:
+        col = column_for(name)
+        if name not in df.columns and col in df.columns:
+            df = df.rename(columns={col: name})
+    count_col = next((c for c in COUNT_COLUMNS if c in df.columns), None)
+    if count_col is None:
+        raise MediFastError(f"plan file {path} has no count column; add a 'count' column (images per row)")
+    try:
+        df["count"] = df[count_col].astype(int)
+    except ValueError:
+        raise MediFastError(f"plan file {path}: column {count_col!r} must hold whole numbers") from None
+    extra = [c for c in df.columns if c not in spec.names and c not in COUNT_COLUMNS]
+    if extra:
+        raise MediFastError(f"plan file {path} has columns {extra} the model is not conditioned on; "
+                            f"it takes {', '.join(spec.names)}")
+    for name in spec.names:
+        if name in df.columns:
+            df[name] = df[name].map(lambda v: None if v == "" else v)
+    return df
+
+
+def from_csv(spec: ConditionSpec, path, seed: int = 0) -> Plan:
+    return from_counts(spec, read_combinations(path, spec), seed)
+
+
+def _read_table(path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise MediFastError(f"{path} does not exist; give a training index (.parquet) or split CSV")
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+    else:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "class" not in df.columns and "project_id" in df.columns:
+        from .vocab import canonical_class
+
+        df = df.assign(**{"class": df["project_id"].map(canonical_class)})
+    return df
+
+
+def _largest_remainder(weights: np.ndarray, n: int) -> np.ndarray:
+    quota = weights / weights.sum() * n
+    counts = np.floor(quota).astype(int)
+    order = np.argsort(-(quota - counts), kind="stable")
+    counts[order[: n - counts.sum()]] += 1
+    return counts
+
+
+def match_train(spec: ConditionSpec, index_path, n: int | None = None, seed: int = 0) -> Plan:
+    """Same class and site frequencies as the training index (the paper's FID protocol).
+
+    Conditioning values come from the index rows (metadata the model does not take is ignored);
+    ``n`` defaults to the number of rows, else counts are scaled by largest remainder.
+    """
+    df = _read_table(index_path)
+    cols = {name: column_for(name) for name in spec.names}
+    missing = [c for c in cols.values() if c not in df.columns]
+    if missing:
+        raise MediFastError(f"{index_path} has no column {missing[0]!r}, which the model is conditioned on")
+    combos = df[list(cols.values())].rename(columns={v: k for k, v in cols.items()})
+    combos = combos.groupby(list(cols), sort=False, dropna=False).size().reset_index(name="count")
+    if n is not None:
+        if n <= 0:
+            raise MediFastError(f"--n must be positive, got {n}")
+        combos["count"] = _largest_remainder(combos["count"].to_numpy(float), int(n))
+        combos = combos[combos["count"] > 0]
+    return from_counts(spec, combos.reset_index(drop=True), seed)
+
+
+def fill_missing(spec: ConditionSpec, classes: Sequence[str], sites_from, n_per_combo: int, seed: int = 0,
+                 attribute: str = "tss") -> Plan:
+    """Uniform over every class x site combination of the sites in ``sites_from`` (a split CSV or index)."""
+    if attribute not in spec:
+        raise MediFastError(f"fill-missing needs a model conditioned on {attribute!r}; this one takes "
+                            f"{', '.join(spec.names)}")
+    if n_per_combo <= 0:
+        raise MediFastError(f"--n-per-combo must be positive, got {n_per_combo}")
+    df = _read_table(sites_from)
+    col = column_for(attribute)
+    if col not in df.columns:
+        raise MediFastError(f"{sites_from} has no column {col!r}")
+    sites = list(dict.fromkeys(df[col].astype(str)))
+    classes = list(classes) or list(spec.class_vocab.names)
+    grid = pd.DataFrame([(c, s) for c in classes for s in sites], columns=["class", attribute])
+    grid["count"] = int(n_per_combo)
+    return from_counts(spec, grid, seed)

@@ -1,0 +1,51 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_METADATA = REPO.parent / "shared" / "data" / "tcga_ut_slide_metadata.csv"
+
+
+def _run_cli(*args, cwd=None, timeout=600):
+    """Run `medi-fast ARGS` in a subprocess; returns CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "-m", "medi_fast.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture
+def run_cli():
+    """`run_cli("generate", ...)`: the CLI in a subprocess, as a user runs it."""
+    return _run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A random tiny-32 checkpoint conditioned on class + tss (LUAD, LUSC x 05, 44, 49)."""
+    from medi_fast import checkpoint
+    from medi_fast.model import build_model
+    from medi_fast.schedule import Schedule
+
+    torch.manual_seed(0)
+    model = build_model("tiny-32", classes=["LUAD", "LUSC"], metadata={"tss": ["05", "44", "49"]})
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    checkpoint.save(checkpoint.from_model(model, Schedule(), preset="tiny-32", provenance={"kind": "test"}), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cls_ckpt(tmp_path_factory) -> Path:
+    from medi_fast import checkpoint
+    from medi_fast.model import build_model
+    from medi_fast.schedule import Schedule
+
+    torch.manual_seed(1)
+    model = build_model("tiny-32", classes=["LUAD", "LUSC"])
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_cls.pt"
+    checkpoint.save(checkpoint.from_model(model, Schedule(), preset="tiny-32"), path)
+    return path
