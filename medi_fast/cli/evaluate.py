@@ -1,0 +1,203 @@
+"""Evaluation commands: ``fid``, ``embed``, ``probe``, ``shortcut`` (see docs/eval.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import MediFastError
+
+_PATH = click.Path(path_type=Path)
+
+
+def _write_csv(df, path: Path | None) -> None:
+    if path is not None:
+        from ..io import atomic_write_text
+
+        atomic_write_text(path, df.to_csv(index=False))
+
+
+def _named_sets(values) -> dict[str, Path]:
+    """``NAME=PATH`` (or ``PATH``, named by its file stem) -> {name: path}."""
+    out: dict[str, Path] = {}
+    for v in values:
+        name, _, path = v.partition("=") if "=" in v else (Path(v).stem, "", v)
+        if not name or not path:
+            raise MediFastError(f"--synthetic {v!r}: write NAME=PATH, e.g. MeDi=medi_emb.parquet")
+        if name in out:
+            raise MediFastError(f"--synthetic name {name!r} given twice; name each set differently (CLS=..., MeDi=...)")
+        out[name] = Path(path)
+    return out
+
+
+def _stats_for(source: Path, extractor_name: str, args: dict, per, save: Path | None, quiet: bool):
+    """Statistics of an image set (read from .npz, or computed and optionally saved)."""
+    from ..eval.fid import load_stats, save_stats, table_stats
+    from ..eval.images import read_image_table
+
+    if source.suffix == ".npz":
+        stats, name = load_stats(source)
+        if name and name != extractor_name:
+            raise MediFastError(f"{source} holds {name} statistics but --features is {extractor_name}; pass "
+                                f"--features {name} or recompute the statistics")
+        return stats
+    table = read_image_table(source)
+    if args.get("extractor") is None:
+        from ..eval.features import get_extractor
+
+        args["extractor"] = get_extractor(extractor_name, weights=args["weights"], device=args["device"],
+                                          batch_size=args["batch_size"])
+    if not quiet:
+        click.echo(f"{source}: {len(table)} images", err=True)
+    stats = table_stats(table, args["extractor"], per=per, batch_size=args["batch_size"],
+                        resolution=args["resolution"], progress=not quiet)
+    if save is not None:
+        save_stats(save, stats, extractor_name)
+    return stats
+
+
+@click.command("fid")
+@click.option("--real", required=True, type=_PATH, help="Real images: index parquet, manifest.csv, folder, or saved .npz stats.")
+@click.option("--fake", required=True, type=_PATH, help="Generated images: manifest.csv or its folder, folder, index, or .npz stats.")
+@click.option("--per", default="class", show_default=True, help="Group column for per-group FID ('none': overall only).")
+@click.option("--features", "features", default="inception", show_default=True,
+              type=click.Choice(["inception", "inception-random", "colour-texture"]),
+              help="Feature extractor; only 'inception' gives FID comparable to papers.")
+@click.option("--inception-weights", type=_PATH, help="Local FID Inception weights (pt_inception-2015-12-05-6726825d.pth).")
+@click.option("--batch-size", type=int, default=50, show_default=True, help="Images per forward pass.")
+@click.option("--resolution", type=int, help="Resize images to this size before the extractor (needed if sizes differ).")
+@click.option("--device", help="torch device (default: cuda if available, else cpu).")
+@click.option("--save-real-stats", type=_PATH, help="Save the real statistics to this .npz for reuse.")
+@click.option("--save-fake-stats", type=_PATH, help="Save the generated statistics to this .npz for reuse.")
+@click.option("--out-csv", type=_PATH, help="Write the FID table as CSV.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def fid(real, fake, per, features, inception_weights, batch_size, resolution, device, save_real_stats,
+        save_fake_stats, out_csv, quiet):
+    """FID between real and generated images, per class and averaged (the paper's figure)."""
+    from ..eval.fid import ALL, fid_table
+
+    per = None if per.lower() == "none" else per
+    args = {"weights": inception_weights, "device": device, "batch_size": batch_size, "resolution": resolution,
+            "extractor": None}
+    r = _stats_for(real, features, args, per, save_real_stats, quiet)
+    f = _stats_for(fake, features, args, per, save_fake_stats, quiet)
+    table = fid_table(r, f) if per else fid_table({ALL: r[ALL]}, {ALL: f[ALL]})
+    if per and len(table) == 1:
+        click.echo(f"medi-fast: warning: no {per} has >= 2 images in both sets; only the overall FID is reported",
+                   err=True)
+    _write_csv(table, out_csv)
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+@click.command("embed")
+@click.option("--images", required=True, type=_PATH, help="Index parquet, manifest.csv (or its folder), or folder of images.")
+@click.option("--out", required=True, type=_PATH, help="Output file: .parquet or .npz (embeddings + metadata columns).")
+@click.option("--extractor", default="uni", show_default=True,
+              type=click.Choice(["uni", "colour-texture", "inception", "inception-random"]),
+              help="'uni' = timm encoder (--encoder, --weights); the others as in `medi-fast fid --features`.")
+@click.option("--weights", type=_PATH, help="Encoder weights: UNI's pytorch_model.bin or its HF cache folder.")
+@click.option("--encoder", default="vit_large_patch16_224", show_default=True, help="timm model name (UNI's ViT-L/16 by default).")
+@click.option("--random-init", is_flag=True, help="Random encoder weights (tests, demos): embeddings mean nothing.")
+@click.option("--image-size", type=int, default=224, show_default=True, help="Encoder input size (images are resized).")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
+@click.option("--resolution", type=int, help="Decode-time resize (needed if image sizes differ).")
+@click.option("--device", help="torch device (default: cuda if available, else cpu); fp16 autocast on CUDA.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def embed(images, out, extractor, weights, encoder, random_init, image_size, batch_size, resolution, device, quiet):
+    """Embed images (UNI by default) into ONE file with their metadata columns."""
+    import numpy as np
+
+    from ..eval.images import iter_image_batches, read_image_table
+    from ..eval.uni import save_embeddings
+
+    if out.suffix not in (".parquet", ".npz"):
+        raise MediFastError(f"--out {out} must end in .parquet or .npz")
+    table = read_image_table(images)
+    if extractor == "uni":
+        from ..eval.uni import UNIEncoder
+
+        ex = UNIEncoder(weights=weights, encoder=encoder, device=device, batch_size=batch_size,
+                        image_size=image_size, random_init=random_init)
+    else:
+        from ..eval.features import get_extractor
+
+        ex = get_extractor(extractor, weights=weights, device=device, batch_size=batch_size)
+    batches = iter_image_batches(table["path"], batch_size, resolution)
+    if not quiet:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=-(-len(table) // batch_size), unit="batch", desc=f"embed ({ex.name})")
+    emb = np.concatenate([ex(b) for b in batches])
+    save_embeddings(out, table, emb, ex.name)
+    if not quiet:
+        click.echo(f"{len(table)} embeddings ({emb.shape[1]}-d, {ex.name}) -> {out}", err=True)
+
+
+@click.command("probe")
+@click.option("--real-train", required=True, type=_PATH, help="Embeddings of the real training pool (from `embed`).")
+@click.option("--real-test", required=True, type=_PATH, help="Embeddings of the real test set.")
+@click.option("--synthetic", multiple=True, metavar="NAME=EMB", help="Synthetic embeddings, e.g. CLS=cls.parquet MeDi=medi.parquet (repeatable).")
+@click.option("--task", required=True, help="nsclc (LUAD,LUSC), rcc (KIRC,KIRP,KICH), uterine (UCEC,UCS), or CLASS1,CLASS2,...")
+@click.option("--k", type=int, default=20, show_default=True, help="Real training patches per class.")
+@click.option("--ratio", type=float, default=1.0, show_default=True, help="Synthetic:real patches per class.")
+@click.option("--one-site-per-class", is_flag=True, help="Each class's real patches from a single site (the published setting).")
+@click.option("--max-runs", type=int, default=50, show_default=True, help="Site combinations to run (sampled if more); 0 = all.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the site sample and patch draws.")
+@click.option("--C", "c", type=float, default=1.0, show_default=True, help="LogisticRegression inverse regularisation.")
+@click.option("--out-md", type=_PATH, help="Write the Table-1-style markdown here.")
+@click.option("--out-csv", type=_PATH, help="Write the summary (mean, sem per metric and arm) as CSV.")
+@click.option("--runs-csv", type=_PATH, help="Write every run's metrics as CSV.")
+def probe(real_train, real_test, synthetic, task, k, ratio, one_site_per_class, max_runs, seed, c, out_md, out_csv,
+          runs_csv):
+    """Linear probe (the paper's Table 1): no-synthetic vs each synthetic set, mean ± SEM over site combinations."""
+    from ..eval.probe import ProbeConfig, resolve_task, run_probe, summarise, to_markdown
+    from ..eval.uni import load_embeddings
+    from ..io import atomic_write_text
+
+    if k < 1 or ratio < 0 or max_runs < 0:
+        raise MediFastError("--k must be >= 1, --ratio >= 0 and --max-runs >= 0")
+    classes = resolve_task(task)
+    cfg = ProbeConfig(k=k, ratio=ratio, one_site_per_class=one_site_per_class, max_runs=max_runs or None,
+                      seed=seed, C=c)
+    syn = {name: load_embeddings(p) for name, p in _named_sets(synthetic).items()}
+    runs = run_probe(load_embeddings(real_train), load_embeddings(real_test), syn, classes, cfg)
+    summary = summarise(runs)
+    title = (f"{task}: {', '.join(classes)}; k={k} real/class, synthetic:real {ratio:g}:1, "
+             f"{'one site per class' if one_site_per_class else 'all training sites'}")
+    md = to_markdown(summary, title)
+    if out_md is not None:
+        atomic_write_text(out_md, md)
+    _write_csv(summary, out_csv)
+    _write_csv(runs, runs_csv)
+    click.echo(md, nl=False)
+
+
+@click.command("shortcut")
+@click.option("--embeddings", required=True, type=_PATH, help="Embeddings of the real training set (from `embed`).")
+@click.option("--synthetic", multiple=True, metavar="NAME=EMB", help="Synthetic sets to add (labels) and to measure (repeatable).")
+@click.option("--folds", type=int, default=5, show_default=True, help="Cross-validation folds for site prediction.")
+@click.option("--min-per-site", type=int, default=5, show_default=True, help="Ignore sites with fewer patches of a class.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fold split.")
+@click.option("--out-csv", type=_PATH, help="Write both tables into one CSV (column 'table').")
+def shortcut(embeddings, synthetic, folds, min_per_site, seed, out_csv):
+    """Measure the class-site shortcut: site predictability per class, I(class; site) before/after augmentation."""
+    import pandas as pd
+
+    from ..eval.shortcut import mi_report, site_predictability
+    from ..eval.uni import load_embeddings
+
+    if folds < 2:
+        raise MediFastError("--folds must be >= 2")
+    meta, emb = load_embeddings(embeddings)
+    sets = {"real": (meta, emb)} | {n: load_embeddings(p) for n, p in _named_sets(synthetic).items()}
+    pred = pd.concat([site_predictability(m, e, folds, min_per_site, seed).assign(embeddings=n)
+                      for n, (m, e) in sets.items()], ignore_index=True)
+    mi = mi_report(meta, {n: m for n, (m, _) in sets.items() if n != "real"})
+    fmt = lambda v: f"{v:.3f}"  # noqa: E731
+    click.echo("Site predictability within each class (cross-validated balanced accuracy vs chance):")
+    click.echo(pred[["embeddings", "class", "n", "sites", "chance", "site_balanced_accuracy", "lift"]]
+               .to_string(index=False, float_format=fmt))
+    click.echo("\nClass-site mutual information of the training set (bits; 0 = site says nothing about class):")
+    click.echo(mi.to_string(index=False, float_format=fmt))
+    _write_csv(pd.concat([pred.assign(table="site_predictability"), mi.assign(table="mutual_information")],
+                         ignore_index=True), out_csv)
