@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from ..errors import MediFastError, suggest
 from .ddim import ddim
+from .dpm_solver import dpmpp_2m, dpmpp_2m_clip, multistep_timesteps
+from .unipc import unipc, unipc_clip
 
 # name -> sampler function; a new sampler is a new function registered here.
-SAMPLERS = {"ddim": ddim}
+SAMPLERS = {"ddim": ddim, "dpmpp-2m": dpmpp_2m, "unipc": unipc, "dpmpp-2m-clip": dpmpp_2m_clip, "unipc-clip": unipc_clip}
 
 
 def get_sampler(name: str):
@@ -17,3 +19,16 @@ def get_sampler(name: str):
         return SAMPLERS[name]
     except KeyError:
         raise MediFastError(f"unknown sampler {name!r}{suggest(name, SAMPLERS)}; choose from {', '.join(SAMPLERS)}") from None
+
+# Timestep spacing each sampler uses by default (None: the schedule's own, "leading" as diffusers' DDIM).
+DEFAULT_SPACING: dict[str, str | None] = {"ddim": None}
+# Solvers whose diffusers scheduler picks its own timesteps (linspace over N+1 points, t=0 dropped).
+OWN_TIMESTEPS = {n: multistep_timesteps for n in ("dpmpp-2m", "unipc", "dpmpp-2m-clip", "unipc-clip")}
+
+
+def timesteps_for(name: str, schedule, steps: int):
+    """The inference timesteps a sampler runs with, as diffusers' matching scheduler chooses them."""
+    get_sampler(name)
+    if name in OWN_TIMESTEPS:
+        return OWN_TIMESTEPS[name](schedule, steps)
+    return schedule.timesteps(steps, DEFAULT_SPACING.get(name))
