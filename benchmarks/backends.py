@@ -1,0 +1,147 @@
+"""Images/s of each available runtime backend beside the reference-style loop, one run each.
+
+Reference (the baseline every ratio is against, measured in the same run): diffusers'
+DDIMScheduler + the eager fp32 UNet2DModel, batched, z_cond computed once, under inference_mode.
+Candidates: the ``torch`` backend with medi-fast's DDIM; ``ort-cpu`` (default settings: threads =
+physical cores, ORT_ENABLE_ALL, sequential) and its variants (1 thread, EXTENDED optimisation,
+parallel executor); the ``openvino`` backend on the same .onnx when installed; on a GPU machine the CUDA ones.
+
+    python benchmarks/backends.py                 # tiny-32 and small-64 at batch 16
+    python benchmarks/backends.py --presets tiny-32 --steps 4 --batch 8
+
+Prints one table and writes benchmarks/results/backends.json (with the machine description).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, write_results  # noqa: E402
+
+from medi_fast import checkpoint  # noqa: E402
+from medi_fast.backends import BACKENDS, create, open_model  # noqa: E402
+from medi_fast.backends.onnxruntime_backend import physical_cores  # noqa: E402
+from medi_fast.engines.export import export_onnx  # noqa: E402
+from medi_fast.model import build_model  # noqa: E402
+from medi_fast.samplers.ddim import ddim  # noqa: E402
+from medi_fast.schedule import Schedule  # noqa: E402
+
+CLASSES = ["LUAD", "LUSC", "BRCA", "COAD"]
+SITES = ["05", "38", "44", "49"]
+
+
+def reference_loop(model, x_T, cond, steps, schedule):
+    """diffusers DDIMScheduler + eager UNet2DModel fp32, as the reference MeDi code samples."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(**schedule.diffusers_config())
+    sched.set_timesteps(steps)
+    with torch.inference_mode():
+        z = model.conditioner(cond)  # (B, d_t)
+        x = x_T
+        for t in sched.timesteps:
+            eps = model.unet(x, t, class_labels=z).sample
+            x = sched.step(eps, t, x).prev_sample
+    return x
+
+
+def sampler_loop(denoiser, x_T, cond, steps, schedule):
+    with torch.inference_mode():
+        return ddim(denoiser, x_T, schedule.timesteps(steps), schedule, cond)
+
+
+def timed(fn, steps, repeats=1):
+    """(best seconds, output) of fn(steps); an untimed 1-step warm-up first (allocations, kernel selection)."""
+    fn(1)
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn(steps)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def run(preset, steps, batch, tmp, repeats):
+    torch.manual_seed(0)
+    schedule = Schedule()
+    model = build_model(preset, classes=CLASSES, metadata={"tss": SITES}).eval()
+    ck = checkpoint.from_model(model, schedule, preset=preset)
+    ck_path = checkpoint.save(ck, Path(tmp) / f"{preset}.pt")
+    onnx_path = export_onnx(checkpoint.load(ck_path), Path(tmp) / preset / "model.onnx")
+    info = open_model(onnx_path)
+    res = model.resolution
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn(batch, 3, res, res, generator=g)
+    cond = model.spec.encode({"class": [CLASSES[i % 4] for i in range(batch)],
+                              "tss": [SITES[(i // 4) % 4] for i in range(batch)]})
+
+    candidates = {"reference (diffusers DDIM + eager UNet)": lambda n: reference_loop(model, x_T, cond, n, schedule)}
+    torch_backend = create("torch", open_model(ck_path), device="cpu")
+    candidates["torch (medi-fast DDIM, eager fp32)"] = lambda n: sampler_loop(torch_backend, x_T, cond, n, schedule)
+    cores = physical_cores()
+    variants = {f"ort-cpu ({cores} threads, ALL, sequential)": {},
+                "ort-cpu (1 thread)": {"threads": 1},
+                "ort-cpu (EXTENDED optimisation)": {"opt_level": "extended"},
+                "ort-cpu (parallel executor)": {"sequential": False}}
+    for label, opts in variants.items():
+        be = create("ort-cpu", info, **opts)
+        candidates[label] = (lambda n, be=be: sampler_loop(be, x_T, cond, n, schedule))
+    if BACKENDS["openvino"].availability()[0]:
+        for prec in ("f32", "bf16"):  # bf16: a hint; CPUs without bf16 units run f32
+            ov = create("openvino", info, precision=prec)
+            candidates[f"openvino CPU ({prec})"] = (lambda n, d=ov: sampler_loop(d, x_T, cond, n, schedule))
+    for name in ("ort-cuda", "torch-fp16", "torch-bf16"):
+        if BACKENDS[name].availability()[0]:
+            be = create(name, info if name.startswith("ort") else open_model(ck_path))
+            xd = x_T.to(be.device)
+            cd = {k: v.to(be.device) for k, v in cond.items()}
+            candidates[name] = (lambda n, be=be, xd=xd, cd=cd: (sampler_loop(be, xd, cd, n, schedule),
+                                                              torch.cuda.synchronize()))
+
+    rows, base, ref_out = [], None, None
+    for label, fn in candidates.items():
+        sec, out = timed(fn, steps, repeats)
+        out = out[0] if isinstance(out, tuple) else out
+        ref_out = out if ref_out is None else ref_out
+        ips = batch / sec
+        base = base or ips
+        err = float((out.float().cpu() - ref_out).abs().max())
+        rows.append({"preset": preset, "backend": label, "batch": batch, "steps": steps, "seconds": round(sec, 3),
+                     "images_per_s": round(ips, 3), "ratio_vs_reference": round(ips / base, 3),
+                     "max_abs_diff_vs_reference": err})
+        print(f"{preset:<9} {label:<42} {sec:>8.2f} s {ips:>9.2f} img/s {ips / base:>6.2f}x  "
+              f"max|x0 - ref| {err:.2e}", flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="tiny-32,small-64")
+    ap.add_argument("--steps", default="10,4", help="DDIM steps per preset (comma list, same order)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per candidate (best is kept)")
+    ap.add_argument("--name", default="backends")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(physical_cores())  # torch and ORT get the same cores
+    presets = args.presets.split(",")
+    steps = [int(s) for s in args.steps.split(",")]
+    steps += [steps[-1]] * (len(presets) - len(steps))
+    rows = []
+    print(f"{'preset':<9} {'backend':<42} {'time':>10} {'throughput':>15} {'ratio':>7}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset, n in zip(presets, steps):
+            rows += run(preset, n, args.batch, tmp, args.repeats)
+    path = write_results(args.name, rows, {"physical_cores": physical_cores(), "torch_threads": torch.get_num_threads(),
+                                           "onnxruntime": __import__("onnxruntime").__version__})
+    print(f"wrote {path}")
+    return machine_info()
+
+
+if __name__ == "__main__":
+    main()

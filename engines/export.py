@@ -1,0 +1,153 @@
+"""ONNX export with the Conditioner folded in.
+
+The exported graph takes integer ids (one ``(B,)`` tensor per attribute) and returns eps; the
+embedding tables are graph constants, so a batch job needs only the .onnx file.  Names, dtypes
+and the dynamic batch axis come from the one IOContract (medi_fast.backends.contract).
+
+Exporter: torch's TorchScript exporter (``dynamo=False``).  In torch 2.14 the dynamo exporter
+fails on MeDiUNet: the Conditioner's ModuleDict key ``class`` is a Python keyword, which breaks
+FX code generation (``self.m.conditioner.tables.class.weight``); the TorchScript path gives a
+clean graph (GroupNorm as InstanceNormalization + affine, constants folded) with a dynamic batch.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medi_fast.backends import onnx_info
+from medi_fast.backends.contract import BatchRange, IOContract
+from medi_fast.checkpoint import Checkpoint
+from medi_fast.errors import MediFastError
+
+# ONNX protobufs cannot exceed 2 GiB; above this the weights go to a side file.
+PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2
+OPSETS = (17, 18, 19, 20)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    # 18: the first opset whose Resize/reduction ops TensorRT 10 and ONNX Runtime >= 1.17 both take
+    # as exported; 19 also works (ints/strings in metadata only).  17 and 20 are accepted for
+    # older/newer runtimes but not tested in CI.
+    opset: int = 18
+    batch: BatchRange = BatchRange()
+    # EMA weights are what the published models generate with.
+    ema: bool = True
+    # Batch of the example input traced by the exporter; any value works (the axis is dynamic),
+    # 2 avoids the exporter specialising size-1 broadcasts.
+    trace_batch: int = 2
+    external_data_threshold: int = PROTOBUF_LIMIT
+
+    def __post_init__(self):
+        if self.opset not in OPSETS:
+            raise MediFastError(f"--opset {self.opset} is not supported; use 18 (default) or 19")
+
+
+class FoldedDenoiser(nn.Module):
+    """eps = MeDiUNet(sample, timestep, {attr: ids}) with positional id inputs, in spec order."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.names = list(model.spec.names)
+
+    def forward(self, sample, timestep, *ids):  # (B,3,H,W) float32, (B,) int64, (B,) ids...
+        return self.model(sample, timestep, dict(zip(self.names, ids)))  # (B, 3, H, W)
+
+
+def example_inputs(contract: IOContract, spec, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random inputs that follow the contract: valid ids (null included), timesteps over [0, 1000)."""
+    g = torch.Generator().manual_seed(seed)
+    out = [torch.randn(contract.tensor("sample").shape_for(batch), generator=g),
+           torch.randint(0, 1000, (batch,), generator=g)]
+    for a in spec.attributes:
+        if a.vocab is not None:
+            out.append(torch.randint(0, len(a.vocab) + 1, (batch,), generator=g))
+        else:
+            out.append(torch.rand(batch, generator=g) * 90)
+    return tuple(out)
+
+
+def export_onnx(ckpt: Checkpoint, out_path, config: ExportConfig = ExportConfig()) -> Path:
+    """Write ``out_path`` (.onnx, fp32) atomically, checked and self-describing; returns the path."""
+    import onnx
+
+    out_path = Path(out_path)
+    model = ckpt.build(ema=config.ema).float().eval()
+    contract = IOContract.from_spec(ckpt.spec, ckpt.resolution, config.batch)
+    wrapper = FoldedDenoiser(model).eval()
+    args = example_inputs(contract, ckpt.spec, config.trace_batch)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".medi-tmp-export-", dir=out_path.parent))
+    try:
+        raw = tmpdir / "raw.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(wrapper, args, str(raw), input_names=contract.input_names,
+                              output_names=contract.output_names, dynamic_axes=contract.dynamic_axes(),
+                              opset_version=config.opset, do_constant_folding=True, dynamo=False)
+        graph = onnx.load(str(raw))  # pulls external data back in if the exporter wrote any
+        meta = onnx_info.metadata(
+            ckpt.spec, ckpt.schedule, preset=ckpt.preset, checkpoint_hash=ckpt.hash, resolution=ckpt.resolution,
+            contract=contract, precision="fp32", unet_config=ckpt.unet_config,
+            provenance={**ckpt.provenance, "export": {"opset": config.opset, "torch": torch.__version__,
+                                                      "onnx": onnx.__version__, "ema": config.ema}})
+        set_metadata(graph, meta)
+        staged = tmpdir / out_path.name
+        save_checked(graph, staged, config.external_data_threshold)
+        return _move_into_place(staged, out_path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def set_metadata(graph, meta: dict[str, str]) -> None:
+    del graph.metadata_props[:]
+    for k, v in meta.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+def weight_bytes(graph) -> int:
+    return sum(len(t.raw_data) or t.ByteSize() for t in graph.graph.initializer)
+
+
+def save_checked(graph, path: Path, external_data_threshold: int = PROTOBUF_LIMIT) -> Path:
+    """Save (external data above the threshold), then run the checker and strict shape inference."""
+    import onnx
+
+    path = Path(path)
+    external = weight_bytes(graph) > external_data_threshold
+    if external:
+        onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(graph, str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+        inferred_path = path.with_name(path.stem + ".inferred.onnx")
+        onnx.shape_inference.infer_shapes_path(str(path), str(inferred_path), check_type=True, strict_mode=True)
+        inferred = onnx.load(str(inferred_path), load_external_data=False)
+        inferred_path.unlink()
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise MediFastError(f"the exported graph failed the ONNX checker ({str(e).splitlines()[0][:160]}); "
+                            f"try --opset 18") from None
+    out = inferred.graph.output[0].type.tensor_type.shape.dim
+    if not out or out[0].dim_param != "batch":
+        raise MediFastError("the exported graph lost its dynamic batch axis; report this with the checkpoint's preset")
+    return path
+
+
+def _move_into_place(staged: Path, out_path: Path) -> Path:
+    """Data file first, then the graph, so a reader never sees a graph without its weights."""
+    data = staged.with_name(staged.name + ".data")
+    if data.exists():
+        os.replace(data, out_path.with_name(out_path.name + ".data"))
+    os.replace(staged, out_path)
+    return out_path

@@ -1,0 +1,197 @@
+"""ONNX Runtime backends for exported .onnx graphs: ``ort-cpu``, ``ort-cuda``, ``ort-trt``.
+
+All three take torch tensors and return eps as a float32 torch tensor on ``self.device``, so they
+plug into the generic samplers.  Buffers follow the one IOContract.
+
+- ort-cpu: intra-op threads = physical cores, ORT_ENABLE_ALL graph optimisation, sequential
+  execution (benchmarks/backends.py measures the alternatives); the output numpy array becomes a
+  torch tensor with ``torch.from_numpy`` (zero copy).
+- ort-cuda: CUDA execution provider with IO binding onto torch-allocated CUDA tensors (no host
+  round trip), optional CUDA graph (``cuda_graph=True``; one captured graph per batch size).
+- ort-trt: TensorRT execution provider (fp16) with engine and timing caches beside the model and
+  the optimisation profile from the contract; CUDA provider as fallback for unsupported nodes.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import MediFastError
+from . import Backend, ModelInfo
+from .contract import EPS, IOContract
+
+
+def physical_cores() -> int:
+    """Physical cores usable by this process (hyper-threads share a core's FPUs, so they do not help)."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in allowed:
+        base = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((base / "physical_package_id").read_text().strip(), (base / "core_id").read_text().strip()))
+        except OSError:
+            return max(1, len(allowed))
+    return max(1, len(cores))
+
+
+def _providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def _session(path: Path, providers: list, threads: int | None = None, opt_level: str = "all",
+             sequential: bool = True):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[opt_level]
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL if sequential else ort.ExecutionMode.ORT_PARALLEL
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3  # warnings about unused initialisers etc. are noise for users
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise MediFastError(f"ONNX Runtime cannot load {path.name}: {first}; re-export it with `medi-fast export`") from None
+
+
+def _contract(info: ModelInfo) -> IOContract:
+    contract = info.extra.get("contract")
+    if contract is None:
+        raise MediFastError(f"{info.path} has no I/O contract in its metadata; re-export it with `medi-fast export`")
+    return contract
+
+
+class OrtCPUBackend(Backend):
+    """ONNX Runtime on CPU."""
+
+    def __init__(self, info: ModelInfo, threads: int | None = None, opt_level: str = "all",
+                 sequential: bool = True, **_):
+        self.info = info
+        self.contract = _contract(info)
+        self.device = torch.device("cpu")
+        self.threads = threads or physical_cores()
+        self.session = _session(info.path, ["CPUExecutionProvider"], self.threads, opt_level, sequential)
+
+    @classmethod
+    def available(cls):
+        try:
+            ok = "CPUExecutionProvider" in _providers()
+            return ok, "" if ok else "onnxruntime has no CPU provider"
+        except ImportError:
+            return False, "onnxruntime is not installed (pip install onnxruntime)"
+
+    def __call__(self, x, t, cond):
+        feeds = self.contract.numpy_feeds(x, t, cond)
+        (eps,) = self.session.run([EPS], feeds)  # (B, 3, H, W) float32
+        return torch.from_numpy(eps)
+
+    def close(self):
+        self.session = None
+
+
+class OrtCUDABackend(Backend):
+    """ONNX Runtime CUDA provider with IO binding onto torch CUDA tensors; optional CUDA graph."""
+
+    provider = "CUDAExecutionProvider"
+
+    def __init__(self, info: ModelInfo, device: str | None = None, cuda_graph: bool = False, **_):
+        self.info = info
+        self.contract = _contract(info)
+        self.device = torch.device(device or "cuda")
+        self.cuda_graph = bool(cuda_graph)
+        self.session = _session(info.path, self._providers())
+        self._bufs: dict[int, dict[str, torch.Tensor]] = {}  # batch -> fixed buffers (needed by CUDA graphs)
+
+    def _cuda_options(self) -> dict:
+        opts = {"device_id": self.device.index or 0}
+        if self.cuda_graph:
+            opts["enable_cuda_graph"] = "1"
+        return opts
+
+    def _providers(self) -> list:
+        return [(self.provider, self._cuda_options())]
+
+    @classmethod
+    def available(cls):
+        try:
+            providers = _providers()
+        except ImportError:
+            return False, "onnxruntime-gpu is not installed (pip install 'medi-fast[gpu]')"
+        if cls.provider not in providers:
+            return False, f"onnxruntime has no {cls.provider} (install onnxruntime-gpu)"
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU"
+        return True, ""
+
+    def _buffers(self, batch: int) -> dict[str, torch.Tensor]:
+        if batch not in self._bufs:
+            self._bufs[batch] = {s.name: torch.empty(s.shape_for(batch), dtype=s.torch_dtype, device=self.device)
+                                 for s in self.contract.inputs + self.contract.outputs}
+        return self._bufs[batch]
+
+    def __call__(self, x, t, cond):
+        import onnxruntime as ort
+
+        batch = int(x.shape[0])
+        feeds = self.contract.torch_feeds(x, t, cond, self.device)
+        bufs = self._buffers(batch)
+        for name, v in feeds.items():
+            bufs[name].copy_(v)
+        binding = self.session.io_binding()
+        for s in self.contract.inputs + self.contract.outputs:
+            b = bufs[s.name]
+            bind = binding.bind_input if s.name in feeds else binding.bind_output
+            bind(s.name, "cuda", self.device.index or 0, s.numpy_dtype, tuple(b.shape), b.data_ptr())
+        run_options = ort.RunOptions()
+        if self.cuda_graph:
+            # One captured graph per batch size; addresses stay fixed because the buffers are cached.
+            run_options.add_run_config_entry("gpu_graph_id", str(batch))
+        # ORT launches on its own stream; make the copies above visible to it first.
+        torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding, run_options)
+        return bufs[EPS].clone()
+
+    def close(self):
+        self.session = None
+        self._bufs.clear()
+
+
+class OrtTensorRTBackend(OrtCUDABackend):
+    """ONNX Runtime TensorRT provider: fp16 engines cached beside the model, timing cache, profile."""
+
+    provider = "TensorrtExecutionProvider"
+
+    def __init__(self, info: ModelInfo, device: str | None = None, cache_dir: str | None = None, **kw):
+        self.cache_dir = Path(cache_dir or Path(info.path).parent / "ort-trt-cache")
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(info, device=device, cuda_graph=False, **kw)
+
+    def _providers(self) -> list:
+        def shapes(i: int) -> str:
+            return ",".join(f"{n}:{'x'.join(map(str, p[i]))}" for n, p in self.contract.profile().items())
+
+        trt_opts = {
+            "device_id": self.device.index or 0,
+            "trt_fp16_enable": "True",
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(self.cache_dir),
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": str(self.cache_dir),
+            "trt_builder_optimization_level": "3",
+            "trt_profile_min_shapes": shapes(0),
+            "trt_profile_opt_shapes": shapes(1),
+            "trt_profile_max_shapes": shapes(2),
+        }
+        return [(self.provider, trt_opts), ("CUDAExecutionProvider", {"device_id": self.device.index or 0})]
+
+    def __call__(self, x, t, cond):
+        self.contract.check_batch(int(x.shape[0]))
+        return super().__call__(x, t, cond)
