@@ -122,7 +122,8 @@ class ConditionSpec:
         k = len(metadata)
         base = d_t // (1 + k) if mode == "concat" else d_t
         widths = dict(widths or {})
-        dims = {name: widths.get(name, base) for name in metadata}
+        # sin/cos encodings need an even width; the class takes whatever is left over.
+        dims = {name: widths.get(name, base - (base % 2 if metadata[name] is None else 0)) for name in metadata}
         class_dim = widths.get("class", d_t - sum(dims.values()) if mode == "concat" else d_t)
         attrs = [Attribute("class", CATEGORICAL, class_dim, Vocabulary("class", tuple(classes), tcga_aliases=True))]
         for name, values in metadata.items():

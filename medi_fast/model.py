@@ -47,12 +47,13 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # Tests and the demo: seconds on a laptop CPU.
-    "tiny-32": Preset("tiny-32", 32, (32, 64, 64), 1, 8, gflop_per_step=0.0),
+    # Tests and the demo: 0.27M parameters, ~0.35 s per training step at batch 32 on one CPU core.
+    "tiny-32": Preset("tiny-32", 32, (16, 32, 32), 1, 8, gflop_per_step=0.124),
     # A CPU-friendly 64 px model.
-    "small-64": Preset("small-64", 64, (64, 128, 128, 256), 1, 32, gflop_per_step=0.0),
-    # The published MeDi UNet: six DownBlock2D/UpBlock2D levels, no attention, ~415M parameters.
-    "medi-128": Preset("medi-128", 128, (128, 256, 512, 512, 1024, 1024), 2, 32, gflop_per_step=0.0),
+    "small-64": Preset("small-64", 64, (64, 128, 128, 256), 1, 32, gflop_per_step=8.77),
+    # The published MeDi UNet: six DownBlock2D/UpBlock2D levels (attention only in diffusers' default
+    # mid block), 415.0M parameters, 291.8 GFLOP per image per step at 128 px.
+    "medi-128": Preset("medi-128", 128, (128, 256, 512, 512, 1024, 1024), 2, 32, gflop_per_step=291.8),
 }
 
 

@@ -6,7 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread per process: test processes (pytest, CLI subprocesses, DDP ranks) run side by
+# side, and oversubscribed OpenMP threads spin-wait each other into 10-30x slowdowns.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_METADATA = REPO.parent / "shared" / "data" / "tcga_ut_slide_metadata.csv"

@@ -59,7 +59,7 @@ def test_metadata_on_a_class_only_model_is_refused():
 
 @pytest.mark.parametrize("mode", ["concat", "additive", "linear"])
 def test_conditioning_modes(mode):
-    spec = ConditionSpec.build(128, ["A", "B"], {"tss": ["1", "2"]}, mode=mode)
+    spec = ConditionSpec.build(64, ["A", "B"], {"tss": ["1", "2"]}, mode=mode)
     model = build_model("tiny-32", spec)
     eps = model(torch.randn(2, 3, 32, 32), torch.tensor([1, 999]), spec.encode({"class": "A", "tss": "1"}, 2))
     assert eps.shape == (2, 3, 32, 32) and torch.isfinite(eps).all()
