@@ -51,6 +51,10 @@ class GenerateConfig:
             raise MediFastError(f"--batch-size must be positive, got {self.batch_size}")
         if self.eta < 0:
             raise MediFastError(f"--eta must be >= 0, got {self.eta}")
+        get_sampler(self.sampler)  # an unknown name fails before anything is loaded or written
+        if self.eta and self.sampler != "ddim":
+            raise MediFastError(f"{self.sampler} is a deterministic ODE solver and takes no --eta (got {self.eta}); "
+                                f"use --eta 0 or --sampler ddim")
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -25,11 +25,13 @@ def _fails(capsys, args, match):
     (["--class", "LUAD", "--tss", "05", "--n", "-3"], "--n must be a positive number"),
     (["--class", "LUAD", "--tss", "05", "--shard", "3/2"], "--shard"),
     (["--class", "LUAD", "--tss", "05", "--backend", "tensorrtx"], "unknown backend 'tensorrtx'"),
+    (["--class", "LUAD", "--tss", "05", "--sampler", "unipc", "--eta", "0.5"], "takes no --eta"),
+    (["--class", "LUAD", "--tss", "05", "--sampler", "euler"], "unknown sampler 'euler'"),
 ])
 def test_generate_argument_errors_write_nothing(capsys, tiny_ckpt, tmp_path, args, match):
     out = tmp_path / "out"
     _fails(capsys, ["generate", tiny_ckpt, "--out", out, "--steps", "2", *args], match)
-    assert not out.exists() or not any(out.rglob("*.png"))
+    assert not out.exists()
 
 
 def test_tss_on_a_class_only_checkpoint(capsys, tiny_cls_ckpt, tmp_path):
@@ -76,3 +78,18 @@ def test_subprocess_error_is_one_line_without_traceback(run_cli, tiny_ckpt, tmp_
     r = run_cli("generate", tiny_ckpt, "--class", "LUAD", "--tss", "5", "--out", tmp_path / "o")
     assert r.returncode == 2
     assert r.stderr.strip() == "medi-fast: error: unknown tss '5' (closest: '05'); pick one the model was trained with"
+
+
+def test_generate_fid_stats_without_writing_images(capsys, tiny_ckpt, tmp_path):
+    from medi_fast.eval.fid import load_stats
+    from medi_fast.eval.inception import fid_inception_v3
+
+    torch.manual_seed(0)
+    weights = tmp_path / "inception.pth"
+    torch.save(fid_inception_v3().state_dict(), weights)
+    main(["generate", str(tiny_ckpt), "--class", "LUAD", "--tss", "05", "--n", "3", "--steps", "2", "--quiet",
+          "--fid-stats", str(tmp_path / "fake.npz"), "--inception-weights", str(weights)])
+    stats, _ = load_stats(tmp_path / "fake.npz")
+    mu, sigma, n = stats["LUAD"]
+    assert n == 3 and mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.npz", "inception.pth"]

@@ -114,6 +114,7 @@ def generate(model, class_, tss, gender, race, age, meta, n, plan, sites_from, c
     info = backends.open_model(model)
     the_plan = build_plan(info.spec, plan=plan, class_=class_, metadata=_metadata(tss, gender, race, age, meta),
                           n=n, seed=seed, sites_from=sites_from, classes=classes, n_per_combo=n_per_combo)
+    backend = backends.resolve(backend, info)  # an unavailable backend fails before anything is written
     if out is not None:
         from ..io import ensure_dir
 
