@@ -13,9 +13,19 @@ from ..errors import MediFastError
 
 # command name -> "module:function" (relative to medi_fast.cli); help text shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("data:data", "Data: index, report, split, synthetic H&E set, pack for training."),
     "generate": ("core:generate", "Generate patches from a checkpoint or engine."),
     "init-checkpoint": ("core:init_checkpoint", "Write a randomly initialised checkpoint (tests, benchmarks)."),
     "info": ("core:info", "Describe a checkpoint or engine: conditioning, vocabularies, schedule, hash."),
+    "export": ("export:export", "Export a checkpoint to ONNX (fp32/fp16) and TensorRT, with a parity report."),
+    "train": ("train:train", "Train a CLS or MeDi UNet (EMA, mixed precision, exact resume, DDP)."),
+    "import-medi": ("train:import_medi", "Convert a reference MeDi safetensors checkpoint to a medi-fast checkpoint."),
+    "backends": ("core:list_backends", "List runtime backends and whether each is available here."),
+    "plan": ("core:plan_cmd", "Write a plan CSV (match-train or fill-missing) for generate --plan."),
+    "fid": ("evaluate:fid", "FID per class and averaged, from images or saved statistics."),
+    "embed": ("evaluate:embed", "Embed images with UNI (or another encoder) into one file with metadata."),
+    "probe": ("evaluate:probe", "Linear probe (the paper's Table 1): no-synthetic vs CLS vs MeDi."),
+    "shortcut": ("evaluate:shortcut", "Measure the class-site shortcut before and after augmentation."),
 }
 
 
