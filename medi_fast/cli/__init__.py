@@ -14,6 +14,7 @@ from ..errors import MediFastError
 # command name -> "module:function" (relative to medi_fast.cli); help text shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("data:data", "Data: index, report, split, synthetic H&E set, pack for training."),
+    "demo": ("demo:demo", "Run MeDi end to end on built-in synthetic data and write a report (start here)."),
     "generate": ("core:generate", "Generate patches from a checkpoint or engine."),
     "init-checkpoint": ("core:init_checkpoint", "Write a randomly initialised checkpoint (tests, benchmarks)."),
     "info": ("core:info", "Describe a checkpoint or engine: conditioning, vocabularies, schedule, hash."),

@@ -1,0 +1,268 @@
+"""`medi-fast demo`: the whole method end to end on built-in synthetic H&E data, on a CPU.
+
+The setting is the paper's downstream experiment in miniature:
+
+* a training cohort where the two classes overlap at some sites but not all (LUAD at S1-S3, LUSC at
+  S2-S4), from which a class-only model (CLS) and a class + site model (MeDi) are trained;
+* a low-data, confounded probe: k real patches per class, each class from its own site, so a
+  classifier can read the stain instead of the tissue;
+* augmentation: MeDi fills in every class x site combination of the cohort, CLS adds the same number
+  of class-conditional patches; the probe is tested on two sites nobody has seen (S5, S6).
+
+Features are the `colour-texture` statistics of `medi_fast.eval.features` (no weights, no download):
+stain colour carries the site, texture the class, which is what the shortcut is made of.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import MediFastError
+from .io import ensure_dir
+
+CLASSES = ("LUAD", "LUSC")
+# Diffusion-training cohort: which sites hold which class (S2, S3 hold both).
+COHORT = {"LUAD": ("S1", "S2", "S3"), "LUSC": ("S2", "S3", "S4")}
+# Probe training pool: each class from sites where the other class is absent (the shortcut).
+PROBE_POOL = {"LUAD": ("S1", "S2"), "LUSC": ("S3", "S4")}
+TEST_SITES = ("S5", "S6")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = "demo_out"
+    # Synthetic patches per (class, site) of the cohort, and per (class, test site).
+    n_per_combo: int = 160
+    n_test_per_combo: int = 80
+    # Rendered at 64 px, packed (antialiased) to 32 px: the demo-32 preset trains in minutes on a CPU.
+    render_resolution: int = 64
+    resolution: int = 32
+    preset: str = "demo-32"
+    # A small model trained for hundreds of steps needs a larger lr than the published 1e-4 x 800k
+    # steps, and an EMA that forgets faster than 0.9999.
+    train_steps: int = 700
+    batch_size: int = 16
+    lr: float = 2e-3
+    ema_decay: float = 0.99
+    # Sampling: DDIM with fewer steps than the published 100 (the demo's models are small).
+    sample_steps: int = 25
+    sample_batch: int = 64
+    n_synthetic_per_combo: int = 40
+    # Probe: k real patches per class, 1:1 synthetic, repeated over site pairs and seeds.
+    k: int = 20
+    probe_repeats: int = 5
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, out: str = "demo_out") -> "DemoConfig":
+        # A smoke run of every stage: 120 training steps leave the models undertrained (noisy samples).
+        return cls(out=out, n_per_combo=64, n_test_per_combo=40, train_steps=120, sample_steps=15,
+                   n_synthetic_per_combo=20, probe_repeats=3)
+
+
+class Timer:
+    def __init__(self):
+        self.rows: list[tuple[str, float]] = []
+
+    def __call__(self, name):
+        timer = self
+
+        class _T:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.rows.append((name, time.perf_counter() - self.t0))
+
+        return _T()
+
+
+def _log(msg: str) -> None:
+    import click
+
+    click.echo(f"[demo] {msg}", err=True)
+
+
+def build_data(cfg: DemoConfig, out: Path) -> dict:
+    from .data.index import build_index, write_index
+    from .data.pack import pack_index
+    from .data.synth import SynthConfig, render_dataset
+
+    combos = {(c, s): cfg.n_per_combo for c, sites in COHORT.items() for s in sites}
+    combos.update({(c, s): cfg.n_test_per_combo for c in CLASSES for s in TEST_SITES})
+    sites = tuple(sorted({s for _, s in combos}))
+    synth = SynthConfig(CLASSES, sites, combos, resolution=cfg.render_resolution, seed=cfg.seed,
+                        train_combos=tuple((c, s) for c, ss in COHORT.items() for s in ss))
+    render_dataset(synth, out / "data", overwrite=True)
+    index = build_index(out / "data", out / "data" / "clinical.csv")
+    write_index(index, out / "index.parquet")
+    clinical = pd.read_csv(out / "data" / "clinical.csv", dtype=str, keep_default_na=False)
+    train = clinical[~clinical["tissue_source_site"].isin(TEST_SITES)]
+    train.to_csv(out / "train.csv", index=False)
+    clinical[clinical["tissue_source_site"].isin(TEST_SITES)].to_csv(out / "test.csv", index=False)
+    pack_index(index, cfg.resolution, out / "pack", overwrite=True, progress=True)
+    return {"index": index, "train_csv": out / "train.csv"}
+
+
+def train_model(cfg: DemoConfig, out: Path, name: str, condition: str) -> Path:
+    from .training.config import TrainConfig
+    from .training.loop import train
+
+    tc = TrainConfig(data=str(out / "pack"), split=str(out / "train.csv"), condition=condition, preset=cfg.preset,
+                     resolution=cfg.resolution, batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.train_steps,
+                     out=str(out / "runs" / name), warmup=25, ema_decay=cfg.ema_decay, workers=0, seed=cfg.seed,
+                     checkpoint_every=cfg.train_steps, keep_last=1, log_every=25, grid_every=0, device="cpu")
+    result = train(tc)
+    return Path(result["checkpoint"])
+
+
+def export_model(ckpt_path: Path, out: Path, name: str) -> Path:
+    from . import checkpoint
+    from .engines.export import ExportConfig, export_onnx
+
+    return export_onnx(checkpoint.load(ckpt_path), out / "engines" / name / "model.onnx", ExportConfig())
+
+
+def generate(cfg: DemoConfig, onnx_path: Path, out: Path, name: str, cls_only: bool) -> tuple[pd.DataFrame, np.ndarray]:
+    """Generate with ONNX Runtime into out/synthetic/<name>; returns (manifest rows, images)."""
+    from . import backends
+    from . import plan as plans
+    from .generate import GenerateConfig, Generator
+
+    info = backends.open_model(onnx_path)
+    sites = sorted({s for ss in COHORT.values() for s in ss})
+    if cls_only:  # the same number of images per class as MeDi makes
+        combos = pd.DataFrame({"class": list(CLASSES), "count": [cfg.n_synthetic_per_combo * len(sites)] * len(CLASSES)})
+    else:  # every class x cohort site: the missing combinations included
+        combos = pd.DataFrame([(c, s, cfg.n_synthetic_per_combo) for c in CLASSES for s in sites],
+                              columns=["class", "tss", "count"])
+    plan = plans.from_counts(info.spec, combos, cfg.seed)
+    images = []
+    gen = Generator(info, backends.create("ort-cpu", info),
+                    GenerateConfig(steps=cfg.sample_steps, batch_size=cfg.sample_batch),
+                    sinks=[lambda im, rows: images.append(im.copy())])
+    gen.run(plan, out / "synthetic" / name)
+    manifest = pd.read_csv(out / "synthetic" / name / "manifest.csv", dtype=str, keep_default_na=False)
+    if "tissue_source_site" not in manifest.columns:
+        manifest["tissue_source_site"] = "none"
+    return manifest, np.concatenate(images)
+
+
+def _real(index: pd.DataFrame, resolution: int) -> np.ndarray:
+    from .data.imageio import load_patch
+
+    return np.stack([load_patch(p, resolution) for p in index["path"]])
+
+
+def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synthetic: dict) -> dict:
+    from .eval.features import ColourTexture
+    from .eval.fid import stats_to_fid
+    from .eval.probe import ProbeConfig, run_probe, summarise
+    from .eval.shortcut import mi_report
+
+    feat = ColourTexture()
+    x_real = feat(real_images)
+    site = index["tissue_source_site"].to_numpy()
+    cohort = ~np.isin(site, TEST_SITES)
+    mu, sd = x_real[cohort].mean(0), x_real[cohort].std(0) + 1e-8  # standardise on the training cohort
+    z = lambda x: (x - mu) / sd  # noqa: E731
+    syn = {name: (meta, z(feat(images))) for name, (meta, images) in synthetic.items()}
+
+    # FID-style distance per class (colour-texture features), synthetic vs the real cohort, averaged.
+    fid_rows = []
+    for name, (meta, xs) in syn.items():
+        for c in CLASSES:
+            a = z(x_real[cohort & (index["class"].to_numpy() == c)])
+            b = xs[meta["class"].to_numpy() == c]
+            fid_rows.append({"model": name, "class": c, "distance": stats_to_fid(a.mean(0), np.cov(a, rowvar=False),
+                                                                                   b.mean(0), np.cov(b, rowvar=False))})
+    fid = pd.DataFrame(fid_rows)
+
+    pool = np.zeros(len(index), bool)
+    for c, sites in PROBE_POOL.items():
+        pool |= (index["class"].to_numpy() == c) & np.isin(site, sites)
+    test = np.isin(site, TEST_SITES)
+    meta = index[["class", "tissue_source_site"]].reset_index(drop=True)
+    runs = []
+    for rep in range(cfg.probe_repeats):
+        pc = ProbeConfig(k=cfg.k, ratio=1.0, one_site_per_class=True, max_runs=None, seed=cfg.seed + rep)
+        r = run_probe((meta[pool].reset_index(drop=True), z(x_real[pool])),
+                      (meta[test].reset_index(drop=True), z(x_real[test])),
+                      {n: (m[["class", "tissue_source_site"]], x) for n, (m, x) in syn.items()}, list(CLASSES), pc)
+        r["run"] = r["run"] + rep * 1000
+        runs.append(r)
+    runs = pd.concat(runs, ignore_index=True)
+    summary = summarise(runs)
+    probe_train = meta[pool]
+    mi = mi_report(probe_train, {n: m[["class", "tissue_source_site"]] for n, (m, _) in syn.items()
+                                 if (m["tissue_source_site"] != "none").any()})
+    return {"fid": fid, "probe_runs": runs, "probe": summary, "mi": mi}
+
+
+# What a demo run writes under OUT (removed by overwrite=True, and nothing else is).
+OUTPUTS = ("data", "pack", "runs", "engines", "synthetic", "figures", "index.parquet", "train.csv", "test.csv",
+           "report.md", "report.html", "demo_config.json")
+
+
+def prepare_out(out: Path, overwrite: bool) -> Path:
+    """OUT must be new or empty, or a previous demo run's directory with overwrite=True."""
+    import shutil
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MediFastError(f"demo output {out} is a file; choose another --out")
+    present = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if present and not overwrite:
+        raise MediFastError(f"demo output {out} is not empty; pass --overwrite to replace a previous demo run "
+                            "there, or choose another --out")
+    foreign = [n for n in present if n not in OUTPUTS]
+    if foreign:
+        raise MediFastError(f"demo output {out} holds files a demo run does not write ({', '.join(foreign[:3])}); "
+                            "choose another --out")
+    for name in present:
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return ensure_dir(out)
+
+
+def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
+    """Run every stage; returns the path of report.html."""
+    from .demo_report import grids, write_report
+
+    out = prepare_out(Path(cfg.out), overwrite)
+    timer = Timer()
+    t_all = time.perf_counter()
+    _log(f"1/6 rendering the synthetic cohort into {out / 'data'}")
+    with timer("data: render, index, pack"):
+        data = build_data(cfg, out)
+    index = data["index"]
+    ckpts, onnx = {}, {}
+    for i, (name, cond) in enumerate((("CLS", "class"), ("MeDi", "class,tss"))):
+        _log(f"{2 + i}/6 training the {name} model (--condition {cond}, {cfg.train_steps} steps)")
+        with timer(f"train {name} ({cfg.train_steps} steps, batch {cfg.batch_size})"):
+            ckpts[name] = train_model(cfg, out, name.lower(), cond)
+        with timer(f"export {name} to ONNX"):
+            onnx[name] = export_model(ckpts[name], out, name.lower())
+    synthetic = {}
+    _log(f"4/6 generating with ONNX Runtime (DDIM-{cfg.sample_steps})")
+    for name in ("CLS", "MeDi"):
+        with timer(f"generate {name} (ort-cpu, DDIM-{cfg.sample_steps})"):
+            synthetic[name] = generate(cfg, onnx[name], out, name.lower(), cls_only=(name == "CLS"))
+    _log("5/6 evaluating (colour-texture features: FID-style distance, linear probe, shortcut meter)")
+    with timer("evaluate"):
+        real_images = _real(index, cfg.resolution)
+        results = evaluate(cfg, index, real_images, synthetic)
+    _log("6/6 writing the report")
+    with timer("report"):
+        pictures = grids(out, index, real_images, synthetic, COHORT, TEST_SITES, CLASSES)
+        total = time.perf_counter() - t_all
+        timer.rows.append(("total", total))
+        path = write_report(out, cfg, index, results, pictures, timer.rows)
+    (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    _log(f"done in {total / 60:.1f} min: {path}")
+    return path
