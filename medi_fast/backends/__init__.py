@@ -74,7 +74,7 @@ register("torch-bf16", "torch_backend:TorchBF16Backend", ("checkpoint",), 31,
 register("torch-compile", "torch_backend:TorchCompileBackend", ("checkpoint",), 5,
          "torch.compile (CUDA: bf16 + channels_last + CUDA graphs; CPU: fp32)")
 register("ort-cpu", "onnxruntime_backend:OrtCPUBackend", ("onnx",), 20, "ONNX Runtime CPU, threads = physical cores")
-register("openvino", "openvino_backend:OpenVINOBackend", ("onnx",), 25, "OpenVINO CPU fp32 (optional extra)")
+register("openvino", "openvino_backend:OpenVINOBackend", ("onnx",), 15, "OpenVINO CPU fp32 (optional extra; --backend openvino)")
 register("ort-cuda", "onnxruntime_backend:OrtCUDABackend", ("onnx",), 40, "ONNX Runtime CUDA, IO binding (+ CUDA graph)")
 register("ort-trt", "onnxruntime_backend:OrtTensorRTBackend", ("onnx",), 50, "ONNX Runtime TensorRT EP, fp16, engine cache")
 register("tensorrt", "tensorrt_backend:TensorRTBackend", ("tensorrt",), 60, "TensorRT engine, execute_async_v3 + CUDA graph")

@@ -40,6 +40,10 @@ class TorchBackend(Backend):
     def __call__(self, x, t, cond):
         cond = {k: v.to(self.device, non_blocking=True) for k, v in cond.items()}
         x = x.to(self.device)
+        if self.compile and not x.is_inference():
+            # A sampler's first x_T comes from outside inference mode, every later x from inside: the
+            # differing dispatch keys would make dynamo compile the graph a second time.
+            x = x.clone()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.dtype is not None:
