@@ -45,7 +45,11 @@ def write_results(name: str, rows: list[dict], extra: dict | None = None) -> Pat
     """Write benchmarks/results/<name>.json with the rows, the machine and any extra fields."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"name": name, "machine": machine_info(), "rows": rows, **(extra or {})}
+    import sys
+
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "?"
+    payload = {"name": name, "machine": machine_info(),
+               "command": " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]]), "rows": rows, **(extra or {})}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)

@@ -67,7 +67,7 @@ def timed(fn, steps, repeats=1):
     return best, out
 
 
-def run(preset, steps, batch, tmp, repeats):
+def run(preset, steps, batch, tmp, repeats, compile_cpu=True):
     torch.manual_seed(0)
     schedule = Schedule()
     model = build_model(preset, classes=CLASSES, metadata={"tss": SITES}).eval()
@@ -84,6 +84,9 @@ def run(preset, steps, batch, tmp, repeats):
     candidates = {"reference (diffusers DDIM + eager UNet)": lambda n: reference_loop(model, x_T, cond, n, schedule)}
     torch_backend = create("torch", open_model(ck_path), device="cpu")
     candidates["torch (medi-fast DDIM, eager fp32)"] = lambda n: sampler_loop(torch_backend, x_T, cond, n, schedule)
+    if compile_cpu:  # inductor on the CPU (needs a C++ compiler); compiled during the untimed warm-up
+        compiled = create("torch-compile", open_model(ck_path), device="cpu")
+        candidates["torch-compile (CPU, inductor, fp32)"] = lambda n: sampler_loop(compiled, x_T, cond, n, schedule)
     cores = physical_cores()
     variants = {f"ort-cpu ({cores} threads, ALL, sequential)": {},
                 "ort-cpu (1 thread)": {"threads": 1},
@@ -127,6 +130,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per candidate (best is kept)")
     ap.add_argument("--name", default="backends")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (inductor needs a C++ compiler)")
     args = ap.parse_args(argv)
     torch.set_num_threads(physical_cores())  # torch and ORT get the same cores
     presets = args.presets.split(",")
@@ -136,9 +140,10 @@ def main(argv=None):
     print(f"{'preset':<9} {'backend':<42} {'time':>10} {'throughput':>15} {'ratio':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for preset, n in zip(presets, steps):
-            rows += run(preset, n, args.batch, tmp, args.repeats)
+            rows += run(preset, n, args.batch, tmp, args.repeats, compile_cpu=not args.no_compile)
     path = write_results(args.name, rows, {"physical_cores": physical_cores(), "torch_threads": torch.get_num_threads(),
-                                           "onnxruntime": __import__("onnxruntime").__version__})
+                                           "onnxruntime": __import__("onnxruntime").__version__,
+                                           "command": " ".join(["python", "benchmarks/backends.py"] + sys.argv[1:])})
     print(f"wrote {path}")
     return machine_info()
 

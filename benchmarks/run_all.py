@@ -1,0 +1,244 @@
+"""Run the benchmark suite and write benchmarks/RESULTS.md (+ results/*.json, + results/summary.png).
+
+    python benchmarks/run_all.py                               # every benchmark, then the report
+    python benchmarks/run_all.py --only backends,flops         # some of them, then the report
+    python benchmarks/run_all.py --report-only                 # the report from the recorded JSON files
+    python benchmarks/run_all.py --demo-checkpoint demo_out/runs/medi/checkpoints/best.pt   # + solver quality
+
+Each benchmark is its own script (run one alone for more options) and writes
+benchmarks/results/<name>.json with the machine, the date and its command line; the report is made
+from those files only, so every figure in RESULTS.md says where it came from.  Ratios are always
+between candidates measured in the same run of one script (these machines are shared and noisy).
+Solver quality needs a checkpoint trained on the built-in synthetic data (the demo's MeDi model):
+without --demo-checkpoint the recorded result, if any, is reported with its own date.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+from _common import machine_info  # noqa: E402
+
+# name -> (script, arguments); the defaults fit a 2-core CPU in about 20 minutes altogether.
+SUITE: dict[str, tuple[str, list[str]]] = {
+    "flops": ("flops.py", []),
+    "backends": ("backends.py", ["--presets", "tiny-32,small-64", "--steps", "10,4", "--batch", "16", "--repeats", "2"]),
+    "generate_pipeline": ("generate_pipeline.py", ["--small", "1000", "--large", "20000"]),
+    "training_throughput": ("training_throughput.py", []),
+    "data_throughput": ("data_throughput.py", []),
+    "solver_quality_demo": ("solver_quality.py", ["--n-per-combo", "8", "--name", "solver_quality_demo"]),
+}
+PUBLISHED_STEPS = 100  # the published sampling protocol: DDIM-100
+
+
+def run_suite(names: list[str], demo_checkpoint: str | None) -> dict[str, str]:
+    status = {}
+    for name in names:
+        script, args = SUITE[name]
+        if name.startswith("solver_quality"):
+            if not demo_checkpoint:
+                status[name] = "not rerun (no --demo-checkpoint)"
+                continue
+            args = args + ["--checkpoint", demo_checkpoint]
+        cmd = [sys.executable, str(HERE / script), *args]
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.call(cmd)
+        status[name] = f"ran in {time.perf_counter() - t0:.0f} s" if rc == 0 else f"FAILED (exit {rc})"
+        print(f"== {name}: {status[name]}", flush=True)
+    return status
+
+
+def _load(name: str) -> dict | None:
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _table(rows: list[dict], cols: list[str] | None = None, fmt: str = ".3g") -> str:
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    if cols:
+        df = df[[c for c in cols if c in df.columns]]
+    return df.to_markdown(index=False, floatfmt=fmt)
+
+
+def _provenance(d: dict) -> str:
+    m = d.get("machine", {})
+    load = m.get("load_avg_1_5_15")
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
+    return (f"*{m.get('time_utc', '?')}; {m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores, "
+            f"{m.get('mem_gib', '?')} GiB{gpu}; torch {m.get('torch', '?')}; load average "
+            f"{load if load else '?'}; command `{d.get('command', '?')}`*")
+
+
+def fewest_steps(sq: dict) -> dict:
+    """Per sampler: the fewest steps whose distance is within 5 % of DDIM-100's, and its speed-up."""
+    rows = sq["rows"]
+    base = next(r for r in rows if r["sampler"] == "ddim" and r["steps"] == PUBLISHED_STEPS)
+    out = {}
+    for name in dict.fromkeys(r["sampler"] for r in rows):
+        ok = [r for r in rows if r["sampler"] == name and r is not base and r["dist"] <= 1.05 * base["dist"]]
+        best = min(ok, key=lambda r: r["steps"]) if ok else None
+        out[name] = None if best is None else {"steps": best["steps"], "dist": best["dist"],
+                                               "speedup_vs_ddim100": PUBLISHED_STEPS / best["steps"]}
+    return out
+
+
+def plot(backends: dict | None, sq: dict | None, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = [p for p in (backends, sq) if p]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    axes = list(axes[0])
+    if backends:
+        ax = axes.pop(0)
+        rows = backends["rows"]
+        presets = list(dict.fromkeys(r["preset"] for r in rows))
+        labels = list(dict.fromkeys(r["backend"] for r in rows))
+        w = 0.8 / len(presets)
+        for i, p in enumerate(presets):
+            vals = {r["backend"]: r["ratio_vs_reference"] for r in rows if r["preset"] == p}
+            ax.barh([j + i * w for j in range(len(labels))], [vals.get(lab, 0) for lab in labels], w, label=p)
+        ax.set_yticks([j + w * (len(presets) - 1) / 2 for j in range(len(labels))], labels, fontsize=7)
+        ax.axvline(1, color="k", lw=0.8)
+        ax.set_xlabel("images/s relative to the reference loop (same run)")
+        ax.invert_yaxis()
+        ax.legend(fontsize=8)
+        ax.set_title("Sampling throughput per backend (CPU)", fontsize=9)
+    if sq:
+        ax = axes.pop(0)
+        rows = sq["rows"]
+        base = next(r for r in rows if r["sampler"] == "ddim" and r["steps"] == PUBLISHED_STEPS)
+        for name in dict.fromkeys(r["sampler"] for r in rows):
+            pts = sorted((r["steps"], r["dist"]) for r in rows if r["sampler"] == name and r is not base)
+            ax.plot(*zip(*pts), marker="o", label=name)
+        ax.axhline(base["dist"], color="k", lw=0.8, ls="--", label="DDIM-100")
+        ax.axhline(1.05 * base["dist"], color="k", lw=0.5, ls=":", label="DDIM-100 + 5 %")
+        ax.set_xlabel("solver steps")
+        ax.set_yscale("log")
+        ax.set_ylabel("FID-style distance (colour-texture, log scale)")
+        ax.legend(fontsize=7)
+        ax.set_title("Quality vs steps on the demo's MeDi model", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def report(status: dict[str, str]) -> Path:
+    flops, bk, gp = _load("flops"), _load("backends"), _load("generate_pipeline")
+    tr, data, sq = _load("training_throughput"), _load("data_throughput"), _load("solver_quality_demo")
+    md = ["# Benchmark results", "",
+          f"Written by `python benchmarks/run_all.py` on {machine_info()['time_utc']}. Every section names the "
+          "machine, date and command of the run it comes from; ratios compare candidates measured side by side in "
+          "that one run. Rerun a section with its command; rerun everything with `python benchmarks/run_all.py`.", ""]
+    if status:
+        md += ["This invocation: " + "; ".join(f"{k} {v}" for k, v in status.items()) + ".", ""]
+
+    headline = []
+    if bk:
+        for p in dict.fromkeys(r["preset"] for r in bk["rows"]):
+            rows = [r for r in bk["rows"] if r["preset"] == p and not r["backend"].startswith("reference")]
+            best = max(rows, key=lambda r: r["ratio_vs_reference"])
+            headline.append(f"* **{p}**, batch {best['batch']}: best CPU backend `{best['backend']}` at "
+                            f"**{best['ratio_vs_reference']:.2f}x** the reference loop's images/s (same DDIM steps).")
+    if sq and bk:
+        few = fewest_steps(sq)
+        fast = {k: v for k, v in few.items() if v}
+        if fast:
+            name, v = min(fast.items(), key=lambda kv: kv[1]["steps"])
+            for p in dict.fromkeys(r["preset"] for r in bk["rows"]):
+                rows = [r for r in bk["rows"] if r["preset"] == p and not r["backend"].startswith("reference")]
+                best = max(r["ratio_vs_reference"] for r in rows)
+                headline.append(f"* **{p}** with `{name}` at {v['steps']} steps (within 5 % of DDIM-100 on the demo "
+                                f"model): {best:.2f} x {v['speedup_vs_ddim100']:.1f} = **{best * v['speedup_vs_ddim100']:.1f}x** "
+                                "the reference DDIM-100 loop (derived: backend ratio x step ratio; sampling cost is "
+                                "linear in the steps).")
+    if gp:
+        headline.append(f"* `generate` with PNG writing runs at **{gp['overlap']['efficiency']:.2f}** of pure sampling "
+                        f"speed; peak memory for n = {gp['memory'][1]['n']:,} is **{gp['memory_ratio']:.3f}x** that for "
+                        f"n = {gp['memory'][0]['n']:,}.")
+    if tr:
+        r = tr["rows"][-1]
+        headline.append(f"* Training: the medi-fast trainer runs **{r['ratio']:.2f}x** the reference-style loop's "
+                        f"steps/s ({tr['args']['preset']}, batch {tr['args']['batch_size']}).")
+    if headline:
+        md += ["## Summary", "", *headline, ""]
+    if plot(bk, sq, RESULTS / "summary.png"):
+        md += ["![summary](results/summary.png)", ""]
+
+    if bk:
+        md += ["## Sampling throughput per backend", "", _provenance(bk), "",
+               "Reference = diffusers `DDIMScheduler` + the eager fp32 `UNet2DModel` (what the published code "
+               "runs), the conditioning embedded once. Every candidate runs the same batch, steps and starting "
+               "noise; `max_abs_diff` is the largest difference of the final x0 to the reference's. Each candidate "
+               "has one untimed warm-up (for torch.compile: the compilation).", "",
+               _table(bk["rows"], ["preset", "backend", "batch", "steps", "seconds", "images_per_s",
+                                   "ratio_vs_reference", "max_abs_diff_vs_reference"]), ""]
+    if sq:
+        few = fewest_steps(sq)
+        base = next(r for r in sq["rows"] if r["sampler"] == "ddim" and r["steps"] == PUBLISHED_STEPS)
+        md += ["## Solver quality vs steps (demo MeDi model)", "", _provenance(sq), "",
+               f"{sq.get('n_images', '?')} images per solver setting, the same starting noise for all; `dist` = "
+               "Frechet distance of colour-texture features to real synthetic-H&E patches of the same (class, "
+               f"site) combinations (real-vs-real noise floor {sq.get('noise_floor', float('nan')):.3f}); "
+               "`rmse_ref` = RMS pixel difference to a 200-step reference solution of the same ODE. DDIM-100 "
+               f"dist {base['dist']:.3f}.", "",
+               "Fewest steps within 5 % of DDIM-100's distance: "
+               + ", ".join(f"{k} {v['steps'] if v else 'none of those tried'}" for k, v in few.items()) + ".", "",
+               _table(sq["rows"], ["sampler", "steps", "dist", "rmse_ref", "s"]), ""]
+    if gp:
+        md += ["## generate: I/O overlap and peak memory", "", _provenance(gp), "",
+               "Overlap: the same Generator without an output directory (pure sampling) and writing PNGs "
+               "(alternating, medians). Memory: `medi-fast generate` in a fresh process per n, peak RSS.", "",
+               _table([gp["overlap"]]), "", _table(gp["memory"]), ""]
+    if tr:
+        md += ["## Training throughput", "", _provenance(tr), "", _table(tr["rows"]), ""]
+    if data:
+        md += ["## Data throughput", "", _provenance(data), "", _table(data["rows"]), ""]
+    if flops:
+        md += ["## FLOPs per step per preset", "", _provenance(flops), "",
+               "Counted with torch's FlopCounterMode on one forward pass (a multiply-add = 2 FLOPs).", "",
+               _table(flops["rows"]), ""]
+    path = HERE / "RESULTS.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(md))
+    tmp.replace(path)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help=f"comma list of: {', '.join(SUITE)}")
+    ap.add_argument("--skip", default="", help="comma list of benchmarks to leave out")
+    ap.add_argument("--report-only", action="store_true", help="write RESULTS.md from the recorded JSON only")
+    ap.add_argument("--demo-checkpoint", help="the demo's MeDi checkpoint, for the solver-quality benchmark")
+    args = ap.parse_args(argv)
+    names = args.only.split(",") if args.only else list(SUITE)
+    unknown = [n for n in names + [s for s in args.skip.split(",") if s] if n not in SUITE]
+    if unknown:
+        ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(SUITE)}")
+    names = [n for n in names if n not in args.skip.split(",")]
+    status = {} if args.report_only else run_suite(names, args.demo_checkpoint)
+    path = report(status)
+    print(f"wrote {path}")
+    return 1 if any(v.startswith("FAILED") for v in status.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
