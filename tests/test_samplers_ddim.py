@@ -8,15 +8,6 @@ from medi_fast.samplers import ddim, timesteps_for
 from medi_fast.schedule import Schedule
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A tiny UNet gains nothing from 2 threads, and on a loaded 2-core machine they spin (30x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)

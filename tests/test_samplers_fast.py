@@ -22,15 +22,6 @@ def reference_scheduler(cls, schedule: Schedule, **overrides):
                prediction_type=schedule.prediction_type, **overrides)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A tiny UNet gains nothing from 2 threads, and on a loaded 2-core machine they spin (30x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
