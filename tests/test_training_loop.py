@@ -155,3 +155,25 @@ def test_worker_loader_matches_main_process(pack):
     for k in range(3):
         (ia, xa), (ib, xb) = next(a), next(b)
         assert ia == ib == stream.batch(7 + k) and torch.equal(xa, xb) and xa.shape == (4, 3, 16, 16)
+
+
+def _losses(out) -> np.ndarray:
+    return np.array([float(r["loss"]) for r in read_metrics(out / "metrics.csv")])
+
+
+@pytest.mark.slow
+def test_compile_and_bf16_follow_the_fp32_eager_run(pack, tmp_path):
+    """--compile (inductor, on the CPU here) and --precision bf16 train the same model on the same
+    batches and noise: their losses track the eager fp32 run (CUDA autocast is not tested here)."""
+    pack_dir, _ = pack
+    common = ("--condition", "class,tss", "--grid-every", "0", "--seed", "3")
+    assert _train(pack_dir, tmp_path / "eager", *common, "--precision", "fp32") == 0
+    assert _train(pack_dir, tmp_path / "compiled", *common, "--precision", "fp32", "--compile") == 0
+    assert _train(pack_dir, tmp_path / "bf16", *common, "--precision", "bf16") == 0
+    eager, compiled, bf16 = (_losses(tmp_path / n) for n in ("eager", "compiled", "bf16"))
+    assert len(eager) == len(compiled) == len(bf16) == 4 and np.isfinite(bf16).all()
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4)
+    np.testing.assert_allclose(bf16, eager, rtol=5e-2)
+    assert np.abs(bf16 - eager).max() > 0  # bf16 really ran in reduced precision
+    ck = ckpt_io.load(tmp_path / "compiled" / "checkpoints" / "best.pt")  # no "_orig_mod." prefixes
+    ck.build()
