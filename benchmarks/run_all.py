@@ -30,6 +30,7 @@ from _common import machine_info  # noqa: E402
 SUITE: dict[str, tuple[str, list[str]]] = {
     "flops": ("flops.py", []),
     "backends": ("backends.py", ["--presets", "tiny-32,small-64", "--steps", "10,4", "--batch", "16", "--repeats", "2"]),
+    "sampling_throughput": ("sampling_throughput.py", []),
     "generate_pipeline": ("generate_pipeline.py", ["--small", "1000", "--large", "20000"]),
     "training_throughput": ("training_throughput.py", []),
     "data_throughput": ("data_throughput.py", []),
@@ -143,6 +144,7 @@ def plot(backends: dict | None, sq: dict | None, path: Path) -> bool:
 def report(status: dict[str, str]) -> Path:
     flops, bk, gp = _load("flops"), _load("backends"), _load("generate_pipeline")
     tr, data, sq = _load("training_throughput"), _load("data_throughput"), _load("solver_quality_demo")
+    st = _load("sampling_throughput")
     md = ["# Benchmark results", "",
           f"Written by `python benchmarks/run_all.py` on {machine_info()['time_utc']}. Every section names the "
           "machine, date and command of the run it comes from; ratios compare candidates measured side by side in "
@@ -190,6 +192,12 @@ def report(status: dict[str, str]) -> Path:
                "has one untimed warm-up (for torch.compile: the compilation).", "",
                _table(bk["rows"], ["preset", "backend", "batch", "steps", "seconds", "images_per_s",
                                    "ratio_vs_reference", "max_abs_diff_vs_reference"]), ""]
+    if st:
+        md += ["## generate's sampling path (torch) vs the reference loop", "", _provenance(st), "",
+               "`sample_rows` on the torch backend (per-sample seeded noise, medi-fast DDIM, uint8 conversion: "
+               "all that `generate` does but write files) beside the reference loop, alternating, medians.", "",
+               _table(st["rows"], ["preset", "candidate", "batch", "steps", "median_s", "images_per_s",
+                                   "ratio_vs_reference"]), ""]
     if sq:
         few = fewest_steps(sq)
         base = next(r for r in sq["rows"] if r["sampler"] == "ddim" and r["steps"] == PUBLISHED_STEPS)

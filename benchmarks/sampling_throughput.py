@@ -1,0 +1,97 @@
+"""Sampling images/s of the torch backend(s) beside the reference-style loop, in one run.
+
+Reference-style loop = what the published code runs: diffusers ``DDIMScheduler`` + the eager fp32
+``UNet2DModel``, batched.  Ours = ``medi_fast.generate.sample_rows`` on a torch backend: per-sample
+seeded noise, medi-fast's DDIM, conversion to uint8 included, i.e. everything `generate` does except
+writing files.  The candidates alternate for --repeats rounds so that machine noise hits all alike;
+the ratio is of medians.  (`benchmarks/backends.py` times the ONNX backends as well.)
+
+    python benchmarks/sampling_throughput.py                      # tiny-32 and small-64, batch 16
+    python benchmarks/sampling_throughput.py --backends torch,torch-compile --steps 10
+
+Prints one table and writes benchmarks/results/sampling_throughput.json (with the machine).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_results  # noqa: E402
+from backends import reference_loop  # noqa: E402
+
+from medi_fast import backends, checkpoint, plan as plans  # noqa: E402
+from medi_fast.generate import GenerateConfig, sample_rows  # noqa: E402
+from medi_fast.model import build_model  # noqa: E402
+from medi_fast.schedule import Schedule  # noqa: E402
+
+CLASSES, SITES = ["LUAD", "LUSC"], ["05", "44"]
+
+
+def run(preset: str, batch: int, steps: int, repeats: int, names: list[str], tmp: Path) -> list[dict]:
+    torch.manual_seed(0)
+    schedule = Schedule()
+    model = build_model(preset, classes=CLASSES, metadata={"tss": SITES}).eval()
+    path = checkpoint.save(checkpoint.from_model(model, schedule, preset=preset), tmp / f"{preset}.pt")
+    info = backends.open_model(path)
+    plan = plans.single(info.spec, {"class": "LUAD", "tss": "05"}, batch, seed=0)
+    cfg = GenerateConfig(steps=steps, batch_size=batch)
+    x_T = torch.randn(batch, 3, model.resolution, model.resolution)
+    cond = model.spec.encode({"class": ["LUAD"] * batch, "tss": ["05"] * batch})
+
+    candidates = {"reference (diffusers DDIM + eager UNet)": lambda n: reference_loop(model, x_T, cond, n, schedule)}
+    for name in names:
+        if not backends.BACKENDS[name].availability()[0]:
+            continue
+        be = backends.create(name, info, device="cpu")
+        candidates[f"{name} (sample_rows: seeded noise, DDIM, uint8)"] = (
+            lambda n, be=be: sample_rows(be, info, plan.rows, GenerateConfig(steps=n, batch_size=batch)))
+    for fn in candidates.values():  # warm-up (torch.compile compiles here)
+        fn(1)
+    times = {k: [] for k in candidates}
+    for _ in range(repeats):
+        for k, fn in candidates.items():
+            t0 = time.perf_counter()
+            fn(cfg.steps)
+            times[k].append(time.perf_counter() - t0)
+    base = batch / statistics.median(next(iter(times.values())))
+    rows = []
+    for k, ts in times.items():
+        ips = batch / statistics.median(ts)
+        rows.append({"preset": preset, "candidate": k, "batch": batch, "steps": steps, "median_s": statistics.median(ts),
+                     "images_per_s": ips, "ratio_vs_reference": ips / base})
+        print(f"{preset:<9} {k:<52} {ips:>9.2f} img/s {ips / base:>6.2f}x", flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="tiny-32,small-64")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", default="10,4", help="DDIM steps per preset (comma list, same order)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--backends", default="torch", help="comma-separated torch backends to time")
+    args = ap.parse_args()
+    presets = args.presets.split(",")
+    steps = [int(s) for s in args.steps.split(",")]
+    steps += [steps[-1]] * (len(presets) - len(steps))
+    names = args.backends.split(",")
+    unknown = [n for n in names if n not in backends.BACKENDS]
+    if unknown:
+        ap.error(f"unknown backend(s) {', '.join(unknown)}")
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for preset, n in zip(presets, steps):
+            rows += run(preset, args.batch, n, args.repeats, names, Path(d))
+    print(f"wrote {write_results('sampling_throughput', rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
