@@ -52,3 +52,15 @@ def tiny_cls_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny_cls.pt"
     checkpoint.save(checkpoint.from_model(model, Schedule(), preset="tiny-32"), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_sampler_case():
+    """A tiny random MeDiUNet, conditioning for 2 samples and their x_T: the sampler parity tests' case."""
+    from medi_fast.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny-32", classes=["A", "B"], metadata={"tss": ["1", "2"]}).eval()
+    cond = model.spec.encode({"class": ["B", "A"], "tss": ["1", "2"]}, 2)
+    x_T = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # (B, C, H, W)
+    return model, cond, x_T

@@ -3,18 +3,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from medi_fast.model import build_model
 from medi_fast.samplers import ddim, timesteps_for
 from medi_fast.schedule import Schedule
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = build_model("tiny-32", classes=["A", "B"], metadata={"tss": ["1", "2"]}).eval()
-    cond = model.spec.encode({"class": ["B", "A"], "tss": ["1", "2"]}, 2)
-    x_T = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # (B, C, H, W)
-    return model, cond, x_T
 
 
 def diffusers_ddim(model, x_T, cond, schedule, steps, eta, noises):
@@ -30,8 +20,8 @@ def diffusers_ddim(model, x_T, cond, schedule, steps, eta, noises):
 @pytest.mark.parametrize("eta, clip", [(0.0, True), (1.0, True),
                                        pytest.param(0.0, False, marks=pytest.mark.slow),
                                        pytest.param(1.0, False, marks=pytest.mark.slow)])
-def test_ddim_100_equals_diffusers(tiny, eta, clip):
-    model, cond, x_T = tiny
+def test_ddim_100_equals_diffusers(tiny_sampler_case, eta, clip):
+    model, cond, x_T = tiny_sampler_case
     schedule = Schedule(clip_sample=clip)  # clip_sample=True is diffusers' DDIM default; the random model hits it
     steps = 100
     gen = torch.Generator().manual_seed(2)
@@ -45,9 +35,9 @@ def test_ddim_100_equals_diffusers(tiny, eta, clip):
     assert torch.isfinite(ours).all() and diff <= 1e-5
 
 
-def test_ddim_noise_matters(tiny):
+def test_ddim_noise_matters(tiny_sampler_case):
     """eta > 0 really uses the given noise (so the parity above is not vacuous)."""
-    model, cond, x_T = tiny
+    model, cond, x_T = tiny_sampler_case
     schedule, ts = Schedule(), Schedule().timesteps(5)
     with torch.no_grad():
         a = ddim(model, x_T, ts, schedule, cond, eta=1.0, noise=lambda i: torch.zeros_like(x_T))

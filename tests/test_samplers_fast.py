@@ -5,7 +5,6 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from medi_fast import MediFastError
-from medi_fast.model import build_model
 from medi_fast.samplers import SAMPLERS, ddim, get_sampler, timesteps_for
 from medi_fast.samplers.dpm_solver import dpmpp_2m, dpmpp_2m_clip, multistep_timesteps
 from medi_fast.samplers.unipc import unipc, unipc_clip
@@ -20,15 +19,6 @@ def reference_scheduler(cls, schedule: Schedule, **overrides):
     return cls(num_train_timesteps=schedule.num_train_timesteps, beta_start=schedule.beta_start,
                beta_end=schedule.beta_end, beta_schedule=schedule.beta_schedule,
                prediction_type=schedule.prediction_type, **overrides)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = build_model("tiny-32", classes=["A", "B"], metadata={"tss": ["1", "2"]}).eval()
-    cond = model.spec.encode({"class": ["A", "B"], "tss": ["2", "1"]}, 2)
-    x_T = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # (B, C, H, W)
-    return model, cond, x_T
 
 
 def diffusers_loop(scheduler, model, x_T, cond, steps):
@@ -70,8 +60,8 @@ def test_timesteps_for_uses_the_solvers_own_spacing(name):
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 @pytest.mark.parametrize("steps", [10, 20])
-def test_full_loop_equals_diffusers(tiny, name, steps):
-    model, cond, x_T = tiny
+def test_full_loop_equals_diffusers(tiny_sampler_case, name, steps):
+    model, cond, x_T = tiny_sampler_case
     sampler, cls = SOLVERS[name]
     schedule = Schedule()
     with torch.no_grad():
@@ -84,9 +74,9 @@ def test_full_loop_equals_diffusers(tiny, name, steps):
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
-def test_full_loop_equals_diffusers_at_image_scale(tiny, name):
+def test_full_loop_equals_diffusers_at_image_scale(tiny_sampler_case, name):
     """A random UNet's eps makes |x0| reach hundreds; near-ideal eps keeps x in image range, where 1e-4 is strict."""
-    model, cond, x_T = tiny
+    model, cond, x_T = tiny_sampler_case
     sampler, cls = SOLVERS[name]
     schedule = Schedule()
     ideal = gaussian_denoiser(schedule)
@@ -102,9 +92,9 @@ def test_full_loop_equals_diffusers_at_image_scale(tiny, name):
 
 
 @pytest.mark.parametrize("name", sorted(CLIPPED))
-def test_clipped_loop_equals_diffusers_thresholding(tiny, name):
+def test_clipped_loop_equals_diffusers_thresholding(tiny_sampler_case, name):
     """-clip variants = diffusers' thresholding=True at its default sample_max_value=1 (x0 clipped to [-1, 1])."""
-    model, cond, x_T = tiny
+    model, cond, x_T = tiny_sampler_case
     sampler, cls = CLIPPED[name]
     schedule = Schedule()
     with torch.no_grad():
@@ -118,9 +108,9 @@ def test_clipped_loop_equals_diffusers_thresholding(tiny, name):
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
-def test_full_loop_equals_diffusers_trailing(tiny, name):
+def test_full_loop_equals_diffusers_trailing(tiny_sampler_case, name):
     """Non-default spacing: the sampler follows whatever timesteps it is given, as diffusers would."""
-    model, cond, x_T = tiny
+    model, cond, x_T = tiny_sampler_case
     sampler, cls = SOLVERS[name]
     schedule = Schedule()
     with torch.no_grad():
@@ -130,8 +120,8 @@ def test_full_loop_equals_diffusers_trailing(tiny, name):
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
-def test_sample_independent_of_batch(tiny, name):
-    model, cond, x_T = tiny
+def test_sample_independent_of_batch(tiny_sampler_case, name):
+    model, cond, x_T = tiny_sampler_case
     sampler = SOLVERS[name][0]
     ts = multistep_timesteps(Schedule(), 6)
     with torch.no_grad():
@@ -192,8 +182,8 @@ def test_solvers_converge_with_steps():
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS) + sorted(CLIPPED))
-def test_errors(tiny, name):
-    model, cond, x_T = tiny
+def test_errors(tiny_sampler_case, name):
+    model, cond, x_T = tiny_sampler_case
     sampler = {**SOLVERS, **CLIPPED}[name][0]
     with pytest.raises(MediFastError, match=f"{name} is a deterministic ODE solver.*--eta 0"):
         sampler(model, x_T, multistep_timesteps(Schedule(), 5), Schedule(), cond, eta=0.5)
@@ -209,8 +199,8 @@ def test_errors(tiny, name):
         multistep_timesteps(Schedule(), 10, "linear")
 
 
-def test_callback_sees_every_step(tiny):
-    model, cond, x_T = tiny
+def test_callback_sees_every_step(tiny_sampler_case):
+    model, cond, x_T = tiny_sampler_case
     for sampler in (dpmpp_2m, unipc):
         seen = []
         with torch.no_grad():

@@ -111,20 +111,24 @@ def clip_x0(x0: torch.Tensor) -> torch.Tensor:
     return x0.clamp(-1.0, 1.0)
 
 
+def data_prediction(denoiser, x: torch.Tensor, t: int, sig_ve: torch.Tensor, cond: dict, clip: bool):
+    """One model call at (x, t): eps_theta -> x0 = (x - sigma_s eps) / alpha_s, clipped to [-1, 1] if asked.
+    Returns (x0, alpha_s, sigma_s, lambda_s); sig_ve is the VE sigma of t."""
+    t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    eps = denoiser(x, t_batch, cond).to(x.dtype)  # (B, C, H, W)
+    alpha_s, sigma_s, lam_s = vp_coefficients(sig_ve)
+    x0 = (x - sigma_s * eps) / alpha_s  # (B, C, H, W)
+    return (clip_x0(x0) if clip else x0), alpha_s, sigma_s, lam_s
+
+
 def _dpmpp_2m(denoiser, x_T, timesteps, schedule, cond, callback, *, clip: bool) -> torch.Tensor:
     sig_ve = solver_sigmas(schedule, timesteps)  # (N+1,)
     n_steps = len(sig_ve) - 1
     x = x_T
-    batch = x.shape[0]
     x0_prev = None  # x0 of the previous step: the multistep history
     for i, t in enumerate(int(t) for t in timesteps):
         # 1. eps_theta(x_{t_i}, t_i, c) -> data prediction x0 = (x - sigma_s eps) / alpha_s
-        t_batch = torch.full((batch,), t, dtype=torch.long, device=x.device)
-        eps = denoiser(x, t_batch, cond).to(x.dtype)  # (B, C, H, W)
-        alpha_s, sigma_s, lam_s = vp_coefficients(sig_ve[i])
-        x0 = (x - sigma_s * eps) / alpha_s  # (B, C, H, W)
-        if clip:
-            x0 = clip_x0(x0)
+        x0, alpha_s, sigma_s, lam_s = data_prediction(denoiser, x, t, sig_ve[i], cond, clip)
         # 2. step size in half log-SNR: h = lambda_t - lambda_s (t = the next, less noisy time)
         alpha_t, sigma_t, lam_t = vp_coefficients(sig_ve[i + 1])
         h = lam_t - lam_s
@@ -140,7 +144,7 @@ def _dpmpp_2m(denoiser, x_T, timesteps, schedule, cond, callback, *, clip: bool)
             x_next = ((sigma_t / sigma_s) * x32 - (alpha_t * (torch.exp(-h) - 1.0)) * d0
                       - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1)
         x0_prev = x0
-        x = x_next.to(eps.dtype)
+        x = x_next.to(x.dtype)  # the dtype the model sees (eps was cast to it)
         if callback is not None:
             callback(i, x)
     return x

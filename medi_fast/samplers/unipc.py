@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..schedule import Schedule
-from .dpm_solver import check_deterministic, clip_x0, solver_sigmas, vp_coefficients
+from .dpm_solver import check_deterministic, data_prediction, solver_sigmas, vp_coefficients
 
 SOLVER_ORDER = 2  # diffusers' default and the UniPC paper's recommendation for unconditional pixel models
 
@@ -128,17 +128,11 @@ def _unipc(denoiser, x_T, timesteps, schedule, cond, callback, *, clip: bool) ->
     sig_ve = solver_sigmas(schedule, timesteps)  # (N+1,)
     n_steps = len(sig_ve) - 1
     x = x_T
-    batch = x.shape[0]
     hist: list[torch.Tensor] = []  # data predictions m_{i-1}, m_i (the last SOLVER_ORDER)
     x_prev, prev_order = None, 0  # the corrected x_{t_{i-1}} and the order used to leave it
     for i, t in enumerate(int(t) for t in timesteps):
         # 1. eps_theta(x_{t_i}, t_i, c) -> data prediction m_i at the (uncorrected) x_{t_i}
-        t_batch = torch.full((batch,), t, dtype=torch.long, device=x.device)
-        eps = denoiser(x, t_batch, cond).to(x.dtype)  # (B, C, H, W)
-        alpha_s, sigma_s, _ = vp_coefficients(sig_ve[i])
-        m = (x - sigma_s * eps) / alpha_s  # (B, C, H, W)
-        if clip:
-            m = clip_x0(m)
+        m = data_prediction(denoiser, x, t, sig_ve[i], cond, clip)[0]
         # 2. UniC: correct x_{t_i} with the new evaluation (same order as the step that produced it)
         if i > 0:
             x = _uni_c(m, x_prev, sig_ve, i, hist, prev_order)
