@@ -168,7 +168,11 @@ def test_compile_and_bf16_follow_the_fp32_eager_run(pack, tmp_path):
     pack_dir, _ = pack
     common = ("--condition", "class,tss", "--grid-every", "0", "--seed", "3")
     assert _train(pack_dir, tmp_path / "eager", *common, "--precision", "fp32") == 0
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     assert _train(pack_dir, tmp_path / "compiled", *common, "--precision", "fp32", "--compile") == 0
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo really compiled the model
     assert _train(pack_dir, tmp_path / "bf16", *common, "--precision", "bf16") == 0
     eager, compiled, bf16 = (_losses(tmp_path / n) for n in ("eager", "compiled", "bf16"))
     assert len(eager) == len(compiled) == len(bf16) == 4 and np.isfinite(bf16).all()
