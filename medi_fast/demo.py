@@ -153,10 +153,12 @@ def generate(cfg: DemoConfig, onnx_path: Path, out: Path, name: str, cls_only: b
     return manifest, np.concatenate(images)
 
 
-def _real(index: pd.DataFrame, resolution: int) -> np.ndarray:
-    from .data.imageio import load_patch
+def _real(out: Path) -> np.ndarray:
+    """The cohort's patches at the model resolution, in index order: the pack built in stage 1 (the same
+    load_patch resize, so no JPEG is decoded twice)."""
+    from .data.pack import read_pack
 
-    return np.stack([load_patch(p, resolution) for p in index["path"]])
+    return np.ascontiguousarray(read_pack(out / "pack")[1].transpose(0, 2, 3, 1))  # (N, R, R, 3) uint8
 
 
 def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synthetic: dict) -> dict:
@@ -255,7 +257,7 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
             synthetic[name] = generate(cfg, onnx[name], out, name.lower(), cls_only=(name == "CLS"))
     _log("5/6 evaluating (colour-texture features: FID-style distance, linear probe, shortcut meter)")
     with timer("evaluate"):
-        real_images = _real(index, cfg.resolution)
+        real_images = _real(out)
         results = evaluate(cfg, index, real_images, synthetic)
     _log("6/6 writing the report")
     with timer("report"):

@@ -2,6 +2,7 @@
 output directory is guarded (no run mixes with another's files)."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -40,6 +41,15 @@ def test_report_and_outputs(demo_run):
     # CLS makes the same number of images per class, without a site.
     cls = pd.read_csv(out / "synthetic" / "cls" / "manifest.csv", dtype=str, keep_default_na=False)
     assert cls.groupby("class").size().to_dict() == {"LUAD": 3 * len(sites), "LUSC": 3 * len(sites)}
+    # The evaluation's real images are the pack's, in index order, equal to decoding the JPEGs.
+    from medi_fast.data.imageio import load_patch
+    from medi_fast.demo import _real
+
+    index = pd.read_parquet(out / "index.parquet")
+    real = _real(out)
+    assert real.shape == (len(index), 32, 32, 3)
+    for i in (0, len(index) // 2, len(index) - 1):
+        assert np.array_equal(real[i], load_patch(index["path"].iloc[i], 32))
     # No training site of the probe's test sites leaks into the diffusion training split.
     train = pd.read_csv(out / "train.csv", dtype=str)
     assert not set(train["tissue_source_site"]) & {"S5", "S6"}
