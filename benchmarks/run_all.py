@@ -81,16 +81,9 @@ def _provenance(d: dict) -> str:
 
 
 def fewest_steps(sq: dict) -> dict:
-    """Per sampler: the fewest steps whose distance is within 5 % of DDIM-100's, and its speed-up."""
-    rows = sq["rows"]
-    base = next(r for r in rows if r["sampler"] == "ddim" and r["steps"] == PUBLISHED_STEPS)
-    out = {}
-    for name in dict.fromkeys(r["sampler"] for r in rows):
-        ok = [r for r in rows if r["sampler"] == name and r is not base and r["dist"] <= 1.05 * base["dist"]]
-        best = min(ok, key=lambda r: r["steps"]) if ok else None
-        out[name] = None if best is None else {"steps": best["steps"], "dist": best["dist"],
-                                               "speedup_vs_ddim100": PUBLISHED_STEPS / best["steps"]}
-    return out
+    """Per sampler: the fewest steps within 5 % of DDIM-100's distance, as solver_quality.py recorded it."""
+    return {name: None if steps is None else {"steps": steps, "speedup_vs_ddim100": PUBLISHED_STEPS / steps}
+            for name, steps in sq["fewest_steps_within_5pct"].items()}
 
 
 def plot(backends: dict | None, sq: dict | None, path: Path) -> bool:
