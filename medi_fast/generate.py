@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .backends import ModelInfo
+from .backends import ModelInfo, sampling_threads
 from .conditioning import column_for
 from .errors import MediFastError
 from .guidance import classifier_free
@@ -78,8 +78,9 @@ def sample_rows(denoiser, info: ModelInfo, rows: pd.DataFrame, cfg: GenerateConf
     fn = denoiser if cfg.guidance == 1.0 else classifier_free(denoiser, info.spec, cfg.guidance)
     sampler = get_sampler(cfg.sampler)
     ts = timesteps_for(cfg.sampler, info.schedule, cfg.steps)
-    x0 = sampler(fn, x_T, ts, info.schedule, cond, eta=cfg.eta, noise=noise if cfg.eta > 0 else None)
-    return to_uint8(x0)
+    with sampling_threads(denoiser):
+        x0 = sampler(fn, x_T, ts, info.schedule, cond, eta=cfg.eta, noise=noise if cfg.eta > 0 else None)
+        return to_uint8(x0)
 
 
 def _manifest(plan_rows: pd.DataFrame, files: list[str], info: ModelInfo, cfg: GenerateConfig) -> pd.DataFrame:

@@ -187,3 +187,47 @@ def test_fid_stats_sink_sees_resumed_images_too(tiny_ckpt, tmp_path):
     assert set(a) == set(b) and {"LUAD", "LUSC"} <= set(a)
     for k in a:
         assert np.allclose(a[k][0], b[k][0]) and np.allclose(a[k][1], b[k][1]) and a[k][2] == b[k][2]
+
+
+class _RecordingDenoiser:
+    """Wraps a backend and records torch's thread count at every call."""
+
+    def __init__(self, inner, own_cpu_threads):
+        self.inner, self.own_cpu_threads, self.seen = inner, own_cpu_threads, []
+        self.device = inner.device
+
+    def __call__(self, x, t, cond):
+        self.seen.append(torch.get_num_threads())
+        return self.inner(x, t, cond)
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_torch_runs_on_one_thread_while_a_cpu_runtime_owns_the_cores(tiny_ckpt, own):
+    """sample_rows hands the cores to runtimes with their own pool (ort-cpu, openvino), restores the
+    thread count afterwards (also after a failure), and the images do not change."""
+    from medi_fast.backends.onnxruntime_backend import OrtCPUBackend
+    from medi_fast.backends.openvino_backend import OpenVINOBackend
+    from medi_fast.generate import sample_rows
+
+    assert OrtCPUBackend.own_cpu_threads and OpenVINOBackend.own_cpu_threads
+    assert not backends.create("torch", backends.open_model(tiny_ckpt)).own_cpu_threads
+    info = backends.open_model(tiny_ckpt)
+    rows = plans.single(info.spec, {"class": "LUAD", "tss": "05"}, 3, seed=1).rows
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plain = sample_rows(backends.create("torch", info), info, rows, GenerateConfig(steps=3))
+        den = _RecordingDenoiser(backends.create("torch", info), own_cpu_threads=own)
+        images = sample_rows(den, info, rows, GenerateConfig(steps=3))
+        assert den.seen == ([1] * 3 if own else [2] * 3)
+        assert torch.get_num_threads() == 2
+        assert np.array_equal(images, plain)
+
+        def boom(x, t, cond):
+            raise RuntimeError("runtime failed")
+        boom.own_cpu_threads, boom.device = own, torch.device("cpu")
+        with pytest.raises(RuntimeError, match="runtime failed"):
+            sample_rows(boom, info, rows, GenerateConfig(steps=3))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -11,6 +11,7 @@ wrote.
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -148,6 +149,8 @@ class Backend:
 
     name = "base"
     device = torch.device("cpu")
+    # True for CPU runtimes with their own thread pool (ONNX Runtime, OpenVINO): see sampling_threads.
+    own_cpu_threads = False
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -158,3 +161,24 @@ class Backend:
 
     def close(self) -> None:
         """Release device memory, sessions, engines."""
+
+
+@contextmanager
+def sampling_threads(denoiser):
+    """Run a sampling loop's torch arithmetic on one thread while ``denoiser`` owns the CPU cores.
+
+    A sampler does a few element-wise torch ops between denoiser calls.  With a CPU runtime that
+    keeps its own thread pool, torch's OpenMP workers (still spinning after those ops) and the
+    runtime's workers fight over the same cores: on 2 cores that cost ONNX Runtime ~30 % of its
+    speed (benchmarks/backends.py, "torch threads" rows).  The ops are tiny, so one thread loses
+    nothing.  ``torch.set_num_threads`` is process-wide; the previous value is restored on exit.
+    """
+    if not getattr(denoiser, "own_cpu_threads", False):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

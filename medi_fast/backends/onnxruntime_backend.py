@@ -72,6 +72,8 @@ def _contract(info: ModelInfo) -> IOContract:
 class OrtCPUBackend(Backend):
     """ONNX Runtime on CPU."""
 
+    own_cpu_threads = True
+
     def __init__(self, info: ModelInfo, threads: int | None = None, opt_level: str = "all",
                  sequential: bool = True, **_):
         self.info = info

@@ -13,6 +13,8 @@ from .contract import IOContract
 
 
 class OpenVINOBackend(Backend):
+    own_cpu_threads = True
+
     def __init__(self, info: ModelInfo, precision: str = "f32", **_):
         import openvino as ov
 
