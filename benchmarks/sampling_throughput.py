@@ -1,10 +1,10 @@
-"""Sampling images/s of the torch backend(s) beside the reference-style loop, in one run.
+"""Sampling images/s of generate's sampling path beside the reference-style loop, in one run.
 
 Reference-style loop = what the published code runs: diffusers ``DDIMScheduler`` + the eager fp32
-``UNet2DModel``, batched.  Ours = ``medi_fast.generate.sample_rows`` on a torch backend: per-sample
+``UNet2DModel``, batched.  Ours = ``medi_fast.generate.sample_rows`` on a backend: per-sample
 seeded noise, medi-fast's DDIM, conversion to uint8 included, i.e. everything `generate` does except
 writing files.  The candidates alternate for --repeats rounds so that machine noise hits all alike;
-the ratio is of medians.  (`benchmarks/backends.py` times the ONNX backends as well.)
+the ratio is of medians.  (`benchmarks/backends.py` times every backend and its variants.)
 
     python benchmarks/sampling_throughput.py                      # tiny-32 and small-64, batch 16
     python benchmarks/sampling_throughput.py --backends torch,torch-compile --steps 10
@@ -46,12 +46,20 @@ def run(preset: str, batch: int, steps: int, repeats: int, names: list[str], tmp
     cond = model.spec.encode({"class": ["LUAD"] * batch, "tss": ["05"] * batch})
 
     candidates = {"reference (diffusers DDIM + eager UNet)": lambda n: reference_loop(model, x_T, cond, n, schedule)}
+    onnx_info = None
     for name in names:
-        if not backends.BACKENDS[name].availability()[0]:
+        entry = backends.BACKENDS[name]
+        if not entry.availability()[0]:
             continue
-        be = backends.create(name, info, device="cpu")
+        model_info = info
+        if "checkpoint" not in entry.kinds:  # an ONNX runtime: export once (the same weights)
+            if onnx_info is None:
+                from medi_fast.engines.export import export_onnx
+                onnx_info = backends.open_model(export_onnx(checkpoint.load(path), tmp / preset / "model.onnx"))
+            model_info = onnx_info
+        be = backends.create(name, model_info, **({"device": "cpu"} if model_info is info else {}))
         candidates[f"{name} (sample_rows: seeded noise, DDIM, uint8)"] = (
-            lambda n, be=be: sample_rows(be, info, plan.rows, GenerateConfig(steps=n, batch_size=batch)))
+            lambda n, be=be, mi=model_info: sample_rows(be, mi, plan.rows, GenerateConfig(steps=n, batch_size=batch)))
     for fn in candidates.values():  # warm-up (torch.compile compiles here)
         fn(1)
     times = {k: [] for k in candidates}
@@ -76,7 +84,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", default="10,4", help="DDIM steps per preset (comma list, same order)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--backends", default="torch", help="comma-separated torch backends to time")
+    ap.add_argument("--backends", default="torch,ort-cpu", help="comma-separated backends to time (torch ones on the "
+                    "checkpoint, ONNX ones on its export)")
     args = ap.parse_args()
     presets = args.presets.split(",")
     steps = [int(s) for s in args.steps.split(",")]
