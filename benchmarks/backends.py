@@ -166,8 +166,8 @@ def run(preset, steps, batch, tmp, repeats, compile_cpu=True):
               f"(rounds: median {np.median(per_round):.2f}x, {per_round[0]:.2f}-{per_round[-1]:.2f})  "
               f"max|x0 - ref| {err:.2e}", flush=True)
     if not torch.cuda.is_available():
-        # What no fp32 runtime with direct convolutions can beat here: every FLOP of the loop at the best
-        # conv rate this machine reaches.  Not a backend; the ratio is derived from two measurements.
+        # Every FLOP of the loop at the best fp32 conv rate measured on this machine: what a runtime with
+        # direct convolutions would need to reach.  Not a backend; derived from two measurements.
         peak, shapes = fp32_conv_peak(physical_cores())
         sec = steps * batch * PRESETS[preset].gflop_per_step / peak
         label = f"ceiling: all FLOPs at {peak:.0f} GFLOP/s"
