@@ -231,3 +231,38 @@ def test_torch_runs_on_one_thread_while_a_cpu_runtime_owns_the_cores(tiny_ckpt, 
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_overlapping_loops_in_two_threads_restore_the_thread_count_once_both_end():
+    import threading
+
+    class Owner:
+        own_cpu_threads = True
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():  # enters first, leaves first
+        with backends.sampling_threads(Owner()):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def b():  # enters while a runs, leaves after a
+        a_in.wait(5)
+        with backends.sampling_threads(Owner()):
+            b_in.set()
+            a_out.wait(5)
+            seen["after_a_left"] = torch.get_num_threads()
+    try:
+        threads = [threading.Thread(target=f) for f in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert seen["after_a_left"] == 1  # b still sampling: torch stays on one thread
+        assert torch.get_num_threads() == 2  # both done: the count from before the first one
+    finally:
+        torch.set_num_threads(before)

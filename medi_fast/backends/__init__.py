@@ -11,6 +11,7 @@ wrote.
 from __future__ import annotations
 
 import importlib
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,9 +177,21 @@ def sampling_threads(denoiser):
     if not getattr(denoiser, "own_cpu_threads", False):
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    global _handoff_depth, _handoff_saved
+    with _handoff_lock:  # loops in several Python threads: the first in saves, the last out restores
+        if _handoff_depth == 0:
+            _handoff_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _handoff_depth += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _handoff_lock:
+            _handoff_depth -= 1
+            if _handoff_depth == 0:
+                torch.set_num_threads(_handoff_saved)
+
+
+_handoff_lock = threading.Lock()
+_handoff_depth = 0
+_handoff_saved = 1
