@@ -4,7 +4,8 @@ Reference (the baseline every ratio is against, measured in the same run): diffu
 DDIMScheduler + the eager fp32 UNet2DModel, batched, z_cond computed once, under inference_mode.
 Candidates: the ``torch`` backend with medi-fast's DDIM; ``ort-cpu`` (default settings: threads =
 physical cores, ORT_ENABLE_ALL, sequential) and its variants (1 thread, EXTENDED optimisation,
-parallel executor); the ``openvino`` backend on the same .onnx when installed; on a GPU machine the CUDA ones.
+parallel executor, torch's sampler math on all cores); ``ort-cpu`` with the fast solvers at the same
+number of steps; the ``openvino`` backend on the same .onnx when installed; on a GPU machine the CUDA ones.
 
     python benchmarks/backends.py                 # tiny-32 and small-64 at batch 16
     python benchmarks/backends.py --presets tiny-32 --steps 4 --batch 8
@@ -30,10 +31,11 @@ from medi_fast.backends import BACKENDS, create, open_model, sampling_threads  #
 from medi_fast.backends.onnxruntime_backend import physical_cores  # noqa: E402
 from medi_fast.engines.export import export_onnx  # noqa: E402
 from medi_fast.model import PRESETS, build_model  # noqa: E402
-from medi_fast.samplers.ddim import ddim  # noqa: E402
+from medi_fast.samplers import get_sampler, timesteps_for  # noqa: E402
 from medi_fast.schedule import Schedule  # noqa: E402
 
 CLASSES = ["LUAD", "LUSC", "BRCA", "COAD"]
+FAST_SOLVERS = ("dpmpp-2m-clip", "unipc-clip")  # the variants usable on the demo model (benchmarks/solver_quality.py)
 SITES = ["05", "38", "44", "49"]
 
 
@@ -52,10 +54,10 @@ def reference_loop(model, x_T, cond, steps, schedule):
     return x
 
 
-def sampler_loop(denoiser, x_T, cond, steps, schedule):
-    """medi-fast's DDIM as generate runs it (torch on one thread while a CPU runtime owns the cores)."""
+def sampler_loop(denoiser, x_T, cond, steps, schedule, solver="ddim"):
+    """A medi-fast sampler as generate runs it (torch on one thread while a CPU runtime owns the cores)."""
     with torch.inference_mode(), sampling_threads(denoiser):
-        return ddim(denoiser, x_T, schedule.timesteps(steps), schedule, cond)
+        return get_sampler(solver)(denoiser, x_T, timesteps_for(solver, schedule, steps), schedule, cond)
 
 
 def timed_rounds(candidates, steps, rounds):
@@ -117,6 +119,7 @@ def run(preset, steps, batch, tmp, repeats, compile_cpu=True):
                               "tss": [SITES[(i // 4) % 4] for i in range(batch)]})
 
     candidates = {"reference (diffusers DDIM + eager UNet)": lambda n: reference_loop(model, x_T, cond, n, schedule)}
+    solver_of = {}  # label -> sampler, where not DDIM
     torch_backend = create("torch", open_model(ck_path), device="cpu")
     candidates["torch (medi-fast DDIM, eager fp32)"] = lambda n: sampler_loop(torch_backend, x_T, cond, n, schedule)
     if compile_cpu:  # inductor on the CPU (needs a C++ compiler); compiled during the untimed warm-up
@@ -130,10 +133,14 @@ def run(preset, steps, batch, tmp, repeats, compile_cpu=True):
     for label, opts in variants.items():
         be = create("ort-cpu", info, **opts)
         candidates[label] = (lambda n, be=be: sampler_loop(be, x_T, cond, n, schedule))
-        if not opts:  # the same session with the sampler's torch ops on all cores (no hand-off)
+        if not opts:
+            # the same session with the sampler's torch ops on all cores (no hand-off)
             plain = (lambda be: lambda x, t, c: be(x, t, c))(be)  # a plain callable: sampling_threads leaves torch alone
             candidates[f"ort-cpu (torch sampler math on {torch.get_num_threads()} threads)"] = (
                 lambda n, d=plain: sampler_loop(d, x_T, cond, n, schedule))
+            for name in FAST_SOLVERS:  # the same session, the same number of steps, another solver
+                solver_of[f"ort-cpu + {name}"] = name
+                candidates[f"ort-cpu + {name}"] = (lambda n, be=be, s=name: sampler_loop(be, x_T, cond, n, schedule, s))
     if BACKENDS["openvino"].availability()[0]:
         for prec in ("f32", "bf16"):  # bf16: a hint; CPUs without bf16 units run f32
             ov = create("openvino", info, precision=prec)
@@ -155,8 +162,10 @@ def run(preset, steps, batch, tmp, repeats, compile_cpu=True):
         sec = min(times)
         ratio = min(ref_times) / sec  # best against best
         per_round = sorted(r / c for r, c in zip(ref_times, times))  # same-round ratios
-        err = float((out.float().cpu() - ref_out).abs().max())
-        rows.append({"preset": preset, "backend": label, "batch": batch, "steps": steps, "seconds": round(sec, 3),
+        # another solver's x0 differs by its discretisation, not by the runtime: not compared
+        err = float((out.float().cpu() - ref_out).abs().max()) if label not in solver_of else float("nan")
+        rows.append({"preset": preset, "backend": label, "sampler": solver_of.get(label, "ddim"), "batch": batch,
+                     "steps": steps, "seconds": round(sec, 3),
                      "seconds_per_round": [round(t, 3) for t in times],
                      "images_per_s": round(batch / sec, 3), "ratio_vs_reference": round(ratio, 3),
                      "ratio_per_round_median": round(float(np.median(per_round)), 3),
