@@ -7,7 +7,8 @@ import platform
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# where results/*.json (and run_all's RESULTS.md) go; MEDI_FAST_BENCH_RESULTS redirects them (the tests' smoke runs)
+RESULTS = Path(os.environ.get("MEDI_FAST_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine_info() -> dict:

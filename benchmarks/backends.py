@@ -180,8 +180,9 @@ def run(preset, steps, batch, tmp, repeats, compile_cpu=True):
         peak, shapes = fp32_conv_peak(physical_cores())
         sec = steps * batch * PRESETS[preset].gflop_per_step / peak
         label = f"ceiling: all FLOPs at {peak:.0f} GFLOP/s"
-        rows.append({"preset": preset, "backend": label, "batch": batch, "steps": steps, "seconds": round(sec, 3),
-                     "images_per_s": round(batch / sec, 3), "ratio_vs_reference": round(min(ref_times) / sec, 3),
+        rows.append({"preset": preset, "backend": label, "sampler": "ddim", "batch": batch, "steps": steps,
+                     "seconds": round(sec, 3), "images_per_s": round(batch / sec, 3),
+                     "ratio_vs_reference": round(min(ref_times) / sec, 3),
                      "derived": True, "conv_peak_shapes": shapes})
         print(f"{preset:<9} {label:<46} {sec:>7.2f} s {batch / sec:>8.2f} img/s {min(ref_times) / sec:>6.2f}x  "
               f"(derived: FLOPs per loop / the best fp32 3x3-conv rate measured now)", flush=True)

@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
-from _common import machine_info  # noqa: E402
+from _common import RESULTS, machine_info  # noqa: E402
 
 # name -> (script, arguments); the defaults fit a 2-core CPU in about 20 minutes altogether.
 SUITE: dict[str, tuple[str, list[str]]] = {
@@ -266,7 +265,7 @@ def report(status: dict[str, str]) -> Path:
         md += ["## FLOPs per step per preset", "", _provenance(flops), "",
                "Counted with torch's FlopCounterMode on one forward pass (a multiply-add = 2 FLOPs).", "",
                _table(flops["rows"]), ""]
-    path = HERE / "RESULTS.md"
+    path = HERE / "RESULTS.md" if RESULTS == HERE / "results" else RESULTS / "RESULTS.md"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(md))
     tmp.replace(path)

@@ -1,0 +1,46 @@
+"""Smoke runs of the benchmark scripts that the docs quote (tiny sizes; results go to a temp dir)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("diffusers")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script, *args, out: Path):
+    env = {**os.environ, "MEDI_FAST_BENCH_RESULTS": str(out)}
+    r = subprocess.run([sys.executable, str(BENCH / script), *args], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r.stdout
+
+
+def test_backends_ort_profile_and_report_from_their_json(tmp_path):
+    recorded = {p: p.stat().st_mtime_ns for p in (BENCH / "results").glob("*.json")}
+    _run("backends.py", "--presets", "tiny-32", "--steps", "2", "--batch", "2", "--repeats", "2", "--no-compile",
+         out=tmp_path)
+    bk = json.loads((tmp_path / "backends.json").read_text())
+    rows = {r["backend"]: r for r in bk["rows"]}
+    ref = rows["reference (diffusers DDIM + eager UNet)"]
+    assert ref["ratio_vs_reference"] == 1.0 and len(ref["seconds_per_round"]) == 2
+    ort = next(r for k, r in rows.items() if k.startswith("ort-cpu (") and "ALL" in k)
+    assert ort["max_abs_diff_vs_reference"] < 1e-3  # the same x0 as the reference loop
+    assert any("torch sampler math" in k for k in rows)  # the hand-off's control row
+    assert {r["sampler"] for r in rows.values()} >= {"ddim", "dpmpp-2m-clip", "unipc-clip"}
+    ceiling = [r for r in bk["rows"] if r.get("derived")]
+    assert len(ceiling) == 1 and ceiling[0]["ratio_vs_reference"] > 0
+
+    _run("ort_profile.py", "--presets", "tiny-32", "--batch", "2", "--calls", "1", out=tmp_path)
+    prof = json.loads((tmp_path / "ort_profile.json").read_text())["rows"]
+    assert abs(sum(r["share"] for r in prof) - 1) < 1e-6 and "Conv" in {r["op"] for r in prof}
+
+    _run("run_all.py", "--report-only", out=tmp_path)
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## Sampling throughput per backend" in md and "ceiling" in md and "## Where ort-cpu spends" in md
+    assert {p: p.stat().st_mtime_ns for p in (BENCH / "results").glob("*.json")} == recorded  # the repo's untouched
