@@ -36,6 +36,11 @@ def test_backends_ort_profile_and_report_from_their_json(tmp_path):
     ceiling = [r for r in bk["rows"] if r.get("derived")]
     assert len(ceiling) == 1 and ceiling[0]["ratio_vs_reference"] > 0
 
+    _run("sampling_throughput.py", "--presets", "tiny-32", "--batch", "2", "--steps", "2", "--repeats", "1",
+         out=tmp_path)
+    st = {r["candidate"].split(" ")[0]: r for r in json.loads((tmp_path / "sampling_throughput.json").read_text())["rows"]}
+    assert {"reference", "torch", "ort-cpu"} <= set(st) and all(r["images_per_s"] > 0 for r in st.values())
+
     _run("ort_profile.py", "--presets", "tiny-32", "--batch", "2", "--calls", "1", out=tmp_path)
     prof = json.loads((tmp_path / "ort_profile.json").read_text())["rows"]
     assert abs(sum(r["share"] for r in prof) - 1) < 1e-6 and "Conv" in {r["op"] for r in prof}
