@@ -170,7 +170,7 @@ def sampling_threads(denoiser):
 
     A sampler does a few element-wise torch ops between denoiser calls.  With a CPU runtime that
     keeps its own thread pool, torch's OpenMP workers (still spinning after those ops) and the
-    runtime's workers fight over the same cores: on 2 cores that cost ONNX Runtime ~30 % of its
+    runtime's workers fight over the same cores: on 2 cores that cost ONNX Runtime ~20 % of its
     speed (benchmarks/backends.py, "torch sampler math" rows).  The ops are tiny, so one thread
     loses nothing.  ``torch.set_num_threads`` is process-wide: the count is restored when the last
     of the loops running at the same time (in several Python threads) ends, also after an error.
