@@ -55,3 +55,25 @@ def write_results(name: str, rows: list[dict], extra: dict | None = None) -> Pat
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def random_checkpoint(preset: str, tmp, classes, sites):
+    """``preset`` with random weights (torch seed 0) saved as ``tmp/<preset>.pt``: (model, path)."""
+    import torch
+
+    from medi_fast import checkpoint
+    from medi_fast.model import build_model
+    from medi_fast.schedule import Schedule
+
+    torch.manual_seed(0)
+    model = build_model(preset, classes=list(classes), metadata={"tss": list(sites)}).eval()
+    path = checkpoint.save(checkpoint.from_model(model, Schedule(), preset=preset), Path(tmp) / f"{preset}.pt")
+    return model, path
+
+
+def export_checkpoint(path, out_dir) -> Path:
+    """The checkpoint at ``path`` exported to ``out_dir/model.onnx`` (fp32, the project's exporter)."""
+    from medi_fast import checkpoint
+    from medi_fast.engines.export import export_onnx
+
+    return export_onnx(checkpoint.load(path), Path(out_dir) / "model.onnx")

@@ -24,13 +24,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, write_results  # noqa: E402
+from _common import export_checkpoint, machine_info, random_checkpoint, write_results  # noqa: E402
 
-from medi_fast import checkpoint  # noqa: E402
 from medi_fast.backends import BACKENDS, create, open_model, sampling_threads  # noqa: E402
 from medi_fast.backends.onnxruntime_backend import physical_cores  # noqa: E402
-from medi_fast.engines.export import export_onnx  # noqa: E402
-from medi_fast.model import PRESETS, build_model  # noqa: E402
+from medi_fast.model import PRESETS  # noqa: E402
 from medi_fast.samplers import get_sampler, timesteps_for  # noqa: E402
 from medi_fast.schedule import Schedule  # noqa: E402
 
@@ -105,13 +103,9 @@ def fp32_conv_peak(threads: int, repeats: int = 10) -> tuple[float, list]:
 
 
 def run(preset, steps, batch, tmp, repeats, compile_cpu=True):
-    torch.manual_seed(0)
     schedule = Schedule()
-    model = build_model(preset, classes=CLASSES, metadata={"tss": SITES}).eval()
-    ck = checkpoint.from_model(model, schedule, preset=preset)
-    ck_path = checkpoint.save(ck, Path(tmp) / f"{preset}.pt")
-    onnx_path = export_onnx(checkpoint.load(ck_path), Path(tmp) / preset / "model.onnx")
-    info = open_model(onnx_path)
+    model, ck_path = random_checkpoint(preset, tmp, CLASSES, SITES)
+    info = open_model(export_checkpoint(ck_path, Path(tmp) / preset))
     res = model.resolution
     g = torch.Generator().manual_seed(1)
     x_T = torch.randn(batch, 3, res, res, generator=g)

@@ -17,17 +17,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results  # noqa: E402
+from _common import export_checkpoint, random_checkpoint, write_results  # noqa: E402
 
-from medi_fast import backends, checkpoint  # noqa: E402
+from medi_fast import backends  # noqa: E402
 from medi_fast.backends.onnxruntime_backend import physical_cores  # noqa: E402
-from medi_fast.engines.export import export_onnx  # noqa: E402
-from medi_fast.model import build_model  # noqa: E402
-from medi_fast.schedule import Schedule  # noqa: E402
 
 
 def profile(onnx_path: Path, batch: int, calls: int, tmp: Path) -> list[dict]:
@@ -75,10 +71,8 @@ def main(argv=None) -> int:
             models[args.onnx] = Path(args.onnx)
         else:
             for preset in args.presets.split(","):
-                torch.manual_seed(0)
-                model = build_model(preset, classes=["LUAD", "LUSC"], metadata={"tss": ["05", "44"]}).eval()
-                ck = checkpoint.save(checkpoint.from_model(model, Schedule(), preset=preset), tmp / f"{preset}.pt")
-                models[preset] = export_onnx(checkpoint.load(ck), tmp / preset / "model.onnx")
+                _, ck = random_checkpoint(preset, tmp, ["LUAD", "LUSC"], ["05", "44"])
+                models[preset] = export_checkpoint(ck, tmp / preset)
         for name, path in models.items():
             ops = profile(path, args.batch, args.calls, tmp)
             total = sum(o["ms_per_call"] for o in ops)
@@ -93,5 +87,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     sys.exit(main())

@@ -23,22 +23,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results  # noqa: E402
+from _common import export_checkpoint, random_checkpoint, write_results  # noqa: E402
 from backends import reference_loop  # noqa: E402
 
-from medi_fast import backends, checkpoint, plan as plans  # noqa: E402
+from medi_fast import backends, plan as plans  # noqa: E402
 from medi_fast.generate import GenerateConfig, sample_rows  # noqa: E402
-from medi_fast.model import build_model  # noqa: E402
 from medi_fast.schedule import Schedule  # noqa: E402
 
 CLASSES, SITES = ["LUAD", "LUSC"], ["05", "44"]
 
 
 def run(preset: str, batch: int, steps: int, repeats: int, names: list[str], tmp: Path) -> list[dict]:
-    torch.manual_seed(0)
     schedule = Schedule()
-    model = build_model(preset, classes=CLASSES, metadata={"tss": SITES}).eval()
-    path = checkpoint.save(checkpoint.from_model(model, schedule, preset=preset), tmp / f"{preset}.pt")
+    model, path = random_checkpoint(preset, tmp, CLASSES, SITES)
     info = backends.open_model(path)
     plan = plans.single(info.spec, {"class": "LUAD", "tss": "05"}, batch, seed=0)
     cfg = GenerateConfig(steps=steps, batch_size=batch)
@@ -54,8 +51,7 @@ def run(preset: str, batch: int, steps: int, repeats: int, names: list[str], tmp
         model_info = info
         if "checkpoint" not in entry.kinds:  # an ONNX runtime: export once (the same weights)
             if onnx_info is None:
-                from medi_fast.engines.export import export_onnx
-                onnx_info = backends.open_model(export_onnx(checkpoint.load(path), tmp / preset / "model.onnx"))
+                onnx_info = backends.open_model(export_checkpoint(path, tmp / preset))
             model_info = onnx_info
         be = backends.create(name, model_info, **({"device": "cpu"} if model_info is info else {}))
         candidates[f"{name} (sample_rows: seeded noise, DDIM, uint8)"] = (

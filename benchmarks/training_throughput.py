@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, write_results  # noqa: E402
+from _common import write_results  # noqa: E402
 
 
 def make_data(root: Path, resolution: int, n_per_combo: int):
