@@ -2,7 +2,6 @@
 sample grids, and the user errors (one line, exit code 2)."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pandas as pd

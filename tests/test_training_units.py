@@ -1,7 +1,6 @@
 """Unit tests of the trainer's parts against reference implementations (diffusers) and invariants."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pandas as pd
