@@ -102,7 +102,7 @@ def export_onnx(ckpt: Checkpoint, out_path, config: ExportConfig = ExportConfig(
         set_metadata(graph, meta)
         staged = tmpdir / out_path.name
         save_checked(graph, staged, config.external_data_threshold)
-        return _move_into_place(staged, out_path)
+        return move_into_place(staged, out_path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -144,7 +144,7 @@ def save_checked(graph, path: Path, external_data_threshold: int = PROTOBUF_LIMI
     return path
 
 
-def _move_into_place(staged: Path, out_path: Path) -> Path:
+def move_into_place(staged: Path, out_path: Path) -> Path:
     """Data file first, then the graph, so a reader never sees a graph without its weights."""
     data = staged.with_name(staged.name + ".data")
     if data.exists():

@@ -206,3 +206,57 @@ def fill_missing(spec: ConditionSpec, classes: Sequence[str], sites_from, n_per_
     grid = pd.DataFrame([(c, s) for c in classes for s in sites], columns=["class", attribute])
     grid["count"] = int(n_per_combo)
     return from_counts(spec, grid, seed)
+
+
+def build(spec: ConditionSpec, *, plan: str | None = None, values: Mapping[str, object] | None = None,
+          n: int | None = None, seed: int = 0, sites_from=None, classes: Sequence[str] = (),
+          n_per_combo: int | None = None) -> Plan:
+    """The plan a ``generate``/``plan`` command asks for.
+
+    ``plan``: None (one combination: ``values`` with at least ``class``), a strategy name from
+    :data:`STRATEGIES`, or the path of a plan CSV.
+    """
+    values = dict(values or {})
+    if n is not None and n <= 0:
+        raise MediFastError(f"--n must be a positive number of images, got {n}")
+    if plan is None:
+        if "class" not in values:
+            raise MediFastError("give --class (and metadata such as --tss), or --plan")
+        return single(spec, values, n if n is not None else 1, seed)
+    if values:
+        raise MediFastError("--plan already says which combinations to make; drop --class/--tss/--meta")
+    if plan in STRATEGIES and not sites_from:
+        what = "TRAINING_INDEX (parquet or split CSV)" if plan == "match-train" else "SPLIT_CSV_OR_INDEX (the sites to fill)"
+        raise MediFastError(f"--plan {plan} needs --sites-from {what}")
+    if plan == "match-train":
+        return match_train(spec, sites_from, n, seed)
+    if plan == "fill-missing":
+        return fill_missing(spec, list(classes), sites_from, n_per_combo or n or 1, seed)
+    if n is not None:
+        raise MediFastError("--n does not apply to a plan CSV (its count column says how many)")
+    return from_csv(spec, plan, seed)
+
+
+def default_out_dir(plan: Plan, strategy: str | None, root: str = "synth") -> Path:
+    """A predictable output directory for ``generate`` without ``--out``.
+
+    One combination: ``synth/<class>_<attr>-<value>...`` from the model's canonical names (so
+    ``--class TCGA-LUAD`` and ``--class LUAD`` share it); a strategy: ``synth/<strategy>``; a plan
+    CSV: ``synth/plan-<file stem>``.
+    """
+    import re
+
+    def clean(v) -> str:
+        return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(v)).strip("-") or "x"
+
+    if strategy is None:
+        first = plan.rows.iloc[0]
+        parts = [clean(first["class"])]
+        parts += [f"{clean(a)}-{clean(first[a])}" for a in plan.attributes[1:]
+                  if first[a] is not None and not (isinstance(first[a], float) and math.isnan(first[a]))]
+        name = "_".join(parts)
+    elif strategy in STRATEGIES:
+        name = strategy
+    else:
+        name = "plan-" + clean(Path(strategy).stem)
+    return Path(root) / name

@@ -15,6 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_METADATA = REPO.parent / "shared" / "data" / "tcga_ut_slide_metadata.csv"
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path, monkeypatch):
+    """Every test runs in its own empty directory: commands that keep per-directory state
+    (`export` records the default model in ./.medi-fast/, ./medi-fast.toml holds option defaults)
+    neither see the checkout's nor leave anything in it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MEDI_FAST_MODEL", raising=False)
+
+
 def _run_cli(*args, cwd=None, timeout=600):
     """Run `medi-fast ARGS` in a subprocess; returns CompletedProcess (text)."""
     return subprocess.run([sys.executable, "-m", "medi_fast.cli", *map(str, args)], capture_output=True, text=True,

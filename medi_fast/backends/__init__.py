@@ -95,11 +95,16 @@ def open_model(path) -> ModelInfo:
     """Read a model file's description (conditioning, schedule, hash) and check it can be used."""
     path = Path(path)
     if path.is_dir():
-        candidates = [p for p in sorted(path.iterdir()) if p.suffix in READERS]
-        if len(candidates) != 1:
-            raise MediFastError(f"{path} is a directory; pass the model file inside it "
-                                f"({', '.join(p.name for p in candidates) or 'none found'})")
-        path = candidates[0]
+        from ..defaults import is_export_dir, pick_export_file
+
+        if is_export_dir(path):  # an export directory: the fastest file this machine runs
+            path = pick_export_file(path)
+        else:
+            candidates = [p for p in sorted(path.iterdir()) if p.suffix in READERS]
+            if len(candidates) != 1:
+                raise MediFastError(f"{path} is a directory; pass the model file inside it "
+                                    f"({', '.join(p.name for p in candidates) or 'none found'})")
+            path = candidates[0]
     if not path.exists():
         raise MediFastError(f"model file {path} does not exist; check the path")
     reader = READERS.get(path.suffix)

@@ -49,11 +49,22 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="medi-fast")
-def cli():
+@click.pass_context
+def cli(ctx):
     """medi-fast: metadata-guided diffusion (MeDi) for computational pathology.
 
-    Start with `medi-fast demo`; see README.md for the whole pipeline.
+    Start with `medi-fast demo`; see README.md for the whole pipeline.  Option defaults can be set
+    per command in ./medi-fast.toml (e.g. `[generate]` then `steps = 50`).
     """
+    from .. import defaults
+
+    tables = [k for k, v in defaults.project_config().items() if isinstance(v, dict)]
+    params = {}
+    for name in tables:
+        command = ctx.command.get_command(ctx, name)
+        if command is not None:
+            params[name] = [p.name for p in command.params if p.name]
+    ctx.default_map = defaults.command_defaults(params, all_commands=COMMANDS) or None
 
 
 def main(argv=None) -> int:

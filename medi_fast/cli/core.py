@@ -34,35 +34,26 @@ def _metadata(tss, gender, race, age, meta) -> dict:
     return values
 
 
-def build_plan(spec, *, plan, class_, metadata, n, seed, sites_from, classes, n_per_combo):
-    from .. import plan as plans
-
-    if plan is None:
-        if class_ is None:
-            raise MediFastError("give --class (and metadata such as --tss), or --plan")
-        return plans.single(spec, {"class": class_, **metadata}, n if n is not None else 1, seed)
-    if class_ is not None or metadata:
-        raise MediFastError("--plan already says which combinations to make; drop --class/--tss/--meta")
-    if plan == "match-train":
-        if not sites_from:
-            raise MediFastError("--plan match-train needs --sites-from TRAINING_INDEX (parquet or split CSV)")
-        return plans.match_train(spec, sites_from, n, seed)
-    if plan == "fill-missing":
-        if not sites_from:
-            raise MediFastError("--plan fill-missing needs --sites-from SPLIT_CSV_OR_INDEX (the sites to fill)")
-        return plans.fill_missing(spec, parse_list(classes or ""), sites_from, n_per_combo or n or 1, seed)
-    if n is not None:
-        raise MediFastError("--n does not apply to a plan CSV (its count column says how many)")
-    return plans.from_csv(spec, plan, seed)
-
-
 PLAN_HELP = ("A plan CSV (columns class, metadata such as tss, count), or a strategy: 'match-train' (class and "
              "site frequencies of --sites-from INDEX; the FID protocol) or 'fill-missing' (every --classes x site of "
              "--sites-from, --n-per-combo each; the augmentation protocol).")
 
 
+def _model_choice(model, model_opt):
+    from ..defaults import require_model
+
+    if model is not None and model_opt is not None and Path(model) != Path(model_opt):
+        raise MediFastError(f"two models given ({model} and --model {model_opt}); give one")
+    return require_model(model if model is not None else model_opt)
+
+
+MODEL_HELP = ("Checkpoint, .onnx, .engine or export directory.  Default: $MEDI_FAST_MODEL, then model = ... in "
+              "medi-fast.toml, then the last `medi-fast export` in this directory (see `medi-fast info`).")
+
+
 @click.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--model", "model_opt", type=click.Path(path_type=Path), help=MODEL_HELP)
 @click.option("--class", "class_", help="Cancer type: LUAD, TCGA-LUAD or Lung_adenocarcinoma.")
 @click.option("--tss", help="Tissue source site code, as a string (e.g. 05).")
 @click.option("--gender", help="Gender value, if the model is conditioned on it.")
@@ -74,7 +65,9 @@ PLAN_HELP = ("A plan CSV (columns class, metadata such as tss, count), or a stra
 @click.option("--sites-from", type=click.Path(path_type=Path), help="Training index/split CSV for --plan strategies.")
 @click.option("--classes", help="Comma-separated classes for --plan fill-missing (default: all of the model's).")
 @click.option("--n-per-combo", type=int, help="Images per class x site for --plan fill-missing.")
-@click.option("--out", type=click.Path(path_type=Path), help="Output directory (resumable). Optional with --fid-stats.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Output directory (resumable).  Default: synth/<class>_<attr>-<value> (one combination) or "
+                   "synth/<strategy>; with --fid-stats and no --out, no images are written.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per sampler batch.")
 @click.option("--steps", type=int, default=100, show_default=True, help="Sampler steps (DDIM-100 as published).")
 @click.option("--sampler", default="ddim", show_default=True, help="ddim, or a fast solver (see docs/samplers.md).")
@@ -91,30 +84,33 @@ PLAN_HELP = ("A plan CSV (columns class, metadata such as tss, count), or a stra
 @click.option("--fid-stats", type=click.Path(path_type=Path), help="Also stream Inception statistics to this .npz.")
 @click.option("--inception-weights", type=click.Path(path_type=Path), help="Local FID Inception weights file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def generate(model, class_, tss, gender, race, age, meta, n, plan, sites_from, classes, n_per_combo, out,
+def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, sites_from, classes, n_per_combo, out,
              batch_size, steps, sampler, eta, seed, guidance, backend, device, fmt, jpeg_quality, workers, shard,
              fid_stats, inception_weights, quiet):
-    """Generate patches from MODEL (a checkpoint, or an exported .onnx/.engine).
+    """Generate patches from MODEL (a checkpoint, an exported .onnx/.engine, or an export directory).
 
     \b
+    medi-fast generate --class LUAD --tss 05 --n 10000          # the default model, into synth/LUAD_tss-05
     medi-fast generate ckpt.pt --class LUAD --tss 05 --n 1000 --out synth/
     medi-fast generate model.onnx --plan fill-missing --classes LUAD,LUSC --sites-from split/train.csv \\
         --n-per-combo 50 --out synth/
     """
     from .. import backends
+    from .. import plan as plans
     from ..generate import GenerateConfig, Generator
 
-    if n is not None and n <= 0:
-        raise MediFastError(f"--n must be a positive number of images, got {n}")
-    if out is None and fid_stats is None:
-        raise MediFastError("give --out DIR (images) and/or --fid-stats FILE.npz (statistics only)")
+    choice = _model_choice(model, model_opt)
     cfg = GenerateConfig(steps=steps, eta=eta, sampler=sampler, guidance=guidance, batch_size=batch_size,
                          format=fmt, jpeg_quality=jpeg_quality, workers=workers)
     shard_ = _parse_shard(shard)
-    info = backends.open_model(model)
-    the_plan = build_plan(info.spec, plan=plan, class_=class_, metadata=_metadata(tss, gender, race, age, meta),
-                          n=n, seed=seed, sites_from=sites_from, classes=classes, n_per_combo=n_per_combo)
+    info = backends.open_model(choice.path)
+    the_plan = plans.build(info.spec, plan=plan, values=_with_class(class_, _metadata(tss, gender, race, age, meta)),
+                           n=n, seed=seed, sites_from=sites_from, classes=parse_list(classes or ""),
+                           n_per_combo=n_per_combo)
     backend = backends.resolve(backend, info)  # an unavailable backend fails before anything is written
+    out_source = "--out"
+    if out is None and fid_stats is None:
+        out, out_source = plans.default_out_dir(the_plan, plan), "default; --out DIR to change"
     if out is not None:
         from ..io import ensure_dir
 
@@ -127,9 +123,13 @@ def generate(model, class_, tss, gender, race, age, meta, n, plan, sites_from, c
         sinks.append(sink.add)
     opts = {"device": device} if device else {}
     denoiser = backends.create(backend, info, **opts)
+    used = info.path if info.path == choice.path else f"{info.path} of {choice.path}"
+    click.echo(f"model {used} (from {choice.source}), hash {info.model_hash}, backend {denoiser.name}", err=True)
+    if out is not None:
+        click.echo(f"output {out} ({out_source})", err=True)
     if not quiet:
-        click.echo(f"model {info.path.name} ({info.model_hash}), backend {denoiser.name}, {len(the_plan)} images "
-                   f"planned{f', shard {shard_[0]}/{shard_[1]}' if shard_[1] > 1 else ''}", err=True)
+        click.echo(f"{len(the_plan)} images planned{f', shard {shard_[0]}/{shard_[1]}' if shard_[1] > 1 else ''}",
+                   err=True)
     stats = Generator(info, denoiser, cfg, sinks=sinks, progress=not quiet).run(the_plan, out, shard_)
     if fid_stats is not None:
         sink.close()
@@ -137,6 +137,10 @@ def generate(model, class_, tss, gender, race, age, meta, n, plan, sites_from, c
         click.echo(f"generated {stats['generated']} images ({stats['skipped']} already done) in "
                    f"{stats['seconds']:.1f} s, {stats['images_per_s']:.2f} images/s"
                    + (f"; manifest {out / 'manifest.csv'}" if out is not None else ""), err=True)
+
+
+def _with_class(class_, metadata: dict) -> dict:
+    return {"class": class_, **metadata} if class_ is not None else metadata
 
 
 @click.command("init-checkpoint")
@@ -181,18 +185,24 @@ def init_checkpoint(preset, classes, tss, meta, age, cls_only, resolution, seed,
 
 
 @click.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(model, as_json):
-    """Describe MODEL: conditioning, vocabularies, schedule, hash, provenance."""
+    """Describe MODEL (default: the default model): conditioning, vocabularies, schedule, hash, provenance.
+
+    The first line says which model this is and where that choice came from.
+    """
     from .. import backends
 
-    i = backends.open_model(model)
-    d = {"path": str(i.path), "kind": i.kind, "preset": i.preset, "resolution": i.resolution, "hash": i.model_hash,
-         "conditioning": i.spec.to_dict(), "schedule": i.schedule.to_dict(), "provenance": i.provenance}
+    choice = _model_choice(model, None)
+    i = backends.open_model(choice.path)
+    d = {"path": str(i.path), "chosen_from": choice.source, "kind": i.kind, "preset": i.preset,
+         "resolution": i.resolution, "hash": i.model_hash, "conditioning": i.spec.to_dict(),
+         "schedule": i.schedule.to_dict(), "provenance": i.provenance}
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
+    click.echo(f"model {choice.describe()}")
     click.echo(f"{i.path} ({i.kind}, preset {i.preset or '?'}, {i.resolution} px, hash {i.model_hash})")
     for a in i.spec.attributes:
         vals = ", ".join(a.vocab.names[:12]) + (" ..." if len(a.vocab) > 12 else "") if a.vocab else "continuous"
@@ -202,19 +212,36 @@ def info(model, as_json):
 
 
 @click.command("backends")
-def list_backends():
-    """List runtime backends and whether each is available here."""
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+def list_backends(model):
+    """List runtime backends and whether each is available here, then which files of MODEL (an
+    export directory; default: the default model) would run here and with which backend."""
     from .. import backends
+    from ..defaults import choose_model, export_candidates, is_export_dir
 
     for name, e in sorted(backends.BACKENDS.items(), key=lambda kv: -kv[1].rank):
         ok, why = e.availability()
         click.echo(f"{name:<14} {'yes' if ok else 'no ':<4} runs {'/'.join(e.kinds):<12} {e.description}"
                    + ("" if ok else f"  [{why}]"))
+    choice = choose_model(model)
+    if choice is None or not choice.path.exists():
+        return
+    click.echo(f"\nmodel {choice.describe()}")
+    if is_export_dir(choice.path):
+        rows = export_candidates(choice.path)
+        first = next((p for p, b, _ in rows if b is not None), None)
+        for path, backend, why in rows:
+            mark = "  <- used" if path == first else ""
+            click.echo(f"  {path.name:<18} " + (f"runs with {backend}{mark}" if backend else f"does not run here: {why}"))
+    else:
+        i = backends.open_model(choice.path)
+        names = backends.available(i.kind)
+        click.echo(f"  {i.path.name:<18} " + (f"runs with {names[0]}" if names else "no backend available here"))
 
 
 @click.command("plan")
 @click.argument("strategy", type=click.Choice(["match-train", "fill-missing"]))
-@click.option("--model", required=True, type=click.Path(path_type=Path), help="Checkpoint or engine (its vocabularies).")
+@click.option("--model", type=click.Path(path_type=Path), help="Model whose vocabularies the plan uses. " + MODEL_HELP)
 @click.option("--sites-from", required=True, type=click.Path(path_type=Path), help="Training index or split CSV.")
 @click.option("--classes", help="fill-missing: comma-separated classes (default: all of the model's).")
 @click.option("--n", type=int, help="match-train: total images (default: as many as the index rows).")
@@ -225,9 +252,11 @@ def plan_cmd(strategy, model, sites_from, classes, n, n_per_combo, out):
     from .. import backends
     from ..io import atomic_write_text
 
-    info = backends.open_model(model)
-    p = build_plan(info.spec, plan=strategy, class_=None, metadata={}, n=n, seed=0, sites_from=sites_from,
-                   classes=classes, n_per_combo=n_per_combo)
+    from .. import plan as plans
+
+    info = backends.open_model(_model_choice(None, model).path)
+    p = plans.build(info.spec, plan=strategy, n=n, seed=0, sites_from=sites_from, classes=parse_list(classes or ""),
+                    n_per_combo=n_per_combo)
     combos = p.combinations()
     atomic_write_text(out, combos.to_csv(index=False))
     click.echo(f"wrote {out}: {len(combos)} combinations, {len(p)} images")

@@ -1,89 +1,49 @@
-"""``medi-fast export CKPT --out DIR``: checkpoint -> self-describing ONNX (and fp16, TensorRT) + parity report."""
+"""``medi-fast export CKPT``: checkpoint -> export directory (ONNX fp32 + fp16, TensorRT where possible) + parity report."""
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import click
 
-from ..errors import MediFastError
-
 
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output directory, e.g. engines/NAME (model.onnx, model.fp16.onnx, model.engine, parity.json).")
-@click.option("--fp16", is_flag=True, help="Also write model.fp16.onnx (normalisation and timestep encoding in fp32).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory (model.onnx, model.fp16.onnx, model.engine, parity.json, export.json).  "
+                   "Default: CKPT_STEM.export/ beside the checkpoint.")
+@click.option("--fp16/--no-fp16", default=True, show_default=True,
+              help="Also write model.fp16.onnx (normalisations and timestep/metadata encodings in fp32).")
 @click.option("--batch", "batch", default="1,16,64", show_default=True,
               help="MIN,OPT,MAX batch of the engine's optimisation profile (recorded in the graph; used by TensorRT).")
-@click.option("--tensorrt", is_flag=True, help="Also build an FP16 TensorRT engine (needs tensorrt and a CUDA GPU).")
+@click.option("--tensorrt/--no-tensorrt", default=None,
+              help="Build the FP16 TensorRT engine (needs tensorrt and a CUDA GPU).  Default: build it when both "
+                   "are present, otherwise say why it was skipped.")
 @click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset: 18 or 19.")
 @click.option("--optimization-level", default=3, show_default=True, type=click.IntRange(0, 5),
               help="TensorRT builder optimisation level (0 fastest build .. 5 most kernel search).")
 @click.option("--parity-steps", default=10, show_default=True, type=click.IntRange(0, 1000),
               help="DDIM steps of the whole-run ORT-vs-torch parity check (0 skips it).")
 @click.option("--no-ema", is_flag=True, help="Export the raw weights instead of the EMA weights.")
-def export(checkpoint: Path, out_dir: Path, fp16: bool, batch: str, tensorrt: bool, opset: int,
+def export(checkpoint: Path, out_dir: Path | None, fp16: bool, batch: str, tensorrt: bool | None, opset: int,
            optimization_level: int, parity_steps: int, no_ema: bool):
-    """Compile CHECKPOINT into an engine directory and print the parity report.
+    """Compile CHECKPOINT into an export directory and print the parity report.
 
     The .onnx takes `sample (B,3,H,W)`, `timestep (B,)` and one id tensor per conditioning
     attribute, and carries vocabularies, ConditionSpec, schedule and checkpoint hash, so
-    `medi-fast generate DIR/model.onnx --class LUAD --tss 05` needs no checkpoint.
+    `medi-fast generate DIR --class LUAD --tss 05` needs no checkpoint.  The directory becomes this
+    directory's default model (`medi-fast info` shows it).
     """
-    from .. import checkpoint as ckpt_io
-    from ..backends.contract import BatchRange, IOContract
-    from ..engines.export import ExportConfig, export_onnx, save_checked
-    from ..engines.parity import run_parity
-    from ..io import atomic_write_text, ensure_dir
+    from ..backends.contract import BatchRange
+    from ..defaults import record_export
+    from ..engines.export import ExportConfig
+    from ..engines.pipeline import default_out_dir, export_checkpoint
 
+    out_dir = out_dir if out_dir is not None else default_out_dir(checkpoint)
     config = ExportConfig(opset=opset, batch=BatchRange.parse(batch), ema=not no_ema)
-    if tensorrt:  # fail before the slow part when the build cannot happen here
-        from ..engines.tensorrt_build import check_can_build
-
-        check_can_build()
-    ck = ckpt_io.load(checkpoint)
-    ensure_dir(out_dir)
-    t0 = time.perf_counter()
-    onnx_path = export_onnx(ck, out_dir / "model.onnx", config)
-    click.echo(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB, opset {opset}, "
-               f"{time.perf_counter() - t0:.1f} s)")
-    fp16_path = None
-    if fp16:
-        import onnx
-
-        from ..engines.export import _move_into_place, set_metadata
-        from ..engines.fp16 import convert_to_fp16
-
-        graph16 = convert_to_fp16(onnx.load(str(onnx_path)))
-        set_metadata(graph16, {**{p.key: p.value for p in graph16.metadata_props}, "medi_fast.precision": "fp16"})
-        staged = out_dir / ".medi-tmp-model.fp16.onnx"
-        try:
-            save_checked(graph16, staged, config.external_data_threshold)
-            fp16_path = _move_into_place(staged, out_dir / "model.fp16.onnx")
-        finally:
-            staged.unlink(missing_ok=True)
-        click.echo(f"wrote {fp16_path} ({fp16_path.stat().st_size / 1e6:.1f} MB)")
-    contract = IOContract.from_spec(ck.spec, ck.resolution, config.batch)
-    report = run_parity(ck.build(ema=config.ema), onnx_path, contract, fp16_path=fp16_path, ddim_steps=parity_steps)
-    click.echo(report.table())
-    atomic_write_text(out_dir / "parity.json", json.dumps(report.to_dict(), indent=2))
-    engine_path = None
-    if tensorrt:
-        from ..engines.tensorrt_build import BuildConfig, build_engine
-
-        engine_path = build_engine(onnx_path, out_dir / "model.engine",
-                                   BuildConfig(optimization_level=optimization_level),
-                                   rebuild_command=f"medi-fast export {checkpoint} --out {out_dir} --tensorrt "
-                                                   f"--batch {config.batch}")
-        click.echo(f"wrote {engine_path} (+ {engine_path.name}.json)")
-    resolved = {"checkpoint": str(checkpoint), "checkpoint_hash": ck.hash, "out": str(out_dir), "opset": opset,
-                "batch": str(config.batch), "fp16": fp16, "tensorrt": tensorrt, "ema": config.ema,
-                "optimization_level": optimization_level, "parity_steps": parity_steps,
-                "files": [str(p.name) for p in (onnx_path, fp16_path, engine_path) if p is not None]}
-    atomic_write_text(out_dir / "export.json", json.dumps(resolved, indent=2))
-    if not report.ok:
-        bad = "; ".join(f"{r.check}: {r.value:.3g} > {r.threshold:.0e}" for r in report.rows if not r.ok)
-        raise MediFastError(f"parity check failed ({bad}); the files were written for inspection, do not deploy them")
-
+    result = export_checkpoint(checkpoint, out_dir, config=config, fp16=fp16, tensorrt=tensorrt,
+                               optimization_level=optimization_level, parity_steps=parity_steps, log=click.echo)
+    click.echo(result.report.table())
+    for line in result.skipped:
+        click.echo(f"skipped {line}")
+    state = record_export(out_dir)
+    click.echo(f"{out_dir} is now the default model here ({state}); `medi-fast generate --class ...` uses it")
