@@ -14,9 +14,9 @@ import pandas as pd
 import torch
 
 from medi_fast.conditioning import CONTINUOUS_ATTRIBUTES, ConditionSpec, column_for
+from medi_fast.data.clinical import normalise_missing
 from medi_fast.errors import MediFastError
 
-UNKNOWN = "Unknown"
 
 
 class MemoryPatches(torch.utils.data.Dataset):
@@ -44,30 +44,27 @@ def open_training_data(path: str, split: str | None, resolution: int | None):
     """The data package's PatchDataset for an index or pack (optionally restricted to a split CSV)."""
     if not path:
         raise MediFastError("no training data given; pass --data INDEX_OR_PACK (build one with `medi-fast data`)")
-    try:
-        from medi_fast.data.dataset import open_dataset
-    except ImportError:
-        raise MediFastError("the data package (medi_fast.data.dataset) is not installed; reinstall medi-fast") from None
+    from medi_fast.data.dataset import open_dataset
+
     ds = open_dataset(path, split_csv=split, resolution=resolution)
-    if len(ds) == 0:
-        raise MediFastError(f"the training split is empty ({split or path} selects no patches); check --split and --data")
+    require_rows(len(ds), split or path)
     return ds
 
 
+def require_rows(n: int, source=None) -> None:
+    """The one refusal of empty training data."""
+    if n == 0:
+        where = f" ({source} selects no patches)" if source else ""
+        raise MediFastError(f"the training split is empty{where}; check --split and --data")
+
+
 def _categorical_values(series: pd.Series) -> list[str]:
-    out = []
-    for v in series.tolist():
-        if v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() in ("", "nan", "'--"):
-            out.append(UNKNOWN)
-        else:
-            out.append(str(v).strip())
-    return out
+    return normalise_missing(series.tolist())
 
 
 def build_spec(table: pd.DataFrame, attributes: list[str], d_t: int) -> ConditionSpec:
     """ConditionSpec from the training rows; a missing column fails naming the available ones."""
-    if len(table) == 0:
-        raise MediFastError("the training split is empty; check --split and --data")
+    require_rows(len(table))
     for name in attributes:
         col = column_for(name)
         if col not in table.columns:

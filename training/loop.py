@@ -14,6 +14,7 @@ import contextlib
 import math
 import random
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from medi_fast.schedule import Schedule
 
 from . import distributed
 from .config import TrainConfig
-from .data import Batches, build_spec, condition_table, drop_conditions, open_training_data
+from .data import Batches, build_spec, condition_table, drop_conditions, open_training_data, require_rows
 from .ema import EMA
 from .grid import sample_grid, save_png
 from .lr import warmup_cosine
@@ -106,8 +107,7 @@ def _train(cfg: TrainConfig, dataset, device: torch.device, d: distributed.Dist)
         raise MediFastError(f"--resume: {cfg.out} has no complete checkpoint to resume from; drop --resume to start")
     attrs = cfg.attributes
     ds = dataset if dataset is not None else open_training_data(cfg.data, cfg.split, resolution)
-    if len(ds) == 0:
-        raise MediFastError("the training split is empty; check --split and --data")
+    require_rows(len(ds))
     data_res = int(getattr(ds, "resolution", resolution) or resolution)
     if data_res != resolution:
         raise MediFastError(f"the data's patches are {data_res} px but the model trains at {resolution} px "
@@ -166,6 +166,7 @@ def _train(cfg: TrainConfig, dataset, device: torch.device, d: distributed.Dist)
     T = schedule.num_train_timesteps
     effective = cfg.batch_size * d.world_size * cfg.grad_accum
 
+    checkpointer = _Checkpointer(cfg, run, schedule, model, ema, opt, sched, scaler, d.world_size, effective)
     if d.main:
         cfg.write(run.root / "config.json")
         run.start_metrics(start_step)
@@ -240,8 +241,7 @@ def _train(cfg: TrainConfig, dataset, device: torch.device, d: distributed.Dist)
                 ckpt_sum.zero_()
                 ckpt_n = 0
                 if d.main:
-                    best = _checkpoint(cfg, run, model, ema, schedule, opt, sched, scaler, done_steps, interval_loss,
-                                       best, d, effective)
+                    best = checkpointer.save(done_steps, interval_loss, best)
             if d.main and cfg.grid_every and (done_steps % cfg.grid_every == 0 or done_steps == cfg.steps):
                 grid, _, _ = sample_grid(ema.model, spec, schedule, resolution=resolution, rows=cfg.grid_rows,
                                          cols=cfg.grid_cols, steps=cfg.grid_steps, seed=cfg.seed, device=device)
@@ -253,18 +253,35 @@ def _train(cfg: TrainConfig, dataset, device: torch.device, d: distributed.Dist)
             "checkpoint": str(run.checkpoint_path(cfg.steps)), "out": str(run.root)}
 
 
-def _checkpoint(cfg, run, model, ema, schedule, opt, sched, scaler, step, interval_loss, best, d, effective) -> float:
-    """Checkpoint + resume state (in that order), best.pt if this interval's mean loss is the lowest."""
-    prov = {"trainer": "medi-fast", "step": step, "loss": interval_loss, "world_size": d.world_size,
-            "effective_batch": effective, "config": cfg.to_dict()}
-    ck = ckpt_io.from_model(model, schedule, preset=cfg.preset, ema_model=ema.model, provenance=prov)
-    path = ckpt_io.save(ck, run.checkpoint_path(step))
-    new_best = min(best, interval_loss)
-    state = {"step": step, "checkpoint": path.name, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "ema": ema.state_dict(),
-             "rng": rng_state(), "best_loss": new_best, "data_position": step * cfg.grad_accum}
-    run.save_state(path, state)
-    if interval_loss < best:
-        ckpt_io.save(ck, run.ckpt_dir / "best.pt")
-    run.prune(cfg.keep_last)
-    return new_best
+@dataclass
+class _Checkpointer:
+    """Writes checkpoint + resume state (in that order), and best.pt when an interval's mean loss is the lowest."""
+
+    cfg: object
+    run: RunDir
+    schedule: Schedule
+    model: torch.nn.Module
+    ema: EMA
+    opt: torch.optim.Optimizer
+    sched: object
+    scaler: torch.amp.GradScaler
+    world_size: int
+    effective_batch: int
+
+    def save(self, step: int, interval_loss: float, best: float) -> float:
+        cfg, run = self.cfg, self.run
+        prov = {"trainer": "medi-fast", "step": step, "loss": interval_loss, "world_size": self.world_size,
+                "effective_batch": self.effective_batch, "config": cfg.to_dict()}
+        ck = ckpt_io.from_model(self.model, self.schedule, preset=cfg.preset, ema_model=self.ema.model,
+                                provenance=prov)
+        path = ckpt_io.save(ck, run.checkpoint_path(step))
+        new_best = min(best, interval_loss)
+        state = {"step": step, "checkpoint": path.name, "optimizer": self.opt.state_dict(),
+                 "scheduler": self.sched.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {}, "ema": self.ema.state_dict(),
+                 "rng": rng_state(), "best_loss": new_best, "data_position": step * cfg.grad_accum}
+        run.save_state(path, state)
+        if interval_loss < best:
+            ckpt_io.save(ck, run.ckpt_dir / "best.pt")
+        run.prune(cfg.keep_last)
+        return new_best

@@ -11,23 +11,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medi_fast.errors import MediFastError
+from medi_fast.data.sampling import sampling_weights as data_weights
 
 
 def sampling_weights(table: pd.DataFrame, mode: str = "class", columns: list[str] | None = None) -> np.ndarray:
-    """Per-row weights: 1 / size of the row's group (class, or class x conditioning columns), or uniform."""
-    try:  # the data package's implementation when present (one definition for the whole project)
-        from medi_fast.data.sampling import sampling_weights as data_weights
-    except ImportError:
-        data_weights = None
-    if data_weights is not None:
-        cols = columns if columns else ("class", "tissue_source_site")
-        return np.asarray(data_weights(table, mode=mode, columns=tuple(cols)), dtype=np.float64)
-    if mode == "uniform":
-        return np.ones(len(table))
-    keys = ["class"] if mode == "class" else ["class", *[c for c in (columns or []) if c != "class"]]
-    sizes = table.groupby(keys, dropna=False)[keys[0]].transform("size").to_numpy()
-    return 1.0 / sizes.astype(np.float64)
+    """Per-row weights (summing to 1) of the data package's sampler: class-balanced by default, as
+    published; ``combination`` balances over ``columns`` (default class x tissue source site)."""
+    cols = tuple(columns) if columns else ("class", "tissue_source_site")
+    return np.asarray(data_weights(table, mode=mode, columns=cols), dtype=np.float64)
 
 
 class IndexStream:
@@ -36,7 +27,7 @@ class IndexStream:
 
     def __init__(self, weights: np.ndarray, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if len(weights) == 0:
-            raise MediFastError("the training split is empty; check --split and --data")
+            raise ValueError("IndexStream needs at least one row")  # the trainer refuses empty data before
         self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float64))
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
         per_step = batch_size * world_size

@@ -16,7 +16,17 @@ import pandas as pd
 from ..errors import MediFastError
 
 UNKNOWN = "Unknown"
-MISSING_MARKERS = frozenset({"'--", "--", "'--'", "", "??", "unknown", "not reported"})
+# The one home of "no value" spellings.  Two sets, on purpose:
+# MISSING_MARKERS (compared lower-cased): what the index, the training tables and plans fold into
+# UNKNOWN, including the answers "unknown" and "not reported" (one subpopulation, not three) and
+# "nan" (pandas' spelling of a missing value turned into a string).
+MISSING_MARKERS = frozenset({"'--", "--", "'--'", "", "??", "unknown", "not reported", "nan"})
+# SPLIT_KEY_MISSING (compared as written): what the published split code writes as "Unknown" in a
+# (tss, gender, race) key: GDC's '--, its variants and what pandas reads as NaN.  "not reported"
+# stays a value of its own there: with it kept, the published holdout file is reproduced character
+# for character.
+SPLIT_KEY_MISSING = frozenset({"", "Unknown", "--", "'--", "'--'", "??", '"--', "'--\"", "nan", "NaN", "NA", "N/A",
+                               "n/a", "NULL", "null", "None", "<NA>", "#N/A"})
 
 # The clinical columns medi-fast uses (the GDC names found in tcga_ut_slide_metadata.csv).
 REQUIRED_COLUMNS = ("project_id", "slide_submitter_id", "case_submitter_id", "tissue_source_site",

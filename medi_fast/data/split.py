@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import MediFastError
-from .clinical import check_columns
+from .clinical import SPLIT_KEY_MISSING, UNKNOWN, check_columns
 
 STRATEGIES = ("published", "random")
 BY = ("combo", "tss")
@@ -36,16 +36,9 @@ class SplitResult:
         return summary_text(self.summary)
 
 
-# What the published code writes as "Unknown" in a key: GDC's '--, its variants, and what pandas reads as
-# NaN.  "not reported" stays a value of its own there (checked: with it kept, the published holdout
-# file is reproduced character for character); the index, by contrast, folds it into "Unknown".
-KEY_MISSING = frozenset({"", "Unknown", "--", "'--", "'--'", "??", '"--', "'--\"", "nan", "NaN", "NA", "N/A", "n/a",
-                         "NULL", "null", "None", "<NA>", "#N/A"})
-
-
 def _key_part(values: pd.Series) -> pd.Series:
     v = values.astype(str)
-    return v.where(~v.isin(KEY_MISSING), "Unknown")
+    return v.where(~v.isin(SPLIT_KEY_MISSING), UNKNOWN)
 
 
 def split_keys(df: pd.DataFrame, by: str = "combo") -> pd.Series:
