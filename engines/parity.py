@@ -1,6 +1,6 @@
 """Parity of an exported graph against the torch model it came from.
 
-Three figures, each with its threshold (DESIGN §5: torch is the reference for ONNX):
+Three figures, each with its threshold (torch is the reference for ONNX):
 
 1. fp32 graph vs torch fp32 on random inputs over several timesteps and ids (null ids included):
    max |eps_onnx - eps_torch| <= 1e-4.

@@ -1,7 +1,7 @@
 """The one exception type for user errors.
 
 Its message says what is wrong and what to do, on one line; the CLI prints it without a
-traceback and exits with code 2 (DESIGN section 4.9).
+traceback and exits with code 2 (docs/architecture.md, "Errors").
 """
 
 

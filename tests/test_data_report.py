@@ -56,7 +56,7 @@ def test_report_on_real_metadata_counts(tmp_path):
 
     t = read_clinical(REAL)
     c = write_report(t, tmp_path / "real", unit="slides")
-    assert (c["slides"], c["classes"], c["tss"]) == (8726, 32, 626)  # DESIGN: 32 types, 626 TSS, 8,726 records
+    assert (c["slides"], c["classes"], c["tss"]) == (8726, 32, 626)  # the published cohort: 32 types, 626 TSS, 8,726 records
     assert "'--" not in c["slides_per_race"] and "not reported" not in c["slides_per_race"]
     # 11 TCGA-UCS slides have an empty TSS cell: their barcode's "NA" is used, not "Unknown"
     cov = pd.read_csv(tmp_path / "real/coverage.csv", dtype=str, keep_default_na=False, index_col=0)
