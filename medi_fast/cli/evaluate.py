@@ -30,32 +30,6 @@ def _named_sets(values) -> dict[str, Path]:
     return out
 
 
-def _stats_for(source: Path, extractor_name: str, args: dict, per, save: Path | None, quiet: bool):
-    """Statistics of an image set (read from .npz, or computed and optionally saved)."""
-    from ..eval.fid import load_stats, save_stats, table_stats
-    from ..eval.images import read_image_table
-
-    if source.suffix == ".npz":
-        stats, name = load_stats(source)
-        if name and name != extractor_name:
-            raise MediFastError(f"{source} holds {name} statistics but --features is {extractor_name}; pass "
-                                f"--features {name} or recompute the statistics")
-        return stats
-    table = read_image_table(source)
-    if args.get("extractor") is None:
-        from ..eval.features import get_extractor
-
-        args["extractor"] = get_extractor(extractor_name, weights=args["weights"], device=args["device"],
-                                          batch_size=args["batch_size"])
-    if not quiet:
-        click.echo(f"{source}: {len(table)} images", err=True)
-    stats = table_stats(table, args["extractor"], per=per, batch_size=args["batch_size"],
-                        resolution=args["resolution"], progress=not quiet)
-    if save is not None:
-        save_stats(save, stats, extractor_name)
-    return stats
-
-
 @click.command("fid")
 @click.option("--real", required=True, type=_PATH, help="Real images: index parquet, manifest.csv, folder, or saved .npz stats.")
 @click.option("--fake", required=True, type=_PATH, help="Generated images: manifest.csv or its folder, folder, index, or .npz stats.")
@@ -74,14 +48,12 @@ def _stats_for(source: Path, extractor_name: str, args: dict, per, save: Path | 
 def fid(real, fake, per, features, inception_weights, batch_size, resolution, device, save_real_stats,
         save_fake_stats, out_csv, quiet):
     """FID between real and generated images, per class and averaged (the paper's figure)."""
-    from ..eval.fid import ALL, fid_table
+    from ..eval.fid import compute_fid
 
     per = None if per.lower() == "none" else per
-    args = {"weights": inception_weights, "device": device, "batch_size": batch_size, "resolution": resolution,
-            "extractor": None}
-    r = _stats_for(real, features, args, per, save_real_stats, quiet)
-    f = _stats_for(fake, features, args, per, save_fake_stats, quiet)
-    table = fid_table(r, f) if per else fid_table({ALL: r[ALL]}, {ALL: f[ALL]})
+    table = compute_fid(real, fake, per=per, features=features, weights=inception_weights, device=device,
+                        batch_size=batch_size, resolution=resolution, save_real_stats=save_real_stats,
+                        save_fake_stats=save_fake_stats, progress=not quiet)
     if per and len(table) == 1:
         click.echo(f"medi-fast: warning: no {per} has >= 2 images in both sets; only the overall FID is reported",
                    err=True)
