@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from ..errors import MediFastError
+from ..eval.features import EXTRACTORS
 
 _PATH = click.Path(path_type=Path)
 
@@ -64,45 +65,32 @@ def fid(real, fake, per, features, inception_weights, batch_size, resolution, de
 @click.command("embed")
 @click.option("--images", required=True, type=_PATH, help="Index parquet, manifest.csv (or its folder), or folder of images.")
 @click.option("--out", required=True, type=_PATH, help="Output file: .parquet or .npz (embeddings + metadata columns).")
-@click.option("--extractor", default="uni", show_default=True,
-              type=click.Choice(["uni", "colour-texture", "inception", "inception-random"]),
-              help="'uni' = timm encoder (--encoder, --weights); the others as in `medi-fast fid --features`.")
-@click.option("--weights", type=_PATH, help="Encoder weights: UNI's pytorch_model.bin or its HF cache folder.")
-@click.option("--encoder", default="vit_large_patch16_224", show_default=True, help="timm model name (UNI's ViT-L/16 by default).")
+@click.option("--extractor", default="uni", show_default=True, type=click.Choice(list(EXTRACTORS)),
+              help="A pathology encoder (uni, uni2-h, virchow2, h-optimus-0, h-optimus-1; --weights) or an FID "
+                   "extractor as in `medi-fast fid --features`.")
+@click.option("--weights", type=_PATH, help="Encoder weights: the model's pytorch_model.bin/model.safetensors or its "
+                                            "HF cache folder (default: the model's folder in the local HF cache).")
+@click.option("--encoder", help="Another timm architecture with UNI's recipe (--extractor uni only; tests, demos).")
 @click.option("--random-init", is_flag=True, help="Random encoder weights (tests, demos): embeddings mean nothing.")
-@click.option("--image-size", type=int, default=224, show_default=True, help="Encoder input size (images are resized).")
+@click.option("--image-size", type=int, default=224, show_default=True, help="Input size for --encoder (the registry "
+                                                                            "encoders use their card's size).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
 @click.option("--resolution", type=int, help="Decode-time resize (needed if image sizes differ).")
 @click.option("--device", help="torch device (default: cuda if available, else cpu); fp16 autocast on CUDA.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--quiet", is_flag=True, help="No progress output (the licence line is still printed).")
 def embed(images, out, extractor, weights, encoder, random_init, image_size, batch_size, resolution, device, quiet):
     """Embed images (UNI by default) into ONE file with their metadata columns."""
-    import numpy as np
+    from ..eval.uni import embed_images
 
-    from ..eval.images import iter_image_batches, read_image_table
-    from ..eval.uni import save_embeddings
-
-    if out.suffix not in (".parquet", ".npz"):
-        raise MediFastError(f"--out {out} must end in .parquet or .npz")
-    table = read_image_table(images)
-    if extractor == "uni":
-        from ..eval.uni import UNIEncoder
-
-        ex = UNIEncoder(weights=weights, encoder=encoder, device=device, batch_size=batch_size,
-                        image_size=image_size, random_init=random_init)
-    else:
-        from ..eval.features import get_extractor
-
-        ex = get_extractor(extractor, weights=weights, device=device, batch_size=batch_size)
-    batches = iter_image_batches(table["path"], batch_size, resolution)
+    if (encoder or image_size != 224) and extractor != "uni":
+        raise MediFastError(f"--encoder/--image-size apply to --extractor uni only (got --extractor {extractor}); "
+                            f"drop them: {extractor} uses its model card's architecture and size")
+    path, n, dim, name = embed_images(images, out, extractor=extractor, weights=weights, encoder=encoder,
+                                      random_init=random_init, image_size=image_size, batch_size=batch_size,
+                                      resolution=resolution, device=device, progress=not quiet,
+                                      notify=lambda msg: click.echo(msg, err=True))
     if not quiet:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, total=-(-len(table) // batch_size), unit="batch", desc=f"embed ({ex.name})")
-    emb = np.concatenate([ex(b) for b in batches])
-    save_embeddings(out, table, emb, ex.name)
-    if not quiet:
-        click.echo(f"{len(table)} embeddings ({emb.shape[1]}-d, {ex.name}) -> {out}", err=True)
+        click.echo(f"{n} embeddings ({dim}-d, {name}) -> {path}", err=True)
 
 
 @click.command("probe")
