@@ -110,21 +110,14 @@ def embed(images, out, extractor, weights, encoder, random_init, image_size, bat
 def probe(real_train, real_test, synthetic, task, k, ratio, one_site_per_class, max_runs, seed, c, out_md, out_csv,
           runs_csv):
     """Linear probe (the paper's Table 1): no-synthetic vs each synthetic set, mean ± SEM over site combinations."""
-    from ..eval.probe import ProbeConfig, resolve_task, run_probe, summarise, to_markdown
-    from ..eval.uni import load_embeddings
+    from ..eval.probe import ProbeConfig, probe_table
     from ..io import atomic_write_text
 
     if k < 1 or ratio < 0 or max_runs < 0:
         raise MediFastError("--k must be >= 1, --ratio >= 0 and --max-runs >= 0")
-    classes = resolve_task(task)
     cfg = ProbeConfig(k=k, ratio=ratio, one_site_per_class=one_site_per_class, max_runs=max_runs or None,
                       seed=seed, C=c)
-    syn = {name: load_embeddings(p) for name, p in _named_sets(synthetic).items()}
-    runs = run_probe(load_embeddings(real_train), load_embeddings(real_test), syn, classes, cfg)
-    summary = summarise(runs)
-    title = (f"{task}: {', '.join(classes)}; k={k} real/class, synthetic:real {ratio:g}:1, "
-             f"{'one site per class' if one_site_per_class else 'all training sites'}")
-    md = to_markdown(summary, title)
+    summary, runs, md = probe_table(real_train, real_test, _named_sets(synthetic), task, cfg)
     if out_md is not None:
         atomic_write_text(out_md, md)
     _write_csv(summary, out_csv)
@@ -143,16 +136,9 @@ def shortcut(embeddings, synthetic, folds, min_per_site, seed, out_csv):
     """Measure the class-site shortcut: site predictability per class, I(class; site) before/after augmentation."""
     import pandas as pd
 
-    from ..eval.shortcut import mi_report, site_predictability
-    from ..eval.uni import load_embeddings
+    from ..eval.shortcut import shortcut_report
 
-    if folds < 2:
-        raise MediFastError("--folds must be >= 2")
-    meta, emb = load_embeddings(embeddings)
-    sets = {"real": (meta, emb)} | {n: load_embeddings(p) for n, p in _named_sets(synthetic).items()}
-    pred = pd.concat([site_predictability(m, e, folds, min_per_site, seed).assign(embeddings=n)
-                      for n, (m, e) in sets.items()], ignore_index=True)
-    mi = mi_report(meta, {n: m for n, (m, _) in sets.items() if n != "real"})
+    pred, mi = shortcut_report(embeddings, _named_sets(synthetic), folds, min_per_site, seed)
     fmt = lambda v: f"{v:.3f}"  # noqa: E731
     click.echo("Site predictability within each class (cross-validated balanced accuracy vs chance):")
     click.echo(pred[["embeddings", "class", "n", "sites", "chance", "site_balanced_accuracy", "lift"]]
