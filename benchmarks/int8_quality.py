@@ -29,12 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
-from solver_quality import frechet, to_uint8  # noqa: E402
 
 from medi_fast import backends, checkpoint  # noqa: E402
 from medi_fast.data.synth import render_patches  # noqa: E402
 from medi_fast.engines.export import export_onnx  # noqa: E402
 from medi_fast.eval.features import ColourTexture  # noqa: E402
+from medi_fast.eval.fid import frechet_distance as frechet  # noqa: E402
+from medi_fast.generate import to_uint8  # noqa: E402
 from medi_fast.samplers import get_sampler, timesteps_for  # noqa: E402
 
 

@@ -35,19 +35,12 @@ from _common import write_results  # noqa: E402
 from medi_fast import checkpoint  # noqa: E402
 from medi_fast.data.synth import render_patches  # noqa: E402
 from medi_fast.eval.features import ColourTexture  # noqa: E402
-from medi_fast.eval.fid import stats_to_fid  # noqa: E402
+from medi_fast.eval.fid import frechet_distance as frechet  # noqa: E402
+from medi_fast.generate import to_uint8  # noqa: E402
 from medi_fast.samplers import get_sampler, timesteps_for  # noqa: E402
 
 BASELINE = ("ddim", 100)  # the published FID protocol's sampler
 TOLERANCE = 0.05  # "within 5 % of DDIM-100"
-
-
-def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    return float(stats_to_fid(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
 
 
 def main(argv=None) -> int:

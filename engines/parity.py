@@ -92,13 +92,9 @@ def eps_errors(model, onnx_path, contract: IOContract, *, batch: int = 6, rounds
     return max_abs, (num / den) ** 0.5
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] float images (B, 3, H, W) -> uint8 (B, H, W, 3), as diffusers' pipelines round them."""
-    return ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def ddim_uint8_diff(model, onnx_path, contract: IOContract, *, steps: int = 10, batch: int = 4, seed: int = 0):
     """Max and mean |uint8 difference| of a whole DDIM run through ONNX Runtime vs torch."""
+    from medi_fast.generate import to_uint8
     from medi_fast.schedule import Schedule
 
     sess = _session(Path(onnx_path))

@@ -163,7 +163,7 @@ def _real(out: Path) -> np.ndarray:
 
 def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synthetic: dict) -> dict:
     from .eval.features import ColourTexture
-    from .eval.fid import stats_to_fid
+    from .eval.fid import compute_fid
     from .eval.probe import ProbeConfig, run_probe, summarise
     from .eval.shortcut import mi_report
 
@@ -178,11 +178,9 @@ def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synt
     # FID-style distance per class (colour-texture features), synthetic vs the real cohort, averaged.
     fid_rows = []
     for name, (meta, xs) in syn.items():
-        for c in CLASSES:
-            a = z(x_real[cohort & (index["class"].to_numpy() == c)])
-            b = xs[meta["class"].to_numpy() == c]
-            fid_rows.append({"model": name, "class": c, "distance": stats_to_fid(a.mean(0), np.cov(a, rowvar=False),
-                                                                                   b.mean(0), np.cov(b, rowvar=False))})
+        t = compute_fid(z(x_real[cohort]), xs, real_labels=index["class"].to_numpy()[cohort],
+                        fake_labels=meta["class"].to_numpy()).set_index("group")
+        fid_rows += [{"model": name, "class": c, "distance": float(t.loc[c, "fid"])} for c in CLASSES]
     fid = pd.DataFrame(fid_rows)
 
     pool = np.zeros(len(index), bool)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from medi_fast.conditioning import ConditionSpec
+from medi_fast.generate import to_uint8
 from medi_fast.io import atomic_path
 from medi_fast.samplers import ddim
 from medi_fast.schedule import Schedule
@@ -47,9 +48,9 @@ def sample_grid(model, spec: ConditionSpec, schedule: Schedule, *, resolution: i
     for s in range(0, n, batch):
         c = {k: v[s:s + batch].to(device) for k, v in cond.items()}
         x = ddim(lambda x, t, cc: model(x.to(model_dtype), t, cc).float(), x_T[s:s + batch].to(device), ts, schedule, c)
-        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
-    imgs = torch.cat(out).view(len(classes), len(col_labels), 3, resolution, resolution)
-    grid = imgs.permute(0, 3, 1, 4, 2).reshape(len(classes) * resolution, len(col_labels) * resolution, 3)
+        out.append(torch.from_numpy(to_uint8(x)))  # (B, R, R, 3)
+    imgs = torch.cat(out).view(len(classes), len(col_labels), resolution, resolution, 3)
+    grid = imgs.permute(0, 2, 1, 3, 4).reshape(len(classes) * resolution, len(col_labels) * resolution, 3)
     return grid.numpy(), classes, col_labels
 
 

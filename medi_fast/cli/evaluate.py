@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from ..errors import MediFastError
+from ..eval.features import EXTRACTORS
 
 _PATH = click.Path(path_type=Path)
 
@@ -30,32 +31,6 @@ def _named_sets(values) -> dict[str, Path]:
     return out
 
 
-def _stats_for(source: Path, extractor_name: str, args: dict, per, save: Path | None, quiet: bool):
-    """Statistics of an image set (read from .npz, or computed and optionally saved)."""
-    from ..eval.fid import load_stats, save_stats, table_stats
-    from ..eval.images import read_image_table
-
-    if source.suffix == ".npz":
-        stats, name = load_stats(source)
-        if name and name != extractor_name:
-            raise MediFastError(f"{source} holds {name} statistics but --features is {extractor_name}; pass "
-                                f"--features {name} or recompute the statistics")
-        return stats
-    table = read_image_table(source)
-    if args.get("extractor") is None:
-        from ..eval.features import get_extractor
-
-        args["extractor"] = get_extractor(extractor_name, weights=args["weights"], device=args["device"],
-                                          batch_size=args["batch_size"])
-    if not quiet:
-        click.echo(f"{source}: {len(table)} images", err=True)
-    stats = table_stats(table, args["extractor"], per=per, batch_size=args["batch_size"],
-                        resolution=args["resolution"], progress=not quiet)
-    if save is not None:
-        save_stats(save, stats, extractor_name)
-    return stats
-
-
 @click.command("fid")
 @click.option("--real", required=True, type=_PATH, help="Real images: index parquet, manifest.csv, folder, or saved .npz stats.")
 @click.option("--fake", required=True, type=_PATH, help="Generated images: manifest.csv or its folder, folder, index, or .npz stats.")
@@ -74,14 +49,12 @@ def _stats_for(source: Path, extractor_name: str, args: dict, per, save: Path | 
 def fid(real, fake, per, features, inception_weights, batch_size, resolution, device, save_real_stats,
         save_fake_stats, out_csv, quiet):
     """FID between real and generated images, per class and averaged (the paper's figure)."""
-    from ..eval.fid import ALL, fid_table
+    from ..eval.fid import compute_fid
 
     per = None if per.lower() == "none" else per
-    args = {"weights": inception_weights, "device": device, "batch_size": batch_size, "resolution": resolution,
-            "extractor": None}
-    r = _stats_for(real, features, args, per, save_real_stats, quiet)
-    f = _stats_for(fake, features, args, per, save_fake_stats, quiet)
-    table = fid_table(r, f) if per else fid_table({ALL: r[ALL]}, {ALL: f[ALL]})
+    table = compute_fid(real, fake, per=per, features=features, weights=inception_weights, device=device,
+                        batch_size=batch_size, resolution=resolution, save_real_stats=save_real_stats,
+                        save_fake_stats=save_fake_stats, progress=not quiet)
     if per and len(table) == 1:
         click.echo(f"medi-fast: warning: no {per} has >= 2 images in both sets; only the overall FID is reported",
                    err=True)
@@ -92,45 +65,32 @@ def fid(real, fake, per, features, inception_weights, batch_size, resolution, de
 @click.command("embed")
 @click.option("--images", required=True, type=_PATH, help="Index parquet, manifest.csv (or its folder), or folder of images.")
 @click.option("--out", required=True, type=_PATH, help="Output file: .parquet or .npz (embeddings + metadata columns).")
-@click.option("--extractor", default="uni", show_default=True,
-              type=click.Choice(["uni", "colour-texture", "inception", "inception-random"]),
-              help="'uni' = timm encoder (--encoder, --weights); the others as in `medi-fast fid --features`.")
-@click.option("--weights", type=_PATH, help="Encoder weights: UNI's pytorch_model.bin or its HF cache folder.")
-@click.option("--encoder", default="vit_large_patch16_224", show_default=True, help="timm model name (UNI's ViT-L/16 by default).")
+@click.option("--extractor", default="uni", show_default=True, type=click.Choice(list(EXTRACTORS)),
+              help="A pathology encoder (uni, uni2-h, virchow2, h-optimus-0, h-optimus-1; --weights) or an FID "
+                   "extractor as in `medi-fast fid --features`.")
+@click.option("--weights", type=_PATH, help="Encoder weights: the model's pytorch_model.bin/model.safetensors or its "
+                                            "HF cache folder (default: the model's folder in the local HF cache).")
+@click.option("--encoder", help="Another timm architecture with UNI's recipe (--extractor uni only; tests, demos).")
 @click.option("--random-init", is_flag=True, help="Random encoder weights (tests, demos): embeddings mean nothing.")
-@click.option("--image-size", type=int, default=224, show_default=True, help="Encoder input size (images are resized).")
+@click.option("--image-size", type=int, default=224, show_default=True, help="Input size for --encoder (the registry "
+                                                                            "encoders use their card's size).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
 @click.option("--resolution", type=int, help="Decode-time resize (needed if image sizes differ).")
 @click.option("--device", help="torch device (default: cuda if available, else cpu); fp16 autocast on CUDA.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--quiet", is_flag=True, help="No progress output (the licence line is still printed).")
 def embed(images, out, extractor, weights, encoder, random_init, image_size, batch_size, resolution, device, quiet):
     """Embed images (UNI by default) into ONE file with their metadata columns."""
-    import numpy as np
+    from ..eval.uni import embed_images
 
-    from ..eval.images import iter_image_batches, read_image_table
-    from ..eval.uni import save_embeddings
-
-    if out.suffix not in (".parquet", ".npz"):
-        raise MediFastError(f"--out {out} must end in .parquet or .npz")
-    table = read_image_table(images)
-    if extractor == "uni":
-        from ..eval.uni import UNIEncoder
-
-        ex = UNIEncoder(weights=weights, encoder=encoder, device=device, batch_size=batch_size,
-                        image_size=image_size, random_init=random_init)
-    else:
-        from ..eval.features import get_extractor
-
-        ex = get_extractor(extractor, weights=weights, device=device, batch_size=batch_size)
-    batches = iter_image_batches(table["path"], batch_size, resolution)
+    if (encoder or image_size != 224) and extractor != "uni":
+        raise MediFastError(f"--encoder/--image-size apply to --extractor uni only (got --extractor {extractor}); "
+                            f"drop them: {extractor} uses its model card's architecture and size")
+    path, n, dim, name = embed_images(images, out, extractor=extractor, weights=weights, encoder=encoder,
+                                      random_init=random_init, image_size=image_size, batch_size=batch_size,
+                                      resolution=resolution, device=device, progress=not quiet,
+                                      notify=lambda msg: click.echo(msg, err=True))
     if not quiet:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, total=-(-len(table) // batch_size), unit="batch", desc=f"embed ({ex.name})")
-    emb = np.concatenate([ex(b) for b in batches])
-    save_embeddings(out, table, emb, ex.name)
-    if not quiet:
-        click.echo(f"{len(table)} embeddings ({emb.shape[1]}-d, {ex.name}) -> {out}", err=True)
+        click.echo(f"{n} embeddings ({dim}-d, {name}) -> {path}", err=True)
 
 
 @click.command("probe")
@@ -150,21 +110,14 @@ def embed(images, out, extractor, weights, encoder, random_init, image_size, bat
 def probe(real_train, real_test, synthetic, task, k, ratio, one_site_per_class, max_runs, seed, c, out_md, out_csv,
           runs_csv):
     """Linear probe (the paper's Table 1): no-synthetic vs each synthetic set, mean ± SEM over site combinations."""
-    from ..eval.probe import ProbeConfig, resolve_task, run_probe, summarise, to_markdown
-    from ..eval.uni import load_embeddings
+    from ..eval.probe import ProbeConfig, probe_table
     from ..io import atomic_write_text
 
     if k < 1 or ratio < 0 or max_runs < 0:
         raise MediFastError("--k must be >= 1, --ratio >= 0 and --max-runs >= 0")
-    classes = resolve_task(task)
     cfg = ProbeConfig(k=k, ratio=ratio, one_site_per_class=one_site_per_class, max_runs=max_runs or None,
                       seed=seed, C=c)
-    syn = {name: load_embeddings(p) for name, p in _named_sets(synthetic).items()}
-    runs = run_probe(load_embeddings(real_train), load_embeddings(real_test), syn, classes, cfg)
-    summary = summarise(runs)
-    title = (f"{task}: {', '.join(classes)}; k={k} real/class, synthetic:real {ratio:g}:1, "
-             f"{'one site per class' if one_site_per_class else 'all training sites'}")
-    md = to_markdown(summary, title)
+    summary, runs, md = probe_table(real_train, real_test, _named_sets(synthetic), task, cfg)
     if out_md is not None:
         atomic_write_text(out_md, md)
     _write_csv(summary, out_csv)
@@ -183,16 +136,9 @@ def shortcut(embeddings, synthetic, folds, min_per_site, seed, out_csv):
     """Measure the class-site shortcut: site predictability per class, I(class; site) before/after augmentation."""
     import pandas as pd
 
-    from ..eval.shortcut import mi_report, site_predictability
-    from ..eval.uni import load_embeddings
+    from ..eval.shortcut import shortcut_report
 
-    if folds < 2:
-        raise MediFastError("--folds must be >= 2")
-    meta, emb = load_embeddings(embeddings)
-    sets = {"real": (meta, emb)} | {n: load_embeddings(p) for n, p in _named_sets(synthetic).items()}
-    pred = pd.concat([site_predictability(m, e, folds, min_per_site, seed).assign(embeddings=n)
-                      for n, (m, e) in sets.items()], ignore_index=True)
-    mi = mi_report(meta, {n: m for n, (m, _) in sets.items() if n != "real"})
+    pred, mi = shortcut_report(embeddings, _named_sets(synthetic), folds, min_per_site, seed)
     fmt = lambda v: f"{v:.3f}"  # noqa: E731
     click.echo("Site predictability within each class (cross-validated balanced accuracy vs chance):")
     click.echo(pred[["embeddings", "class", "n", "sites", "chance", "site_balanced_accuracy", "lift"]]

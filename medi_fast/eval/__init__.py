@@ -1,3 +1,4 @@
-"""Evaluation as a chain of named conversions (DESIGN 4.6): images (:mod:`.images`) -> features
-(:mod:`.features`, :mod:`.inception`, :mod:`.uni`) -> statistics and FID (:mod:`.fid`) or embeddings ->
-linear probe (:mod:`.probe`) and shortcut meter (:mod:`.shortcut`).  See docs/eval.md."""
+"""Evaluation as a chain of named conversions: images (:mod:`.images`) -> features (:mod:`.features`,
+:mod:`.inception`, the pathology encoders of :mod:`.encoders`) -> statistics and FID (:mod:`.fid`, one entry:
+``compute_fid``) or embeddings (:mod:`.uni`: ``embed_images``) -> linear probe (:mod:`.probe`:
+``probe_table``) and shortcut meter (:mod:`.shortcut`: ``shortcut_report``).  See docs/eval.md."""

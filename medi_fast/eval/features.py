@@ -14,7 +14,11 @@ name                   dim    what it is, when to use it
                               scales.  Sensitive to exactly what separates sites (stain) and classes
                               (texture) in the synthetic data; a cheap FID-style distance and probe input
                               for demos.  Not comparable to FID.
-``uni``                1024   UNI (timm ViT-L/16) from a local weights file; see :mod:`medi_fast.eval.uni`.
+``uni``                1024   UNI (ViT-L/16), local weights; the pathology encoders of :mod:`.encoders`:
+``uni2-h``             1536   UNI2-h (ViT-H/14, 8 registers, SwiGLU), class token
+``virchow2``           2560   Virchow2 (ViT-H/14, 4 registers, SwiGLU), class token ++ mean patch token
+``h-optimus-0``        1536   H-optimus-0 (ViT-g/14, 4 registers, SwiGLU), class token
+``h-optimus-1``        1536   H-optimus-1 (same architecture), class token
 =====================  =====  ==========================================================================
 """
 from __future__ import annotations
@@ -22,8 +26,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import MediFastError, suggest
+from .encoders import ENCODERS
 
-EXTRACTORS = ("inception", "inception-random", "colour-texture", "uni")
+EXTRACTORS = ("inception", "inception-random", "colour-texture", *ENCODERS)
 
 
 class ColourTexture:
@@ -59,8 +64,11 @@ class ColourTexture:
         return np.concatenate([out, extra], 1)  # (B, 48)
 
 
-def get_extractor(name: str, *, weights=None, device=None, batch_size: int = 50, encoder: str | None = None):
-    """Build an extractor by name (see the table above)."""
+def get_extractor(name: str, *, weights=None, device=None, batch_size: int = 50, encoder: str | None = None,
+                  random_init: bool = False, image_size: int = 224):
+    """Build an extractor by name (see the table above).  For the encoders: ``weights`` (file or Hugging Face
+    cache folder; default: the model's folder in the local cache), ``random_init`` (tests and demos only);
+    ``encoder``/``image_size`` run UNI's recipe on another timm architecture."""
     if name == "inception":
         from .inception import InceptionExtractor
 
@@ -71,9 +79,14 @@ def get_extractor(name: str, *, weights=None, device=None, batch_size: int = 50,
         return InceptionExtractor(device=device, batch_size=batch_size, random_init=True)
     if name == "colour-texture":
         return ColourTexture()
-    if name == "uni":
+    if name == "uni" and (encoder or image_size != 224):
         from .uni import UNIEncoder
 
-        return UNIEncoder(weights=weights, encoder=encoder, device=device, batch_size=batch_size)
+        return UNIEncoder(weights=weights, encoder=encoder, device=device, batch_size=batch_size,
+                          image_size=image_size, random_init=random_init)
+    if name in ENCODERS:
+        from .encoders import Encoder
+
+        return Encoder(name, weights=weights, device=device, batch_size=batch_size, random_init=random_init)
     raise MediFastError(f"unknown feature extractor {name!r}{suggest(name, EXTRACTORS)}; choose one of "
                         f"{', '.join(EXTRACTORS)}")

@@ -221,3 +221,79 @@ class FIDStatsSink:
         if self.acc.groups[ALL].n < 2:
             raise MediFastError(f"only {self.acc.groups[ALL].n} image(s) reached --fid-stats; generate at least 2")
         return save_stats(self.path, self.acc.stats(), getattr(self.extractor, "name", ""))
+
+
+class _Extractor:
+    """The feature extractor of one :func:`compute_fid` call, built on first use and then reused, so
+    that two image sets share one network and a run that only reads ``.npz`` statistics loads none."""
+
+    def __init__(self, features: str, extractor=None, **kw):
+        self.name = getattr(extractor, "name", None) or features
+        self._ex, self._kw, self._features = extractor, kw, features
+
+    def get(self):
+        if self._ex is None:
+            from .features import get_extractor
+
+            self._ex = get_extractor(self._features, **self._kw)
+        return self._ex
+
+
+def _source_stats(source, labels, ex: _Extractor, per, batch_size, resolution, save, progress) -> dict:
+    """Statistics of one side of :func:`compute_fid` (see there for what ``source`` may be)."""
+    if isinstance(source, dict):
+        return source
+    if isinstance(source, np.ndarray):
+        x = images_to_features(source, ex.get()) if source.ndim == 4 else np.asarray(source, dtype=np.float64)
+        if x.ndim != 2:
+            raise MediFastError(f"expected uint8 images (N, H, W, 3) or features (N, D), got shape {source.shape}")
+        stats = features_to_stats(x, labels)
+    else:
+        source = Path(source)
+        if source.suffix == ".npz":
+            stats, name = load_stats(source)
+            if name and name != ex.name:
+                raise MediFastError(f"{source} holds {name} statistics but --features is {ex.name}; pass "
+                                    f"--features {name} or recompute the statistics")
+            return stats
+        from .images import read_image_table
+
+        table = read_image_table(source)
+        if progress:
+            import sys
+
+            print(f"{source}: {len(table)} images", file=sys.stderr)
+        stats = table_stats(table, ex.get(), per=per, batch_size=batch_size, resolution=resolution, progress=progress)
+    if save is not None:
+        save_stats(save, stats, ex.name)
+    return stats
+
+
+def compute_fid(real, fake, *, per: str | None = "class", real_labels=None, fake_labels=None,
+                features: str = "inception", extractor=None, weights=None, device=None, batch_size: int = 50,
+                resolution: int | None = None, save_real_stats=None, save_fake_stats=None,
+                progress: bool = False) -> pd.DataFrame:
+    """FID between two sets, whatever form they come in: the one evaluation entry (``medi-fast fid``, the
+    demo and the benchmarks all call it).
+
+    ``real`` and ``fake`` are each an image set path (index parquet, ``manifest.csv`` or its folder, an
+    image folder; grouped by the ``per`` column), ``.npz`` statistics from :func:`save_stats`, uint8
+    images ``(N, H, W, 3)``, features ``(N, D)`` (grouped by ``real_labels``/``fake_labels`` when given),
+    or a statistics dict from :func:`features_to_stats`.  The extractor (``features`` by name, or an
+    ``extractor`` object) is built once, only if a set needs it.  ``per=None``: overall FID only.
+
+    Returns :func:`fid_table`'s table: one row per group in both sets, ``mean`` (the paper's per-class
+    average) and ``all`` (every image pooled).
+    """
+    ex = _Extractor(features, extractor, weights=weights, device=device, batch_size=batch_size)
+    if per is None:
+        real_labels = fake_labels = None
+    r = _source_stats(real, real_labels, ex, per, batch_size, resolution, save_real_stats, progress)
+    f = _source_stats(fake, fake_labels, ex, per, batch_size, resolution, save_fake_stats, progress)
+    return fid_table(r, f) if per else fid_table({ALL: r[ALL]}, {ALL: f[ALL]})
+
+
+def frechet_distance(a, b) -> float:
+    """Frechet distance of two feature sets ``(N, D)``, all rows pooled (:func:`compute_fid` with
+    ``per=None``)."""
+    return float(compute_fid(a, b, per=None)["fid"].iloc[-1])

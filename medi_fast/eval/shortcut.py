@@ -86,3 +86,20 @@ def mi_report(train: pd.DataFrame, synthetic: dict[str, pd.DataFrame] | None = N
     out = pd.DataFrame(rows)
     out["mi_fraction"] = out["mi_bits"] / out["h_class_bits"].where(out["h_class_bits"] > 0)
     return out
+
+
+def shortcut_report(embeddings, synthetic: dict | None = None, folds: int = 5, min_per_site: int = 5,
+                    seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``medi-fast shortcut``: (site predictability per class of the real set and of each synthetic set,
+    class-site mutual information before and after adding each synthetic set).  ``embeddings`` and the
+    ``synthetic`` values are embeddings files or (metadata, embeddings) pairs."""
+    from .probe import _embeddings
+
+    if folds < 2:
+        raise MediFastError("--folds must be >= 2")
+    meta, emb = _embeddings(embeddings)
+    sets = {"real": (meta, emb)} | {n: _embeddings(x) for n, x in (synthetic or {}).items()}
+    pred = pd.concat([site_predictability(m, e, folds, min_per_site, seed).assign(embeddings=n)
+                      for n, (m, e) in sets.items()], ignore_index=True)
+    mi = mi_report(meta, {n: m for n, (m, _) in sets.items() if n != "real"})
+    return pred, mi
