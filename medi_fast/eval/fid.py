@@ -1,4 +1,4 @@
-"""FID as a chain of named conversions (DESIGN 4.6):
+"""FID as a chain of named conversions:
 
 ``images_to_features`` (uint8 batches -> features) -> ``features_to_stats`` (streaming float64 mean and
 covariance, overall and per class) -> ``stats_to_fid`` (Frechet distance, pytorch-fid's formula).
