@@ -115,19 +115,19 @@ def _shipped(bk: dict, preset: str) -> list[dict]:
 def training_headline(tr: dict) -> str:
     """The training line of the summary: the ratio with its same-round spread, and whether it is noise."""
     r = next((r for r in tr["rows"] if r.get("shipped")), tr["rows"][-1])  # recordings before the flag: ours last
-    what = f"({tr['args']['preset']}, batch {tr['args']['batch_size']}, CPU)" if tr.get("device") == "cpu" else \
-        f"({tr['args']['preset']}, batch {tr['args']['batch_size']}, {tr.get('device', '?')})"
+    threads = f", {tr['torch_threads']} torch thread(s)" if tr.get("torch_threads") else ""
+    what = f"{tr['args']['preset']}, batch {tr['args']['batch_size']}, {tr.get('device', '?')}{threads}"
     if "ratio_per_round_range" not in r:
-        return (f"* Training: the medi-fast trainer ran {r['ratio']:.2f}x the reference-style loop's steps/s "
-                f"{what}; one run each, no spread measured.")
+        return (f"* Training ({what}): the medi-fast trainer ran {r['ratio']:.2f}x the reference-style loop's "
+                f"steps/s; one run each, no spread measured.")
     lo, hi = r["ratio_per_round_range"]
     spread = (f"same-round ratios {lo:.2f}-{hi:.2f}, median {r['ratio_per_round_median']:.2f}, "
               f"{len(r['seconds_per_round'])} rounds")
     if lo <= 1.0 <= hi:
-        return (f"* Training: **no difference measured**: the medi-fast trainer's steps/s is within this machine's "
-                f"noise of the reference-style loop's (best round against best {r['ratio']:.2f}x; {spread}) {what}.")
-    return (f"* Training: the medi-fast trainer runs **{r['ratio']:.2f}x** the reference-style loop's steps/s "
-            f"({spread}) {what}.")
+        return (f"* Training ({what}): **no difference measured**: the medi-fast trainer's steps/s is within this "
+                f"machine's noise of the reference-style loop's (best round against best {r['ratio']:.2f}x; {spread}).")
+    return (f"* Training ({what}): the medi-fast trainer runs **{r['ratio']:.2f}x** the reference-style loop's "
+            f"steps/s ({spread}).")
 
 
 def plot(backends: dict | None, sq: dict | None, path: Path) -> bool:
