@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import export_checkpoint, machine_info, random_checkpoint, write_results  # noqa: E402
+from _common import alternate, compare, export_checkpoint, machine_info, random_checkpoint, write_results  # noqa: E402
 
 from medi_fast.backends import BACKENDS, create, open_model, sampling_threads  # noqa: E402
 from medi_fast.backends.onnxruntime_backend import physical_cores  # noqa: E402
@@ -35,6 +34,7 @@ from medi_fast.schedule import Schedule  # noqa: E402
 CLASSES = ["LUAD", "LUSC", "BRCA", "COAD"]
 FAST_SOLVERS = ("dpmpp-2m-clip", "unipc-clip")  # the variants usable on the demo model (benchmarks/solver_quality.py)
 SITES = ["05", "38", "44", "49"]
+REFERENCE = "reference (diffusers DDIM + eager UNet)"  # the baseline every ratio is against
 
 
 def reference_loop(model, x_T, cond, steps, schedule):
@@ -58,22 +58,6 @@ def sampler_loop(denoiser, x_T, cond, steps, schedule, solver="ddim"):
         return get_sampler(solver)(denoiser, x_T, timesteps_for(solver, schedule, steps), schedule, cond)
 
 
-def timed_rounds(candidates, steps, rounds):
-    """{label: (seconds per round, output)}: an untimed 1-step warm-up of each (allocations, kernel
-    selection), then ``rounds`` rounds that run every candidate once in turn, so a slow spell of this
-    (shared, noisy) machine hits all of them rather than one."""
-    for fn in candidates.values():
-        fn(1)
-    times = {label: [] for label in candidates}
-    outs = {}
-    for _ in range(rounds):
-        for label, fn in candidates.items():
-            t0 = time.perf_counter()
-            outs[label] = fn(steps)
-            times[label].append(time.perf_counter() - t0)
-    return {label: (times[label], outs[label]) for label in candidates}
-
-
 def fp32_conv_peak(threads: int, repeats: int = 10) -> tuple[float, list]:
     """This machine's best fp32 convolution rate (GFLOP/s): ONNX Runtime (the fastest runtime here)
     on single 3x3 conv layers of the widths and sizes the presets use, batch 16, best of the shapes."""
@@ -92,12 +76,7 @@ def fp32_conv_peak(threads: int, repeats: int = 10) -> tuple[float, list]:
         sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
                                     .SerializeToString(), so, providers=["CPUExecutionProvider"])
         x = np.random.default_rng(1).standard_normal(shape, np.float32)
-        sess.run(None, {"x": x})
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            sess.run(None, {"x": x})
-            best = min(best, time.perf_counter() - t0)
+        best = min(alternate({"conv": lambda: sess.run(None, {"x": x})}, repeats).wall["conv"])
         rates.append({"shape": shape, "gflop_s": round(2 * batch * ch * ch * 9 * px * px / best / 1e9, 1)})
     return max(r["gflop_s"] for r in rates), rates
 
@@ -112,61 +91,67 @@ def run(preset, steps, batch, tmp, repeats, compile_cpu=True):
     cond = model.spec.encode({"class": [CLASSES[i % 4] for i in range(batch)],
                               "tss": [SITES[(i // 4) % 4] for i in range(batch)]})
 
-    candidates = {"reference (diffusers DDIM + eager UNet)": lambda n: reference_loop(model, x_T, cond, n, schedule)}
+    # label -> (loop of n steps, shipped: is this a setting medi-fast uses?)
+    loops = {REFERENCE: (lambda n: reference_loop(model, x_T, cond, n, schedule), False)}
     solver_of = {}  # label -> sampler, where not DDIM
     torch_backend = create("torch", open_model(ck_path), device="cpu")
-    candidates["torch (medi-fast DDIM, eager fp32)"] = lambda n: sampler_loop(torch_backend, x_T, cond, n, schedule)
+    loops["torch (medi-fast DDIM, eager fp32)"] = (lambda n: sampler_loop(torch_backend, x_T, cond, n, schedule), True)
     if compile_cpu:  # inductor on the CPU (needs a C++ compiler); compiled during the untimed warm-up
         compiled = create("torch-compile", open_model(ck_path), device="cpu")
-        candidates["torch-compile (CPU, inductor, fp32)"] = lambda n: sampler_loop(compiled, x_T, cond, n, schedule)
+        loops["torch-compile (CPU, inductor, fp32)"] = (lambda n: sampler_loop(compiled, x_T, cond, n, schedule), True)
     cores = physical_cores()
-    variants = {f"ort-cpu ({cores} threads, ALL, sequential)": {},
-                "ort-cpu (1 thread)": {"threads": 1},
-                "ort-cpu (EXTENDED optimisation)": {"opt_level": "extended"},
-                "ort-cpu (parallel executor)": {"sequential": False}}
-    for label, opts in variants.items():
+    # the shipped default, then variants measured and not used (docs/engines.md says why)
+    variants = {f"ort-cpu ({cores} threads, ALL, sequential)": ({}, True),
+                "ort-cpu (1 thread)": ({"threads": 1}, False),
+                "ort-cpu (EXTENDED optimisation)": ({"opt_level": "extended"}, False),
+                "ort-cpu (parallel executor)": ({"sequential": False}, False)}
+    for label, (opts, shipped) in variants.items():
         be = create("ort-cpu", info, **opts)
-        candidates[label] = (lambda n, be=be: sampler_loop(be, x_T, cond, n, schedule))
+        loops[label] = ((lambda n, be=be: sampler_loop(be, x_T, cond, n, schedule)), shipped)
         if not opts:
-            # the same session with the sampler's torch ops on all cores (no hand-off)
+            # the same session with the sampler's torch ops on all cores (no hand-off): the control row
             plain = (lambda be: lambda x, t, c: be(x, t, c))(be)  # a plain callable: sampling_threads leaves torch alone
-            candidates[f"ort-cpu (torch sampler math on {torch.get_num_threads()} threads)"] = (
-                lambda n, d=plain: sampler_loop(d, x_T, cond, n, schedule))
+            loops[f"ort-cpu (torch sampler math on {torch.get_num_threads()} threads)"] = (
+                (lambda n, d=plain: sampler_loop(d, x_T, cond, n, schedule)), False)
             for name in FAST_SOLVERS:  # the same session, the same number of steps, another solver
                 solver_of[f"ort-cpu + {name}"] = name
-                candidates[f"ort-cpu + {name}"] = (lambda n, be=be, s=name: sampler_loop(be, x_T, cond, n, schedule, s))
+                loops[f"ort-cpu + {name}"] = ((lambda n, be=be, s=name: sampler_loop(be, x_T, cond, n, schedule, s)),
+                                              True)
     if BACKENDS["openvino"].availability()[0]:
-        for prec in ("f32", "bf16"):  # bf16: a hint; CPUs without bf16 units run f32
+        # bf16 is a precision hint: CPUs without bf16 units run f32 (not offered as a setting)
+        for prec, shipped in (("f32", True), ("bf16", False)):
             ov = create("openvino", info, precision=prec)
-            candidates[f"openvino CPU ({prec})"] = (lambda n, d=ov: sampler_loop(d, x_T, cond, n, schedule))
+            loops[f"openvino CPU ({prec})"] = ((lambda n, d=ov: sampler_loop(d, x_T, cond, n, schedule)), shipped)
     for name in ("ort-cuda", "torch-fp16", "torch-bf16"):
         if BACKENDS[name].availability()[0]:
             be = create(name, info if name.startswith("ort") else open_model(ck_path))
             xd = x_T.to(be.device)
             cd = {k: v.to(be.device) for k, v in cond.items()}
-            candidates[name] = (lambda n, be=be, xd=xd, cd=cd: (sampler_loop(be, xd, cd, n, schedule),
-                                                              torch.cuda.synchronize()))
+            loops[name] = ((lambda n, be=be, xd=xd, cd=cd: (sampler_loop(be, xd, cd, n, schedule),
+                                                            torch.cuda.synchronize())), True)
 
-    results = timed_rounds(candidates, steps, repeats)
-    (ref_times, ref_out) = next(iter(results.values()))
+    # untimed 1-step warm-up of each (allocations, kernel selection, torch.compile), then the rounds
+    timings = alternate({k: (lambda f=f: f(steps)) for k, (f, _) in loops.items()}, repeats,
+                        warmup_fns={k: (lambda f=f: f(1)) for k, (f, _) in loops.items()})
+    ref_out = timings.outputs[REFERENCE]
     ref_out = ref_out[0] if isinstance(ref_out, tuple) else ref_out
+    ref_best = min(timings.wall[REFERENCE])
     rows = []
-    for label, (times, out) in results.items():
+    for label, c in compare(timings.wall, REFERENCE).items():
+        out = timings.outputs[label]
         out = out[0] if isinstance(out, tuple) else out
-        sec = min(times)
-        ratio = min(ref_times) / sec  # best against best
-        per_round = sorted(r / c for r, c in zip(ref_times, times))  # same-round ratios
+        sec, lo, hi = c["seconds"], *c["ratio_per_round_range"]
         # another solver's x0 differs by its discretisation, not by the runtime: not compared
         err = float((out.float().cpu() - ref_out).abs().max()) if label not in solver_of else float("nan")
         rows.append({"preset": preset, "backend": label, "sampler": solver_of.get(label, "ddim"), "batch": batch,
-                     "steps": steps, "seconds": round(sec, 3),
-                     "seconds_per_round": [round(t, 3) for t in times],
-                     "images_per_s": round(batch / sec, 3), "ratio_vs_reference": round(ratio, 3),
-                     "ratio_per_round_median": round(float(np.median(per_round)), 3),
-                     "ratio_per_round_range": [round(per_round[0], 3), round(per_round[-1], 3)],
+                     "steps": steps, "shipped": loops[label][1], "seconds": round(sec, 3),
+                     "seconds_per_round": [round(t, 3) for t in c["seconds_per_round"]],
+                     "images_per_s": round(batch / sec, 3), "ratio_vs_reference": round(c["ratio_best"], 3),
+                     "ratio_per_round_median": round(c["ratio_per_round_median"], 3),
+                     "ratio_per_round_range": [round(lo, 3), round(hi, 3)],
                      "max_abs_diff_vs_reference": err})
-        print(f"{preset:<9} {label:<46} {sec:>7.2f} s {batch / sec:>8.2f} img/s {ratio:>6.2f}x  "
-              f"(rounds: median {np.median(per_round):.2f}x, {per_round[0]:.2f}-{per_round[-1]:.2f})  "
+        print(f"{preset:<9} {label:<46} {sec:>7.2f} s {batch / sec:>8.2f} img/s {c['ratio_best']:>6.2f}x  "
+              f"(rounds: median {c['ratio_per_round_median']:.2f}x, {lo:.2f}-{hi:.2f})  "
               f"max|x0 - ref| {err:.2e}", flush=True)
     if not torch.cuda.is_available():
         # Every FLOP of the loop at the best fp32 conv rate measured on this machine: what a runtime with
@@ -175,12 +160,12 @@ def run(preset, steps, batch, tmp, repeats, compile_cpu=True):
         sec = steps * batch * PRESETS[preset].gflop_per_step / peak
         label = f"ceiling: all FLOPs at {peak:.0f} GFLOP/s"
         rows.append({"preset": preset, "backend": label, "sampler": "ddim", "batch": batch, "steps": steps,
-                     "seconds": round(sec, 3), "images_per_s": round(batch / sec, 3),
-                     "ratio_vs_reference": round(min(ref_times) / sec, 3),
+                     "shipped": False, "seconds": round(sec, 3), "images_per_s": round(batch / sec, 3),
+                     "ratio_vs_reference": round(ref_best / sec, 3),
                      "derived": True, "conv_peak_shapes": shapes})
-        print(f"{preset:<9} {label:<46} {sec:>7.2f} s {batch / sec:>8.2f} img/s {min(ref_times) / sec:>6.2f}x  "
+        print(f"{preset:<9} {label:<46} {sec:>7.2f} s {batch / sec:>8.2f} img/s {ref_best / sec:>6.2f}x  "
               f"(derived: FLOPs per loop / the best fp32 3x3-conv rate measured now)", flush=True)
-    return rows
+    return rows, timings
 
 
 def main(argv=None):
@@ -201,10 +186,12 @@ def main(argv=None):
     print(f"{'preset':<9} {'backend':<42} {'time':>10} {'throughput':>15} {'ratio':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for preset, n in zip(presets, steps):
-            rows += run(preset, n, args.batch, tmp, args.repeats, compile_cpu=not args.no_compile)
+            preset_rows, timings = run(preset, n, args.batch, tmp, args.repeats, compile_cpu=not args.no_compile)
+            rows += preset_rows
     path = write_results(args.name, rows, {"physical_cores": physical_cores(), "torch_threads": torch.get_num_threads(),
                                            "onnxruntime": __import__("onnxruntime").__version__,
-                                           "command": " ".join(["python", "benchmarks/backends.py"] + sys.argv[1:])})
+                                           "command": " ".join(["python", "benchmarks/backends.py"] + sys.argv[1:])},
+                         timing=timings)
     print(f"wrote {path}")
     return machine_info()
 

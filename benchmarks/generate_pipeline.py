@@ -2,8 +2,8 @@
 
 1. **I/O overlap.** The same Generator, plan and backend, run (a) with no output directory (pure
    sampling) and (b) writing PNGs (+ manifest) into a fresh directory; the two alternate for --repeats
-   rounds and the medians are compared.  Efficiency = t(pure) / t(with PNG); 1.0 means writing is
-   completely hidden behind sampling.
+   rounds (benchmarks/_common.alternate).  Efficiency = t(pure) / t(with PNG), best round against best
+   round and the median of the same-round ratios; 1.0 means writing is completely hidden behind sampling.
 2. **Peak memory.** `medi-fast generate` run in a fresh process for n = --small and n = --large images
    (PNG output); peak RSS (ru_maxrss) of each process.  The run streams (bounded in-flight batches,
    manifest from the written rows), so the peak must not grow with n.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results  # noqa: E402
+from _common import alternate, compare, write_results  # noqa: E402
 
 from medi_fast import backends, plan as plans  # noqa: E402
 from medi_fast.cli import main as cli  # noqa: E402
@@ -39,24 +38,30 @@ print(json.dumps({"rc": rc or 0, "maxrss_mib": resource.getrusage(resource.RUSAG
 """
 
 
-def overlap(ckpt: Path, n: int, steps: int, batch: int, repeats: int, tmp: Path) -> dict:
+def overlap(ckpt: Path, n: int, steps: int, batch: int, repeats: int, tmp: Path):
     info = backends.open_model(ckpt)
     gen = Generator(info, backends.create("torch", info), GenerateConfig(steps=steps, batch_size=batch),
                     progress=False)
     plan = plans.single(info.spec, {"class": "LUAD", "tss": "05"}, n, seed=0)
-    gen.run(plan.shard(0, max(1, n // batch)))  # warm-up
-    pure, written = [], []
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        gen.run(plan)
-        pure.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        gen.run(plan, tmp / f"run{r}")
-        written.append(time.perf_counter() - t0)
-        assert len(list((tmp / f"run{r}").rglob("*.png"))) == n
-    tp, tw = statistics.median(pure), statistics.median(written)
-    return {"n": n, "steps": steps, "batch": batch, "pure_s": tp, "with_png_s": tw,
-            "pure_img_s": n / tp, "with_png_img_s": n / tw, "efficiency": tp / tw}
+    runs = iter(range(10**6))
+
+    def with_png():  # a fresh directory each time (an existing run would be skipped, not rewritten)
+        out = tmp / f"run{next(runs)}"
+        gen.run(plan, out)
+        assert sum(1 for _ in out.rglob("*.png")) == n
+
+    # warm-up: one batch's worth of each; then alternating rounds
+    small = plan.shard(0, max(1, n // batch))
+    timings = alternate({"pure": lambda: gen.run(plan), "with_png": with_png}, repeats,
+                        warmup_fns={"pure": lambda: gen.run(small), "with_png": lambda: gen.run(small, tmp / "warm")})
+    c = compare(timings.wall, "pure")["with_png"]  # speed of writing relative to pure sampling = efficiency
+    tp, tw = min(timings.wall["pure"]), c["seconds"]
+    return {"n": n, "steps": steps, "batch": batch, "shipped": True, "pure_s": round(tp, 4), "with_png_s": round(tw, 4),
+            "pure_s_per_round": [round(t, 4) for t in timings.wall["pure"]],
+            "with_png_s_per_round": [round(t, 4) for t in timings.wall["with_png"]],
+            "pure_img_s": round(n / tp, 2), "with_png_img_s": round(n / tw, 2), "efficiency": round(c["ratio_best"], 4),
+            "efficiency_per_round_median": round(c["ratio_per_round_median"], 4),
+            "efficiency_per_round_range": [round(x, 4) for x in c["ratio_per_round_range"]]}, timings
 
 
 def peak_memory(ckpt: Path, n: int, steps: int, batch: int, tmp: Path) -> dict:
@@ -71,7 +76,8 @@ def peak_memory(ckpt: Path, n: int, steps: int, batch: int, tmp: Path) -> dict:
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     files = sum(1 for _ in out.rglob("*.png"))
     assert files == n, (files, n)
-    return {"n": n, "steps": steps, "batch": batch, "peak_rss_mib": res["maxrss_mib"], "seconds": seconds}
+    return {"n": n, "steps": steps, "batch": batch, "shipped": True, "peak_rss_mib": res["maxrss_mib"],
+            "seconds": seconds}
 
 
 def main() -> int:
@@ -90,7 +96,7 @@ def main() -> int:
         tmp = Path(d)
         ckpt = tmp / "ckpt.pt"
         cli(["init-checkpoint", "--preset", args.preset, "--classes", "LUAD,LUSC", "--tss", "05,44", "--out", str(ckpt)])
-        ov = overlap(ckpt, args.n, args.steps, args.batch, args.repeats, tmp)
+        ov, timings = overlap(ckpt, args.n, args.steps, args.batch, args.repeats, tmp)
         mem = [peak_memory(ckpt, n, args.mem_steps, args.batch, tmp) for n in (args.small, args.large)]
     growth = mem[1]["peak_rss_mib"] / mem[0]["peak_rss_mib"]
     print(f"I/O overlap ({args.preset}, {ov['n']} images, DDIM-{ov['steps']}, batch {ov['batch']}): "
@@ -101,7 +107,8 @@ def main() -> int:
     print(f"peak RSS ratio n={args.large} / n={args.small}: {growth:.3f}")
     path = write_results("generate_pipeline", [ov] + mem,
                          {"preset": args.preset, "overlap": ov, "memory": mem, "memory_ratio": growth,
-                          "command": " ".join(["python", "benchmarks/generate_pipeline.py"] + sys.argv[1:])})
+                          "command": " ".join(["python", "benchmarks/generate_pipeline.py"] + sys.argv[1:])},
+                         timing=timings)
     print(f"wrote {path}")
     return 0
 

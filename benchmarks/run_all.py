@@ -73,13 +73,26 @@ def _table(rows: list[dict], cols: list[str] | None = None, fmt: str = ".3g") ->
     return df.to_markdown(index=False, floatfmt=fmt)
 
 
+def _dist_by_steps(rows: list[dict]) -> str:
+    """solver_quality's distances as one row per sampler, one column per step count (DDIM-100 apart)."""
+    import pandas as pd
+
+    df = pd.DataFrame([r for r in rows if not (r["sampler"] == "ddim" and r["steps"] == PUBLISHED_STEPS)])
+    wide = df.pivot_table(index="sampler", columns="steps", values="dist", sort=False)
+    wide.columns = [f"{c} steps" for c in wide.columns]
+    return wide.reset_index().to_markdown(index=False, floatfmt=".4g")
+
+
 def _provenance(d: dict) -> str:
     m = d.get("machine", {})
     load = m.get("load_avg_1_5_15")
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
+    t = d.get("timing")
+    timing = (f"; timed by benchmarks/_common.alternate: {t['warmup_runs']} untimed warm-up run(s) of each, then "
+              f"{t['rounds']} alternating rounds, clock {t['clock']}" if t else "")
     return (f"*{m.get('time_utc', '?')}; {m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores, "
             f"{m.get('mem_gib', '?')} GiB{gpu}; torch {m.get('torch', '?')}; load average "
-            f"{load if load else '?'}; command `{d.get('command', '?')}`*")
+            f"{load if load else '?'}; command `{d.get('command', '?')}`{timing}*")
 
 
 def fewest_steps(sq: dict) -> dict:
@@ -93,14 +106,28 @@ def _measured(bk: dict, preset: str) -> list[dict]:
     return [r for r in bk["rows"] if r["preset"] == preset and not r.get("derived")]
 
 
-# backends.py rows of settings that were measured and dropped (docs/engines.md): not in the headline
-DROPPED = ("(1 thread)", "EXTENDED", "parallel executor", "torch sampler math", "(bf16)")
-
-
 def _shipped(bk: dict, preset: str) -> list[dict]:
-    """Measured rows of the settings medi-fast uses (no reference, no dropped variant)."""
-    return [r for r in _measured(bk, preset)
-            if not r["backend"].startswith("reference") and not any(d in r["backend"] for d in DROPPED)]
+    """Measured rows of the settings medi-fast uses, as the script that measured them marked them
+    (``shipped: true``; the reference and the variants measured and dropped are ``false``)."""
+    return [r for r in _measured(bk, preset) if r.get("shipped") is True]
+
+
+def training_headline(tr: dict) -> str:
+    """The training line of the summary: the ratio with its same-round spread, and whether it is noise."""
+    r = next((r for r in tr["rows"] if r.get("shipped")), tr["rows"][-1])  # recordings before the flag: ours last
+    threads = f", {tr['torch_threads']} torch thread(s)" if tr.get("torch_threads") else ""
+    what = f"{tr['args']['preset']}, batch {tr['args']['batch_size']}, {tr.get('device', '?')}{threads}"
+    if "ratio_per_round_range" not in r:
+        return (f"* Training ({what}): the medi-fast trainer ran {r['ratio']:.2f}x the reference-style loop's "
+                f"steps/s; one run each, no spread measured.")
+    lo, hi = r["ratio_per_round_range"]
+    spread = (f"same-round ratios {lo:.2f}-{hi:.2f}, median {r['ratio_per_round_median']:.2f}, "
+              f"{len(r['seconds_per_round'])} rounds")
+    if lo <= 1.0 <= hi:
+        return (f"* Training ({what}): **no difference measured**: the medi-fast trainer's steps/s is within this "
+                f"machine's noise of the reference-style loop's (best round against best {r['ratio']:.2f}x; {spread}).")
+    return (f"* Training ({what}): the medi-fast trainer runs **{r['ratio']:.2f}x** the reference-style loop's "
+            f"steps/s ({spread}).")
 
 
 def plot(backends: dict | None, sq: dict | None, path: Path) -> bool:
@@ -196,9 +223,7 @@ def report(status: dict[str, str]) -> Path:
                         f"speed; peak memory for n = {gp['memory'][1]['n']:,} is **{gp['memory_ratio']:.3f}x** that for "
                         f"n = {gp['memory'][0]['n']:,}.")
     if tr:
-        r = tr["rows"][-1]
-        headline.append(f"* Training: the medi-fast trainer runs **{r['ratio']:.2f}x** the reference-style loop's "
-                        f"steps/s ({tr['args']['preset']}, batch {tr['args']['batch_size']}).")
+        headline.append(training_headline(tr))
     if headline:
         md += ["## Summary", "", *headline, ""]
     if plot(bk, sq, RESULTS / "summary.png"):
@@ -210,19 +235,26 @@ def report(status: dict[str, str]) -> Path:
                "runs), the conditioning embedded once. Every candidate runs the same batch, steps and starting "
                "noise; `max_abs_diff` is the largest difference of the final x0 to the reference's. Each candidate "
                "has one untimed warm-up (for torch.compile: the compilation), then every round runs each candidate "
-               "once in turn; `seconds` is the best round, `ratio_vs_reference` best against best, "
+               "once in turn" + (", the first one rotating from round to round" if "timing" in bk else "") + "; "
+               "`seconds` is the best round, `ratio_vs_reference` best against best, "
                "`ratio_per_round_median` the median of the ratios within a round. The `ceiling` row is derived, "
                "not a backend: the loop's FLOPs at the best fp32 3x3-convolution rate measured on this machine "
                "in the same run. `ort-cpu + <solver>` rows run another solver for the same number of steps (no "
                "x0 comparison: the solvers solve differently).", "",
-               _table(bk["rows"], ["preset", "backend", "sampler", "batch", "steps", "seconds", "images_per_s",
+               "`shipped` marks the settings medi-fast uses (set by backends.py); the others are the reference, "
+               "the variants measured and not used, and the derived ceiling.", "",
+               _table(bk["rows"], ["preset", "backend", "sampler", "shipped", "batch", "steps", "seconds",
+                                   "images_per_s",
                                    "ratio_vs_reference", "ratio_per_round_median", "max_abs_diff_vs_reference"]), ""]
     if st:
         md += ["## generate's sampling path vs the reference loop", "", _provenance(st), "",
                "`sample_rows` on a backend (per-sample seeded noise, medi-fast DDIM, uint8 conversion: "
-               "all that `generate` does but write files) beside the reference loop, alternating, medians.", "",
-               _table(st["rows"], ["preset", "candidate", "batch", "steps", "median_s", "images_per_s",
-                                   "ratio_vs_reference"]), ""]
+               "all that `generate` does but write files) beside the reference loop, in alternating rounds; "
+               + ("`seconds` is the best round, `ratio_vs_reference` best against best, `ratio_per_round_median` the "
+                  "median of the ratios within a round." if "timing" in st else
+                  "`ratio_vs_reference` is the ratio of the medians (recorded before the shared harness)."), "",
+               _table(st["rows"], ["preset", "candidate", "shipped", "batch", "steps", "median_s", "seconds",
+                                   "images_per_s", "ratio_vs_reference", "ratio_per_round_median"]), ""]
     if sq:
         few = fewest_steps(sq)
         base = next(r for r in sq["rows"] if r["sampler"] == "ddim" and r["steps"] == PUBLISHED_STEPS)
@@ -234,6 +266,7 @@ def report(status: dict[str, str]) -> Path:
                f"dist {base['dist']:.3f}.", "",
                "Fewest steps within 5 % of DDIM-100's distance: "
                + ", ".join(f"{k} {v['steps'] if v else 'none of those tried'}" for k, v in few.items()) + ".", "",
+               "`dist` by sampler and steps:", "", _dist_by_steps(sq["rows"]), "",
                _table(sq["rows"], ["sampler", "steps", "dist", "rmse_ref", "s"]), ""]
     if prof:
         md += ["## Where ort-cpu spends a UNet call", "", _provenance(prof), "",
@@ -258,7 +291,13 @@ def report(status: dict[str, str]) -> Path:
                "(alternating, medians). Memory: `medi-fast generate` in a fresh process per n, peak RSS.", "",
                _table([gp["overlap"]]), "", _table(gp["memory"]), ""]
     if tr:
-        md += ["## Training throughput", "", _provenance(tr), "", _table(tr["rows"]), ""]
+        md += ["## Training throughput", "", _provenance(tr), "",
+               "Each loop runs from a fresh start twice per round (a short and a long run, alternating with the "
+               "other loop's); its time for the timed steps is the difference within the round, so the fixed "
+               "costs of a run (model build, loader start, final checkpoint) cancel. `ratio` is best against "
+               "best, `ratio_per_round_median` and `ratio_per_round_range` over the same-round ratios.", "",
+               _table(tr["rows"], ["loop", "shipped", "steps", "seconds", "seconds_per_round", "steps_per_s",
+                                   "images_per_s", "ratio", "ratio_per_round_median", "ratio_per_round_range"]), ""]
     if data:
         md += ["## Data throughput", "", _provenance(data), "", _table(data["rows"]), ""]
     if flops:

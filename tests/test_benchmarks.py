@@ -35,11 +35,19 @@ def test_backends_ort_profile_and_report_from_their_json(tmp_path):
     assert {r["sampler"] for r in rows.values()} >= {"ddim", "dpmpp-2m-clip", "unipc-clip"}
     ceiling = [r for r in bk["rows"] if r.get("derived")]
     assert len(ceiling) == 1 and ceiling[0]["ratio_vs_reference"] > 0
+    # the script marks what medi-fast ships; the harness settings are in the file
+    assert all(isinstance(r["shipped"], bool) for r in bk["rows"])
+    assert not ref["shipped"] and not ceiling[0]["shipped"] and ort["shipped"]
+    assert not any(r["shipped"] for k, r in rows.items() if "1 thread" in k or "torch sampler math" in k)
+    assert bk["timing"]["rounds"] == 2 and bk["timing"]["clock"] == "perf_counter"
+    lo, hi = ort["ratio_per_round_range"]
+    assert lo <= ort["ratio_per_round_median"] <= hi
 
     _run("sampling_throughput.py", "--presets", "tiny-32", "--batch", "2", "--steps", "2", "--repeats", "1",
          out=tmp_path)
     st = {r["candidate"].split(" ")[0]: r for r in json.loads((tmp_path / "sampling_throughput.json").read_text())["rows"]}
     assert {"reference", "torch", "ort-cpu"} <= set(st) and all(r["images_per_s"] > 0 for r in st.values())
+    assert not st["reference"]["shipped"] and st["ort-cpu"]["shipped"] and "ratio_per_round_median" in st["ort-cpu"]
 
     _run("ort_profile.py", "--presets", "tiny-32", "--batch", "2", "--calls", "1", out=tmp_path)
     prof = json.loads((tmp_path / "ort_profile.json").read_text())["rows"]
@@ -49,3 +57,14 @@ def test_backends_ort_profile_and_report_from_their_json(tmp_path):
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## Sampling throughput per backend" in md and "ceiling" in md and "## Where ort-cpu spends" in md
     assert {p: p.stat().st_mtime_ns for p in (BENCH / "results").glob("*.json")} == recorded  # the repo's untouched
+
+
+@pytest.mark.slow
+def test_data_throughput_alternates_readers(tmp_path):
+    _run("data_throughput.py", "--synth-n", "4", "--read-n", "8", "--repeats", "2", out=tmp_path)
+    d = json.loads((tmp_path / "data_throughput.json").read_text())
+    rows = {r["task"].split(" [")[0]: r for r in d["rows"]}
+    base = rows["read: index (JPEG decode per item)"]
+    assert base["vs_baseline"] == 1.0 and not base["shipped"] and d["timing"]["rounds"] == 2
+    assert all(isinstance(r["shipped"], bool) for r in d["rows"])
+    assert rows["read: pack ds[i] per item"]["shipped"] and rows["read: pack ds[i] per item"]["vs_baseline"] > 0
