@@ -39,6 +39,11 @@ def _fp32_nodes(graph) -> set[int]:
     return keep
 
 
+def fp32_node_names(graph) -> set[str]:
+    """Names of the nodes the fp16 graph keeps in fp32: the TensorRT build pins the same set."""
+    return {graph.node[i].name for i in _fp32_nodes(graph) if graph.node[i].name}
+
+
 def convert_to_fp16(model):
     """Return an fp16 copy of a float32 ONNX model (see the module docstring for the rule)."""
     import onnx

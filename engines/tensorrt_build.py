@@ -1,18 +1,21 @@
 """FP16 TensorRT engine from an exported .onnx, with the TensorRT Python API (never a shell-out).
 
-build -> save engine + sidecar JSON.  The sidecar (``model.engine.json``) carries everything the
-runtime needs without TensorRT (the .onnx metadata: vocabularies, ConditionSpec, schedule, contract,
-checkpoint hash) plus what the engine is tied to: TensorRT version, GPU name and compute capability.
-The runtime (medi_fast.backends.tensorrt_backend) refuses a mismatch with the rebuild command.
+build -> parity check -> save engine + sidecar JSON.  The sidecar (``model.engine.json``) carries
+everything the runtime needs without TensorRT (the .onnx metadata: vocabularies, ConditionSpec,
+schedule, contract, checkpoint hash) plus what the engine is tied to: TensorRT version, GPU name and
+compute capability.  The runtime (medi_fast.backends.tensorrt_backend) refuses a mismatch with the
+rebuild command.
 
-Precision: FP16 everywhere except normalisation layers (TensorRT's INormalizationLayer from
-InstanceNormalization/GroupNormalization/LayerNormalization, and the ReduceMean/Pow/Sqrt of
-decomposed norms), the Softmax, and the sinusoidal timestep encoding, which are pinned to fp32 with
-precision constraints: their fp16 accumulations overflow or lose the timestep.
+Precision: FP16 everywhere except the nodes the fp16 ONNX keeps in fp32 (engines/fp16.py:
+normalisations, Softmax, and every ancestor of a Sin/Cos, i.e. the timestep and continuous-attribute
+encodings, whose arguments near 1000 have a spacing of 0.5 in fp16).  The set is computed on the
+ONNX graph and matched to TensorRT layers by ONNX node name, with precision constraints obeyed.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,11 +23,9 @@ from medi_fast.backends import onnx_info
 from medi_fast.backends.contract import IOContract
 from medi_fast.backends.tensorrt_backend import SIDECAR_FORMAT, sidecar_path
 from medi_fast.errors import MediFastError
-from medi_fast.io import atomic_path, atomic_write_bytes, atomic_write_text
+from medi_fast.io import atomic_write_bytes
 
-# ONNX op names whose TensorRT layers stay fp32 (layer names carry the ONNX node names).
-FP32_ONNX_OPS = ("InstanceNormalization", "GroupNormalization", "LayerNormalization", "ReduceMean", "Pow", "Sqrt",
-                 "Softmax", "Sin", "Cos", "time_proj")
+from .fp16 import fp32_node_names
 
 
 @dataclass(frozen=True)
@@ -61,20 +62,92 @@ def device_fingerprint() -> dict:
             "compute_capability": f"{major}.{minor}"}
 
 
-def _fp32_layer(layer, trt) -> bool:
-    if layer.type == trt.LayerType.NORMALIZATION or layer.type == trt.LayerType.SOFTMAX:
-        return True
-    return any(op in layer.name for op in FP32_ONNX_OPS)
+_ONNX_LAYER = re.compile(r"\[ONNX Layer: (.*?)\]")
 
 
-def build_engine(onnx_path, engine_path, config: BuildConfig = BuildConfig(), *, rebuild_command: str = "") -> Path:
-    """Parse ``onnx_path``, build with one optimisation profile from its contract, save engine + sidecar."""
+def onnx_node_of(layer) -> str:
+    """The ONNX node a TensorRT layer came from.
+
+    TensorRT 10's ONNX parser writes ``[ONNX Layer: <node name>]`` into every layer's ``metadata``
+    (also the helper layers one node expands into); older parsers only name the main layer after the node.
+    """
+    match = _ONNX_LAYER.search(getattr(layer, "metadata", "") or "")
+    return match.group(1) if match else layer.name
+
+
+def fp32_layers(network, trt, pinned: set[str]) -> list[int]:
+    """Indices of the network's layers to pin to fp32: those of the ``pinned`` ONNX nodes with float outputs.
+
+    Integer layers (shape arithmetic, ids) take no float precision constraint.
+    """
+    floats = (trt.float32, trt.float16)
+    out = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if onnx_node_of(layer) not in pinned:
+            continue
+        if all(layer.get_output(k).dtype in floats for k in range(layer.num_outputs)):
+            out.append(i)
+    return out
+
+
+def use_timing_cache(bc, path: Path) -> bool:
+    """Attach the timing cache at ``path`` to builder config ``bc``; an empty one where it is refused.
+
+    A cache written by another TensorRT version or GPU is refused by ``set_timing_cache`` (returns
+    False with ``ignore_mismatch=False``; ignoring the mismatch risks wrong kernels).  Returns True
+    when the file's cache was used.
+    """
+    data = path.read_bytes() if path.is_file() else b""
+    if data:
+        try:
+            cache = bc.create_timing_cache(data)
+        except Exception:  # a corrupt file: TensorRT raises its own errors
+            cache = None
+        if cache is not None and bc.set_timing_cache(cache, ignore_mismatch=False):
+            return True
+    if not bc.set_timing_cache(bc.create_timing_cache(b""), ignore_mismatch=False):
+        raise MediFastError("TensorRT refused an empty timing cache; check the TensorRT installation")
+    return False
+
+
+def write_engine(engine_path: Path, engine: bytes, sidecar: dict) -> Path:
+    """Write the engine and its sidecar together: both are staged in full first, then renamed.
+
+    Everything that can fail (serialising, the sidecar's content, disk space) happens before the
+    renames, so an interrupted build never leaves a new engine beside an old or missing sidecar
+    that would describe it wrongly (an engine without a sidecar is refused with the rebuild command).
+    """
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    side = sidecar_path(engine_path)
+    tmp_engine = engine_path.with_name(f".{engine_path.name}.tmp-{os.getpid()}")
+    tmp_side = side.with_name(f".{side.name}.tmp-{os.getpid()}")
+    try:
+        tmp_engine.write_bytes(engine)
+        tmp_side.write_text(json.dumps(sidecar, indent=2))
+        side.unlink(missing_ok=True)  # never an old sidecar beside the new engine
+        os.replace(tmp_engine, engine_path)
+        os.replace(tmp_side, side)
+    finally:
+        tmp_engine.unlink(missing_ok=True)
+        tmp_side.unlink(missing_ok=True)
+    return engine_path
+
+
+def build_engine(onnx_path, engine_path, config: BuildConfig = BuildConfig(), *, rebuild_command: str = "",
+                 check_parity: bool = True) -> Path:
+    """Parse ``onnx_path``, build with one optimisation profile from its contract, save engine + sidecar.
+
+    With ``check_parity`` the built engine is run against the fp32 graph on ONNX Runtime CPU
+    (engines/parity.check_denoiser); a failing engine is deleted and the build refused.
+    """
     check_can_build()
+    import onnx
     import tensorrt as trt
 
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     info = onnx_info.read_onnx_info(onnx_path)
-    contract: IOContract = info.extra["contract"]
+    contract: IOContract = info.contract
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # TensorRT 10 networks are always explicit-batch; 8.x needs the flag.
@@ -86,17 +159,18 @@ def build_engine(onnx_path, engine_path, config: BuildConfig = BuildConfig(), *,
         raise MediFastError(f"TensorRT cannot parse {onnx_path.name}: {errors[:300]}; re-export with --opset 18")
 
     bc = builder.create_builder_config()
+    pinned: list[str] = []
     if config.fp16:
         bc.set_flag(trt.BuilderFlag.FP16)
         # honour the fp32 pins below instead of treating them as hints
         bc.set_flag(getattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS"))
-        for i in range(network.num_layers):
+        names = fp32_node_names(onnx.load(str(onnx_path), load_external_data=False).graph)
+        for i in fp32_layers(network, trt, names):
             layer = network.get_layer(i)
-            if _fp32_layer(layer, trt):
-                layer.precision = trt.float32
-                for k in range(layer.num_outputs):
-                    if layer.get_output(k).dtype in (trt.float32, trt.float16):
-                        layer.set_output_type(k, trt.float32)
+            layer.precision = trt.float32
+            for k in range(layer.num_outputs):
+                layer.set_output_type(k, trt.float32)
+            pinned.append(layer.name)
     bc.builder_optimization_level = int(config.optimization_level)
     if config.workspace:
         bc.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace))
@@ -107,20 +181,45 @@ def build_engine(onnx_path, engine_path, config: BuildConfig = BuildConfig(), *,
     bc.add_optimization_profile(profile)
 
     cache_path = Path(config.timing_cache or engine_path.with_name("timing.cache"))
-    cache = bc.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
-    bc.set_timing_cache(cache, ignore_mismatch=False)
+    reused_cache = use_timing_cache(bc, cache_path)
 
     serialized = builder.build_serialized_network(network, bc)
     if serialized is None:
         raise MediFastError(f"TensorRT could not build an engine from {onnx_path.name} (see the TensorRT log above); "
                             f"try a smaller --batch MAX or --optimization-level 3")
-    with atomic_path(engine_path) as tmp:
-        Path(tmp).write_bytes(bytes(serialized))
-    atomic_write_bytes(cache_path, bytes(bc.get_timing_cache().serialize()))
     sidecar = {"format": SIDECAR_FORMAT, **device_fingerprint(), "build": asdict(config),
+               "fp32_layers": len(pinned), "timing_cache_reused": reused_cache,
                "onnx": onnx_path.name, "rebuild_command": rebuild_command or
                f"medi-fast export CHECKPOINT --out {engine_path.parent} --tensorrt --batch {contract.batch}",
                "metadata": onnx_info.read_props(onnx_path)}
-    atomic_write_text(sidecar_path(engine_path), json.dumps(sidecar, indent=2))
+    write_engine(engine_path, bytes(serialized), sidecar)
+    timing = bc.get_timing_cache()
+    if timing is not None:
+        try:  # a cache: losing it costs build time on the next build, never correctness
+            atomic_write_bytes(cache_path, bytes(timing.serialize()))
+        except OSError:
+            pass
+    if check_parity:
+        verify_engine(engine_path, onnx_path)
     return engine_path
 
+
+def verify_engine(engine_path: Path, onnx_path: Path) -> None:
+    """Run the built engine against the fp32 graph on ONNX Runtime CPU; delete it and refuse on failure."""
+    from medi_fast import backends
+
+    from .parity import check_denoiser
+
+    info = backends.open_model(engine_path)
+    reference = backends.create("ort-cpu", backends.open_model(onnx_path))
+    candidate = backends.create("tensorrt", info)
+    try:
+        result = check_denoiser(reference, candidate, info.contract, info.spec)
+    finally:
+        candidate.close()
+        reference.close()
+    if not result.ok:
+        engine_path.unlink(missing_ok=True)
+        sidecar_path(engine_path).unlink(missing_ok=True)
+        raise MediFastError(f"the built TensorRT engine does not match the ONNX graph ({result.summary()}); "
+                            f"rebuild with --optimization-level 3, or use the ONNX model with --backend ort-cuda")

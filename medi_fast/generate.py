@@ -94,6 +94,26 @@ def _manifest(plan_rows: pd.DataFrame, files: list[str], info: ModelInfo, cfg: G
     return df
 
 
+def check_unet_batch(denoiser, batch_size: int, guidance: float) -> None:
+    """Refuse a batch the denoiser's engine profile cannot take, before anything is generated.
+
+    Classifier-free guidance runs the conditional and unconditional halves as ONE UNet batch of
+    2 x batch_size (one engine call per step, not two), so ``--batch-size 64 --guidance 3`` needs an
+    engine profile up to 128.  Engine backends carry their I/O contract; others have no limit.
+    """
+    contract = getattr(denoiser, "contract", None)
+    if contract is None:
+        return
+    unet = batch_size * (1 if guidance == 1.0 else 2)
+    if unet > contract.batch.max:
+        fit = contract.batch.max // (1 if guidance == 1.0 else 2)
+        why = f"with --guidance {guidance} the UNet runs at 2 x {batch_size} = {unet}" if guidance != 1.0 else \
+            f"--batch-size {batch_size}"
+        raise MediFastError(f"{why}, above this engine's profile maximum {contract.batch.max}; use --batch-size "
+                            f"{max(fit, 1)} or rebuild the engine with --batch {contract.batch.min},"
+                            f"{contract.batch.opt},{max(unet, contract.batch.opt)}")
+
+
 class Generator:
     """Runs a plan through a backend.  ``sinks``: callables ``sink(images, rows)`` fed every batch
     in plan order (e.g. streaming FID statistics); images skipped on resume are read back for them."""
@@ -122,6 +142,7 @@ class Generator:
         cfg = self.cfg
         full_plan = plan
         plan = plan.shard(*shard) if shard[1] > 1 else plan
+        check_unet_batch(self.denoiser, min(cfg.batch_size, max(len(plan), 1)), cfg.guidance)
         writer = None
         pending = np.ones(len(plan), dtype=bool)
         if out is not None:
