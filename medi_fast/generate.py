@@ -27,7 +27,7 @@ from .errors import MediFastError
 from .guidance import classifier_free
 from .io import atomic_write_text, clean_tmp, ensure_dir
 from .plan import Plan
-from .samplers import get_sampler, timesteps_for
+from .samplers import get_sampler, sampler_entry, timesteps_for
 from .writers import make_writer
 
 
@@ -51,8 +51,8 @@ class GenerateConfig:
             raise MediFastError(f"--batch-size must be positive, got {self.batch_size}")
         if self.eta < 0:
             raise MediFastError(f"--eta must be >= 0, got {self.eta}")
-        get_sampler(self.sampler)  # an unknown name fails before anything is loaded or written
-        if self.eta and self.sampler != "ddim":
+        entry = sampler_entry(self.sampler)  # an unknown name fails before anything is loaded or written
+        if self.eta and not entry.takes_eta:
             raise MediFastError(f"{self.sampler} is a deterministic ODE solver and takes no --eta (got {self.eta}); "
                                 f"use --eta 0 or --sampler ddim")
 
