@@ -223,3 +223,27 @@ def verify_engine(engine_path: Path, onnx_path: Path) -> None:
         sidecar_path(engine_path).unlink(missing_ok=True)
         raise MediFastError(f"the built TensorRT engine does not match the ONNX graph ({result.summary()}); "
                             f"rebuild with --optimization-level 3, or use the ONNX model with --backend ort-cuda")
+
+
+def cached_engine(onnx_path, cache_dir=None, config: BuildConfig = BuildConfig()) -> Path:
+    """The TensorRT engine for ``onnx_path`` from the content-keyed cache, built on first use.
+
+    Keyed by the .onnx bytes, TensorRT version, GPU, precision, batch profile and build options
+    (engines/cache.py); processes asking for the same key at once build it once.
+    """
+    from dataclasses import replace
+
+    from .cache import EngineCache, key_fields
+
+    check_can_build()
+    onnx_path = Path(onnx_path)
+    info = onnx_info.read_onnx_info(onnx_path)
+    cache = EngineCache(cache_dir)
+    options = {k: v for k, v in asdict(config).items() if k not in ("fp16", "timing_cache")}
+    fields = key_fields(onnx_path, fingerprint=device_fingerprint(), precision="fp16" if config.fp16 else "fp32",
+                        batch=info.contract.batch, options=options)
+    # one timing cache for the whole cache directory: kernel timings carry over between models
+    config = replace(config, timing_cache=config.timing_cache or str(cache.root / "timing.cache"))
+    path, _ = cache.get_or_build(fields, lambda out: build_engine(
+        onnx_path, out, config, rebuild_command=f"medi-fast generate {onnx_path} --backend tensorrt"))
+    return path
