@@ -39,17 +39,17 @@ class BuildConfig:
     timing_cache: str | None = None
 
 
-def check_can_build() -> None:
+def check_can_build(flag: str = "--tensorrt", instead: str = "drop --tensorrt to export ONNX only") -> None:
     """Raise one line when TensorRT or a CUDA GPU is missing."""
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        raise MediFastError("--tensorrt needs the tensorrt package and a CUDA GPU (pip install 'medi-fast[gpu]'); "
-                            "drop --tensorrt to export ONNX only") from None
+        raise MediFastError(f"{flag} needs the tensorrt package and a CUDA GPU (pip install 'medi-fast[gpu]'); "
+                            f"{instead}") from None
     import torch
 
     if not torch.cuda.is_available():
-        raise MediFastError("--tensorrt needs a CUDA GPU; build the engine on the machine that will run it")
+        raise MediFastError(f"{flag} needs a CUDA GPU; build the engine on the machine that will run it, or {instead}")
 
 
 def device_fingerprint() -> dict:
@@ -235,7 +235,7 @@ def cached_engine(onnx_path, cache_dir=None, config: BuildConfig = BuildConfig()
 
     from .cache import EngineCache, key_fields
 
-    check_can_build()
+    check_can_build("--backend tensorrt", "use --backend auto to run the .onnx with ONNX Runtime")
     onnx_path = Path(onnx_path)
     info = onnx_info.read_onnx_info(onnx_path)
     cache = EngineCache(cache_dir)

@@ -139,7 +139,7 @@ def test_cached_engine_keys_on_this_machine_and_builds_with_the_real_builder_sig
         Path(engine_out).write_bytes(b"engine")
         return Path(engine_out)
 
-    monkeypatch.setattr(tensorrt_build, "check_can_build", lambda: None)
+    monkeypatch.setattr(tensorrt_build, "check_can_build", lambda *a: None)
     monkeypatch.setattr(tensorrt_build, "device_fingerprint", lambda: dict(fingerprint))
     monkeypatch.setattr(tensorrt_build, "build_engine", fake_build)
     a = tensorrt_build.cached_engine(onnx_path, tmp_path / "cache")
@@ -147,3 +147,23 @@ def test_cached_engine_keys_on_this_machine_and_builds_with_the_real_builder_sig
     assert calls[0][1].timing_cache == str(tmp_path / "cache" / "timing.cache")
     fingerprint["gpu_name"] = "NVIDIA H100"
     assert tensorrt_build.cached_engine(onnx_path, tmp_path / "cache") != a and len(calls) == 2
+
+
+def test_generate_onnx_with_tensorrt_fails_in_one_line_without_tensorrt(tiny_ckpt, tmp_path, run_cli):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed")
+    except ImportError:
+        pass
+    from medi_fast import checkpoint
+    from medi_fast.engines.export import export_onnx
+
+    onnx_path = export_onnx(checkpoint.load(tiny_ckpt), tmp_path / "model.onnx")
+    r = run_cli("generate", onnx_path, "--backend", "tensorrt", "--engine-cache", tmp_path / "c", "--class", "LUAD",
+                "--tss", "05", "--n", "1", "--out", tmp_path / "out", "--quiet")
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        "medi-fast: error: --backend tensorrt needs the tensorrt package and a CUDA GPU (pip install "
+        "'medi-fast[gpu]'); use --backend auto to run the .onnx with ONNX Runtime"]
+    assert not (tmp_path / "c").exists() and not (tmp_path / "out").exists()
