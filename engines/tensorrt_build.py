@@ -26,6 +26,7 @@ from medi_fast.errors import MediFastError
 from medi_fast.io import atomic_write_bytes
 
 from .fp16 import fp32_node_names
+from .gate import STAGES
 
 
 @dataclass(frozen=True)
@@ -138,14 +139,66 @@ def build_engine(onnx_path, engine_path, config: BuildConfig = BuildConfig(), *,
                  check_parity: bool = True) -> Path:
     """Parse ``onnx_path``, build with one optimisation profile from its contract, save engine + sidecar.
 
-    With ``check_parity`` the built engine is run against the fp32 graph on ONNX Runtime CPU
-    (engines/parity.check_denoiser); a failing engine is deleted and the build refused.
+    With ``check_parity`` the build goes through the fp16 gate (engines/gate.py): the engine is run
+    against the fp32 graph on ONNX Runtime CPU, and rebuilt with more layers pinned to fp32 while it
+    fails; when no stage passes the engine is deleted and the build refused.
     """
     check_can_build()
     import onnx
-    import tensorrt as trt
+
+    from .gate import stage_nodes
 
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+
+    def build_stage(stage: str) -> None:
+        extra = stage_nodes(graph, stage) if config.fp16 else set()
+        _build_once(onnx_path, engine_path, config, extra, rebuild_command, stage)
+
+    if not check_parity:
+        build_stage("default")
+        return engine_path
+    return gated_build(engine_path, onnx_path, build_stage, STAGES if config.fp16 else ("default",))
+
+
+def gated_build(engine_path: Path, onnx_path: Path, build_stage, stages) -> Path:
+    """Build stage by stage (``build_stage(stage)`` writes engine + sidecar) until the engine passes
+    the gate against the fp32 graph on ONNX Runtime CPU; record the stage in the sidecar."""
+    from medi_fast import backends
+    from medi_fast.io import atomic_write_text
+
+    from .gate import fp16_gate
+
+    info = backends.open_model(onnx_path)
+    reference = backends.create("ort-cpu", info)
+
+    def candidate(stage: str):
+        build_stage(stage)
+        return backends.create("tensorrt", backends.open_model(engine_path))
+
+    try:
+        result = fp16_gate(reference, candidate, info.contract, info.spec, stages=stages,
+                           what="the built TensorRT engine")
+    except MediFastError:
+        engine_path.unlink(missing_ok=True)
+        sidecar_path(engine_path).unlink(missing_ok=True)
+        raise
+    finally:
+        reference.close()
+    if hasattr(result.candidate, "close"):
+        result.candidate.close()
+    side = sidecar_path(engine_path)
+    data = json.loads(side.read_text())
+    data["fp16_gate"] = result.to_dict()
+    atomic_write_text(side, json.dumps(data, indent=2))
+    return engine_path
+
+
+def _build_once(onnx_path: Path, engine_path: Path, config: BuildConfig, extra_fp32: set[str],
+                rebuild_command: str, stage: str) -> None:
+    import onnx
+    import tensorrt as trt
+
     info = onnx_info.read_onnx_info(onnx_path)
     contract: IOContract = info.contract
     logger = trt.Logger(trt.Logger.WARNING)
@@ -164,7 +217,7 @@ def build_engine(onnx_path, engine_path, config: BuildConfig = BuildConfig(), *,
         bc.set_flag(trt.BuilderFlag.FP16)
         # honour the fp32 pins below instead of treating them as hints
         bc.set_flag(getattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS"))
-        names = fp32_node_names(onnx.load(str(onnx_path), load_external_data=False).graph)
+        names = fp32_node_names(onnx.load(str(onnx_path), load_external_data=False).graph) | set(extra_fp32)
         for i in fp32_layers(network, trt, names):
             layer = network.get_layer(i)
             layer.precision = trt.float32
@@ -188,7 +241,7 @@ def build_engine(onnx_path, engine_path, config: BuildConfig = BuildConfig(), *,
         raise MediFastError(f"TensorRT could not build an engine from {onnx_path.name} (see the TensorRT log above); "
                             f"try a smaller --batch MAX or --optimization-level 3")
     sidecar = {"format": SIDECAR_FORMAT, **device_fingerprint(), "build": asdict(config),
-               "fp32_layers": len(pinned), "timing_cache_reused": reused_cache,
+               "fp32_stage": stage, "fp32_layers": len(pinned), "timing_cache_reused": reused_cache,
                "onnx": onnx_path.name, "rebuild_command": rebuild_command or
                f"medi-fast export CHECKPOINT --out {engine_path.parent} --tensorrt --batch {contract.batch}",
                "metadata": onnx_info.read_props(onnx_path)}
@@ -199,30 +252,6 @@ def build_engine(onnx_path, engine_path, config: BuildConfig = BuildConfig(), *,
             atomic_write_bytes(cache_path, bytes(timing.serialize()))
         except OSError:
             pass
-    if check_parity:
-        verify_engine(engine_path, onnx_path)
-    return engine_path
-
-
-def verify_engine(engine_path: Path, onnx_path: Path) -> None:
-    """Run the built engine against the fp32 graph on ONNX Runtime CPU; delete it and refuse on failure."""
-    from medi_fast import backends
-
-    from .parity import check_denoiser
-
-    info = backends.open_model(engine_path)
-    reference = backends.create("ort-cpu", backends.open_model(onnx_path))
-    candidate = backends.create("tensorrt", info)
-    try:
-        result = check_denoiser(reference, candidate, info.contract, info.spec)
-    finally:
-        candidate.close()
-        reference.close()
-    if not result.ok:
-        engine_path.unlink(missing_ok=True)
-        sidecar_path(engine_path).unlink(missing_ok=True)
-        raise MediFastError(f"the built TensorRT engine does not match the ONNX graph ({result.summary()}); "
-                            f"rebuild with --optimization-level 3, or use the ONNX model with --backend ort-cuda")
 
 
 def cached_engine(onnx_path, cache_dir=None, config: BuildConfig = BuildConfig()) -> Path:

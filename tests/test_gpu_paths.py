@@ -431,25 +431,44 @@ def test_check_denoiser_passes_fp16_and_fails_a_broken_candidate(exported, tmp_p
     assert not off.ok and 0.04 < off.rel < 0.06
 
 
-def test_a_built_engine_that_fails_parity_is_deleted(exported, monkeypatch):
+@pytest.mark.parametrize("passing_stage", ["conditioning", None])
+def test_engine_build_falls_back_through_the_gate_and_deletes_a_failing_engine(exported, monkeypatch, passing_stage):
+    """gated_build with a stand-in builder and a stand-in TensorRT backend: eps off by one until
+    ``passing_stage`` (None: never) is built."""
     from medi_fast.backends.onnx_info import read_props
-    from medi_fast.engines.tensorrt_build import verify_engine, write_engine
+    from medi_fast.engines.tensorrt_build import gated_build, write_engine
 
-    engine = exported.with_name("parity.engine")
-    write_engine(engine, b"engine", {"format": SIDECAR_FORMAT, "metadata": read_props(exported)})
+    engine = exported.with_name("gated.engine")
+    built = []
+
+    def build_stage(stage):
+        built.append(stage)
+        write_engine(engine, stage.encode(), {"format": SIDECAR_FORMAT, "metadata": read_props(exported)})
+
     real_create = backends.create
     cpu = real_create("ort-cpu", open_model(exported))
 
-    class Broken:  # stands in for the TensorRT backend on the built engine: eps off by one
+    class StandIn:  # the TensorRT backend on the engine just built
         device = torch.device("cpu")
 
+        def __init__(self):
+            self.stage = engine.read_bytes().decode()
+
         def __call__(self, x, t, c):
-            return cpu(x, t, c) + 1.0
+            return cpu(x, t, c) + (0.0 if self.stage == passing_stage else 1.0)
 
         def close(self):
             pass
 
-    monkeypatch.setattr(backends, "create", lambda name, info, **o: Broken() if name == "tensorrt" else real_create(name, info))
-    with pytest.raises(MediFastError, match="the built TensorRT engine does not match the ONNX graph"):
-        verify_engine(engine, exported)
-    assert not engine.exists() and not sidecar_path(engine).exists()
+    monkeypatch.setattr(backends, "create",
+                        lambda name, info, **o: StandIn() if name == "tensorrt" else real_create(name, info))
+    if passing_stage:
+        assert gated_build(engine, exported, build_stage, ("default", "conditioning", "matmul")) == engine
+        assert built == ["default", "conditioning"]
+        record = json.loads(sidecar_path(engine).read_text())["fp16_gate"]
+        assert record["stage"] == "conditioning" and [a["ok"] for a in record["attempts"]] == [False, True]
+    else:
+        with pytest.raises(MediFastError, match="the built TensorRT engine does not match fp32 even with matmul"):
+            gated_build(engine, exported, build_stage, ("default", "conditioning", "matmul"))
+        assert built == ["default", "conditioning", "matmul"]
+        assert not engine.exists() and not sidecar_path(engine).exists()

@@ -34,7 +34,7 @@ def export(checkpoint: Path, out_dir: Path, fp16: bool, batch: str, tensorrt: bo
     """
     from .. import checkpoint as ckpt_io
     from ..backends.contract import BatchRange, IOContract
-    from ..engines.export import ExportConfig, export_onnx, save_checked
+    from ..engines.export import ExportConfig, export_onnx
     from ..engines.parity import run_parity
     from ..io import atomic_write_text, ensure_dir
 
@@ -51,19 +51,13 @@ def export(checkpoint: Path, out_dir: Path, fp16: bool, batch: str, tensorrt: bo
                f"{time.perf_counter() - t0:.1f} s)")
     fp16_path = None
     if fp16:
-        import onnx
+        from ..engines.gate import write_fp16_gated
 
-        from ..engines.export import _move_into_place, set_metadata
-        from ..engines.fp16 import convert_to_fp16
-
-        graph16 = convert_to_fp16(onnx.load(str(onnx_path)))
-        set_metadata(graph16, {**{p.key: p.value for p in graph16.metadata_props}, "medi_fast.precision": "fp16"})
-        staged = out_dir / ".medi-tmp-model.fp16.onnx"
-        try:
-            save_checked(graph16, staged, config.external_data_threshold)
-            fp16_path = _move_into_place(staged, out_dir / "model.fp16.onnx")
-        finally:
-            staged.unlink(missing_ok=True)
+        gate = write_fp16_gated(onnx_path, out_dir / "model.fp16.onnx", ddim_steps=parity_steps,
+                                external_data_threshold=config.external_data_threshold)
+        fp16_path = out_dir / "model.fp16.onnx"
+        if gate.stage != "default":
+            click.echo(f"fp16 gate: passed with the {gate.stage} layers also pinned to fp32")
         click.echo(f"wrote {fp16_path} ({fp16_path.stat().st_size / 1e6:.1f} MB)")
     contract = IOContract.from_spec(ck.spec, ck.resolution, config.batch)
     report = run_parity(ck.build(ema=config.ema), onnx_path, contract, fp16_path=fp16_path, ddim_steps=parity_steps)
