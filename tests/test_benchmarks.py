@@ -49,3 +49,19 @@ def test_backends_ort_profile_and_report_from_their_json(tmp_path):
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## Sampling throughput per backend" in md and "ceiling" in md and "## Where ort-cpu spends" in md
     assert {p: p.stat().st_mtime_ns for p in (BENCH / "results").glob("*.json")} == recorded  # the repo's untouched
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_and_its_report_section(tmp_path):
+    """benchmarks/gpu.py end to end on CPU (tiny preset, CPU backends), then run_all's report shows it."""
+    out = _run("gpu.py", "--dry-run", "--repeats", "1", out=tmp_path)
+    assert "gpu-dry-run.json" in out
+    g = json.loads((tmp_path / "gpu-dry-run.json").read_text())
+    assert g["dry_run"] is True and g["matmul"]["tflops"] > 0 and g["command"].startswith("python benchmarks/gpu.py")
+    ok = [r for r in g["rows"] if r["status"] == "ok"]
+    assert {r["backend"] for r in ok} == {"torch", "ort-cpu"}
+    assert {r["solver"] for r in ok} == {"ddim", "dpmpp-2m-clip", "unipc-clip"}
+    assert all(r["images_per_s"] > 0 and r["batch"] == 2 for r in ok)
+    _run("run_all.py", "--report-only", out=tmp_path)
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## GPU script dry run (CPU; not GPU figures)" in md and "| ort-cpu" in md
