@@ -472,3 +472,60 @@ def test_engine_build_falls_back_through_the_gate_and_deletes_a_failing_engine(e
             gated_build(engine, exported, build_stage, ("default", "conditioning", "matmul"))
         assert built == ["default", "conditioning", "matmul"]
         assert not engine.exists() and not sidecar_path(engine).exists()
+
+
+# -- the TensorRT backend's CUDA-graph guard: capture at a fixed batch, recapture on a new one -----
+class _Context:
+    def __init__(self):
+        self.shapes, self.launches = [], 0
+
+    def set_input_shape(self, name, shape):
+        self.shapes.append((name, tuple(shape)))
+
+    def set_tensor_address(self, name, ptr):
+        pass
+
+    def execute_async_v3(self, stream):
+        self.launches += 1
+        return True
+
+
+def test_tensorrt_backend_captures_once_per_batch_and_recaptures_on_a_new_one(exported, monkeypatch):
+    import contextlib
+
+    from medi_fast.backends.tensorrt_backend import TensorRTBackend
+
+    graphs = []
+
+    class Graph:
+        def __init__(self):
+            self.replays = 0
+            graphs.append(self)
+
+        def replay(self):
+            self.replays += 1
+
+    fake_stream = types.SimpleNamespace(cuda_stream=0, synchronize=lambda: None, wait_stream=lambda s: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, stream=None: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: fake_stream)
+    info = open_model(exported)
+    be = TensorRTBackend.__new__(TensorRTBackend)
+    be.info, be.contract, be.device, be.stream, be.context = info, info.contract, torch.device("cpu"), fake_stream, _Context()
+    be.dtypes = {s.name: s.torch_dtype for s in info.contract.inputs + info.contract.outputs}
+    be.cuda_graph, be._batch, be._bufs, be._graph = True, None, {}, None
+
+    def call(b):
+        cond = {"class": torch.zeros(b, dtype=torch.long), "tss": torch.zeros(b, dtype=torch.long), "age": torch.zeros(b)}
+        return be(torch.randn(b, 3, 32, 32), torch.zeros(b, dtype=torch.long), cond)
+
+    for b in (4, 4, 4, 2, 2, 4):
+        assert call(b).shape == (b, 3, 32, 32)
+    # captures at the first 4, at 2, at 4 again; a capture is one eager launch and one recorded launch
+    assert len(graphs) == 3 and [g.replays for g in graphs] == [3, 2, 1]
+    assert be.context.launches == 2 * 3
+    assert [s for n, s in be.context.shapes if n == "sample"] == [(4, 3, 32, 32), (2, 3, 32, 32), (4, 3, 32, 32)]
+    with pytest.raises(MediFastError, match="outside this engine's profile 1,4,8"):
+        call(9)
+    assert len(graphs) == 3  # refused before binding or capturing
