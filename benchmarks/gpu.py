@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import export_checkpoint, random_checkpoint, write_results  # noqa: E402
+from _common import random_checkpoint, write_results  # noqa: E402
 
 GPU_BACKENDS = ("torch-fp16", "torch-bf16", "torch-compile", "ort-cuda", "ort-trt", "tensorrt")
 CPU_BACKENDS = ("torch", "ort-cpu")

@@ -18,7 +18,6 @@ orchestrator (like the demo): it may import the engines and training code, lazil
 """
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import platform
 import tempfile

@@ -19,7 +19,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from medi_fast import backends, checkpoint  # noqa: E402
-from medi_fast.backends import BACKENDS, ModelInfo, cuda_device, open_model  # noqa: E402
+from medi_fast.backends import BACKENDS, cuda_device, open_model  # noqa: E402
 from medi_fast.backends import onnxruntime_backend as ortb  # noqa: E402
 from medi_fast.backends.contract import BatchRange  # noqa: E402
 from medi_fast.backends.tensorrt_backend import SIDECAR_FORMAT, sidecar_path  # noqa: E402
