@@ -39,7 +39,7 @@ def profile(onnx_path: Path, batch: int, calls: int, tmp: Path) -> list[dict]:
     res = info.resolution
     cond = {a.name: torch.arange(batch) % len(a.vocab.names) if a.vocab is not None else torch.full((batch,), 50.0)
             for a in info.spec.attributes}
-    feeds = info.extra["contract"].numpy_feeds(torch.randn(batch, 3, res, res), torch.full((batch,), 500), cond)
+    feeds = info.contract.numpy_feeds(torch.randn(batch, 3, res, res), torch.full((batch,), 500), cond)
     sess.run(None, feeds)  # warm-up (profiled too; dropped below)
     for _ in range(calls):
         sess.run(None, feeds)

@@ -179,6 +179,26 @@ def plot(backends: dict | None, sq: dict | None, path: Path) -> bool:
     return True
 
 
+def gpu_sections() -> list[str]:
+    """One section per results/gpu-<gpu>.json written by benchmarks/gpu.py (none until someone runs it on a GPU)."""
+    md = []
+    for path in sorted(RESULTS.glob("gpu-*.json")):
+        g = json.loads(path.read_text())
+        title = f"## GPU: {g['gpu']}" if not g.get("dry_run") else "## GPU script dry run (CPU; not GPU figures)"
+        rate = g.get("matmul", {})
+        md += [title, "", _provenance(g), "",
+               f"{rate.get('dtype', '?')} matmul on this device: {rate.get('tflops', float('nan')):.3g} TFLOP/s "
+               "(the device's own rate, measured in the same run).", "",
+               _table([r for r in g["rows"] if r.get("status") == "ok"],
+                      ["preset", "backend", "solver", "steps", "batch", "seconds", "images_per_s"]), ""]
+        absent = [f"{r['backend']} ({r['status']})" for r in g["rows"] if r.get("status") != "ok"]
+        if absent:
+            md += ["Not measured: " + "; ".join(absent) + ".", ""]
+        if g.get("memory"):
+            md += [_table(g["memory"]), ""]
+    return md
+
+
 def report(status: dict[str, str]) -> Path:
     flops, bk, gp = _load("flops"), _load("backends"), _load("generate_pipeline")
     tr, data, sq = _load("training_throughput"), _load("data_throughput"), _load("solver_quality_demo")
@@ -300,6 +320,7 @@ def report(status: dict[str, str]) -> Path:
                                    "images_per_s", "ratio", "ratio_per_round_median", "ratio_per_round_range"]), ""]
     if data:
         md += ["## Data throughput", "", _provenance(data), "", _table(data["rows"]), ""]
+    md += gpu_sections()
     if flops:
         md += ["## FLOPs per step per preset", "", _provenance(flops), "",
                "Counted with torch's FlopCounterMode on one forward pass (a multiply-add = 2 FLOPs).", "",

@@ -50,6 +50,102 @@ class ExportConfig:
             raise MediFastError(f"--opset {self.opset} is not supported; use 18 (default) or 19")
 
 
+class ConstantScaleAttnProcessor:
+    """diffusers self-attention written out with the softmax scale as a Python constant.
+
+    diffusers' default processor calls ``F.scaled_dot_product_attention`` without ``scale``; the
+    TorchScript exporter then computes 1/sqrt(head_dim) from the runtime shape (Shape -> Slice ->
+    Cast -> Sqrt -> Div -> Sqrt).  ONNX Runtime places that shape arithmetic on the CPU and feeds
+    its float result to GPU nodes, and a session with any host copy cannot capture a CUDA graph.
+    Here the scale is ``attn.scale`` (a float fixed at construction), so the exported attention is
+    MatMul -> Mul(constant) -> Softmax -> MatMul.  Same arithmetic as the default: eps parity with
+    torch is unchanged (tests/test_engines_export.py).  Used only for export.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise MediFastError("export supports the UNet's self-attention only (no cross-attention or mask); "
+                                "export a medi-fast preset")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        image = hidden_states.ndim == 4
+        if image:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        heads = attn.heads
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)  # (B, N, inner)
+        head_dim = attn.to_k.out_features // heads  # a Python int, not a traced shape
+
+        def split(z):  # (B, N, inner) -> (B, heads, N, head_dim)
+            return z.unflatten(-1, (heads, head_dim)).transpose(1, 2)
+
+        q, k, v = split(q), split(k), split(v)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        weights = torch.matmul(q, k.transpose(-1, -2)) * float(attn.scale)  # (B, heads, N, N)
+        out = torch.matmul(weights.softmax(dim=-1), v)  # (B, heads, N, head_dim)
+        hidden_states = out.transpose(1, 2).flatten(2).to(q.dtype)  # (B, N, inner)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if image:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def use_constant_scale_attention(model: nn.Module) -> int:
+    """Give every diffusers Attention in ``model`` the ConstantScaleAttnProcessor; returns how many."""
+    from diffusers.models.attention_processor import Attention
+
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    for m in layers:
+        m.set_processor(ConstantScaleAttnProcessor())
+    return len(layers)
+
+
+def host_float_nodes(graph) -> list:
+    """Nodes computing floating-point values from tensor shapes alone (ONNX graph check).
+
+    A tensor is shape-derived when it comes from Shape/Size, or from a node whose every input is
+    shape-derived or constant.  ONNX Runtime keeps such small shape computations on the CPU; integer
+    ones feed Reshape/Expand shape inputs (read on the host anyway), but a float one feeds GPU
+    arithmetic through a host-to-device copy, which rules out CUDA-graph capture.
+    """
+    from onnx import TensorProto
+
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+    constant = {i.name for i in graph.initializer}
+    shaped: set[str] = set()
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in list(graph.value_info) + list(graph.output)}
+    flagged = []
+    for node in graph.node:  # ONNX graphs are topologically sorted
+        ins = [i for i in node.input if i]
+        if node.op_type == "Constant":
+            constant.update(node.output)
+            continue
+        if node.op_type == "ConstantOfShape":
+            # reads the shape on the host and fills a device tensor with a constant: a GPU kernel
+            continue
+        derived = node.op_type in ("Shape", "Size") or (
+            ins and all(i in shaped or i in constant for i in ins) and any(i in shaped for i in ins))
+        if not derived:
+            continue
+        shaped.update(node.output)
+        out_float = any(elem.get(o) in floats for o in node.output)
+        if node.op_type == "Cast":
+            to = next(a.i for a in node.attribute if a.name == "to")
+            out_float = out_float or to in floats
+        if out_float:
+            flagged.append(node)
+    return flagged
+
+
 class FoldedDenoiser(nn.Module):
     """eps = MeDiUNet(sample, timestep, {attr: ids}) with positional id inputs, in spec order."""
 
@@ -81,6 +177,7 @@ def export_onnx(ckpt: Checkpoint, out_path, config: ExportConfig = ExportConfig(
 
     out_path = Path(out_path)
     model = ckpt.build(ema=config.ema).float().eval()
+    use_constant_scale_attention(model)  # no shape-derived float math in the graph
     contract = IOContract.from_spec(ckpt.spec, ckpt.resolution, config.batch)
     wrapper = FoldedDenoiser(model).eval()
     args = example_inputs(contract, ckpt.spec, config.trace_batch)

@@ -39,8 +39,34 @@ def _fp32_nodes(graph) -> set[int]:
     return keep
 
 
-def convert_to_fp16(model):
-    """Return an fp16 copy of a float32 ONNX model (see the module docstring for the rule)."""
+def fp32_node_names(graph) -> set[str]:
+    """Names of the nodes the fp16 graph keeps in fp32: the TensorRT build pins the same set."""
+    return {graph.node[i].name for i in _fp32_nodes(graph) if graph.node[i].name}
+
+
+def conditioning_node_names(graph, image_input: str = "sample") -> set[str]:
+    """Nodes that do not depend on the image input: the timestep and conditioning path (embedding
+    tables, sinusoidal encodings, their MLPs).  Small, and the first extra set the fp16 gate pins."""
+    downstream = {image_input}
+    names = set()
+    for node in graph.node:  # topological order
+        if any(i in downstream for i in node.input):
+            downstream.update(node.output)
+        elif node.name:
+            names.add(node.name)
+    return names
+
+
+def matmul_node_names(graph) -> set[str]:
+    """MatMul/Gemm nodes (attention products, linear layers): the gate's last extra set."""
+    return {n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.name}
+
+
+def convert_to_fp16(model, extra_fp32: set[str] = frozenset()):
+    """Return an fp16 copy of a float32 ONNX model (see the module docstring for the rule).
+
+    ``extra_fp32``: names of further nodes to keep in fp32 (the fp16 gate's fallback stages).
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -52,7 +78,7 @@ def convert_to_fp16(model):
         elem[vi.name] = vi.type.tensor_type.elem_type
     for init in g.initializer:
         elem[init.name] = init.data_type
-    keep32 = _fp32_nodes(g)
+    keep32 = _fp32_nodes(g) | {i for i, n in enumerate(g.node) if n.name in extra_fp32}
 
     # 1. precision each float tensor is produced in
     produced: dict[str, int] = {vi.name: F32 for vi in g.input if elem.get(vi.name) == F32}

@@ -1,7 +1,8 @@
 """``medi-fast export`` as one library call: a checkpoint -> an export directory.
 
 The directory holds everything this machine can run: ``model.onnx`` (fp32, conditioning folded in),
-``model.fp16.onnx`` (fp16 with normalisations and the timestep/metadata encodings in fp32),
+``model.fp16.onnx`` (fp16 with normalisations and the timestep/metadata encodings in fp32, through
+the fp16 accuracy gate of ``engines/gate.py``),
 ``model.engine`` (+ sidecar) when TensorRT and a CUDA GPU are present, ``parity.json`` and
 ``export.json`` (the resolved settings and the files written).  What cannot be built here is
 skipped with its reason; asking for it explicitly (``tensorrt=True``) fails before any work.
@@ -15,12 +16,11 @@ from pathlib import Path
 from typing import Callable
 
 from medi_fast import checkpoint as ckpt_io
-from medi_fast.backends import onnx_info
 from medi_fast.backends.contract import IOContract
 from medi_fast.errors import MediFastError
 from medi_fast.io import atomic_write_text, ensure_dir
 
-from .export import ExportConfig, export_onnx, move_into_place, save_checked, set_metadata
+from .export import ExportConfig, export_onnx
 
 EXPORT_RECORD = "export.json"
 
@@ -59,24 +59,6 @@ def tensorrt_unavailable_reason() -> str | None:
     return None
 
 
-def write_fp16(onnx_path: Path, out_path: Path, config: ExportConfig) -> Path:
-    """The fp16 graph of an exported fp32 graph, written atomically beside it."""
-    import onnx
-
-    from .fp16 import convert_to_fp16
-
-    graph16 = convert_to_fp16(onnx.load(str(onnx_path)))
-    props = {p.key: p.value for p in graph16.metadata_props}
-    set_metadata(graph16, {**props, onnx_info.PREFIX + "precision": "fp16"})
-    staged = out_path.with_name(".medi-tmp-" + out_path.name)
-    try:
-        save_checked(graph16, staged, config.external_data_threshold)
-        return move_into_place(staged, out_path)
-    finally:
-        staged.unlink(missing_ok=True)
-        staged.with_name(staged.name + ".data").unlink(missing_ok=True)
-
-
 def export_checkpoint(checkpoint, out_dir=None, *, config: ExportConfig = ExportConfig(), fp16: bool = True,
                       tensorrt: bool | None = None, optimization_level: int = 3, parity_steps: int = 10,
                       log: Callable[[str], None] = lambda _: None) -> ExportResult:
@@ -106,7 +88,13 @@ def export_checkpoint(checkpoint, out_dir=None, *, config: ExportConfig = Export
     log(f"wrote {result.onnx} ({result.onnx.stat().st_size / 1e6:.1f} MB, opset {config.opset}, "
         f"{time.perf_counter() - t0:.1f} s)")
     if fp16:
-        result.fp16 = write_fp16(result.onnx, out_dir / "model.fp16.onnx", config)
+        from .gate import write_fp16_gated
+
+        gate = write_fp16_gated(result.onnx, out_dir / "model.fp16.onnx", ddim_steps=parity_steps,
+                                external_data_threshold=config.external_data_threshold)
+        result.fp16 = out_dir / "model.fp16.onnx"
+        if gate.stage != "default":
+            log(f"fp16 gate: passed with the {gate.stage} layers also pinned to fp32")
         log(f"wrote {result.fp16} ({result.fp16.stat().st_size / 1e6:.1f} MB)")
     else:
         skipped.append("fp16 ONNX: --no-fp16")

@@ -27,7 +27,7 @@ from .errors import MediFastError
 from .guidance import classifier_free
 from .io import atomic_write_text, clean_tmp, ensure_dir
 from .plan import Plan
-from .samplers import get_sampler, timesteps_for
+from .samplers import get_sampler, sampler_entry, timesteps_for
 from .writers import make_writer
 
 
@@ -51,8 +51,8 @@ class GenerateConfig:
             raise MediFastError(f"--batch-size must be positive, got {self.batch_size}")
         if self.eta < 0:
             raise MediFastError(f"--eta must be >= 0, got {self.eta}")
-        get_sampler(self.sampler)  # an unknown name fails before anything is loaded or written
-        if self.eta and self.sampler != "ddim":
+        entry = sampler_entry(self.sampler)  # an unknown name fails before anything is loaded or written
+        if self.eta and not entry.takes_eta:
             raise MediFastError(f"{self.sampler} is a deterministic ODE solver and takes no --eta (got {self.eta}); "
                                 f"use --eta 0 or --sampler ddim")
 
@@ -94,6 +94,26 @@ def _manifest(plan_rows: pd.DataFrame, files: list[str], info: ModelInfo, cfg: G
     return df
 
 
+def check_unet_batch(denoiser, batch_size: int, guidance: float) -> None:
+    """Refuse a batch the denoiser's engine profile cannot take, before anything is generated.
+
+    Classifier-free guidance runs the conditional and unconditional halves as ONE UNet batch of
+    2 x batch_size (one engine call per step, not two), so ``--batch-size 64 --guidance 3`` needs an
+    engine profile up to 128.  Engine backends carry their I/O contract; others have no limit.
+    """
+    contract = getattr(denoiser, "contract", None)
+    if contract is None:
+        return
+    unet = batch_size * (1 if guidance == 1.0 else 2)
+    if unet > contract.batch.max:
+        fit = contract.batch.max // (1 if guidance == 1.0 else 2)
+        why = f"with --guidance {guidance} the UNet runs at 2 x {batch_size} = {unet}" if guidance != 1.0 else \
+            f"--batch-size {batch_size}"
+        raise MediFastError(f"{why}, above this engine's profile maximum {contract.batch.max}; use --batch-size "
+                            f"{max(fit, 1)} or rebuild the engine with --batch {contract.batch.min},"
+                            f"{contract.batch.opt},{max(unet, contract.batch.opt)}")
+
+
 class Generator:
     """Runs a plan through a backend.  ``sinks``: callables ``sink(images, rows)`` fed every batch
     in plan order (e.g. streaming FID statistics); images skipped on resume are read back for them."""
@@ -122,6 +142,7 @@ class Generator:
         cfg = self.cfg
         full_plan = plan
         plan = plan.shard(*shard) if shard[1] > 1 else plan
+        check_unet_batch(self.denoiser, min(cfg.batch_size, max(len(plan), 1)), cfg.guidance)
         writer = None
         pending = np.ones(len(plan), dtype=bool)
         if out is not None:

@@ -68,3 +68,19 @@ def test_data_throughput_alternates_readers(tmp_path):
     assert base["vs_baseline"] == 1.0 and not base["shipped"] and d["timing"]["rounds"] == 2
     assert all(isinstance(r["shipped"], bool) for r in d["rows"])
     assert rows["read: pack ds[i] per item"]["shipped"] and rows["read: pack ds[i] per item"]["vs_baseline"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_and_its_report_section(tmp_path):
+    """benchmarks/gpu.py end to end on CPU (tiny preset, CPU backends), then run_all's report shows it."""
+    out = _run("gpu.py", "--dry-run", "--repeats", "1", out=tmp_path)
+    assert "gpu-dry-run.json" in out
+    g = json.loads((tmp_path / "gpu-dry-run.json").read_text())
+    assert g["dry_run"] is True and g["matmul"]["tflops"] > 0 and g["command"].startswith("python benchmarks/gpu.py")
+    ok = [r for r in g["rows"] if r["status"] == "ok"]
+    assert {r["backend"] for r in ok} == {"torch", "ort-cpu"}
+    assert {r["solver"] for r in ok} == {"ddim", "dpmpp-2m-clip", "unipc-clip"}
+    assert all(r["images_per_s"] > 0 and r["batch"] == 2 for r in ok)
+    _run("run_all.py", "--report-only", out=tmp_path)
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## GPU script dry run (CPU; not GPU figures)" in md and "| ort-cpu" in md

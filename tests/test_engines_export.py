@@ -106,7 +106,7 @@ def test_ort_cpu_matches_torch_fp32_on_dynamic_batch(exported, age_ckpt, batch):
 def test_parity_report_thresholds_and_ddim_uint8_figure(exported, age_ckpt, tmp_path):
     fp16 = tmp_path / "model.fp16.onnx"
     onnx.save(convert_to_fp16(onnx.load(str(exported))), str(fp16))
-    contract = open_model(exported).extra["contract"]
+    contract = open_model(exported).contract
     report = parity.run_parity(age_ckpt.build(), exported, contract, fp16_path=fp16, ddim_steps=8, ddim_batch=3)
     rows = {(r.check.split(" ")[0], r.metric): r.value for r in report.rows}
     assert report.ok, report.table()

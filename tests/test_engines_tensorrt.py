@@ -61,8 +61,8 @@ def test_engine_info_comes_from_the_sidecar_without_tensorrt(onnx_path, tiny_ckp
     ck = checkpoint.load(tiny_ckpt)
     assert info.kind == "tensorrt" and info.model_hash == ck.hash
     assert info.spec.to_dict() == ck.spec.to_dict() and info.schedule == ck.schedule
-    assert info.extra["contract"].batch == BatchRange(1, 4, 8)
-    assert info.extra["sidecar"]["gpu_name"] == BUILT["gpu_name"]
+    assert info.contract.batch == BatchRange(1, 4, 8)
+    assert info.sidecar["gpu_name"] == BUILT["gpu_name"]
 
 
 def test_engine_without_or_with_corrupt_sidecar_is_refused(onnx_path, tmp_path):

@@ -31,8 +31,11 @@ def diffusers_loop(scheduler, model, x_T, cond, steps):
 
 
 def test_registered():
-    assert SAMPLERS["dpmpp-2m"] is dpmpp_2m and SAMPLERS["unipc"] is unipc
-    assert SAMPLERS["dpmpp-2m-clip"] is dpmpp_2m_clip and SAMPLERS["unipc-clip"] is unipc_clip
+    assert SAMPLERS["dpmpp-2m"].fn is dpmpp_2m and SAMPLERS["unipc"].fn is unipc
+    assert SAMPLERS["dpmpp-2m-clip"].fn is dpmpp_2m_clip and SAMPLERS["unipc-clip"].fn is unipc_clip
+    assert all(e.name == n for n, e in SAMPLERS.items())
+    assert [n for n, e in SAMPLERS.items() if e.takes_eta] == ["ddim"]
+    assert all(e.own_timesteps is not None for n, e in SAMPLERS.items() if n != "ddim")
     assert get_sampler("unipc") is unipc
 
 

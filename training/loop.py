@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from medi_fast import checkpoint as ckpt_io
+from medi_fast.backends import bf16_native
 from medi_fast.conditioning import column_for
 from medi_fast.errors import MediFastError
 from medi_fast.model import build_model, get_preset
@@ -46,7 +47,8 @@ def resolve_device(name: str) -> torch.device:
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        # bf16 only where the GPU has bf16 units: is_bf16_supported() also counts emulation (T4, V100)
+        return torch.bfloat16 if device.type == "cuda" and bf16_native(device) else None
     if precision == "fp16" and device.type != "cuda":
         raise MediFastError("--precision fp16 needs a CUDA GPU; use fp32 or bf16 on CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

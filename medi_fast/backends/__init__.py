@@ -15,13 +15,18 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+import inspect
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..conditioning import ConditionSpec
 from ..errors import MediFastError, suggest
 from ..schedule import Schedule
+from .contract import IOContract
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
 
 
 @dataclass
@@ -36,7 +41,13 @@ class ModelInfo:
     preset: str
     model_hash: str
     provenance: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)  # kind-specific (e.g. the loaded Checkpoint)
+    # Kind-specific, typed: the engine I/O contract (.onnx, .engine), the engine sidecar (.engine),
+    # the loaded checkpoint (.pt/.safetensors, so the weights are read once).
+    contract: IOContract | None = None
+    sidecar: dict | None = None
+    checkpoint: "Checkpoint | None" = None
+    # Informational extras of the file's metadata (precision, unet_config, raw metadata), for reports.
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -138,10 +149,36 @@ def resolve(name: str, info: ModelInfo) -> str:
     return name
 
 
+def backend_options(cls) -> list[str]:
+    """The keyword options a backend class takes (its ``__init__`` after ``info``, bases included
+    where a subclass passes ``**kw`` on)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[2:]  # self, info
+        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+def check_options(name: str, cls, options: dict) -> None:
+    """Refuse options the backend does not take, naming the closest one (a typo must not be ignored)."""
+    valid = backend_options(cls)
+    for key in options:
+        if key not in valid:
+            raise MediFastError(f"backend {name} has no option {key!r}{suggest(key, valid)}; it takes "
+                                f"{', '.join(valid) or 'no options'}")
+
+
 def create(name: str, info: ModelInfo, **options) -> Callable:
-    """Instantiate a backend (``auto`` allowed) for a model file."""
+    """Instantiate a backend (``auto`` allowed) for a model file; unknown options are refused."""
     name = resolve(name, info)
-    backend = BACKENDS[name].load_class()(info, **options)
+    cls = BACKENDS[name].load_class()
+    check_options(name, cls, options)
+    backend = cls(info, **options)
     backend.name = name
     return backend
 
@@ -167,6 +204,31 @@ class Backend:
 
     def close(self) -> None:
         """Release device memory, sessions, engines."""
+
+
+def cuda_device(device=None) -> torch.device:
+    """``device`` (None, "cuda", "cuda:1", a torch.device) as a CUDA device WITH an index.
+
+    ``torch.cuda.set_device``, ORT's ``device_id`` and TensorRT's stream all need the index; a bare
+    "cuda" means the current device, as torch reads it.
+    """
+    dev = torch.device(device or "cuda")
+    if dev.type != "cuda":
+        raise MediFastError(f"this backend runs on a CUDA GPU, not {dev}; use --device cuda or another --backend")
+    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def bf16_native(device=None) -> bool:
+    """True where the GPU has bf16 units (compute capability >= 8.0, or ROCm).
+
+    ``torch.cuda.is_bf16_supported()`` also says True for GPUs that only emulate bf16 (T4, V100),
+    where bf16 autocast is several times slower than fp16: ``auto`` choices must not count them.
+    """
+    if not torch.cuda.is_available():
+        return False
+    if getattr(torch.version, "hip", None):
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 @contextmanager

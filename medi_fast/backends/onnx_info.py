@@ -55,10 +55,11 @@ def parse_metadata(props: dict[str, str], path: Path, kind: str = "onnx") -> Mod
         schedule = Schedule.from_dict(json.loads(props[PREFIX + "schedule"]))
         contract = IOContract.from_dict(json.loads(props[PREFIX + "contract"]))
         provenance = json.loads(props.get(PREFIX + "provenance", "{}"))
-        extra = {"contract": contract, "precision": props.get(PREFIX + "precision", "fp32"),
+        extra = {"precision": props.get(PREFIX + "precision", "fp32"),
                  "unet_config": json.loads(props.get(PREFIX + "unet_config", "{}")), "metadata": dict(props)}
         return ModelInfo(Path(path), kind, spec, schedule, int(props[PREFIX + "resolution"]),
-                         props.get(PREFIX + "preset", ""), props[PREFIX + "checkpoint_hash"], provenance, extra)
+                         props.get(PREFIX + "preset", ""), props[PREFIX + "checkpoint_hash"], provenance,
+                         contract=contract, extra=extra)
     except (KeyError, ValueError, TypeError) as e:
         raise MediFastError(f"{path} has incomplete medi_fast metadata ({e}); re-export it with `medi-fast export`") from None
 

@@ -13,14 +13,24 @@ plug into the generic samplers.  Buffers follow the one IOContract.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import torch
 
 from ..errors import MediFastError
-from . import Backend, ModelInfo
+from . import Backend, ModelInfo, cuda_device
 from .contract import EPS, IOContract
+
+# What each GPU provider needs at run time, named in the one-line error when it does not load.
+PROVIDER_LIBRARIES = {
+    "CUDAExecutionProvider": ("the CUDA 12 and cuDNN 9 libraries (libcudart, libcublas, libcudnn)",
+                              "install them (pip install 'medi-fast[gpu]' brings nvidia-* wheels) or use --backend ort-cpu"),
+    "TensorrtExecutionProvider": ("TensorRT's libnvinfer (and the CUDA libraries)",
+                                  "pip install tensorrt (the version your onnxruntime-gpu was built for) or use "
+                                  "--backend ort-cuda"),
+}
 
 
 def physical_cores() -> int:
@@ -42,6 +52,51 @@ def _providers() -> list[str]:
     return ort.get_available_providers()
 
 
+def check_provider(session, requested: str, what: str) -> None:
+    """Refuse a session where ONNX Runtime silently fell back from the ``requested`` provider.
+
+    ``get_available_providers()`` lists the providers onnxruntime was built with, not those whose
+    libraries load here; when ``libnvinfer`` or the CUDA libraries are missing, ORT logs a warning,
+    registers the next provider in the list instead and runs on it.  ``session.get_providers()``
+    lists what was really registered, first the one that gets the nodes.
+    """
+    got = list(session.get_providers())
+    if not got or got[0] != requested:
+        needs, fix = PROVIDER_LIBRARIES.get(requested, ("its libraries", "use --backend ort-cpu"))
+        raise MediFastError(f"ONNX Runtime could not load {requested} for {what} (it fell back to "
+                            f"{got[0] if got else 'nothing'}): {needs} did not load; {fix}")
+
+
+@functools.lru_cache(maxsize=None)
+def provider_loads(provider: str) -> tuple[bool, str]:
+    """(True, "") when ``provider`` really registers in a session on this machine (cached per process).
+
+    A one-node graph is enough: the provider's shared library is loaded when the session registers it.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if provider not in ort.get_available_providers():
+        return False, f"onnxruntime has no {provider} (install onnxruntime-gpu)"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), sess_options=so,
+                                    providers=[provider, "CPUExecutionProvider"])
+        check_provider(sess, provider, "a probe graph")
+    except MediFastError as e:
+        return False, str(e).split("): ", 1)[-1].split(";")[0]
+    except Exception as e:  # onnxruntime's own error types
+        return False, f"{provider} failed to start ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
+    return True, ""
+
+
 def _session(path: Path, providers: list, threads: int | None = None, opt_level: str = "all",
              sequential: bool = True):
     import onnxruntime as ort
@@ -56,14 +111,26 @@ def _session(path: Path, providers: list, threads: int | None = None, opt_level:
         so.intra_op_num_threads = int(threads)
     so.log_severity_level = 3  # warnings about unused initialisers etc. are noise for users
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise MediFastError(f"ONNX Runtime cannot load {path.name}: {first}; re-export it with `medi-fast export`") from None
+    first_provider = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    check_provider(session, first_provider, path.name)
+    return session
+
+
+def cpu_only(device, backend: str) -> torch.device:
+    """The CPU device of a CPU runtime; ``--device cuda`` is refused rather than ignored."""
+    dev = torch.device(device or "cpu")
+    if dev.type != "cpu":
+        raise MediFastError(f"backend {backend} runs on the CPU, not {dev}; drop --device or choose a GPU backend "
+                            f"(see `medi-fast backends`)")
+    return dev
 
 
 def _contract(info: ModelInfo) -> IOContract:
-    contract = info.extra.get("contract")
+    contract = info.contract
     if contract is None:
         raise MediFastError(f"{info.path} has no I/O contract in its metadata; re-export it with `medi-fast export`")
     return contract
@@ -75,10 +142,10 @@ class OrtCPUBackend(Backend):
     own_cpu_threads = True
 
     def __init__(self, info: ModelInfo, threads: int | None = None, opt_level: str = "all",
-                 sequential: bool = True, **_):
+                 sequential: bool = True, device: str | None = None):
         self.info = info
         self.contract = _contract(info)
-        self.device = torch.device("cpu")
+        self.device = cpu_only(device, "ort-cpu")
         self.threads = threads or physical_cores()
         self.session = _session(info.path, ["CPUExecutionProvider"], self.threads, opt_level, sequential)
 
@@ -104,16 +171,16 @@ class OrtCUDABackend(Backend):
 
     provider = "CUDAExecutionProvider"
 
-    def __init__(self, info: ModelInfo, device: str | None = None, cuda_graph: bool = False, **_):
+    def __init__(self, info: ModelInfo, device: str | None = None, cuda_graph: bool = False):
         self.info = info
         self.contract = _contract(info)
-        self.device = torch.device(device or "cuda")
+        self.device = cuda_device(device)
         self.cuda_graph = bool(cuda_graph)
         self.session = _session(info.path, self._providers())
         self._bufs: dict[int, dict[str, torch.Tensor]] = {}  # batch -> fixed buffers (needed by CUDA graphs)
 
     def _cuda_options(self) -> dict:
-        opts = {"device_id": self.device.index or 0}
+        opts = {"device_id": self.device.index}
         if self.cuda_graph:
             opts["enable_cuda_graph"] = "1"
         return opts
@@ -131,7 +198,7 @@ class OrtCUDABackend(Backend):
             return False, f"onnxruntime has no {cls.provider} (install onnxruntime-gpu)"
         if not torch.cuda.is_available():
             return False, "no CUDA GPU"
-        return True, ""
+        return provider_loads(cls.provider)  # built with it is not enough: its libraries must load
 
     def _buffers(self, batch: int) -> dict[str, torch.Tensor]:
         if batch not in self._bufs:
@@ -151,7 +218,7 @@ class OrtCUDABackend(Backend):
         for s in self.contract.inputs + self.contract.outputs:
             b = bufs[s.name]
             bind = binding.bind_input if s.name in feeds else binding.bind_output
-            bind(s.name, "cuda", self.device.index or 0, s.numpy_dtype, tuple(b.shape), b.data_ptr())
+            bind(s.name, "cuda", self.device.index, s.numpy_dtype, tuple(b.shape), b.data_ptr())
         run_options = ort.RunOptions()
         if self.cuda_graph:
             # One captured graph per batch size; addresses stay fixed because the buffers are cached.
@@ -171,17 +238,18 @@ class OrtTensorRTBackend(OrtCUDABackend):
 
     provider = "TensorrtExecutionProvider"
 
-    def __init__(self, info: ModelInfo, device: str | None = None, cache_dir: str | None = None, **kw):
+    def __init__(self, info: ModelInfo, device: str | None = None, cuda_graph: bool = False,
+                 cache_dir: str | None = None):
         self.cache_dir = Path(cache_dir or Path(info.path).parent / "ort-trt-cache")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        super().__init__(info, device=device, cuda_graph=False, **kw)
+        super().__init__(info, device=device, cuda_graph=cuda_graph)
 
     def _providers(self) -> list:
         def shapes(i: int) -> str:
             return ",".join(f"{n}:{'x'.join(map(str, p[i]))}" for n, p in self.contract.profile().items())
 
         trt_opts = {
-            "device_id": self.device.index or 0,
+            "device_id": self.device.index,
             "trt_fp16_enable": "True",
             "trt_engine_cache_enable": "True",
             "trt_engine_cache_path": str(self.cache_dir),
@@ -192,7 +260,9 @@ class OrtTensorRTBackend(OrtCUDABackend):
             "trt_profile_opt_shapes": shapes(1),
             "trt_profile_max_shapes": shapes(2),
         }
-        return [(self.provider, trt_opts), ("CUDAExecutionProvider", {"device_id": self.device.index or 0})]
+        if self.cuda_graph:
+            trt_opts["trt_cuda_graph_enable"] = "True"
+        return [(self.provider, trt_opts), ("CUDAExecutionProvider", {"device_id": self.device.index})]
 
     def __call__(self, x, t, cond):
         self.contract.check_batch(int(x.shape[0]))

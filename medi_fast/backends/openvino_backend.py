@@ -15,12 +15,14 @@ from .contract import IOContract
 class OpenVINOBackend(Backend):
     own_cpu_threads = True
 
-    def __init__(self, info: ModelInfo, precision: str = "f32", **_):
+    def __init__(self, info: ModelInfo, precision: str = "f32", device: str | None = None):
         import openvino as ov
 
+        from .onnxruntime_backend import cpu_only
+
         self.info = info
-        self.contract: IOContract = info.extra["contract"]
-        self.device = torch.device("cpu")
+        self.contract: IOContract = info.contract
+        self.device = cpu_only(device, "openvino")
         try:
             self.compiled = ov.Core().compile_model(str(info.path), "CPU", {
                 "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision})

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MediFastError
-from . import Backend, ModelInfo
+from . import Backend, ModelInfo, cuda_device
 from .contract import EPS, IOContract
 from .onnx_info import parse_metadata
 
@@ -50,7 +50,7 @@ def read_engine_info(path) -> ModelInfo:
     """READERS entry for .engine/.plan: the ModelInfo from the sidecar (no TensorRT needed)."""
     data = read_sidecar(path)
     info = parse_metadata(data["metadata"], Path(path), kind="tensorrt")
-    info.extra["sidecar"] = data
+    info.sidecar = data
     return info
 
 
@@ -84,22 +84,23 @@ def _torch_dtype(trt, dt) -> torch.dtype:
 class TensorRTBackend(Backend):
     """TensorRT engine: execute_async_v3 with torch buffers; CUDA graph per fixed batch."""
 
-    def __init__(self, info: ModelInfo, device: str | None = None, cuda_graph: bool = True, **_):
+    def __init__(self, info: ModelInfo, device: str | None = None, cuda_graph: bool = True):
         import tensorrt as trt
 
         self.info = info
-        self.contract: IOContract = info.extra["contract"]
-        self.device = torch.device(device or "cuda")
+        self.contract: IOContract = info.contract
+        self.device = cuda_device(device)  # set_device needs an index: "cuda" alone raises
         torch.cuda.set_device(self.device)
         major, minor = torch.cuda.get_device_capability(self.device)
-        check_compatible(info.extra.get("sidecar") or read_sidecar(info.path), tensorrt_version=trt.__version__,
+        sidecar = info.sidecar or read_sidecar(info.path)
+        check_compatible(sidecar, tensorrt_version=trt.__version__,
                          gpu_name=torch.cuda.get_device_name(self.device), compute_capability=f"{major}.{minor}")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(Path(info.path).read_bytes())
         if self.engine is None:
             raise MediFastError(f"TensorRT could not deserialize {info.path.name} (corrupt file?); rebuild it with "
-                                f"`{info.extra.get('sidecar', {}).get('rebuild_command', 'medi-fast export --tensorrt')}`")
+                                f"`{sidecar.get('rebuild_command', 'medi-fast export --tensorrt')}`")
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream(self.device)
         self.dtypes = {s.name: _torch_dtype(trt, self.engine.get_tensor_dtype(s.name))

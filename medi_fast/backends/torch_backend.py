@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 
 from .. import checkpoint as ckpt_io
-from . import Backend, ModelInfo
+from . import Backend, ModelInfo, bf16_native
 
 
 def read_checkpoint_info(path) -> ModelInfo:
     ck = ckpt_io.load(path)
     return ModelInfo(ck.path, "checkpoint", ck.spec, ck.schedule, ck.resolution, ck.preset, ck.hash,
-                     ck.provenance, {"checkpoint": ck})
+                     ck.provenance, checkpoint=ck)
 
 
 def _cuda() -> tuple[bool, str]:
@@ -24,8 +24,8 @@ class TorchBackend(Backend):
     channels_last = False
     compile = False
 
-    def __init__(self, info: ModelInfo, device: str | None = None, ema: bool = True, **_):
-        ck = info.extra.get("checkpoint") or ckpt_io.load(info.path)
+    def __init__(self, info: ModelInfo, device: str | None = None, ema: bool = True):
+        ck = info.checkpoint or ckpt_io.load(info.path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = ck.build(ema=ema).to(self.device)
         if self.channels_last:
@@ -65,10 +65,17 @@ class TorchFP16Backend(TorchBackend):
     available = classmethod(lambda cls: _cuda())
 
 
+def _cuda_bf16() -> tuple[bool, str]:
+    ok, why = _cuda()
+    if ok and not bf16_native():
+        return False, "this GPU has no bf16 units (compute capability < 8.0; bf16 would be emulated); use torch-fp16"
+    return ok, why
+
+
 class TorchBF16Backend(TorchBackend):
     dtype = torch.bfloat16
     channels_last = True
-    available = classmethod(lambda cls: _cuda())
+    available = classmethod(lambda cls: _cuda_bf16())
 
 
 class TorchCompileBackend(TorchBackend):
@@ -77,5 +84,7 @@ class TorchCompileBackend(TorchBackend):
     def __init__(self, info, device=None, **kw):
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dev.type == "cuda":
-            self.dtype, self.channels_last = torch.bfloat16, True
+            # bf16 where the GPU has bf16 units, fp16 (also autocast) where it would only emulate bf16
+            self.dtype = torch.bfloat16 if bf16_native(dev) else torch.float16
+            self.channels_last = True
         super().__init__(info, device=device, **kw)

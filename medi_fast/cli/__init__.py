@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train:train", "Train a CLS or MeDi UNet (EMA, mixed precision, exact resume, DDP)."),
     "import-medi": ("train:import_medi", "Convert a reference MeDi safetensors checkpoint to a medi-fast checkpoint."),
     "backends": ("core:list_backends", "List runtime backends and whether each is available here."),
+    "doctor": ("doctor:doctor", "Print the environment; --check tests every backend and precision on this machine."),
     "plan": ("core:plan_cmd", "Write a plan CSV (match-train or fill-missing) for generate --plan."),
     "fid": ("evaluate:fid", "FID per class and averaged, from images or saved statistics."),
     "embed": ("evaluate:embed", "Embed images with UNI (or another encoder) into one file with metadata."),

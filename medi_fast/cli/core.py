@@ -77,6 +77,8 @@ MODEL_HELP = ("Checkpoint, .onnx, .engine or export directory.  Default: $MEDI_F
               help="Classifier-free guidance scale (1 = none; needs a model trained with --cond-drop).")
 @click.option("--backend", default="auto", show_default=True, help="auto, or a name from `medi-fast backends`.")
 @click.option("--device", help="torch device for torch backends (cpu, cuda, cuda:1).")
+@click.option("--engine-cache", type=click.Path(path_type=Path),
+              help="Where `--backend tensorrt` on an .onnx builds and reuses engines (default ~/.cache/medi-fast/engines).")
 @click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "tar"]), default="png", show_default=True)
 @click.option("--jpeg-quality", type=int, default=95, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Encoder/writer threads.")
@@ -85,8 +87,8 @@ MODEL_HELP = ("Checkpoint, .onnx, .engine or export directory.  Default: $MEDI_F
 @click.option("--inception-weights", type=click.Path(path_type=Path), help="Local FID Inception weights file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, sites_from, classes, n_per_combo, out,
-             batch_size, steps, sampler, eta, seed, guidance, backend, device, fmt, jpeg_quality, workers, shard,
-             fid_stats, inception_weights, quiet):
+             batch_size, steps, sampler, eta, seed, guidance, backend, device, engine_cache, fmt, jpeg_quality, workers,
+             shard, fid_stats, inception_weights, quiet):
     """Generate patches from MODEL (a checkpoint, an exported .onnx/.engine, or an export directory).
 
     \b
@@ -104,6 +106,10 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
                          format=fmt, jpeg_quality=jpeg_quality, workers=workers)
     shard_ = _parse_shard(shard)
     info = backends.open_model(choice.path)
+    if backend == "tensorrt" and info.kind == "onnx":  # build on first use, reuse from the engine cache after
+        from ..engines.tensorrt_build import cached_engine
+
+        info = backends.open_model(cached_engine(info.path, engine_cache))
     the_plan = plans.build(info.spec, plan=plan, values=_with_class(class_, _metadata(tss, gender, race, age, meta)),
                            n=n, seed=seed, sites_from=sites_from, classes=parse_list(classes or ""),
                            n_per_combo=n_per_combo)
@@ -122,6 +128,8 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
         sink = FIDStatsSink(fid_stats, inception_weights=inception_weights, per="class", device=device)
         sinks.append(sink.add)
     opts = {"device": device} if device else {}
+    if engine_cache and backend == "ort-trt":
+        opts["cache_dir"] = str(engine_cache)
     denoiser = backends.create(backend, info, **opts)
     used = info.path if info.path == choice.path else f"{info.path} of {choice.path}"
     click.echo(f"model {used} (from {choice.source}), hash {info.model_hash}, backend {denoiser.name}", err=True)

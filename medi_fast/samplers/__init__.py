@@ -2,33 +2,71 @@
 
 ``sampler(denoiser, x_T, timesteps, schedule, cond, *, eta=0.0, noise=None, callback=None)``
 A denoiser is any callable ``denoiser(x, t, cond) -> eps`` with ``t`` a per-sample tensor.
+
+One registry entry per sampler says everything the rest of the package needs to know about it
+(the function, how its timesteps are chosen, whether it takes ``eta``); a new sampler is one
+``register_sampler`` call.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 from ..errors import MediFastError, suggest
 from .ddim import ddim
 from .dpm_solver import dpmpp_2m, dpmpp_2m_clip, multistep_timesteps
 from .unipc import unipc, unipc_clip
 
-# name -> sampler function; a new sampler is a new function registered here.
-SAMPLERS = {"ddim": ddim, "dpmpp-2m": dpmpp_2m, "unipc": unipc, "dpmpp-2m-clip": dpmpp_2m_clip, "unipc-clip": unipc_clip}
+
+@dataclass(frozen=True)
+class SamplerEntry:
+    name: str
+    fn: Callable
+    # Timestep spacing when the sampler uses the schedule's grid (None: the schedule's own,
+    # "leading" as diffusers' DDIM).  Ignored when ``own_timesteps`` is set.
+    spacing: str | None = None
+    # ``own_timesteps(schedule, steps)``: solvers whose diffusers scheduler picks its own timesteps
+    # (linspace over N+1 points, t=0 dropped).
+    own_timesteps: Callable | None = None
+    # Stochastic samplers take eta > 0 (and a noise stream); ODE solvers are deterministic.
+    takes_eta: bool = False
+    description: str = ""
+
+    def timesteps(self, schedule, steps: int):
+        """The inference timesteps this sampler runs with, as diffusers' matching scheduler chooses them."""
+        if self.own_timesteps is not None:
+            return self.own_timesteps(schedule, steps)
+        return schedule.timesteps(steps, self.spacing)
 
 
-def get_sampler(name: str):
+SAMPLERS: dict[str, SamplerEntry] = {}
+
+
+def register_sampler(name: str, fn: Callable, **fields) -> SamplerEntry:
+    SAMPLERS[name] = entry = SamplerEntry(name, fn, **fields)
+    return entry
+
+
+register_sampler("ddim", ddim, takes_eta=True, description="DDIM (eta 0: deterministic; the published protocol)")
+register_sampler("dpmpp-2m", dpmpp_2m, own_timesteps=multistep_timesteps, description="DPM-Solver++(2M)")
+register_sampler("unipc", unipc, own_timesteps=multistep_timesteps, description="UniPC (bh2)")
+register_sampler("dpmpp-2m-clip", dpmpp_2m_clip, own_timesteps=multistep_timesteps,
+                 description="DPM-Solver++(2M) with x0 clipped to [-1, 1]")
+register_sampler("unipc-clip", unipc_clip, own_timesteps=multistep_timesteps,
+                 description="UniPC (bh2) with x0 clipped to [-1, 1]")
+
+
+def sampler_entry(name: str) -> SamplerEntry:
     try:
         return SAMPLERS[name]
     except KeyError:
         raise MediFastError(f"unknown sampler {name!r}{suggest(name, SAMPLERS)}; choose from {', '.join(SAMPLERS)}") from None
 
-# Timestep spacing each sampler uses by default (None: the schedule's own, "leading" as diffusers' DDIM).
-DEFAULT_SPACING: dict[str, str | None] = {"ddim": None}
-# Solvers whose diffusers scheduler picks its own timesteps (linspace over N+1 points, t=0 dropped).
-OWN_TIMESTEPS = {n: multistep_timesteps for n in ("dpmpp-2m", "unipc", "dpmpp-2m-clip", "unipc-clip")}
+
+def get_sampler(name: str) -> Callable:
+    return sampler_entry(name).fn
 
 
 def timesteps_for(name: str, schedule, steps: int):
     """The inference timesteps a sampler runs with, as diffusers' matching scheduler chooses them."""
-    get_sampler(name)
-    if name in OWN_TIMESTEPS:
-        return OWN_TIMESTEPS[name](schedule, steps)
-    return schedule.timesteps(steps, DEFAULT_SPACING.get(name))
+    return sampler_entry(name).timesteps(schedule, steps)

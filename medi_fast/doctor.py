@@ -1,0 +1,307 @@
+"""``medi-fast doctor``: what this machine has, and (``--check``) whether each path works on it.
+
+The environment: Python, torch with its CUDA and cuDNN, each GPU (name, compute capability, free
+memory), onnxruntime and its providers, TensorRT, polygraphy, OpenVINO, ray.
+
+The self-test (``run_checks``), on a small random model (or ``model=FILE``):
+
+- inference: every backend that says it is available here is compared with torch fp32 on the CPU on
+  one probe set (engines/parity.check_denoiser: timesteps 0..999, every id, continuous values and
+  NaN; a DDIM-10 run from the same x_T), then timed on a short DDIM run (images/s).  Backends that
+  are not available are listed with the reason.
+- training: a few SGD steps of the same model in each precision the device offers (fp32,
+  channels_last, bf16/fp16 autocast with the loss scaler, torch.compile on CUDA), compared with CPU
+  fp32 on the same batch and seed (first-step loss, parameter change).
+
+Each row has a bound; a row over its bound is ``FAIL`` and ``failures()`` lists it.  This is an
+orchestrator (like the demo): it may import the engines and training code, lazily.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import MediFastError
+
+PACKAGES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "polygraphy", "openvino", "ray", "diffusers")
+# Relative eps error allowed per backend against torch fp32 on the CPU: fp32 paths agree to float
+# rounding; fp16 to 1e-2 (the export parity bound); bf16 has 8 mantissa bits, hence 3e-2.
+FP32_REL, FP16_REL, BF16_REL = 1e-4, 1e-2, 3e-2
+REL_BOUND = {"torch-fp16": FP16_REL, "torch-bf16": BF16_REL, "torch-compile": BF16_REL, "ort-trt": FP16_REL,
+             "tensorrt": FP16_REL, "ort-cuda": 1e-3}  # ort-cuda: fp32 with TF32 convolutions allowed
+# Training: relative difference of the parameter change after the steps, vs CPU fp32.
+TRAIN_BOUND = {"fp32": 1e-2, "channels_last": 1e-2, "bf16": 1e-1, "fp16": 5e-2, "compiled": 1e-1}
+
+
+@dataclass
+class Row:
+    area: str  # "inference" | "training"
+    path: str  # backend name or training precision
+    status: str  # "ok" | "FAIL" | "absent" | "skipped"
+    detail: str = ""
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    environment: dict
+    rows: list[Row] = field(default_factory=list)
+
+    def failures(self) -> list[Row]:
+        return [r for r in self.rows if r.status == "FAIL"]
+
+    def to_dict(self) -> dict:
+        return {"environment": self.environment, "rows": [asdict(r) for r in self.rows],
+                "ok": not self.failures()}
+
+
+# -- environment -------------------------------------------------------------------------------
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            free, total = torch.cuda.mem_get_info(i)
+            gpus.append({"index": i, "name": p.name, "compute_capability": f"{p.major}.{p.minor}",
+                         "free_gib": round(free / 2**30, 1), "total_gib": round(total / 2**30, 1)})
+    try:
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+    except ImportError:
+        providers = []
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "torch_cuda": torch.version.cuda, "cudnn": cudnn, "gpus": gpus, "onnxruntime_providers": providers,
+            "packages": {p: _version(p) for p in PACKAGES}, "cpu_threads": torch.get_num_threads()}
+
+
+def format_environment(env: dict) -> str:
+    lines = [f"python       {env['python']} ({env['platform']})",
+             f"torch        {env['packages']['torch']} (CUDA {env['torch_cuda'] or '-'}, cuDNN {env['cudnn'] or '-'})"]
+    if env["gpus"]:
+        for g in env["gpus"]:
+            lines.append(f"gpu {g['index']}        {g['name']} (sm {g['compute_capability']}, "
+                         f"{g['free_gib']} of {g['total_gib']} GiB free)")
+    else:
+        lines.append("gpu          none (torch sees no CUDA device)")
+    lines.append(f"onnxruntime  {env['packages']['onnxruntime'] or env['packages']['onnxruntime-gpu'] or 'absent'} "
+                 f"(providers: {', '.join(env['onnxruntime_providers']) or '-'})")
+    for p in ("tensorrt", "polygraphy", "openvino", "ray", "diffusers"):
+        lines.append(f"{p:<12} {env['packages'][p] or 'absent'}")
+    return "\n".join(lines)
+
+
+# -- inference ---------------------------------------------------------------------------------
+def _small_model(workdir: Path) -> Path:
+    from . import checkpoint
+    from .model import build_model
+    from .schedule import Schedule
+
+    torch.manual_seed(0)
+    model = build_model("tiny-32", classes=["LUAD", "LUSC", "BRCA"], metadata={"tss": ["05", "44"], "age": None})
+    path = workdir / "doctor.pt"
+    checkpoint.save(checkpoint.from_model(model, Schedule(), preset="tiny-32", provenance={"kind": "doctor"}), path)
+    return path
+
+
+def _model_files(workdir: Path, model) -> dict[str, Path]:
+    """kind -> file: the checkpoint and its ONNX export (the engine is built on demand)."""
+    from .backends.contract import BatchRange
+    from .engines.export import ExportConfig, export_onnx
+
+    model = Path(model) if model is not None else _small_model(workdir)
+    if model.suffix == ".onnx":
+        return {"onnx": model}
+    if model.suffix not in (".pt", ".safetensors"):
+        raise MediFastError(f"doctor --model takes a checkpoint (.pt/.safetensors) or an .onnx, not {model.name}; "
+                            f"omit --model to use a small random model")
+    from . import checkpoint
+
+    onnx_path = export_onnx(checkpoint.load(model), workdir / "doctor.onnx", ExportConfig(batch=BatchRange(1, 8, 16)))
+    return {"checkpoint": model, "onnx": onnx_path}
+
+
+def _images_per_s(denoiser, info, steps: int, batch: int) -> float:
+    from .backends import sampling_threads
+    from .samplers import ddim
+
+    dev = getattr(denoiser, "device", torch.device("cpu"))
+    res = info.resolution
+    x = torch.randn(batch, 3, res, res, device=dev)
+    cond = {k: v.to(dev) for k, v in info.spec.null(batch).items()}
+    ts = info.schedule.timesteps(steps)
+    with sampling_threads(denoiser), torch.no_grad():
+        ddim(denoiser, x.clone(), ts[-1:], info.schedule, cond)  # warm-up (lazy allocations, graph capture)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        ddim(denoiser, x.clone(), ts, info.schedule, cond)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    return batch / (time.perf_counter() - t0)
+
+
+def check_inference(workdir: Path, model=None, *, ddim_steps: int = 10, timed_steps: int = 10, batch: int = 4,
+                    engine_cache=None) -> list[Row]:
+    from . import backends
+    from .engines.parity import IMAGE_LEVELS, check_denoiser
+
+    files = _model_files(workdir, model)
+    infos = {kind: backends.open_model(p) for kind, p in files.items()}
+    onnx_info = infos["onnx"]
+    if "checkpoint" in infos:
+        reference, ref_name = backends.create("torch", infos["checkpoint"], device="cpu"), "torch fp32 (CPU)"
+    else:
+        reference, ref_name = backends.create("ort-cpu", onnx_info), "ort-cpu fp32"
+    rows = []
+    for name, entry in sorted(backends.BACKENDS.items(), key=lambda kv: -kv[1].rank):
+        ok, why = entry.availability()
+        if not ok:
+            rows.append(Row("inference", name, "absent", why))
+            continue
+        kind = next((k for k in entry.kinds if k in infos or k == "tensorrt"), None)
+        if kind is None or (kind == "tensorrt" and "onnx" not in infos):
+            rows.append(Row("inference", name, "skipped", f"needs a {'/'.join(entry.kinds)} file"))
+            continue
+        if name == "torch-compile" and not torch.cuda.is_available():
+            rows.append(Row("inference", name, "skipped", "compiles for minutes on a CPU; checked where CUDA is present"))
+            continue
+        bound = REL_BOUND.get(name, FP32_REL)
+        try:
+            if kind == "tensorrt":
+                from .engines.tensorrt_build import cached_engine
+
+                info = backends.open_model(cached_engine(files["onnx"], engine_cache or workdir / "engines"))
+            else:
+                info = infos[kind]
+            den = backends.create(name, info)
+            try:
+                check = check_denoiser(reference, den, onnx_info.contract, onnx_info.spec, rel_bound=bound,
+                                       ddim_steps=ddim_steps, image_bound=IMAGE_LEVELS)
+                metrics = {**check.to_dict(), "images_per_s": _images_per_s(den, info, timed_steps, batch)}
+            finally:
+                den.close()
+        except MediFastError as e:
+            rows.append(Row("inference", name, "FAIL", str(e)))
+            continue
+        except Exception as e:  # a GPU path's own error (CUDA, TensorRT, ORT): reported, not raised
+            rows.append(Row("inference", name, "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
+            continue
+        rows.append(Row("inference", name, "ok" if check.ok else "FAIL",
+                        f"vs {ref_name}" if check.ok else f"{check.summary()} vs {ref_name}", metrics))
+    reference.close()
+    return rows
+
+
+# -- training ----------------------------------------------------------------------------------
+def _train_steps(device: torch.device, variant: str, steps: int = 3, seed: int = 0) -> tuple[float, torch.Tensor]:
+    """(first-step loss, parameter change) after ``steps`` SGD steps on a fixed batch."""
+    from .backends import bf16_native
+    from .model import build_model
+    from .schedule import Schedule
+
+    torch.manual_seed(seed)
+    model = build_model("tiny-32", classes=["LUAD", "LUSC", "BRCA"], metadata={"tss": ["05", "44"], "age": None})
+    before = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+    model = model.to(device)
+    if variant in ("channels_last", "bf16", "fp16", "compiled"):
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if variant == "compiled" else model
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "compiled": torch.bfloat16}.get(variant)
+    if variant == "compiled" and not bf16_native(device):
+        amp = torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(seed + 1)
+    x0 = torch.rand(8, 3, 32, 32, generator=g) * 2 - 1
+    noise = torch.randn(8, 3, 32, 32, generator=g)
+    t = torch.randint(0, 1000, (8,), generator=g)
+    cond = {"class": torch.arange(8) % 4, "tss": torch.arange(8) % 3, "age": torch.linspace(20, 90, 8)}
+    x_t = Schedule().add_noise(x0, noise, t)
+    x_t, noise, t = x_t.to(device), noise.to(device), t.to(device)
+    cond = {k: v.to(device) for k, v in cond.items()}
+    if variant in ("channels_last", "bf16", "fp16", "compiled"):
+        x_t = x_t.contiguous(memory_format=torch.channels_last)
+    first = None
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = torch.nn.functional.mse_loss(forward(x_t, t, cond).float(), noise)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        first = float(loss.detach()) if first is None else first
+    after = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
+    return first, after - before
+
+
+def training_variants(device: torch.device) -> list[str]:
+    from .backends import bf16_native
+
+    if device.type != "cuda":
+        return ["fp32", "channels_last"]
+    return ["fp32", "channels_last"] + (["bf16"] if bf16_native(device) else []) + ["fp16", "compiled"]
+
+
+def check_training(device=None) -> list[Row]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ref_loss, ref_delta = _train_steps(torch.device("cpu"), "fp32")
+    rows = []
+    for variant in training_variants(device):
+        name = f"{variant} ({device.type})"
+        try:
+            loss, delta = _train_steps(device, variant)
+        except Exception as e:  # the device's own error: reported, not raised
+            rows.append(Row("training", name, "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
+            continue
+        loss_rel = abs(loss - ref_loss) / abs(ref_loss)
+        delta_rel = float((delta - ref_delta).norm() / ref_delta.norm())
+        bound = TRAIN_BOUND[variant]
+        ok = delta_rel <= bound and loss_rel <= bound and bool(torch.isfinite(delta).all())
+        rows.append(Row("training", name, "ok" if ok else "FAIL", "vs CPU fp32, same batch and seed",
+                        {"loss_rel": loss_rel, "param_change_rel": delta_rel, "bound": bound}))
+    if torch.cuda.device_count() > 1:
+        rows.append(Row("training", "ddp (2 processes)", "skipped",
+                        "run `pytest tests/test_training_ddp.py` for the two-process step"))
+    else:
+        rows.append(Row("training", "ddp (2 processes)", "absent", "needs two CUDA devices"))
+    return rows
+
+
+# -- the whole report ----------------------------------------------------------------------------
+def run_checks(model=None, *, training: bool = True, engine_cache=None, **inference) -> Report:
+    """The environment and every check; ``inference``: check_inference's step/batch settings."""
+    report = Report(environment())
+    with tempfile.TemporaryDirectory(prefix="medi-fast-doctor-") as tmp:
+        report.rows += check_inference(Path(tmp), model, engine_cache=engine_cache, **inference)
+    if training:
+        report.rows += check_training()
+    return report
+
+
+def format_rows(rows: list[Row]) -> str:
+    from tabulate import tabulate
+
+    def fig(r: Row, key: str, fmt: str) -> str:
+        v = r.metrics.get(key)
+        return "" if v is None else format(v, fmt)
+
+    table = [[r.area, r.path, r.status, fig(r, "rel", ".2e") or fig(r, "param_change_rel", ".2e"),
+              fig(r, "nonfinite", "d"), fig(r, "image_levels", "d"), fig(r, "images_per_s", ".1f"), r.detail]
+             for r in rows]
+    return tabulate(table, headers=["area", "path", "status", "rel. error", "NaN/inf", "DDIM levels", "images/s",
+                                    "detail"])

@@ -1,0 +1,73 @@
+"""`medi-fast doctor`: the environment, the self-test on the CPU backends (GPU ones reported absent
+with the reason), the training check, the JSON record and the failing exit."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from medi_fast import doctor  # noqa: E402
+from medi_fast.backends import BACKENDS  # noqa: E402
+from medi_fast.cli import main  # noqa: E402
+
+
+def test_environment_lists_versions_gpus_and_providers(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch        {torch.__version__.split('+')[0]}" in out or "torch        2." in out
+    assert "onnxruntime  " in out and "CPUExecutionProvider" in out
+    env = doctor.environment()
+    assert env["packages"]["torch"] and isinstance(env["gpus"], list)
+    if not torch.cuda.is_available():
+        assert env["gpus"] == [] and "gpu          none" in out
+
+
+@pytest.fixture(scope="module")
+def inference_rows(tmp_path_factory):
+    return doctor.check_inference(tmp_path_factory.mktemp("doc"), ddim_steps=2, timed_steps=2, batch=2)
+
+
+@pytest.mark.slow
+def test_every_backend_has_a_row_and_available_cpu_ones_are_measured(inference_rows):
+    rows = {r.path: r for r in inference_rows}
+    assert set(rows) == set(BACKENDS)
+    for name, entry in BACKENDS.items():
+        ok, why = entry.availability()
+        if not ok:
+            assert rows[name].status == "absent" and rows[name].detail == why
+    ort = rows["ort-cpu"]
+    assert ort.status == "ok" and 0 < ort.metrics["rel"] <= doctor.FP32_REL and ort.metrics["nonfinite"] == 0
+    assert ort.metrics["images_per_s"] > 0 and ort.metrics["image_levels"] <= 8
+    assert rows["torch"].status == "ok" and rows["torch"].metrics["rel"] == 0.0  # the reference itself
+    if not torch.cuda.is_available():
+        assert rows["torch-fp16"].status == "absent" and rows["torch-fp16"].detail == "no CUDA GPU"
+
+
+def test_training_check_compares_each_precision_with_cpu_fp32():
+    rows = doctor.check_training("cpu")
+    by = {r.path: r for r in rows}
+    assert by["fp32 (cpu)"].status == "ok" and by["fp32 (cpu)"].metrics["param_change_rel"] == 0.0
+    cl = by["channels_last (cpu)"]
+    assert cl.status == "ok" and 0 <= cl.metrics["param_change_rel"] <= doctor.TRAIN_BOUND["channels_last"]
+    assert doctor.training_variants(torch.device("cpu")) == ["fp32", "channels_last"]
+    assert by["ddp (2 processes)"].status in ("absent", "skipped")
+
+
+@pytest.mark.slow
+def test_a_path_over_its_bound_fails_the_command_in_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(doctor.REL_BOUND, "ort-cpu", 0.0)  # ORT never equals torch to the last bit
+    real = doctor.check_inference
+    monkeypatch.setattr(doctor, "check_inference",
+                        lambda workdir, model=None, **kw: real(workdir, model, ddim_steps=0, timed_steps=1, batch=1))
+    with pytest.raises(SystemExit) as e:
+        main(["doctor", "--check", "--no-training", "--json", str(tmp_path / "doctor.json")])
+    io = capsys.readouterr()
+    assert e.value.code == 2
+    assert io.err.strip().splitlines()[-1].startswith("medi-fast: error: 1 check(s) failed (ort-cpu)")
+    assert "FAIL" in io.out
+    record = json.loads((tmp_path / "doctor.json").read_text())
+    assert record["ok"] is False and {r["path"] for r in record["rows"] if r["status"] == "FAIL"} == {"ort-cpu"}
+    assert record["environment"]["packages"]["onnxruntime"]
