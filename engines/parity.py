@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from medi_fast.backends.contract import IOContract
+from medi_fast.generate import to_uint8
 from medi_fast.samplers.ddim import ddim
 
 from .export import example_inputs
@@ -94,7 +95,6 @@ def eps_errors(model, onnx_path, contract: IOContract, *, batch: int = 6, rounds
 
 def ddim_uint8_diff(model, onnx_path, contract: IOContract, *, steps: int = 10, batch: int = 4, seed: int = 0):
     """Max and mean |uint8 difference| of a whole DDIM run through ONNX Runtime vs torch."""
-    from medi_fast.generate import to_uint8
     from medi_fast.schedule import Schedule
 
     sess = _session(Path(onnx_path))

@@ -133,6 +133,6 @@ def test_one_to_uint8_everywhere_with_the_shipped_arithmetic():
             assert getattr(m, "to_uint8", to_uint8) is to_uint8
     finally:
         sys.path.pop(0)
-    from engines import parity
+    from medi_fast.engines import parity
 
     assert getattr(parity, "to_uint8", to_uint8) is to_uint8
