@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("core:info", "Describe a checkpoint or engine: conditioning, vocabularies, schedule, hash."),
     "export": ("export:export", "Export a checkpoint to ONNX (fp32/fp16) and TensorRT, with a parity report."),
     "train": ("train:train", "Train a CLS or MeDi UNet (EMA, mixed precision, exact resume, DDP)."),
-    "import-medi": ("train:import_medi", "Convert a reference MeDi safetensors checkpoint to a medi-fast checkpoint."),
+    "import-medi": ("train:import_medi", "Convert a reference MeDi run (as train_diffusion.py wrote it) to a medi-fast checkpoint."),
     "backends": ("core:list_backends", "List runtime backends and whether each is available here."),
     "plan": ("core:plan_cmd", "Write a plan CSV (match-train or fill-missing) for generate --plan."),
     "fid": ("evaluate:fid", "FID per class and averaged, from images or saved statistics."),

@@ -34,7 +34,7 @@ def _metadata(tss, gender, race, age, meta) -> dict:
     return values
 
 
-def build_plan(spec, *, plan, class_, metadata, n, seed, sites_from, classes, n_per_combo):
+def build_plan(spec, *, plan, class_, metadata, n, seed, sites_from, classes, n_per_combo, k=None):
     from .. import plan as plans
 
     if plan is None:
@@ -51,14 +51,19 @@ def build_plan(spec, *, plan, class_, metadata, n, seed, sites_from, classes, n_
         if not sites_from:
             raise MediFastError("--plan fill-missing needs --sites-from SPLIT_CSV_OR_INDEX (the sites to fill)")
         return plans.fill_missing(spec, parse_list(classes or ""), sites_from, n_per_combo or n or 1, seed)
+    if plan == "ood":
+        if not sites_from:
+            raise MediFastError("--plan ood needs --sites-from TRAINING_INDEX_OR_SPLIT_CSV (where each class was seen)")
+        return plans.ood(spec, parse_list(classes or ""), sites_from, k, n_per_combo or n or 1, seed)
     if n is not None:
         raise MediFastError("--n does not apply to a plan CSV (its count column says how many)")
     return plans.from_csv(spec, plan, seed)
 
 
 PLAN_HELP = ("A plan CSV (columns class, metadata such as tss, count), or a strategy: 'match-train' (class and "
-             "site frequencies of --sites-from INDEX; the FID protocol) or 'fill-missing' (every --classes x site of "
-             "--sites-from, --n-per-combo each; the augmentation protocol).")
+             "site frequencies of --sites-from INDEX; the FID protocol), 'fill-missing' (every --classes x site of "
+             "--sites-from, --n-per-combo each; the augmentation protocol) or 'ood' (--k sites per class that "
+             "--sites-from never shows with it, drawn with --seed).")
 
 
 @click.command()
@@ -73,7 +78,8 @@ PLAN_HELP = ("A plan CSV (columns class, metadata such as tss, count), or a stra
 @click.option("--plan", "plan", help=PLAN_HELP)
 @click.option("--sites-from", type=click.Path(path_type=Path), help="Training index/split CSV for --plan strategies.")
 @click.option("--classes", help="Comma-separated classes for --plan fill-missing (default: all of the model's).")
-@click.option("--n-per-combo", type=int, help="Images per class x site for --plan fill-missing.")
+@click.option("--n-per-combo", type=int, help="Images per class x site for --plan fill-missing or ood.")
+@click.option("--k", "k", type=int, help="--plan ood: unseen sites per class.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory (resumable). Optional with --fid-stats.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per sampler batch.")
 @click.option("--steps", type=int, default=100, show_default=True, help="Sampler steps (DDIM-100 as published).")
@@ -91,7 +97,7 @@ PLAN_HELP = ("A plan CSV (columns class, metadata such as tss, count), or a stra
 @click.option("--fid-stats", type=click.Path(path_type=Path), help="Also stream Inception statistics to this .npz.")
 @click.option("--inception-weights", type=click.Path(path_type=Path), help="Local FID Inception weights file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def generate(model, class_, tss, gender, race, age, meta, n, plan, sites_from, classes, n_per_combo, out,
+def generate(model, class_, tss, gender, race, age, meta, n, plan, sites_from, classes, n_per_combo, k, out,
              batch_size, steps, sampler, eta, seed, guidance, backend, device, fmt, jpeg_quality, workers, shard,
              fid_stats, inception_weights, quiet):
     """Generate patches from MODEL (a checkpoint, or an exported .onnx/.engine).
@@ -113,7 +119,7 @@ def generate(model, class_, tss, gender, race, age, meta, n, plan, sites_from, c
     shard_ = _parse_shard(shard)
     info = backends.open_model(model)
     the_plan = build_plan(info.spec, plan=plan, class_=class_, metadata=_metadata(tss, gender, race, age, meta),
-                          n=n, seed=seed, sites_from=sites_from, classes=classes, n_per_combo=n_per_combo)
+                          n=n, seed=seed, sites_from=sites_from, classes=classes, n_per_combo=n_per_combo, k=k)
     backend = backends.resolve(backend, info)  # an unavailable backend fails before anything is written
     if out is not None:
         from ..io import ensure_dir
@@ -199,6 +205,10 @@ def info(model, as_json):
         click.echo(f"  {a.name:<8} width {a.dim:<4} {len(a.vocab) if a.vocab else '':>4}  {vals}")
     click.echo(f"  schedule {i.schedule.num_train_timesteps} {i.schedule.beta_schedule} betas "
                f"{i.schedule.beta_start}..{i.schedule.beta_end}, {i.schedule.prediction_type}")
+    from ..checkpoint import provenance_lines
+
+    for line in provenance_lines(i.provenance):
+        click.echo(f"  {line}")
 
 
 @click.command("backends")
@@ -213,21 +223,23 @@ def list_backends():
 
 
 @click.command("plan")
-@click.argument("strategy", type=click.Choice(["match-train", "fill-missing"]))
+@click.argument("strategy", type=click.Choice(["match-train", "fill-missing", "ood"]))
 @click.option("--model", required=True, type=click.Path(path_type=Path), help="Checkpoint or engine (its vocabularies).")
 @click.option("--sites-from", required=True, type=click.Path(path_type=Path), help="Training index or split CSV.")
 @click.option("--classes", help="fill-missing: comma-separated classes (default: all of the model's).")
 @click.option("--n", type=int, help="match-train: total images (default: as many as the index rows).")
-@click.option("--n-per-combo", type=int, default=1, show_default=True, help="fill-missing: images per combination.")
+@click.option("--n-per-combo", type=int, default=1, show_default=True, help="fill-missing, ood: images per combination.")
+@click.option("--k", "k", type=int, help="ood: unseen sites per class.")
+@click.option("--seed", type=int, default=0, show_default=True, help="ood: seed of the site draw (use generate's --seed).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Plan CSV to write.")
-def plan_cmd(strategy, model, sites_from, classes, n, n_per_combo, out):
+def plan_cmd(strategy, model, sites_from, classes, n, n_per_combo, k, seed, out):
     """Write a plan CSV (one row per combination with a count) for `generate --plan`."""
     from .. import backends
     from ..io import atomic_write_text
 
     info = backends.open_model(model)
-    p = build_plan(info.spec, plan=strategy, class_=None, metadata={}, n=n, seed=0, sites_from=sites_from,
-                   classes=classes, n_per_combo=n_per_combo)
+    p = build_plan(info.spec, plan=strategy, class_=None, metadata={}, n=n, seed=seed, sites_from=sites_from,
+                   classes=classes, n_per_combo=n_per_combo, k=k)
     combos = p.combinations()
     atomic_write_text(out, combos.to_csv(index=False))
     click.echo(f"wrote {out}: {len(combos)} combinations, {len(p)} images")

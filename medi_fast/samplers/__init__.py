@@ -30,5 +30,5 @@ def timesteps_for(name: str, schedule, steps: int):
     """The inference timesteps a sampler runs with, as diffusers' matching scheduler chooses them."""
     get_sampler(name)
     if name in OWN_TIMESTEPS:
-        return OWN_TIMESTEPS[name](schedule, steps)
+        return OWN_TIMESTEPS[name](schedule, steps, getattr(schedule, "solver_spacing", None) or "linspace")
     return schedule.timesteps(steps, DEFAULT_SPACING.get(name))
