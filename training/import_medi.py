@@ -416,7 +416,7 @@ def import_run(path, *, out=None, ema: bool = False, weights=None, condition: li
         n_in = int(sd["linear_comb.weight"].shape[1]) // d_t
         if n_in == 1 + len(categorical) and positional:
             notes.append(f"{', '.join(positional)} left out: the reference's linear mode builds no positional "
-                         f"encoder, so they never reached this model")
+                         f"encoder, so {'it' if len(positional) == 1 else 'they'} never reached this model")
             used_positional = []
         elif n_in != 1 + len(categorical) + len(positional):
             raise MediFastError(f"linear_comb takes {n_in} embeddings but the run has 1 class + {len(categorical)} "

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train:train", "Train a CLS or MeDi UNet (EMA, mixed precision, exact resume, DDP)."),
     "import-medi": ("train:import_medi", "Convert a reference MeDi run (as train_diffusion.py wrote it) to a medi-fast checkpoint."),
     "backends": ("core:list_backends", "List runtime backends and whether each is available here."),
-    "plan": ("core:plan_cmd", "Write a plan CSV (match-train or fill-missing) for generate --plan."),
+    "plan": ("core:plan_cmd", "Write a plan CSV (match-train, fill-missing or ood) for generate --plan."),
     "fid": ("evaluate:fid", "FID per class and averaged, from images or saved statistics."),
     "embed": ("evaluate:embed", "Embed images with UNI (or another encoder) into one file with metadata."),
     "probe": ("evaluate:probe", "Linear probe (the paper's Table 1): no-synthetic vs CLS vs MeDi."),
