@@ -27,14 +27,6 @@ is the encoding of 60, the value the reference substitutes for a missing age.
 """
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
-import pickle
-import re
-from pathlib import Path
-
-import pandas as pd
 import torch
 
 from medi_fast import checkpoint as ckpt_io
@@ -42,14 +34,12 @@ from medi_fast.conditioning import CATEGORICAL, CONTINUOUS, COLUMNS, REFERENCE, 
     reference_sinusoidal
 from medi_fast.errors import MediFastError
 from medi_fast.model import MeDiUNet
-from medi_fast.schedule import Schedule
 from medi_fast.vocab import Vocabulary
 
-UNKNOWN = "Unknown"
-CLASS_COLUMNS = ("class", "project_id", "cancer_type")
-CLASS_MAP, DOMAIN_MAP, SCHEDULER = "cancer_type_mapping.json", "domain_value_mapping.json", "scheduler_config.json"
-WEIGHT_FILES = ("model.safetensors", "model_final.pth")
-EMA_DIR, EMA_WEIGHTS = "ema_model", "diffusion_pytorch_model.safetensors"
+from .medi_run import (CLASS_MAP, DOMAIN_MAP, EMA_DIR, SCHEDULER, index_map, infer_unet_config, read_json,
+                       read_reference, reference_vocabularies, resolve, schedule_from_config, sha, step_of,
+                       unet_config_from_reference)
+
 # The reference fills a missing positional value (age) with 60 before encoding it.
 POSITIONAL_MISSING = 60.0
 POSITIONAL_MAX = 100.0
@@ -58,201 +48,6 @@ _ATTRIBUTE_FOR_COLUMN = {**{col: name for name, col in COLUMNS.items()}, "age_p"
 # What users may type in --condition for a reference column.
 _COLUMN_ALIASES = {"tss": "tissue_source_site", "age": "age_p", "age_at_index": "age_p"}
 
-
-# ----------------------------------------------------------------------------- reading the run
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MediFastError(f"{path} is not valid JSON ({e}); re-copy it from the reference run") from None
-
-
-def _step_of(directory: Path) -> int | None:
-    m = re.fullmatch(r"checkpoint-(\d+)", directory.name)
-    return int(m.group(1)) if m else None
-
-
-def resolve(path, *, ema: bool = False, weights=None) -> dict:
-    """RUN/, RUN/checkpoint-N/ or a weights file -> {run_dir, checkpoint_dir, weights, ema}."""
-    path = Path(path)
-    if not path.exists():
-        raise MediFastError(f"{path} does not exist; pass a reference run directory, a checkpoint-N directory "
-                            f"or a weights file")
-    ckpt_dir = None
-    if path.is_dir():
-        steps = sorted((s, d) for d in path.iterdir() if d.is_dir() and (s := _step_of(d)) is not None)
-        if steps:  # a run directory: its latest checkpoint
-            ckpt_dir = steps[-1][1]
-        elif path.name == EMA_DIR:
-            ckpt_dir, ema = path.parent, True
-        else:
-            ckpt_dir = path
-        if weights is not None:
-            w = Path(weights)
-            w = w if w.is_absolute() or w.exists() else ckpt_dir / w
-            if not w.is_file():
-                raise MediFastError(f"--weights {weights} is not a file in {ckpt_dir}; pick one of "
-                                    f"{', '.join(WEIGHT_FILES)} or pass --ema")
-        elif ema:
-            w = ckpt_dir / EMA_DIR / EMA_WEIGHTS
-            if not w.is_file():
-                raise MediFastError(f"{ckpt_dir} has no {EMA_DIR}/{EMA_WEIGHTS} (the run was trained without "
-                                    f"--use_ema?); drop --ema to import {WEIGHT_FILES[0]}")
-        else:
-            w = next((ckpt_dir / f for f in WEIGHT_FILES if (ckpt_dir / f).is_file()), None)
-            if w is None and (ckpt_dir / EMA_DIR / EMA_WEIGHTS).is_file():
-                w, ema = ckpt_dir / EMA_DIR / EMA_WEIGHTS, True
-            if w is None:
-                raise MediFastError(f"{ckpt_dir} holds no weights ({', '.join(WEIGHT_FILES)} or {EMA_DIR}/); "
-                                    f"pass a checkpoint-N directory of the run, or the weights file")
-    else:
-        if weights is not None or ema:
-            raise MediFastError(f"{path} is already a weights file; drop --weights/--ema or pass its checkpoint directory")
-        w = path
-        ema = path.parent.name == EMA_DIR
-        ckpt_dir = path.parent.parent if ema else path.parent
-    run_dir = next((d for d in (ckpt_dir, ckpt_dir.parent) if (d / CLASS_MAP).is_file()), None)
-    return {"run_dir": run_dir, "checkpoint_dir": ckpt_dir, "weights": w, "ema": bool(ema)}
-
-
-def read_reference(path) -> dict[str, torch.Tensor]:
-    """The reference state dict from .safetensors (save_state, EMA) or .pth (torch.save of the state dict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MediFastError(f"reference weights {path} do not exist; check the path")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        except Exception as e:  # safetensors raises several types for a bad file
-            raise MediFastError(f"{path} is not a readable safetensors file ({str(e)[:120]}); re-copy it from "
-                                f"the reference run") from None
-    else:
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-            raise MediFastError(f"{path} is not a readable torch state dict ({str(e).splitlines()[0][:120]}); "
-                                f"re-copy it, or import model.safetensors instead") from None
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise MediFastError(f"{path} does not hold a state dict of tensors; pass model_final.pth or model.safetensors")
-    # DistributedDataParallel / wrapper prefixes
-    for prefix in ("module.", "unet."):
-        if "class_embedding.weight" not in sd and any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
-    return sd
-
-
-def _index_map(mapping: dict, what: str, path: Path) -> list[str]:
-    """{name: index} -> names by index; refuses gaps and repeats."""
-    try:
-        ordered = sorted(mapping.items(), key=lambda kv: int(kv[1]))
-    except (TypeError, ValueError, AttributeError):
-        raise MediFastError(f"{path}: {what} must map names to integer indices; re-copy it from the reference run") from None
-    if [int(i) for _, i in ordered] != list(range(len(ordered))):
-        raise MediFastError(f"{path}: the {what} indices are not 0..{len(ordered) - 1}; re-copy it from the reference run")
-    return [str(n) for n, _ in ordered]
-
-
-def schedule_from_config(path: Path | None) -> Schedule:
-    """The DDPMScheduler config of the run -> Schedule; refuses what medi-fast cannot reproduce.
-
-    The reference's sample.py builds DPMSolverMultistepScheduler from this file, and diffusers then
-    drops every key listed in ``_use_default_values`` (values the DDPM scheduler only defaulted), so
-    the solver keeps its own defaults for them: a default "leading" spacing does not carry over and
-    the solver runs "linspace".  solver_spacing follows the same rule.
-    """
-    if path is None:  # train_diffusion.py's DDPMScheduler(1000, "linear", "epsilon") with its defaults
-        return Schedule()
-    c = _read_json(path)
-    if not isinstance(c, dict):
-        raise MediFastError(f"{path} is not a scheduler config (a JSON object); re-copy it from the reference run")
-    why = None
-    if c.get("trained_betas") is not None:
-        why = "explicit trained_betas"
-    elif c.get("beta_schedule", "linear") not in ("linear", "scaled_linear"):
-        why = f"beta_schedule {c.get('beta_schedule')!r}"
-    elif c.get("prediction_type", "epsilon") != "epsilon":
-        why = f"prediction_type {c.get('prediction_type')!r}"
-    elif c.get("rescale_betas_zero_snr") or c.get("thresholding"):
-        why = "rescale_betas_zero_snr/thresholding"
-    elif c.get("timestep_spacing", "leading") not in ("leading", "trailing", "linspace"):
-        why = f"timestep_spacing {c.get('timestep_spacing')!r}"
-    if why:
-        raise MediFastError(f"{path} uses {why}, which medi-fast cannot reproduce; only linear/scaled_linear betas "
-                            f"with epsilon prediction are supported")
-    defaulted = set(c.get("_use_default_values") or [])
-    spacing = c.get("timestep_spacing", "leading")
-    return Schedule(num_train_timesteps=int(c.get("num_train_timesteps", 1000)),
-                    beta_start=float(c.get("beta_start", 1e-4)), beta_end=float(c.get("beta_end", 0.02)),
-                    beta_schedule=c.get("beta_schedule", "linear"), prediction_type="epsilon",
-                    clip_sample=bool(c.get("clip_sample", True)),
-                    clip_sample_range=float(c.get("clip_sample_range", 1.0)),
-                    steps_offset=int(c.get("steps_offset", 0)), timestep_spacing=spacing,
-                    solver_spacing=None if "timestep_spacing" in defaulted or "timestep_spacing" not in c else spacing)
-
-
-def infer_unet_config(unet_sd: dict[str, torch.Tensor], resolution: int) -> dict:
-    """UNet2DModel config from weight shapes (norm_num_groups and attention_head_dim are not visible
-    in shapes: the reference's 32 and 8 are assumed; override with --unet-config)."""
-    if "conv_in.weight" not in unet_sd:
-        raise MediFastError("the file has no conv_in.weight: not a diffusers UNet2DModel; pass the reference "
-                            "model's weights")
-    levels = sorted({int(m.group(1)) for k in unet_sd for m in [re.match(r"down_blocks\.(\d+)\.", k)] if m})
-    channels = [int(unet_sd[f"down_blocks.{i}.resnets.0.conv2.weight"].shape[0]) for i in levels]
-    layers = len({m.group(1) for k in unet_sd for m in [re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k)] if m})
-    down = ["AttnDownBlock2D" if any(k.startswith(f"down_blocks.{i}.attentions.") for k in unet_sd) else "DownBlock2D"
-            for i in levels]
-    up = ["AttnUpBlock2D" if any(k.startswith(f"up_blocks.{i}.attentions.") for k in unet_sd) else "UpBlock2D"
-          for i in levels]
-    return {"sample_size": resolution, "in_channels": int(unet_sd["conv_in.weight"].shape[1]),
-            "out_channels": int(unet_sd["conv_out.weight"].shape[0]), "layers_per_block": layers,
-            "block_out_channels": channels, "down_block_types": down, "up_block_types": up,
-            "add_attention": any(k.startswith("mid_block.attentions.") for k in unet_sd),
-            "norm_num_groups": 32, "class_embed_type": "identity"}
-
-
-def unet_config_from_reference(config: dict) -> dict:
-    """The reference UNet's config.json -> a stock UNet2DModel config (conditioning keys dropped)."""
-    from diffusers import UNet2DModel
-
-    accepted = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self", "class_embed_type", "num_class_embeds"}
-    cfg = {k: v for k, v in config.items() if k in accepted}
-    for k in ("block_out_channels", "down_block_types", "up_block_types"):
-        if k in cfg:
-            cfg[k] = list(cfg[k])
-    return {**cfg, "class_embed_type": "identity"}
-
-
-def reference_vocabularies(metadata_csv, columns: list[str], class_column: str | None = None):
-    """(class names sorted, {column: values in order of first appearance + 'Unknown'}), as the
-    reference builds them from its training metadata CSV."""
-    path = Path(metadata_csv)
-    if not path.is_file():
-        raise MediFastError(f"--metadata {path} does not exist; pass the reference run's training metadata CSV")
-    table = pd.read_csv(path, dtype=str)  # codes stay strings: "05" is not 5
-    if class_column is None:
-        class_column = next((c for c in CLASS_COLUMNS if c in table.columns), None)
-    if class_column is None or class_column not in table.columns:
-        raise MediFastError(f"--metadata {path} has no class column ({', '.join(CLASS_COLUMNS)}); pass --class-column")
-    classes = sorted(table[class_column].dropna().astype(str).str.strip().unique())
-    vocabs = {}
-    for col in columns:
-        if col not in table.columns:
-            raise MediFastError(f"--condition {col}: column not in {path} (columns: {', '.join(table.columns)})")
-        values = list(dict.fromkeys(table[col].fillna(UNKNOWN).astype(str).str.strip()))
-        if UNKNOWN not in values:
-            values.append(UNKNOWN)
-        vocabs[col] = values
-    return classes, vocabs
-
-
-# ----------------------------------------------------------------------------- the import
 
 def _with_null(weight: torch.Tensor, null_fill: str) -> torch.Tensor:
     null = weight.mean(0, keepdim=True) if null_fill == "mean" else torch.zeros_like(weight[:1])
@@ -313,19 +108,21 @@ def import_run(path, *, out=None, ema: bool = False, weights=None, condition: li
                             f"MeDi checkpoint; pass the run's model.safetensors or ema_model/")
     run_dir, ckpt_dir = src["run_dir"], src["checkpoint_dir"]
     config_path = ckpt_dir / EMA_DIR / "config.json" if ckpt_dir is not None else None
-    config = _read_json(config_path) if config_path is not None and config_path.is_file() else None
+    config = read_json(config_path) if config_path is not None and config_path.is_file() else None
     tables_in_weights = [k.split(".")[1] for k in sd if k.startswith("domain_embeddings.") and k.endswith(".weight")]
 
     # vocabularies: the mapping JSONs (index i there is index i here), else the training CSV
     files = {}
     if run_dir is not None:
-        classes = _index_map(_read_json(run_dir / CLASS_MAP), "class", run_dir / CLASS_MAP)
-        files[CLASS_MAP] = _sha(run_dir / CLASS_MAP)
+        classes = index_map(read_json(run_dir / CLASS_MAP), "class", run_dir / CLASS_MAP)
+        files[CLASS_MAP] = sha(run_dir / CLASS_MAP)
         dmap_path = run_dir / DOMAIN_MAP
-        dmap = _read_json(dmap_path) if dmap_path.is_file() else {}
+        dmap = read_json(dmap_path) if dmap_path.is_file() else {}
         if dmap_path.is_file():
-            files[DOMAIN_MAP] = _sha(dmap_path)
-        vocabs = {col: _index_map(m, f"{col} value", dmap_path) for col, m in dmap.items()}
+            files[DOMAIN_MAP] = sha(dmap_path)
+        if not isinstance(dmap, dict):
+            raise MediFastError(f"{dmap_path} must be a JSON object {{domain: {{value: index}}}}; re-copy it from the reference run")
+        vocabs = {col: index_map(m, f"{col} value", dmap_path) for col, m in dmap.items()}
         source_of_names = f"{run_dir / CLASS_MAP} and {DOMAIN_MAP}"
     elif metadata_csv is not None:
         given = [_COLUMN_ALIASES.get(c, c) for c in (condition or [])]
@@ -466,13 +263,16 @@ def import_run(path, *, out=None, ema: bool = False, weights=None, condition: li
     sched_path = run_dir / SCHEDULER if run_dir is not None and (run_dir / SCHEDULER).is_file() else None
     schedule = schedule_from_config(sched_path)
     if sched_path is not None:
-        files[SCHEDULER] = _sha(sched_path)
+        files[SCHEDULER] = sha(sched_path)
     if config is not None:
-        files[f"{EMA_DIR}/config.json"] = _sha(config_path)
-    step = _step_of(ckpt_dir) if ckpt_dir is not None else None
+        files[f"{EMA_DIR}/config.json"] = sha(config_path)
+    step = step_of(ckpt_dir) if ckpt_dir is not None else None
     if step is None and config is not None and config.get("optimization_step") is not None:
         step = int(config["optimization_step"])
-    weights_rel = src["weights"].relative_to(run_dir) if run_dir is not None else src["weights"]
+    try:
+        weights_rel = src["weights"].resolve().relative_to(run_dir.resolve())
+    except (AttributeError, ValueError):  # no run directory, or weights from elsewhere
+        weights_rel = src["weights"].resolve()
     prov = {"kind": "import-medi",
             "imported_from": {"run_dir": str(run_dir.resolve()) if run_dir is not None else None,
                               "weights": str(weights_rel), "checkpoint_step": step, "ema": src["ema"],
