@@ -73,6 +73,21 @@ class Checkpoint:
         return h.hexdigest()[:16]
 
 
+def provenance_lines(provenance: Mapping) -> list[str]:
+    """Human-readable lines on where a model came from (``medi-fast info``); empty if nothing to say."""
+    src = provenance.get("imported_from")
+    if not isinstance(src, Mapping):
+        return []
+    lines = [f"imported from the MeDi run {src.get('run_dir') or src.get('metadata_csv') or '?'}: {src.get('weights')}"
+             f"{', step ' + str(src['checkpoint_step']) if src.get('checkpoint_step') is not None else ''}, "
+             f"{'EMA' if src.get('ema') else 'model (not EMA)'} weights, {src.get('mode')} mode, domains "
+             f"{', '.join(src.get('domains_to_condition') or []) or 'none'}"]
+    for name, digest in (src.get("files_sha256") or {}).items():
+        lines.append(f"  {name} sha256 {digest}")
+    lines += [f"  note: {n}" for n in src.get("notes") or []]
+    return lines
+
+
 def from_model(model, schedule: Schedule, *, preset: str = "", ema_model=None, provenance: Mapping | None = None) -> Checkpoint:
     sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     ema = {k: v.detach().cpu().clone() for k, v in ema_model.state_dict().items()} if ema_model is not None else None

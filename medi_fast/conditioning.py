@@ -19,6 +19,12 @@ from .vocab import Vocabulary
 MODES = ("concat", "additive", "linear")
 CATEGORICAL = "categorical"
 CONTINUOUS = "continuous"
+# Continuous encodings.  "reference": the MeDi code's SineCosinePositionEncoder (clamp to
+# [0, scale], divide by scale, sin/cos at frequencies exp(-ln(10000) 2i/d)), what new models use.
+# "x1000": the encoding of checkpoints written before it (no clamp, arguments scaled by 1000); a
+# checkpoint header without an "encoding" key means this one, so older files keep their meaning.
+REFERENCE, LEGACY_X1000 = "reference", "x1000"
+ENCODINGS = (REFERENCE, LEGACY_X1000)
 
 
 @dataclass(frozen=True)
@@ -29,8 +35,10 @@ class Attribute:
     kind: str
     dim: int
     vocab: Vocabulary | None = None
-    # Continuous values are divided by `scale` before the sinusoidal encoding (ages span ~0..100).
+    # Continuous values are clamped to [0, scale] and divided by it before the sinusoidal encoding
+    # (ages span 0..100, the reference's max_position).
     scale: float = 100.0
+    encoding: str = REFERENCE
 
     def __post_init__(self):
         if self.kind not in (CATEGORICAL, CONTINUOUS):
@@ -39,19 +47,25 @@ class Attribute:
             raise MediFastError(f"categorical attribute {self.name!r} needs a vocabulary")
         if self.dim <= 0 or (self.kind == CONTINUOUS and self.dim % 2):
             raise MediFastError(f"attribute {self.name!r}: width {self.dim} must be positive (and even if continuous)")
+        if self.encoding not in ENCODINGS:
+            raise MediFastError(f"attribute {self.name!r}: unknown encoding {self.encoding!r}; use {REFERENCE!r}")
 
     @property
     def null_id(self) -> int:
         return self.vocab.null_id if self.vocab is not None else -1
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "dim": self.dim, "scale": self.scale,
-                "vocab": self.vocab.to_dict() if self.vocab is not None else None}
+        d = {"name": self.name, "kind": self.kind, "dim": self.dim, "scale": self.scale,
+             "vocab": self.vocab.to_dict() if self.vocab is not None else None}
+        if self.kind == CONTINUOUS and self.encoding != LEGACY_X1000:
+            d["encoding"] = self.encoding  # absent = x1000, so older headers (and hashes) stay as they were
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Attribute":
         vocab = Vocabulary.from_dict(d["vocab"]) if d.get("vocab") else None
-        return cls(d["name"], d["kind"], int(d["dim"]), vocab, float(d.get("scale", 100.0)))
+        encoding = d.get("encoding", LEGACY_X1000 if d["kind"] == CONTINUOUS else REFERENCE)
+        return cls(d["name"], d["kind"], int(d["dim"]), vocab, float(d.get("scale", 100.0)), encoding)
 
 
 @dataclass(frozen=True)
@@ -176,11 +190,31 @@ class ConditionSpec:
 
 
 def sinusoidal(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Transformer-style sin/cos encoding of a float per sample.  x: (B,) -> (B, dim)."""
+    """The x1000 encoding of older checkpoints (x already divided by scale).  x: (B,) -> (B, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=x.device) / half)
     arg = x.float()[:, None] * freqs[None] * 1000.0  # scaled so 0..1 spans many periods
     return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
+
+
+def reference_sinusoidal(x: torch.Tensor, dim: int, max_position: float = 100.0) -> torch.Tensor:
+    """The reference MeDi encoder of a positional domain (e.g. age_p).  x: (B,) raw values -> (B, dim).
+
+    Same operations in the same order as the reference's SineCosinePositionEncoder (so float32
+    results are identical): clamp to [0, max_position], divide by it, sin/cos at exp(-ln(1e4) 2i/d).
+    """
+    x = x.float().clamp(0.0, max_position) / max_position
+    i = torch.arange(dim // 2, device=x.device, dtype=x.dtype)
+    div_term = torch.exp(-math.log(10000.0) * (2 * i / dim))
+    pos = x.unsqueeze(1) * div_term.unsqueeze(0)  # (B, dim / 2)
+    return torch.cat([torch.sin(pos), torch.cos(pos)], dim=1)
+
+
+def encode_continuous(a: Attribute, v: torch.Tensor) -> torch.Tensor:
+    """The fixed encoding of a continuous attribute's values (no NaN).  (B,) -> (B, a.dim)."""
+    if a.encoding == LEGACY_X1000:
+        return sinusoidal(v / a.scale, a.dim)
+    return reference_sinusoidal(v, a.dim, a.scale)
 
 
 class Conditioner(nn.Module):
@@ -190,7 +224,8 @@ class Conditioner(nn.Module):
     linear: z = W [e_class, e_meta...] + b.
 
     Table ``i`` has ``len(vocab) + 1`` rows; the last row is the learned null embedding.
-    Continuous attributes use a fixed sinusoidal encoding; NaN selects a learned null vector.
+    Continuous attributes use a fixed sinusoidal encoding (the reference's, see reference_sinusoidal);
+    NaN selects a learned null vector.
     """
 
     def __init__(self, spec: ConditionSpec):
@@ -214,7 +249,7 @@ class Conditioner(nn.Module):
                 parts.append(self.tables[a.name](v.long()))  # (B, d_a)
             else:
                 missing = torch.isnan(v)
-                enc = sinusoidal(torch.where(missing, torch.zeros_like(v), v) / a.scale, a.dim)
+                enc = encode_continuous(a, torch.where(missing, torch.zeros_like(v), v))
                 parts.append(torch.where(missing[:, None], self.nulls[a.name][None].to(enc.dtype), enc))
         if self.spec.mode == "additive":
             return torch.stack(parts, 0).sum(0)

@@ -3,7 +3,8 @@
 Strategies build plans: a single combination; rows of a CSV (one row per combination with a
 count); ``match-train`` (the class and site frequencies of a training index: the paper's FID
 experiment); ``fill-missing`` (uniform over every class x site combination: the paper's
-downstream experiment).  Seeds come from (base seed, index) alone, so sample ``i`` is the same
+downstream experiment); ``ood`` (for each class, K sites absent from its training rows, chosen with
+a seeded generator: the reference code's OOD sampling).  Seeds come from (base seed, index) alone, so sample ``i`` is the same
 image whatever the batch size, the shard or the backend.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .conditioning import CATEGORICAL, ConditionSpec, column_for
 from .errors import MediFastError
 
 COUNT_COLUMNS = ("count", "n")
-STRATEGIES = ("match-train", "fill-missing")
+STRATEGIES = ("match-train", "fill-missing", "ood")
 
 _MASK64 = (1 << 64) - 1
 
@@ -208,9 +209,58 @@ def fill_missing(spec: ConditionSpec, classes: Sequence[str], sites_from, n_per_
     return from_counts(spec, grid, seed)
 
 
+def ood(spec: ConditionSpec, classes: Sequence[str], sites_from, k: int, n_per_combo: int, seed: int = 0,
+        attribute: str = "tss") -> Plan:
+    """For each class, ``k`` sites of ``sites_from`` where that class has no rows (out of distribution).
+
+    Candidates are the table's sites the model knows (not "Unknown"), in order of first appearance;
+    ``k`` of them are drawn without replacement by numpy's generator seeded with ``seed``, so the
+    same command picks the same combinations.  A class absent from fewer than ``k`` sites gets all
+    of them.  The plan's combinations (``Plan.combinations``) list what was chosen.
+    """
+    if attribute not in spec:
+        raise MediFastError(f"the ood plan needs a model conditioned on {attribute!r}; this one takes "
+                            f"{', '.join(spec.names)}")
+    if k is None or int(k) <= 0:
+        raise MediFastError(f"--plan ood needs --k, a positive number of unseen sites per class (got {k})")
+    if n_per_combo <= 0:
+        raise MediFastError(f"--n-per-combo must be positive, got {n_per_combo}")
+    df = _read_table(sites_from)
+    col = column_for(attribute)
+    for needed in ("class", col):
+        if needed not in df.columns:
+            raise MediFastError(f"{sites_from} has no column {needed!r}; give the training index or split CSV")
+    vocab, class_vocab = spec[attribute].vocab, spec.class_vocab
+
+    def known(vocabulary, value):
+        try:
+            return vocabulary.names[vocabulary.id(value)]
+        except MediFastError:
+            return None
+
+    sites = [known(vocab, s) for s in dict.fromkeys(df[col].astype(str))]
+    candidates = [s for s in dict.fromkeys(sites) if s is not None and s != "Unknown"]
+    seen: dict[str, set] = {}
+    for c, s in zip(df["class"].astype(str), df[col].astype(str)):
+        seen.setdefault(known(class_vocab, c), set()).add(known(vocab, s))
+    rng = np.random.default_rng(int(seed))
+    chosen = []
+    for c in (list(classes) or list(class_vocab.names)):
+        name = class_vocab.names[class_vocab.id(c)]
+        absent = [s for s in candidates if s not in seen.get(name, set())]
+        picks = rng.choice(len(absent), size=min(int(k), len(absent)), replace=False) if absent else []
+        chosen += [(name, absent[i]) for i in sorted(int(i) for i in picks)]
+    if not chosen:
+        raise MediFastError(f"every class of the plan has rows at every site of {sites_from}; there is no unseen "
+                            f"class x site combination to generate")
+    grid = pd.DataFrame(chosen, columns=["class", attribute])
+    grid["count"] = int(n_per_combo)
+    return from_counts(spec, grid, seed)
+
+
 def build(spec: ConditionSpec, *, plan: str | None = None, values: Mapping[str, object] | None = None,
           n: int | None = None, seed: int = 0, sites_from=None, classes: Sequence[str] = (),
-          n_per_combo: int | None = None) -> Plan:
+          n_per_combo: int | None = None, k: int | None = None) -> Plan:
     """The plan a ``generate``/``plan`` command asks for.
 
     ``plan``: None (one combination: ``values`` with at least ``class``), a strategy name from
@@ -226,12 +276,16 @@ def build(spec: ConditionSpec, *, plan: str | None = None, values: Mapping[str, 
     if values:
         raise MediFastError("--plan already says which combinations to make; drop --class/--tss/--meta")
     if plan in STRATEGIES and not sites_from:
-        what = "TRAINING_INDEX (parquet or split CSV)" if plan == "match-train" else "SPLIT_CSV_OR_INDEX (the sites to fill)"
+        what = {"match-train": "TRAINING_INDEX (parquet or split CSV)",
+                "fill-missing": "SPLIT_CSV_OR_INDEX (the sites to fill)",
+                "ood": "TRAINING_INDEX_OR_SPLIT_CSV (where each class was seen)"}[plan]
         raise MediFastError(f"--plan {plan} needs --sites-from {what}")
     if plan == "match-train":
         return match_train(spec, sites_from, n, seed)
     if plan == "fill-missing":
         return fill_missing(spec, list(classes), sites_from, n_per_combo or n or 1, seed)
+    if plan == "ood":
+        return ood(spec, list(classes), sites_from, k, n_per_combo or n or 1, seed)
     if n is not None:
         raise MediFastError("--n does not apply to a plan CSV (its count column says how many)")
     return from_csv(spec, plan, seed)

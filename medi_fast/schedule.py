@@ -31,14 +31,19 @@ class Schedule:
     set_alpha_to_one: bool = True
     steps_offset: int = 0
     timestep_spacing: str = "leading"
+    # Timestep spacing of the multistep solvers (DPM-Solver++, UniPC).  None: "linspace", the default
+    # of a freshly built diffusers solver.  A reference MeDi run builds its DPMSolverMultistepScheduler
+    # from the DDPM scheduler_config.json, which carries "leading"; imports set that here.
+    solver_spacing: str | None = None
 
     def __post_init__(self):
         if self.beta_schedule not in ("linear", "scaled_linear"):
             raise MediFastError(f"unknown beta_schedule {self.beta_schedule!r}; use 'linear' or 'scaled_linear'")
         if self.prediction_type != "epsilon":
             raise MediFastError(f"prediction_type {self.prediction_type!r} is not supported; use 'epsilon'")
-        if self.timestep_spacing not in SPACINGS:
-            raise MediFastError(f"unknown timestep spacing {self.timestep_spacing!r}; use one of {', '.join(SPACINGS)}")
+        for spacing in (self.timestep_spacing, self.solver_spacing or "linspace"):
+            if spacing not in SPACINGS:
+                raise MediFastError(f"unknown timestep spacing {spacing!r}; use one of {', '.join(SPACINGS)}")
 
     @property
     def betas(self) -> torch.Tensor:
@@ -80,7 +85,10 @@ class Schedule:
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["solver_spacing"] is None:
+            del d["solver_spacing"]  # absent = default, so older headers (and their hashes) stay as they were
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Schedule":
@@ -94,4 +102,5 @@ class Schedule:
         """Keyword arguments for diffusers' DDPM/DDIM schedulers giving the same schedule."""
         d = self.to_dict()
         d.pop("timestep_spacing")
+        d.pop("solver_spacing", None)
         return {**d, "timestep_spacing": self.timestep_spacing}

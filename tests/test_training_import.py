@@ -1,5 +1,7 @@
-"""import-medi: a reference-style MeDi model (written here from the issue's description) and the
-imported checkpoint give the same eps, for the concat, additive and linear modes."""
+"""import-medi of a bare weights file with the training metadata CSV (runs without mapping JSONs): a
+reference-style MeDi model written here and the imported checkpoint give the same eps, for the
+concat, additive and linear modes.  Run directories written with the reference's own unet.py are
+tested in test_import_medi_run.py."""
 from __future__ import annotations
 
 import pandas as pd
@@ -119,7 +121,7 @@ def test_import_errors(tmp_path, metadata_csv, capsys):
     pd.read_csv(metadata_csv, dtype=str).iloc[:2].to_csv(short, index=False)
     cases = [(["--condition", "gender"], "domain embeddings for ['tissue_source_site'] but --condition says"),
              (["--condition", "tissue_source_site", "--metadata", str(short)], "pass the metadata CSV the reference"),
-             (["--condition", "tissue_source_site", "--mode", "linear"], "must be d_t"),
+             (["--condition", "tissue_source_site", "--mode", "linear"], "--mode linear but the run is a concat model"),
              ]
     for extra, msg in cases:
         args = ["import-medi", str(weights), "--metadata", str(metadata_csv), "--resolution", "16",

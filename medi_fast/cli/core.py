@@ -35,8 +35,9 @@ def _metadata(tss, gender, race, age, meta) -> dict:
 
 
 PLAN_HELP = ("A plan CSV (columns class, metadata such as tss, count), or a strategy: 'match-train' (class and "
-             "site frequencies of --sites-from INDEX; the FID protocol) or 'fill-missing' (every --classes x site of "
-             "--sites-from, --n-per-combo each; the augmentation protocol).")
+             "site frequencies of --sites-from INDEX; the FID protocol), 'fill-missing' (every --classes x site of "
+             "--sites-from, --n-per-combo each; the augmentation protocol) or 'ood' (--k sites per class that "
+             "--sites-from never shows with it, drawn with --seed).")
 
 
 def _model_choice(model, model_opt):
@@ -64,7 +65,8 @@ MODEL_HELP = ("Checkpoint, .onnx, .engine or export directory.  Default: $MEDI_F
 @click.option("--plan", "plan", help=PLAN_HELP)
 @click.option("--sites-from", type=click.Path(path_type=Path), help="Training index/split CSV for --plan strategies.")
 @click.option("--classes", help="Comma-separated classes for --plan fill-missing (default: all of the model's).")
-@click.option("--n-per-combo", type=int, help="Images per class x site for --plan fill-missing.")
+@click.option("--n-per-combo", type=int, help="Images per class x site for --plan fill-missing or ood.")
+@click.option("--k", "k", type=int, help="--plan ood: unseen sites per class.")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Output directory (resumable).  Default: synth/<class>_<attr>-<value> (one combination) or "
                    "synth/<strategy>; with --fid-stats and no --out, no images are written.")
@@ -86,9 +88,9 @@ MODEL_HELP = ("Checkpoint, .onnx, .engine or export directory.  Default: $MEDI_F
 @click.option("--fid-stats", type=click.Path(path_type=Path), help="Also stream Inception statistics to this .npz.")
 @click.option("--inception-weights", type=click.Path(path_type=Path), help="Local FID Inception weights file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, sites_from, classes, n_per_combo, out,
-             batch_size, steps, sampler, eta, seed, guidance, backend, device, engine_cache, fmt, jpeg_quality, workers,
-             shard, fid_stats, inception_weights, quiet):
+def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, sites_from, classes, n_per_combo, k,
+             out, batch_size, steps, sampler, eta, seed, guidance, backend, device, engine_cache, fmt, jpeg_quality,
+             workers, shard, fid_stats, inception_weights, quiet):
     """Generate patches from MODEL (a checkpoint, an exported .onnx/.engine, or an export directory).
 
     \b
@@ -112,7 +114,7 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
         info = backends.open_model(cached_engine(info.path, engine_cache))
     the_plan = plans.build(info.spec, plan=plan, values=_with_class(class_, _metadata(tss, gender, race, age, meta)),
                            n=n, seed=seed, sites_from=sites_from, classes=parse_list(classes or ""),
-                           n_per_combo=n_per_combo)
+                           n_per_combo=n_per_combo, k=k)
     backend = backends.resolve(backend, info)  # an unavailable backend fails before anything is written
     out_source = "--out"
     if out is None and fid_stats is None:
@@ -217,6 +219,10 @@ def info(model, as_json):
         click.echo(f"  {a.name:<8} width {a.dim:<4} {len(a.vocab) if a.vocab else '':>4}  {vals}")
     click.echo(f"  schedule {i.schedule.num_train_timesteps} {i.schedule.beta_schedule} betas "
                f"{i.schedule.beta_start}..{i.schedule.beta_end}, {i.schedule.prediction_type}")
+    from ..checkpoint import provenance_lines
+
+    for line in provenance_lines(i.provenance):
+        click.echo(f"  {line}")
 
 
 @click.command("backends")
@@ -248,14 +254,16 @@ def list_backends(model):
 
 
 @click.command("plan")
-@click.argument("strategy", type=click.Choice(["match-train", "fill-missing"]))
+@click.argument("strategy", type=click.Choice(["match-train", "fill-missing", "ood"]))
 @click.option("--model", type=click.Path(path_type=Path), help="Model whose vocabularies the plan uses. " + MODEL_HELP)
 @click.option("--sites-from", required=True, type=click.Path(path_type=Path), help="Training index or split CSV.")
 @click.option("--classes", help="fill-missing: comma-separated classes (default: all of the model's).")
 @click.option("--n", type=int, help="match-train: total images (default: as many as the index rows).")
-@click.option("--n-per-combo", type=int, default=1, show_default=True, help="fill-missing: images per combination.")
+@click.option("--n-per-combo", type=int, default=1, show_default=True, help="fill-missing, ood: images per combination.")
+@click.option("--k", "k", type=int, help="ood: unseen sites per class.")
+@click.option("--seed", type=int, default=0, show_default=True, help="ood: seed of the site draw (use generate's --seed).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Plan CSV to write.")
-def plan_cmd(strategy, model, sites_from, classes, n, n_per_combo, out):
+def plan_cmd(strategy, model, sites_from, classes, n, n_per_combo, k, seed, out):
     """Write a plan CSV (one row per combination with a count) for `generate --plan`."""
     from .. import backends
     from ..io import atomic_write_text
@@ -263,8 +271,8 @@ def plan_cmd(strategy, model, sites_from, classes, n, n_per_combo, out):
     from .. import plan as plans
 
     info = backends.open_model(_model_choice(None, model).path)
-    p = plans.build(info.spec, plan=strategy, n=n, seed=0, sites_from=sites_from, classes=parse_list(classes or ""),
-                    n_per_combo=n_per_combo)
+    p = plans.build(info.spec, plan=strategy, n=n, seed=seed, sites_from=sites_from, classes=parse_list(classes or ""),
+                    n_per_combo=n_per_combo, k=k)
     combos = p.combinations()
     atomic_write_text(out, combos.to_csv(index=False))
     click.echo(f"wrote {out}: {len(combos)} combinations, {len(p)} images")

@@ -101,25 +101,28 @@ def train(config_file, **options):
 
 
 @click.command("import-medi")
-@click.argument("weights", type=click.Path(path_type=Path))
-@click.option("--metadata", type=click.Path(path_type=Path), required=True,
-              help="The reference run's training metadata CSV (vocabularies are rebuilt from it).")
-@click.option("--condition", default="", show_default=True,
-              help="Comma-separated metadata columns the reference model was conditioned on (e.g. "
-                   "tissue_source_site); empty for a class-only model.")
-@click.option("--mode", type=click.Choice(["concat", "additive", "linear"]), default="concat", show_default=True,
-              help="The reference model's embedding combination mode.")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output checkpoint (.pt or .safetensors).")
+@click.option("--ema", is_flag=True, help="Import the checkpoint's ema_model/ instead of model.safetensors.")
+@click.option("--weights", help="Weights file inside the checkpoint directory (e.g. model_final.pth).")
+@click.option("--condition", default=None,
+              help="The training run's --domains_to_condition, comma-separated (e.g. tissue_source_site,gender,age_p); "
+                   "needed only where the run does not record it (where a positional domain came in concat mode).")
+@click.option("--metadata", type=click.Path(path_type=Path),
+              help="For runs without mapping JSONs: the reference run's training metadata CSV (vocabularies are rebuilt).")
+@click.option("--mode", type=click.Choice(["concat", "additive", "linear"]), default=None,
+              help="The reference model's --cond_type; checked against the run (default: read from it).")
 @click.option("--class-column", default=None,
               help="Column of --metadata holding the cancer type (default: first of class, project_id, cancer_type).")
-@click.option("--resolution", type=int, default=128, show_default=True, help="The resolution the model was trained at.")
+@click.option("--resolution", type=int, default=None, help="Training resolution (default: config.json's, else 128).")
 @click.option("--unet-config", default=None,
-              help="UNet2DModel config as JSON (a file or a string) overriding what is inferred from the weights.")
+              help="UNet2DModel config as JSON (a file or a string) overriding what is read or inferred.")
 @click.option("--null", "null_fill", type=click.Choice(["mean", "zeros"]), default="mean", show_default=True,
               help="How to fill our extra null-id row of each table (the reference has none).")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output checkpoint (.pt or .safetensors).")
-def import_medi(weights, metadata, condition, mode, class_column, resolution, unet_config, null_fill, out):
-    """Convert a reference MeDi safetensors checkpoint into a medi-fast checkpoint."""
-    from ..training.import_medi import import_medi as convert
+def import_medi(source, out, ema, weights, condition, metadata, mode, class_column, resolution, unet_config, null_fill):
+    """Convert a reference MeDi run (RUN/, RUN/checkpoint-N/ or a weights file) into a medi-fast checkpoint."""
+    from ..training.import_medi import import_run
+    from ..vocab import parse_list
 
     cfg = None
     if unet_config:
@@ -128,8 +131,11 @@ def import_medi(weights, metadata, condition, mode, class_column, resolution, un
             cfg = json.loads(text)
         except json.JSONDecodeError as e:
             raise MediFastError(f"--unet-config is not valid JSON ({e}); pass a JSON object or a file") from None
-    from ..vocab import parse_list
-
-    ck = convert(weights, metadata, parse_list(condition), mode=mode, class_column=class_column,
-                 resolution=resolution, unet_config=cfg, null_fill=null_fill, out=out)
-    click.echo(f"wrote {out} (hash {ck.hash}; conditioning {', '.join(ck.spec.names)}, mode {mode})")
+    ck = import_run(source, out=out, ema=ema, weights=weights,
+                    condition=parse_list(condition) if condition is not None else None, metadata_csv=metadata,
+                    mode=mode, class_column=class_column, resolution=resolution, unet_config=cfg, null_fill=null_fill)
+    src = ck.provenance["imported_from"]
+    for note in src["notes"]:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote {out} (hash {ck.hash}; conditioning {', '.join(ck.spec.names)}, mode {src['mode']}, "
+               f"from {src['weights']}{', step ' + str(src['checkpoint_step']) if src['checkpoint_step'] else ''})")

@@ -1,4 +1,4 @@
-"""Samplers: pure functions with one signature (DESIGN section 3).
+"""Samplers: pure functions with one signature (docs/architecture.md).
 
 ``sampler(denoiser, x_T, timesteps, schedule, cond, *, eta=0.0, noise=None, callback=None)``
 A denoiser is any callable ``denoiser(x, t, cond) -> eps`` with ``t`` a per-sample tensor.
@@ -25,8 +25,8 @@ class SamplerEntry:
     # Timestep spacing when the sampler uses the schedule's grid (None: the schedule's own,
     # "leading" as diffusers' DDIM).  Ignored when ``own_timesteps`` is set.
     spacing: str | None = None
-    # ``own_timesteps(schedule, steps)``: solvers whose diffusers scheduler picks its own timesteps
-    # (linspace over N+1 points, t=0 dropped).
+    # ``own_timesteps(schedule, steps, spacing)``: solvers whose diffusers scheduler picks its own
+    # timesteps (by default linspace over N+1 points, t=0 dropped; ``Schedule.solver_spacing`` overrides).
     own_timesteps: Callable | None = None
     # Stochastic samplers take eta > 0 (and a noise stream); ODE solvers are deterministic.
     takes_eta: bool = False
@@ -34,8 +34,8 @@ class SamplerEntry:
 
     def timesteps(self, schedule, steps: int):
         """The inference timesteps this sampler runs with, as diffusers' matching scheduler chooses them."""
-        if self.own_timesteps is not None:
-            return self.own_timesteps(schedule, steps)
+        if self.own_timesteps is not None:  # a schedule imported from a reference run may fix the spacing
+            return self.own_timesteps(schedule, steps, getattr(schedule, "solver_spacing", None) or "linspace")
         return schedule.timesteps(steps, self.spacing)
 
 
