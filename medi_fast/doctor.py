@@ -19,6 +19,7 @@ orchestrator (like the demo): it may import the engines and training code, lazil
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import tempfile
 import time
@@ -208,8 +209,10 @@ def check_inference(workdir: Path, model=None, *, ddim_steps: int = 10, timed_st
 
 
 # -- training ----------------------------------------------------------------------------------
-def _train_steps(device: torch.device, variant: str, steps: int = 3, seed: int = 0) -> tuple[float, torch.Tensor]:
-    """(first-step loss, parameter change) after ``steps`` SGD steps on a fixed batch."""
+def _train_steps(device: torch.device, variant: str, steps: int = 3, seed: int = 0,
+                 ddp_rank: tuple[int, int] | None = None) -> tuple[float, torch.Tensor]:
+    """(first-step loss, parameter change) after ``steps`` SGD steps on a fixed batch (with
+    ``ddp_rank=(rank, world)``: under DistributedDataParallel, on this rank's slice of the batch)."""
     from .backends import bf16_native
     from .model import build_model
     from .schedule import Schedule
@@ -221,6 +224,9 @@ def _train_steps(device: torch.device, variant: str, steps: int = 3, seed: int =
     if variant in ("channels_last", "bf16", "fp16", "compiled"):
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if variant == "compiled" else model
+    if ddp_rank is not None:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "compiled": torch.bfloat16}.get(variant)
     if variant == "compiled" and not bf16_native(device):
         amp = torch.float16
@@ -236,6 +242,11 @@ def _train_steps(device: torch.device, variant: str, steps: int = 3, seed: int =
     cond = {k: v.to(device) for k, v in cond.items()}
     if variant in ("channels_last", "bf16", "fp16", "compiled"):
         x_t = x_t.contiguous(memory_format=torch.channels_last)
+    if ddp_rank is not None:  # this rank's contiguous slice; the all-reduce averages the two halves
+        rank, world = ddp_rank
+        part = slice(rank * 8 // world, (rank + 1) * 8 // world)
+        x_t, noise, t = x_t[part], noise[part], t[part]
+        cond = {k: v[part] for k, v in cond.items()}
     first = None
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -274,12 +285,52 @@ def check_training(device=None) -> list[Row]:
         ok = delta_rel <= bound and loss_rel <= bound and bool(torch.isfinite(delta).all())
         rows.append(Row("training", name, "ok" if ok else "FAIL", "vs CPU fp32, same batch and seed",
                         {"loss_rel": loss_rel, "param_change_rel": delta_rel, "bound": bound}))
-    if torch.cuda.device_count() > 1:
-        rows.append(Row("training", "ddp (2 processes)", "skipped",
-                        "run `pytest tests/test_training_ddp.py` for the two-process step"))
-    else:
-        rows.append(Row("training", "ddp (2 processes)", "absent", "needs two CUDA devices"))
+    rows.append(check_ddp(ref_delta))
     return rows
+
+
+def _ddp_worker(rank: int, world: int, backend: str, port: int, out: str) -> None:
+    """One rank of the two-process step: the same model and seed, half of the fixed batch each."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        _, delta = _train_steps(device, "fp32", ddp_rank=(rank, world))
+        torch.save(delta, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def check_ddp(ref_delta: torch.Tensor) -> Row:
+    """Two processes under DistributedDataParallel (NCCL on two GPUs, else gloo on the CPU), each on
+    half of the batch: both ranks must hold the same weights, and their change must match one
+    process on the whole batch (all-reduced gradients are the full-batch mean)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    backend = "nccl" if torch.cuda.device_count() > 1 else "gloo"
+    name = f"ddp (2 processes, {backend})"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="medi-fast-ddp-") as tmp:
+        try:
+            mp.spawn(_ddp_worker, args=(2, backend, port, tmp), nprocs=2, join=True)
+            d0, d1 = (torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+        except Exception as e:  # the platform's own error: reported, not raised
+            return Row("training", name, "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    same = bool(torch.equal(d0, d1))
+    rel = float((d0 - ref_delta).norm() / ref_delta.norm())
+    ok = same and rel <= TRAIN_BOUND["fp32"] and bool(torch.isfinite(d0).all())
+    return Row("training", name, "ok" if ok else "FAIL",
+               "ranks identical, vs one CPU fp32 process on the whole batch" if same else "ranks differ",
+               {"param_change_rel": rel, "bound": TRAIN_BOUND["fp32"]})
 
 
 # -- the whole report ----------------------------------------------------------------------------

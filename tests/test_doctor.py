@@ -53,7 +53,21 @@ def test_training_check_compares_each_precision_with_cpu_fp32():
     cl = by["channels_last (cpu)"]
     assert cl.status == "ok" and 0 <= cl.metrics["param_change_rel"] <= doctor.TRAIN_BOUND["channels_last"]
     assert doctor.training_variants(torch.device("cpu")) == ["fp32", "channels_last"]
-    assert by["ddp (2 processes)"].status in ("absent", "skipped")
+    ddp = by["ddp (2 processes, gloo)"]  # two CPU processes: the DDP code path, all-reduce included
+    assert ddp.status == "ok", ddp.detail
+    assert 0 < ddp.metrics["param_change_rel"] <= doctor.TRAIN_BOUND["fp32"]
+
+
+def test_ddp_check_fails_when_the_ranks_disagree_with_one_process():
+    wrong = torch.ones(sum(p.numel() for p in _tiny_params()))
+    row = doctor.check_ddp(wrong)
+    assert row.status == "FAIL" and row.metrics["param_change_rel"] > doctor.TRAIN_BOUND["fp32"]
+
+
+def _tiny_params():
+    from medi_fast.model import build_model
+
+    return build_model("tiny-32", classes=["LUAD", "LUSC", "BRCA"], metadata={"tss": ["05", "44"], "age": None}).parameters()
 
 
 @pytest.mark.slow
