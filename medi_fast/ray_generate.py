@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+import pickle
+
 from .errors import MediFastError
 from .generate import GenerateConfig, Generator, sample_rows
 
@@ -64,14 +66,14 @@ def _check_backend(name: str, info) -> None:
 class UnitWorker:
     """The actor: opens the model once, then generates one work unit per call.
 
-    A call gets a batch of units (columns ``unit``, ``positions``: row numbers in the plan, ``todo``:
+    A call gets a batch of units (columns ``rows``: the unit's plan rows, a pickled DataFrame; ``todo``:
     which of them still need an image) and returns one row per image of those units: its plan
     ``index``, whether it was ``generated`` now, and, as asked, its ``features`` (FID) or its ``image``
     and labels (streaming datasets).
     """
 
-    def __init__(self, model, backend: str, backend_options: dict, config: GenerateConfig, rows: pd.DataFrame,
-                 out=None, features: dict | None = None, emit_images: bool = False, threads: int | None = None):
+    def __init__(self, model, backend: str, backend_options: dict, config: GenerateConfig, out=None,
+                 features: dict | None = None, emit_images: bool = False, threads: int | None = None):
         import torch
 
         from . import backends
@@ -81,7 +83,7 @@ class UnitWorker:
             torch.set_num_threads(int(threads))
         self.info = backends.open_model(model)
         self.denoiser = backends.create(backend, self.info, **backend_options)
-        self.cfg, self.rows, self.emit_images = config, rows, emit_images
+        self.cfg, self.emit_images = config, emit_images
         self.writer = make_writer(out, self.info.spec.names, config.format, config.jpeg_quality) if out else None
         self.extractor = None
         if features is not None:
@@ -91,13 +93,12 @@ class UnitWorker:
                                            device=features.get("device"))
 
     def __call__(self, batch: dict) -> dict:
-        parts = [self._unit(np.asarray(p, dtype=np.int64), np.asarray(t, dtype=bool))
-                 for p, t in zip(batch["positions"], batch["todo"])]
+        parts = [self._unit(pickle.loads(r), np.asarray(t, dtype=bool)) for r, t in zip(batch["rows"], batch["todo"])]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _unit(self, positions: np.ndarray, todo: np.ndarray) -> dict:
+    def _unit(self, rows: pd.DataFrame, todo: np.ndarray) -> dict:
         # The same steps, in the same order, as Generator.run does for one unit.
-        rows, cfg, res = self.rows.iloc[positions], self.cfg, self.info.resolution
+        cfg, res = self.cfg, self.info.resolution
         images = np.empty((len(rows), res, res, 3), np.uint8)
         new = np.flatnonzero(todo)
         for s in range(0, len(new), cfg.batch_size):
@@ -135,7 +136,8 @@ def _labels(spec, rows: pd.DataFrame) -> dict:
     return out
 
 
-def _resources(ray, workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None) -> dict:
+def _resources(ray, workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None,
+               units: int) -> dict:
     """map_batches' resources: one GPU per actor where the cluster has GPUs, else one-CPU actors; a
     fixed pool of ``workers`` actors, or an autoscaling pool from 1 to as many as the cluster holds."""
     total = ray.cluster_resources()
@@ -148,10 +150,10 @@ def _resources(ray, workers: int | None, gpus_per_worker: float | None, cpus_per
     if workers is not None:
         if workers <= 0:
             raise MediFastError(f"--ray-workers must be positive, got {workers}")
-        pool = ray.data.ActorPoolStrategy(size=int(workers))
+        pool = ray.data.ActorPoolStrategy(size=min(int(workers), units))  # an idle actor would only start up
     else:
         fits = total.get("GPU", 0) // gpus_per_worker if gpus_per_worker else total.get("CPU", 1) // cpus_per_worker
-        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(fits)))
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(int(fits), units)))
     return {"num_gpus": gpus_per_worker, "num_cpus": cpus_per_worker, "compute": pool}
 
 
@@ -191,7 +193,11 @@ def generate(model, plan, out=None, *, config: GenerateConfig | None = None, bac
     _check_backend(backend, info)
     sink = None
     if fid_stats is not None:
+        from .eval.features import get_extractor
         from .eval.fid import FIDStatsSink
+
+        if fid_features not in ("inception", "inception-random", "colour-texture", "uni"):
+            get_extractor(fid_features)  # the usual "unknown feature extractor" error, before the actors start
 
         # The sink's accumulator and writer are used here; the actors run the extractor.
         sink = FIDStatsSink(fid_stats, per="class", extractor=_Named(fid_features))
@@ -204,20 +210,19 @@ def generate(model, plan, out=None, *, config: GenerateConfig | None = None, bac
         local._check_run_dir(out, plan, (0, 1))
         writer = make_writer(out, plan.attributes, cfg.format, cfg.jpeg_quality)
         pending = writer.pending(rows)
-    units = [{"unit": k, "positions": u.index.to_numpy(np.int64), "todo": t}
-             for k, (u, t) in enumerate(local._units(rows, pending, writer))]
+    units = [_item(u, t) for u, t in local._units(rows, pending, writer)]
     made, t0 = 0, time.perf_counter()
     if units:
         ray = connect(address)
         _quiet_data(progress)
-        res = _resources(ray, workers, gpus_per_worker, cpus_per_worker)
+        res = _resources(ray, workers, gpus_per_worker, cpus_per_worker, len(units))
         options = {"device": device} if device else {}
         features = {"name": fid_features, "weights": str(inception_weights) if inception_weights else None,
                     "device": device} if sink else None
         ds = ray.data.from_items(units, override_num_blocks=min(len(units), 200)).map_batches(
             UnitWorker, batch_size=1, zero_copy_batch=True,
             fn_constructor_kwargs={"model": str(info.path), "backend": backend, "backend_options": options,
-                                   "config": cfg, "rows": rows, "out": str(out) if out is not None else None,
+                                   "config": cfg, "out": str(out) if out is not None else None,
                                    "features": features, "threads": max(1, round(res["num_cpus"]))},
             **res)
         from tqdm.auto import tqdm
@@ -225,7 +230,7 @@ def generate(model, plan, out=None, *, config: GenerateConfig | None = None, bac
         bar = tqdm(total=int(pending.sum()), unit="img", desc="generate (ray)", disable=not progress,
                    dynamic_ncols=True)
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in _user_errors(ds.iter_batches(batch_size=None, batch_format="numpy")):
                 n = int(batch["generated"].sum())
                 made += n
                 bar.update(n)
@@ -246,6 +251,29 @@ def generate(model, plan, out=None, *, config: GenerateConfig | None = None, bac
         sink.close()
     return {"generated": made, "skipped": int((~pending).sum()), "seconds": seconds,
             "images_per_s": made / seconds if seconds > 0 else 0.0}
+
+
+def _user_errors(batches):
+    """Re-raise a MediFastError from inside an actor (wrapped by Ray) as itself: one line for the CLI."""
+    try:
+        yield from batches
+    except MediFastError:
+        raise
+    except Exception as e:
+        chain, c = [], e
+        while c is not None and len(chain) < 20:  # Ray's wrappers keep the original as .cause / __cause__
+            chain.append(c)
+            c = getattr(c, "cause", None) or c.__cause__
+        ours = [c for c in chain if type(c) is MediFastError]
+        if not ours:
+            raise
+        raise MediFastError(*ours[-1].args) from None
+
+
+def _item(rows: pd.DataFrame, todo: np.ndarray) -> dict:
+    """One work unit as a Dataset row: its plan rows travel with it (a few KB), not the whole plan
+    to every actor."""
+    return {"rows": pickle.dumps(rows.reset_index(drop=True)), "todo": np.asarray(todo, dtype=bool)}
 
 
 class _Named:
@@ -274,17 +302,16 @@ def dataset(model, plan, *, config: GenerateConfig | None = None, backend: str =
     info = model if isinstance(model, backends.ModelInfo) else backends.open_model(model)
     _check_backend(backend, info)
     rows = plan.rows.reset_index(drop=True)
-    units = [{"unit": k, "positions": np.arange(s, min(s + cfg.batch_size, len(rows)), dtype=np.int64),
-              "todo": np.ones(min(cfg.batch_size, len(rows) - s), dtype=bool)}
-             for k, s in enumerate(range(0, len(rows), cfg.batch_size))]
+    units = [_item(rows.iloc[s:s + cfg.batch_size], np.ones(len(rows.iloc[s:s + cfg.batch_size]), dtype=bool))
+             for s in range(0, len(rows), cfg.batch_size)]
     ray = connect(address)
     _quiet_data(False)
-    res = _resources(ray, workers, gpus_per_worker, cpus_per_worker)
+    res = _resources(ray, workers, gpus_per_worker, cpus_per_worker, max(1, len(units)))
     options = {"device": device} if device else {}
     return ray.data.from_items(units, override_num_blocks=min(len(units), 200)).map_batches(
         UnitWorker, batch_size=1, zero_copy_batch=True,
         fn_constructor_kwargs={"model": str(info.path), "backend": backend, "backend_options": options,
-                               "config": cfg, "rows": rows, "emit_images": True,
+                               "config": cfg, "emit_images": True,
                                "threads": max(1, round(res["num_cpus"]))},
         **res).drop_columns(["generated"])
 

@@ -18,6 +18,8 @@ from medi_fast.generate import GenerateConfig, Generator
 ray = pytest.importorskip("ray", reason="the [ray] extra (in [dev]) is not installed")
 import medi_fast.ray as mray  # noqa: E402
 
+pytestmark = pytest.mark.slow  # each test starts Ray actors (a process that imports torch): seconds each
+
 STEPS = 4
 ACTOR = "MapWorker(MapBatches(UnitWorker))"
 
