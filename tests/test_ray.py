@@ -214,3 +214,29 @@ def test_without_ray_the_cli_says_how_to_install_it(run_cli, tiny_ckpt, tmp_path
     assert r.stderr.strip() == ("medi-fast: error: --ray needs Ray Data, which is not installed; install it with "
                                 "pip install 'medi-fast[ray]' (or pip install 'ray[data]')")
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_an_error_raised_in_an_actor_reaches_the_user_as_one_line():
+    from ray.exceptions import RayTaskError
+
+    from medi_fast.ray_generate import _user_errors
+
+    cause = MediFastError("cannot write x.png (permission denied); choose another --out or fix its permissions")
+    in_actor = RayTaskError("MapWorker.submit", "Traceback (most recent call last): ...", cause).as_instanceof_cause()
+
+    def batches():  # what Ray Data's iterator does: the actor's error, wrapped once more
+        yield {"n": 1}
+        raise RuntimeError("dataset execution failed") from in_actor
+
+    it = _user_errors(batches())
+    assert next(it) == {"n": 1}
+    with pytest.raises(MediFastError) as e:
+        next(it)
+    assert type(e.value) is MediFastError and str(e.value) == str(cause)
+
+    def other():
+        raise RuntimeError("a bug")
+        yield
+
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else is left alone
+        list(_user_errors(other()))
