@@ -88,9 +88,15 @@ MODEL_HELP = ("Checkpoint, .onnx, .engine or export directory.  Default: $MEDI_F
 @click.option("--fid-stats", type=click.Path(path_type=Path), help="Also stream Inception statistics to this .npz.")
 @click.option("--inception-weights", type=click.Path(path_type=Path), help="Local FID Inception weights file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+              help="Run on Ray: a cluster ADDRESS (auto, ray://HOST:10001), or alone for a local instance "
+                   "(docs/cluster.md). Needs the [ray] extra.")
+@click.option("--ray-workers", type=int, help="With --ray: actors (default: autoscale to what the cluster holds).")
+@click.option("--ray-gpus-per-worker", type=float,
+              help="With --ray: GPUs per actor (default 1 where the cluster has GPUs, else 0: CPU actors).")
 def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, sites_from, classes, n_per_combo, k,
              out, batch_size, steps, sampler, eta, seed, guidance, backend, device, engine_cache, fmt, jpeg_quality,
-             workers, shard, fid_stats, inception_weights, quiet):
+             workers, shard, fid_stats, inception_weights, quiet, ray_address, ray_workers, ray_gpus_per_worker):
     """Generate patches from MODEL (a checkpoint, an exported .onnx/.engine, or an export directory).
 
     \b
@@ -115,10 +121,28 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
     the_plan = plans.build(info.spec, plan=plan, values=_with_class(class_, _metadata(tss, gender, race, age, meta)),
                            n=n, seed=seed, sites_from=sites_from, classes=parse_list(classes or ""),
                            n_per_combo=n_per_combo, k=k)
-    backend = backends.resolve(backend, info)  # an unavailable backend fails before anything is written
     out_source = "--out"
     if out is None and fid_stats is None:
         out, out_source = plans.default_out_dir(the_plan, plan), "default; --out DIR to change"
+    if ray_address is not None:
+        if shard_[1] > 1:
+            raise MediFastError("--shard and --ray do not combine; drop --shard (Ray spreads the plan over its workers)")
+        from ..ray_generate import generate as generate_on_ray
+
+        click.echo(f"model {info.path} (from {choice.source}), hash {info.model_hash}, on Ray", err=True)
+        if out is not None:
+            click.echo(f"output {out} ({out_source})", err=True)
+        stats = generate_on_ray(info, the_plan, out, config=cfg, backend=backend, device=device, fid_stats=fid_stats,
+                                inception_weights=inception_weights,
+                                address=None if ray_address == "local" else ray_address, workers=ray_workers,
+                                gpus_per_worker=ray_gpus_per_worker, progress=not quiet)
+        if not quiet:
+            click.echo(f"generated {stats['generated']} images ({stats['skipped']} already done) on Ray in "
+                       f"{stats['seconds']:.1f} s, {stats['images_per_s']:.2f} images/s", err=True)
+        return
+    if ray_workers is not None or ray_gpus_per_worker is not None:
+        raise MediFastError("--ray-workers and --ray-gpus-per-worker apply only with --ray; add --ray")
+    backend = backends.resolve(backend, info)  # an unavailable backend fails before anything is written
     if out is not None:
         from ..io import ensure_dir
 
