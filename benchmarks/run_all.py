@@ -320,6 +320,20 @@ def report(status: dict[str, str]) -> Path:
                                    "images_per_s", "ratio", "ratio_per_round_median", "ratio_per_round_range"]), ""]
     if data:
         md += ["## Data throughput", "", _provenance(data), "", _table(data["rows"]), ""]
+    ray = _load("ray_scaling")
+    if ray:
+        sm = ray["summary"]
+        md += ["## generate on Ray", "", _provenance(ray), "",
+               "The same plan through `generate` in one process and through `generate --ray` with 1 and 2 CPU "
+               "actors, rounds alternated. \"Whole run\" includes starting the actors (each imports torch and "
+               "opens the model); \"steady\" is measured from the written files' timestamps after the first "
+               "batch. Ratios are medians of the same-round ratios.", "",
+               _table(ray["rows"], ["candidate", "workers", "n", "steps", "images_per_s", "steady_images_per_s",
+                                    "ratio_whole_run_vs_local_x1", "ratio_steady_vs_local_x1"]), "",
+               f"Overhead of 1 Ray actor against 1 process: {sm['overhead_steady_pct_ray_x1']:+.1f} % once running, "
+               f"{sm['overhead_whole_run_pct_ray_x1']:+.1f} % over the whole run including actor start-up. "
+               f"2 actors over 1: {sm['ray_x2_over_ray_x1_steady']:.2f}x steady, "
+               f"{sm['ray_x2_over_ray_x1_whole_run']:.2f}x whole run (2 cores shared with the driver).", ""]
     md += gpu_sections()
     if flops:
         md += ["## FLOPs per step per preset", "", _provenance(flops), "",
