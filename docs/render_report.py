@@ -1,6 +1,6 @@
 """Render a demo report in headless Chromium, as a reader's browser shows it, to a PNG (docs/report.png).
 
-    python docs/render_report.py demo_out/report.html [--out docs/report.png] [--width 1360] [--height N]
+    python docs/render_report.py demo_out/report.html [--out docs/report.png] [--width 1360] [--height N] [--colours 256]
 
 Uses Debian's `chromium` (installed with apt-get if no Chromium or Chrome is on the PATH; needs root
 or sudo).  The page is opened from disk with the network switched off, so a picture that is not
@@ -60,6 +60,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "report.png"))
     ap.add_argument("--width", type=int, default=1360)
     ap.add_argument("--height", type=int, help="capture only the top N px (default: the whole page)")
+    ap.add_argument("--colours", type=int, default=256,
+                    help="save as a palette PNG of this many colours (a third of the size; 0: full colour)")
     args = ap.parse_args()
     page = Path(args.report).resolve()
     if not page.is_file():
@@ -70,6 +72,12 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([exe, *FLAGS, f"--window-size={args.width},{height}", "--virtual-time-budget=5000",
                     f"--screenshot={out}", page.as_uri()], check=True, capture_output=True, timeout=120)
+    if args.colours:
+        from PIL import Image
+
+        with Image.open(out) as im:
+            shot = im.convert("RGB").quantize(colors=args.colours, dither=Image.Dither.NONE)
+        shot.save(out, optimize=True)
     print(f"wrote {out} ({args.width} x {height} px) with {Path(exe).name}")
     return 0
 
