@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ORCHESTRATORS = ("cli", "demo", "demo_report", "doctor")
+ORCHESTRATORS = ("cli", "demo", "doctor")
 
 
 def _imports(path: Path, package: str) -> set[str]:

@@ -13,13 +13,7 @@ import click
 def demo(out, quick, train_steps, seed, overwrite):
     """Run MeDi end to end on synthetic H&E data: data, CLS + MeDi training, ONNX export, generation with
     ONNX Runtime, evaluation (FID-style distance, linear probe, shortcut meter) -> OUT/report.html."""
-    from dataclasses import replace
-
     from ..demo import DemoConfig, run_demo
 
-    if train_steps is not None and train_steps < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--train-steps")
-    cfg = DemoConfig.quick(out) if quick else DemoConfig(out=out)
-    cfg = replace(cfg, seed=seed, **({"train_steps": train_steps} if train_steps else {}))
-    path = run_demo(cfg, overwrite=overwrite)
+    path = run_demo(DemoConfig.from_options(out, quick=quick, seed=seed, train_steps=train_steps), overwrite=overwrite)
     click.echo(f"report: {path}")

@@ -1,4 +1,4 @@
-"""`medi-fast demo`: the whole method end to end on built-in synthetic H&E data, on a CPU.
+"""The demo's setting and its stages (data, training, export, generation, evaluation); `run.py` runs them.
 
 The setting is the paper's downstream experiment in miniature:
 
@@ -14,16 +14,13 @@ stain colour carries the site, texture the class, which is what the shortcut is 
 """
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .errors import MediFastError
-from .io import ensure_dir
+from ..errors import MediFastError
 
 CLASSES = ("LUAD", "LUSC")
 # Diffusion-training cohort: which sites hold which class (S2, S3 hold both).
@@ -57,41 +54,29 @@ class DemoConfig:
     k: int = 20
     probe_repeats: int = 5
     seed: int = 0
+    # Set by quick(): the report then says at the top that its numbers are not the demo's result.
+    quick: bool = False
 
     @classmethod
-    def quick(cls, out: str = "demo_out") -> "DemoConfig":
+    def quick_run(cls, out: str = "demo_out") -> "DemoConfig":
         # A smoke run of every stage: 120 training steps leave the models undertrained (noisy samples).
         return cls(out=out, n_per_combo=64, n_test_per_combo=40, train_steps=120, sample_steps=15,
-                   n_synthetic_per_combo=20, probe_repeats=3)
+                   n_synthetic_per_combo=20, probe_repeats=3, quick=True)
 
-
-class Timer:
-    def __init__(self):
-        self.rows: list[tuple[str, float]] = []
-
-    def __call__(self, name):
-        timer = self
-
-        class _T:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.rows.append((name, time.perf_counter() - self.t0))
-
-        return _T()
-
-
-def _log(msg: str) -> None:
-    import click
-
-    click.echo(f"[demo] {msg}", err=True)
+    @classmethod
+    def from_options(cls, out: str = "demo_out", quick: bool = False, seed: int = 0,
+                     train_steps: int | None = None) -> "DemoConfig":
+        """The configuration `medi-fast demo` runs for its command-line options."""
+        if train_steps is not None and train_steps < 1:
+            raise MediFastError(f"--train-steps {train_steps} is not a number of steps; pass 1 or more")
+        cfg = cls.quick_run(out) if quick else cls(out=out)
+        return replace(cfg, seed=seed, **({"train_steps": train_steps} if train_steps else {}))
 
 
 def build_data(cfg: DemoConfig, out: Path) -> dict:
-    from .data.index import build_index, write_index
-    from .data.pack import pack_index
-    from .data.synth import SynthConfig, render_dataset
+    from ..data.index import build_index, write_index
+    from ..data.pack import pack_index
+    from ..data.synth import SynthConfig, render_dataset
 
     combos = {(c, s): cfg.n_per_combo for c, sites in COHORT.items() for s in sites}
     combos.update({(c, s): cfg.n_test_per_combo for c in CLASSES for s in TEST_SITES})
@@ -110,8 +95,8 @@ def build_data(cfg: DemoConfig, out: Path) -> dict:
 
 
 def train_model(cfg: DemoConfig, out: Path, name: str, condition: str) -> Path:
-    from .training.config import TrainConfig
-    from .training.loop import train
+    from ..training.config import TrainConfig
+    from ..training.loop import train
 
     tc = TrainConfig(data=str(out / "pack"), split=str(out / "train.csv"), condition=condition, preset=cfg.preset,
                      resolution=cfg.resolution, batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.train_steps,
@@ -122,17 +107,17 @@ def train_model(cfg: DemoConfig, out: Path, name: str, condition: str) -> Path:
 
 
 def export_model(ckpt_path: Path, out: Path, name: str) -> Path:
-    from . import checkpoint
-    from .engines.export import ExportConfig, export_onnx
+    from .. import checkpoint
+    from ..engines.export import ExportConfig, export_onnx
 
     return export_onnx(checkpoint.load(ckpt_path), out / "engines" / name / "model.onnx", ExportConfig())
 
 
 def generate(cfg: DemoConfig, onnx_path: Path, out: Path, name: str, cls_only: bool) -> tuple[pd.DataFrame, np.ndarray]:
     """Generate with ONNX Runtime into out/synthetic/<name>; returns (manifest rows, images)."""
-    from . import backends
-    from . import plan as plans
-    from .generate import GenerateConfig, Generator
+    from .. import backends
+    from .. import plan as plans
+    from ..generate import GenerateConfig, Generator
 
     info = backends.open_model(onnx_path)
     sites = sorted({s for ss in COHORT.values() for s in ss})
@@ -156,16 +141,16 @@ def generate(cfg: DemoConfig, onnx_path: Path, out: Path, name: str, cls_only: b
 def _real(out: Path) -> np.ndarray:
     """The cohort's patches at the model resolution, in index order: the pack built in stage 1 (the same
     load_patch resize, so no JPEG is decoded twice)."""
-    from .data.pack import read_pack
+    from ..data.pack import read_pack
 
     return np.ascontiguousarray(read_pack(out / "pack")[1].transpose(0, 2, 3, 1))  # (N, R, R, 3) uint8
 
 
 def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synthetic: dict) -> dict:
-    from .eval.features import ColourTexture
-    from .eval.fid import compute_fid
-    from .eval.probe import ProbeConfig, run_probe, summarise
-    from .eval.shortcut import mi_report
+    from ..eval.features import ColourTexture
+    from ..eval.fid import compute_fid
+    from ..eval.probe import ProbeConfig, run_probe, summarise
+    from ..eval.shortcut import mi_report
 
     feat = ColourTexture()
     x_real = feat(real_images)
@@ -204,65 +189,12 @@ def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synt
     return {"fid": fid, "probe_runs": runs, "probe": summary, "mi": mi}
 
 
-# What a demo run writes under OUT (removed by overwrite=True, and nothing else is).
-OUTPUTS = ("data", "pack", "runs", "engines", "synthetic", "figures", "index.parquet", "train.csv", "test.csv",
-           "report.md", "report.html", "demo_config.json")
+def measure_site_fidelity(index: pd.DataFrame, real_images: np.ndarray, medi: tuple[pd.DataFrame, np.ndarray]):
+    """Real vs MeDi per-site stain colour over the training cohort: the measure benchmarks/site_fidelity.py
+    reports for any checkpoint (medi_fast.eval.site_fidelity)."""
+    from ..eval.site_fidelity import site_colours, site_fidelity
 
-
-def prepare_out(out: Path, overwrite: bool) -> Path:
-    """OUT must be new or empty, or a previous demo run's directory with overwrite=True."""
-    import shutil
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MediFastError(f"demo output {out} is a file; choose another --out")
-    present = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    if present and not overwrite:
-        raise MediFastError(f"demo output {out} is not empty; pass --overwrite to replace a previous demo run "
-                            "there, or choose another --out")
-    foreign = [n for n in present if n not in OUTPUTS]
-    if foreign:
-        raise MediFastError(f"demo output {out} holds files a demo run does not write ({', '.join(foreign[:3])}); "
-                            "choose another --out")
-    for name in present:
-        p = out / name
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return ensure_dir(out)
-
-
-def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
-    """Run every stage; returns the path of report.html."""
-    from .demo_report import grids, write_report
-
-    out = prepare_out(Path(cfg.out), overwrite)
-    timer = Timer()
-    t_all = time.perf_counter()
-    _log(f"1/6 rendering the synthetic cohort into {out / 'data'}")
-    with timer("data: render, index, pack"):
-        data = build_data(cfg, out)
-    index = data["index"]
-    ckpts, onnx = {}, {}
-    for i, (name, cond) in enumerate((("CLS", "class"), ("MeDi", "class,tss"))):
-        _log(f"{2 + i}/6 training the {name} model (--condition {cond}, {cfg.train_steps} steps)")
-        with timer(f"train {name} ({cfg.train_steps} steps, batch {cfg.batch_size})"):
-            ckpts[name] = train_model(cfg, out, name.lower(), cond)
-        with timer(f"export {name} to ONNX"):
-            onnx[name] = export_model(ckpts[name], out, name.lower())
-    synthetic = {}
-    _log(f"4/6 generating with ONNX Runtime (DDIM-{cfg.sample_steps})")
-    for name in ("CLS", "MeDi"):
-        with timer(f"generate {name} (ort-cpu, DDIM-{cfg.sample_steps})"):
-            synthetic[name] = generate(cfg, onnx[name], out, name.lower(), cls_only=(name == "CLS"))
-    _log("5/6 evaluating (colour-texture features: FID-style distance, linear probe, shortcut meter)")
-    with timer("evaluate"):
-        real_images = _real(out)
-        results = evaluate(cfg, index, real_images, synthetic)
-    _log("6/6 writing the report")
-    with timer("report"):
-        pictures = grids(out, index, real_images, synthetic, COHORT, TEST_SITES, CLASSES)
-        total = time.perf_counter() - t_all
-        timer.rows.append(("total", total))
-        path = write_report(out, cfg, index, results, pictures, timer.rows)
-    (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    _log(f"done in {total / 60:.1f} min: {path}")
-    return path
+    meta, images = medi
+    cohort = ~index["tissue_source_site"].isin(TEST_SITES).to_numpy()
+    return site_fidelity(site_colours(images, meta["class"], meta["tissue_source_site"], real_images[cohort],
+                                      index["class"].to_numpy()[cohort], index["tissue_source_site"].to_numpy()[cohort]))

@@ -1,0 +1,212 @@
+"""The demo's report: report.md (terminals, diffs) and report.html (a self-contained page: HTML tables,
+pictures embedded as data URIs, foldable sections), both from the same tables and figures."""
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..io import atomic_write_text
+from . import figures
+from .stages import CLASSES, COHORT, TEST_SITES
+
+
+def verdict(probe: pd.DataFrame) -> tuple[bool, str]:
+    """Did MeDi beat CLS on the TSS-averaged balanced accuracy, beyond the standard errors?"""
+    r = probe.set_index("arm")
+    m, c, n = (r.loc[a, "tss_balanced_accuracy_mean"] for a in ("MeDi", "CLS", "no-synthetic"))
+    se = float(np.hypot(r.loc["MeDi", "tss_balanced_accuracy_sem"], r.loc["CLS", "tss_balanced_accuracy_sem"]))
+    beat = bool(m - c > se)
+    text = (f"MeDi {'beat' if beat else 'did not beat'} CLS in this run: TSS-averaged balanced accuracy "
+            f"{m:.3f} (MeDi) vs {c:.3f} (CLS) vs {n:.3f} (no synthetic data); difference {m - c:+.3f}, "
+            f"combined standard error {se:.3f}.")
+    return beat, text
+
+
+def probe_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The probe summary as shown: one row per arm, ``mean ± SEM`` per metric (as eval.probe.to_markdown)."""
+    from ..eval.probe import METRICS
+
+    heads = {"balanced_accuracy": "Balanced acc.", "tss_balanced_accuracy": "TSS-avg. balanced acc.", "mcc": "MCC"}
+    return pd.DataFrame([{"Training data": r["arm"], "runs": int(r["runs"]),
+                          **{heads[m]: f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_sem']:.3f}" for m in METRICS}}
+                         for _, r in summary.iterrows()])
+
+
+def site_table(fidelity) -> pd.DataFrame:
+    t = fidelity.table
+    out = pd.DataFrame({"class": t["class"], "site": t["site"], "real patches": t["real_patches"]})
+    for k, name in (("real", "real"), ("gen", "generated")):
+        out[f"{name} RGB"] = [" / ".join("-" if np.isnan(v) else f"{v:.1f}" for v in row)
+                              for row in t[[f"{k}_{c}" for c in figures.CHANNELS]].to_numpy()]
+    return out
+
+
+def _sections(cfg, index, results, timing, total) -> dict:
+    """Every piece of text and every table, shared by the Markdown and the HTML report."""
+    beat, text = verdict(results["probe"])
+    fid = results["fid"].pivot(index="class", columns="model", values="distance")
+    fid.loc["mean"] = fid.mean()
+    site = results["site"]
+    p = results["probe"].set_index("arm")
+    mi = results["mi"][["training_set", "n", "mi_bits", "mi_fraction"]]
+    bits = mi.set_index("training_set")["mi_bits"]
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    sites = sorted({s for ss in COHORT.values() for s in ss})
+    return {
+        "quick": (f"This is a --quick smoke run: its models are undertrained ({cfg.train_steps} training steps, "
+                  "smaller data) and its numbers are not the demo's result. Run `medi-fast demo` without --quick "
+                  "for that.") if cfg.quick else "",
+        "ran": (f"medi-fast {__version__}, {when}: a synthetic H&E cohort (classes {', '.join(CLASSES)}; "
+                f"{len(index)} real patches), `{cfg.preset}` UNets (class-only CLS and class + site MeDi) trained "
+                f"{cfg.train_steps} steps at {cfg.resolution} px on the CPU, exported to ONNX, sampled with ONNX "
+                f"Runtime (DDIM-{cfg.sample_steps}), and a linear probe trained with and without their samples. "
+                f"Seed {cfg.seed}; took {total / 60:.1f} min."),
+        "beat": beat, "verdict": text,
+        "headline": [
+            f"Linear probe on unseen sites, TSS-averaged balanced accuracy: "
+            + ", ".join(f"{a} {p.loc[a, 'tss_balanced_accuracy_mean']:.3f} ± {p.loc[a, 'tss_balanced_accuracy_sem']:.3f}"
+                        for a in p.index) + f" ({int(p['runs'].iloc[0])} runs each).",
+            f"Class-site mutual information of the probe's real pool: {bits['real']:.2f} bits, "
+            f"{bits['real+MeDi']:.2f} bits with the MeDi samples added (1 bit: the site gives the class away).",
+            f"Site stain: MeDi's per-site colour follows the real one with correlation {site.correlation:.2f} and "
+            f"slope {site.slope:.2f} (1 = the full difference between sites).",
+            f"FID-style distance to the real cohort (mean over classes, lower is closer): "
+            + ", ".join(f"{m} {fid.loc['mean', m]:.1f}" for m in fid.columns) + "."],
+        "features": ("Features are the `colour-texture` statistics (48-d, no weights; not UNI, not Inception): the "
+                     "distance below is FID-style, not FID, and the probe reads stain and texture statistics."),
+        "setup": (f"Training cohort: LUAD at sites S1-S3, LUSC at S2-S4. Probe: k = {cfg.k} real patches per class, "
+                  "each class from one site where the other class is absent (LUAD from S1 or S2, LUSC from S3 or "
+                  f"S4: the stain gives the class away), tested on unseen sites {', '.join(TEST_SITES)}; synthetic:real "
+                  f"1:1 (MeDi: every class x site of {sites[0]}-{sites[-1]}, including the never-seen LUAD@S4 and "
+                  "LUSC@S1; CLS: class only)."),
+        "probe": probe_table(results["probe"]),
+        "fid": fid,
+        "mi": mi,
+        "site": site_table(site),
+        "site_text": (f"Per-site stain effect (a class x site's mean colour minus its class's mean, per channel) of "
+                      f"the MeDi samples against the real patches, over {len(site.effects)} trained combinations: "
+                      f"correlation {site.correlation:.3f}, slope {site.slope:.3f}; mean |effect| generated "
+                      f"{site.mean_abs_effect_generated:.2f}, real {site.mean_abs_effect_real:.2f} grey levels. "
+                      "The same measure as benchmarks/site_fidelity.py."),
+        "timing": timing,
+        "config": pd.DataFrame({"setting": list(vars(cfg)), "value": [str(v) for v in vars(cfg).values()]}),
+        "probe_summary": results["probe"],
+    }
+
+
+def _markdown(s: dict, rel: dict) -> str:
+    from ..eval.probe import to_markdown
+
+    md = ["# medi-fast demo report\n"]
+    if s["quick"]:
+        md.append(f"> **{s['quick']}**\n")
+    md += [f"{s['ran']}\n", f"**{s['verdict']}**\n", "\n".join(f"- {h}" for h in s["headline"]) + "\n",
+           f"{s['features']}\n\n{s['setup']}\n",
+           "## Linear probe (Table-1 style, mean ± SEM over runs)\n\n" + to_markdown(s["probe_summary"])
+           + f"\n![probe]({rel['probe']})\n",
+           f"## Samples (classes x sites, {figures.PER_SIDE ** 2} per cell)\n\nReal:\n\n![real]({rel['real']})\n\n"
+           f"MeDi (red: combinations absent from training):\n\n![medi]({rel['medi']})\n\n"
+           f"CLS (no site control):\n\n![cls]({rel['cls']})\n",
+           f"## Site stain, real vs generated\n\n{s['site_text']}\n\n![site]({rel['site']})\n\n"
+           + s["site"].to_markdown(index=False) + "\n",
+           "## FID-style distance to the real cohort (colour-texture features; lower is closer)\n\n"
+           + s["fid"].to_markdown(floatfmt=".3f") + "\n",
+           "## Shortcut meter\n\nClass-site mutual information of the probe's real pool (the patches its k per class "
+           "are drawn from), before and after adding the MeDi samples; 1 bit = the site gives the class away.\n\n"
+           + s["mi"].to_markdown(index=False, floatfmt=".3f") + "\n",
+           f"## Data coverage (patches per class x site)\n\n![coverage]({rel['coverage']})\n",
+           "## Timings\n\n" + s["timing"].to_markdown(index=False, floatfmt=".1f") + f"\n\n![timings]({rel['timings']})\n",
+           "## Configuration\n\n" + s["config"].to_markdown(index=False) + "\n"]
+    return "\n".join(md)
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>medi-fast demo report</title>
+<style>
+body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;max-width:1320px;margin:1.5em auto;
+ padding:0 1.5em;color:#222;line-height:1.45}
+h1{margin-bottom:.2em} .summary{background:#f6f8fa;border:1px solid #e1e4e8;border-radius:6px;padding:.6em 1.2em}
+.warn{background:#fff4e5;border:2px solid #e69500;border-radius:6px;padding:.6em 1.2em;font-weight:bold}
+.verdict{font-weight:bold;font-size:1.1em} .beat{color:#060} .nobeat{color:#a00}
+details{border-top:1px solid #ddd;padding:.4em 0} summary{font-size:1.25em;font-weight:600;cursor:pointer;padding:.2em 0}
+table{border-collapse:collapse;margin:.6em 0;font-variant-numeric:tabular-nums}
+th,td{padding:3px 10px;border-bottom:1px solid #e5e5e5;text-align:right} th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}
+img{max-width:100%} img.pixels{image-rendering:pixelated;max-width:none}
+.scroll{overflow-x:auto} figure{margin:.6em 0} figcaption{font-size:.9em;color:#555}
+</style></head><body>
+<h1>medi-fast demo report</h1>
+{% if s.quick %}<p class="warn">{{ s.quick }}</p>{% endif %}
+<div class="summary">
+<p>{{ s.ran }}</p>
+<p class="verdict {{ 'beat' if s.beat else 'nobeat' }}">{{ s.verdict }}</p>
+<ul>{% for h in s.headline %}<li>{{ h }}</li>{% endfor %}</ul>
+<p>{{ s.features }}</p><p>{{ s.setup }}</p>
+</div>
+<details open><summary>Linear probe</summary>
+<figure><img src="{{ img.probe }}" alt="probe accuracy per training set"><figcaption>Mean ± SEM over runs;
+dotted: chance.</figcaption></figure>{{ tables.probe }}</details>
+<details open><summary>Samples ({{ per_cell }} per class x site)</summary>
+<h3>Real</h3><div class="scroll"><img class="pixels" src="{{ img.real }}" alt="real patches"></div>
+<h3>MeDi (outlined in red: combinations absent from training)</h3>
+<div class="scroll"><img class="pixels" src="{{ img.medi }}" alt="MeDi samples"></div>
+<h3>CLS (no site control)</h3><div class="scroll"><img class="pixels" src="{{ img.cls }}" alt="CLS samples"></div>
+</details>
+<details open><summary>Site stain, real vs generated</summary><p>{{ s.site_text }}</p>
+<figure><img src="{{ img.site }}" alt="site colours"></figure>{{ tables.site }}</details>
+<details><summary>FID-style distance</summary><p>Colour-texture features, synthetic vs the real cohort per class;
+lower is closer.</p>{{ tables.fid }}</details>
+<details><summary>Shortcut meter</summary><p>Class-site mutual information of the probe's real pool, before and
+after adding the MeDi samples; 1 bit = the site gives the class away.</p>{{ tables.mi }}</details>
+<details><summary>Data coverage</summary><figure><img src="{{ img.coverage }}" alt="patches per class x site">
+</figure></details>
+<details><summary>Timings</summary><figure><img src="{{ img.timings }}" alt="seconds per stage"></figure>
+{{ tables.timing }}</details>
+<details><summary>Configuration</summary>{{ tables.config }}</details>
+</body></html>
+"""
+
+
+def _html(s: dict, pics: dict) -> str:
+    import jinja2
+    from markupsafe import Markup
+
+    def table(df, **kw):
+        return df.to_html(float_format=lambda v: f"{v:.3f}", border=0, **kw)
+
+    def data_uri(path):
+        return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+    tables = {"probe": table(s["probe"], index=False), "fid": table(s["fid"]), "mi": table(s["mi"], index=False),
+              "site": table(s["site"], index=False),
+              "timing": s["timing"].to_html(float_format=lambda v: f"{v:.1f}", border=0, index=False),
+              "config": table(s["config"], index=False)}
+    page = jinja2.Environment(autoescape=True).from_string(PAGE)
+    return page.render(s=s, img={k: data_uri(v) for k, v in pics.items()}, per_cell=figures.PER_SIDE ** 2,
+                       tables={k: Markup(v) for k, v in tables.items()})
+
+
+def write_report(out: Path, cfg, index: pd.DataFrame, real_images: np.ndarray, synthetic: dict, results: dict,
+                 timings, started: float) -> Path:
+    """Draw the figures under out/figures and write report.md and report.html; returns report.html."""
+    from ..data.report import coverage_matrix, plot_coverage
+
+    fig = out / "figures"
+    fig.mkdir(parents=True, exist_ok=True)
+    pics = figures.sample_grids(fig, index, real_images, synthetic, COHORT, TEST_SITES, CLASSES)
+    pics["coverage"] = plot_coverage(coverage_matrix(index), fig / "coverage.png")
+    pics["probe"] = figures.probe_chart(results["probe"], fig / "probe.png")
+    pics["site"] = figures.site_chart(results["site"], fig / "site.png")
+    total = time.perf_counter() - started
+    timing = pd.DataFrame(list(timings) + [("total", total)], columns=["stage", "seconds"])
+    pics["timings"] = figures.timings_chart(list(timings), total, fig / "timings.png")
+    s = _sections(cfg, index, results, timing, total)
+    rel = {k: Path(v).relative_to(out).as_posix() for k, v in pics.items()}
+    atomic_write_text(out / "report.md", _markdown(s, rel))
+    atomic_write_text(out / "report.html", _html(s, pics))
+    return out / "report.html"
