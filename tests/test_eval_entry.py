@@ -71,7 +71,7 @@ def _old_demo_fid(index, x_real, syn, cohort, z, classes):
 
 
 def test_demo_distances_stay_what_they_were():
-    from medi_fast import demo
+    from medi_fast.demo import stages as demo
     from medi_fast.eval.features import ColourTexture
 
     rng = np.random.default_rng(3)
