@@ -1,4 +1,4 @@
-"""The engine I/O contract, declared once (DESIGN §4.5).
+"""The engine I/O contract, declared once (docs/architecture.md, "The I/O contract").
 
 ONNX export (input/output names, dynamic axes), TensorRT optimisation profiles (min/opt/max
 shapes) and the runtime buffers of every engine backend all read this one object, so a name or a

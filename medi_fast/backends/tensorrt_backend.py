@@ -1,6 +1,6 @@
 """Native TensorRT runtime for ``.engine``/``.plan`` files built by ``medi-fast export --tensorrt``.
 
-Lifecycle (DESIGN §4.5): load (deserialize; check the sidecar's TensorRT version and GPU against
+Lifecycle: load (deserialize; check the sidecar's TensorRT version and GPU against
 this machine) -> bind shapes (``set_input_shape`` per batch) -> infer (``execute_async_v3`` on a
 torch CUDA stream with torch-allocated buffers).  For a fixed batch the UNet call is captured once
 in a CUDA graph and replayed (``cuda_graph=True``, the default): inputs are copied into the
