@@ -79,7 +79,7 @@ class TrainConfig:
                 raise MediFastError(msg)
 
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        need(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        need(1 <= self.steps <= 10**9, f"--steps must be in 1..10^9, got {self.steps}")
         need(self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(0.0 <= self.cond_drop < 1.0, f"--cond-drop must be in [0, 1), got {self.cond_drop}")

@@ -39,8 +39,9 @@ from .stream import IndexStream, sampling_weights
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MediFastError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    from medi_fast.resources import check_device
+
+    check_device(name)
     return torch.device(name)
 
 
@@ -98,7 +99,11 @@ def _train(cfg: TrainConfig, dataset, device: torch.device, d: distributed.Dist)
     if resolution % factor:
         raise MediFastError(f"--resolution {resolution} does not fit --preset {cfg.preset}: it must be divisible by "
                             f"{factor} ({factor.bit_length() - 1} downsamplings); use e.g. {preset.resolution}")
-    run = RunDir(cfg.out, main=d.main)
+    from medi_fast.resources import activation_bytes, check_batch
+
+    # Before the run directory is touched: a batch the device cannot hold is refused, not OOM-killed.
+    check_batch(cfg.batch_size, activation_bytes(preset.unet_config(), resolution, training=True), device)
+    run = RunDir(cfg.out, main=False)  # read-only until every check has passed
     done = run.complete_steps() if run.ckpt_dir.is_dir() else []
     if done and not cfg.resume:
         raise MediFastError(f"{cfg.out} already holds a run (checkpoint at step {done[-1]}); pass --resume to "
@@ -114,6 +119,7 @@ def _train(cfg: TrainConfig, dataset, device: torch.device, d: distributed.Dist)
                             f"(--preset {cfg.preset}); pass --resolution {data_res} or re-pack the data at {resolution} px")
     table = ds.table
     spec = build_spec(table, attrs, preset.d_t)
+    run = RunDir(cfg.out, main=d.main)
     schedule = Schedule()
 
     random.seed(cfg.seed)
@@ -270,7 +276,7 @@ class _Checkpointer:
 
     def save(self, step: int, interval_loss: float, best: float) -> float:
         cfg, run = self.cfg, self.run
-        prov = {"trainer": "medi-fast", "step": step, "loss": interval_loss, "world_size": self.world_size,
+        prov = {"trainer": "medi-fast", "cond_drop": cfg.cond_drop, "step": step, "loss": interval_loss, "world_size": self.world_size,
                 "effective_batch": self.effective_batch, "config": cfg.to_dict()}
         ck = ckpt_io.from_model(self.model, self.schedule, preset=cfg.preset, ema_model=self.ema.model,
                                 provenance=prov)

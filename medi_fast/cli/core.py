@@ -112,9 +112,16 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
     if out is None and fid_stats is None:
         out, out_source = plans.default_out_dir(the_plan, plan), "default; --out DIR to change"
     if out is not None:
-        from ..io import ensure_dir
+        from ..io import check_writable_dir
 
-        ensure_dir(out)  # fail on an unwritable directory before loading any weights
+        check_writable_dir(out)  # fail on an unwritable directory before loading any weights
+    from ..generate import guidance_warning
+    from ..resources import check_device
+
+    check_device(device)
+    warning = guidance_warning(info, guidance)
+    if warning:
+        click.echo(f"medi-fast: warning: {warning}", err=True)
     sinks = []
     if fid_stats is not None:
         from ..eval.fid import FIDStatsSink
@@ -162,6 +169,9 @@ def init_checkpoint(preset, classes, tss, meta, age, cls_only, resolution, seed,
     from ..schedule import Schedule
     from ..vocab import canonical_class
 
+    for name in parse_list(classes) + parse_list(tss or ""):
+        if any(ch in name for ch in '/\\') or not name.isprintable():  # values name output folders and files
+            raise MediFastError(f"vocabulary value {name!r} cannot name files (no / or \\); use letters, digits, - and _")
     metadata = {}
     if not cls_only:
         if tss:
@@ -219,6 +229,8 @@ def list_backends(model):
     from .. import backends
     from ..defaults import choose_model, export_candidates, is_export_dir
 
+    if model is not None and not model.exists():
+        raise MediFastError(f"model {model} does not exist; check the path, or run `medi-fast backends` alone")
     for name, e in sorted(backends.BACKENDS.items(), key=lambda kv: -kv[1].rank):
         ok, why = e.availability()
         click.echo(f"{name:<14} {'yes' if ok else 'no ':<4} runs {'/'.join(e.kinds):<12} {e.description}"

@@ -17,8 +17,8 @@ def demo(out, quick, train_steps, seed, overwrite):
 
     from ..demo import DemoConfig, run_demo
 
-    if train_steps is not None and train_steps < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--train-steps")
+    if train_steps is not None and not 1 <= train_steps <= 1_000_000:
+        raise click.BadParameter("must be in 1..1000000 (the demo's models need hundreds)", param_hint="--train-steps")
     cfg = DemoConfig.quick(out) if quick else DemoConfig(out=out)
     cfg = replace(cfg, seed=seed, **({"train_steps": train_steps} if train_steps else {}))
     path = run_demo(cfg, overwrite=overwrite)

@@ -92,9 +92,14 @@ def embed_images(images, out, *, extractor: str = "uni", weights=None, encoder: 
     from .features import get_extractor
     from .images import iter_image_batches, read_image_table
 
+    from ..resources import check_image_options
+
     out = Path(out)
     if out.suffix not in (".parquet", ".npz"):
         raise MediFastError(f"--out {out} must end in .parquet or .npz")
+    check_image_options(batch_size, resolution, device)
+    if not 32 <= image_size <= 4096:
+        raise MediFastError(f"--image-size {image_size} is out of range; use 32..4096 (e.g. 224)")
     table = read_image_table(images)
     ex = get_extractor(extractor, weights=weights, device=device, batch_size=batch_size, encoder=encoder,
                        random_init=random_init, image_size=image_size)
