@@ -99,10 +99,6 @@ def _train(cfg: TrainConfig, dataset, device: torch.device, d: distributed.Dist)
     if resolution % factor:
         raise MediFastError(f"--resolution {resolution} does not fit --preset {cfg.preset}: it must be divisible by "
                             f"{factor} ({factor.bit_length() - 1} downsamplings); use e.g. {preset.resolution}")
-    from medi_fast.resources import activation_bytes, check_batch
-
-    # Before the run directory is touched: a batch the device cannot hold is refused, not OOM-killed.
-    check_batch(cfg.batch_size, activation_bytes(preset.unet_config(), resolution, training=True), device)
     run = RunDir(cfg.out, main=False)  # read-only until every check has passed
     done = run.complete_steps() if run.ckpt_dir.is_dir() else []
     if done and not cfg.resume:
@@ -110,6 +106,10 @@ def _train(cfg: TrainConfig, dataset, device: torch.device, d: distributed.Dist)
                             f"continue it, or choose another --out")
     if cfg.resume and not done:
         raise MediFastError(f"--resume: {cfg.out} has no complete checkpoint to resume from; drop --resume to start")
+    from medi_fast.resources import activation_bytes, check_batch
+
+    # Before the run directory is touched: a batch the device cannot hold is refused, not OOM-killed.
+    check_batch(cfg.batch_size, activation_bytes(preset.unet_config(), resolution, training=True), device)
     attrs = cfg.attributes
     ds = dataset if dataset is not None else open_training_data(cfg.data, cfg.split, resolution)
     require_rows(len(ds))

@@ -130,6 +130,8 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
         sinks.append(sink.add)
     opts = {"device": device} if device else {}
     denoiser = backends.create(backend, info, **opts)
+    generator = Generator(info, denoiser, cfg, sinks=sinks, progress=not quiet)
+    generator.check(len(the_plan.shard(*shard_)) if shard_[1] > 1 else len(the_plan))  # before any output
     used = info.path if info.path == choice.path else f"{info.path} of {choice.path}"
     click.echo(f"model {used} (from {choice.source}), hash {info.model_hash}, backend {denoiser.name}", err=True)
     if out is not None:
@@ -137,7 +139,7 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
     if not quiet:
         click.echo(f"{len(the_plan)} images planned{f', shard {shard_[0]}/{shard_[1]}' if shard_[1] > 1 else ''}",
                    err=True)
-    stats = Generator(info, denoiser, cfg, sinks=sinks, progress=not quiet).run(the_plan, out, shard_)
+    stats = generator.run(the_plan, out, shard_)
     if fid_stats is not None:
         sink.close()
     if not quiet:
@@ -169,7 +171,8 @@ def init_checkpoint(preset, classes, tss, meta, age, cls_only, resolution, seed,
     from ..schedule import Schedule
     from ..vocab import canonical_class
 
-    for name in parse_list(classes) + parse_list(tss or ""):
+    values = parse_list(classes) + parse_list(tss or "") + [x for m in meta for x in parse_list(m.partition("=")[2])]
+    for name in values + [m.partition("=")[0] for m in meta]:
         if any(ch in name for ch in '/\\') or not name.isprintable():  # values name output folders and files
             raise MediFastError(f"vocabulary value {name!r} cannot name files (no / or \\); use letters, digits, - and _")
     metadata = {}
