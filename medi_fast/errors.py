@@ -72,3 +72,10 @@ def from_exception(e: BaseException) -> MediFastError | None:
     if isinstance(e, torch.OutOfMemoryError):
         return MediFastError("the device ran out of memory; use a smaller --batch-size")
     return None
+
+
+def check_seed(seed: int, name: str = "--seed", bits: int = 32) -> int:
+    """Seeds feed numpy (0 .. 2**32-1) and torch; refuse others here rather than deep in a library."""
+    if not 0 <= int(seed) < 2**bits:
+        raise MediFastError(f"{name} must be in 0..{2**bits - 1}, got {seed}")
+    return int(seed)

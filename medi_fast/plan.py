@@ -234,9 +234,13 @@ def build(spec: ConditionSpec, *, plan: str | None = None, values: Mapping[str, 
     :data:`STRATEGIES`, or the path of a plan CSV.
     """
     values = dict(values or {})
+    if sites_from is not None and plan not in STRATEGIES:
+        raise MediFastError(f"--sites-from applies to --plan {' or '.join(STRATEGIES)} only; drop it or give --plan")
     if n is not None and n <= 0:
         raise MediFastError(f"--n must be a positive number of images, got {n}")
     if plan is None:
+        if classes:
+            raise MediFastError("--classes applies to --plan strategies only; give one --class, or --plan fill-missing")
         if "class" not in values:
             raise MediFastError("give --class (and metadata such as --tss), or --plan")
         return single(spec, values, n if n is not None else 1, seed)

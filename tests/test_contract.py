@@ -98,28 +98,43 @@ NAMES = {"unknown": "nonexistent-xyz", "empty-string": "", "garbage": "%%,//,=="
 # (command, parameter) -> kinds of value that are valid input there (documented meaning, not a hole).
 _SEEDS = {"zero", "negative", "huge", "enormous"}
 LEGIT: dict[tuple[str, str], set[str]] = {
-    ("generate", "seed"): _SEEDS, ("init-checkpoint", "seed"): _SEEDS, ("data split", "seed"): _SEEDS,
-    ("data synth", "seed"): _SEEDS, ("data synth", "appearance_seed"): _SEEDS, ("train", "seed"): _SEEDS,
-    ("demo", "seed"): _SEEDS, ("probe", "seed"): _SEEDS, ("shortcut", "seed"): _SEEDS,
+    # generate derives per-image seeds from any integer (mod 2**64); a split's shuffle takes any integer
+    ("generate", "seed"): _SEEDS, ("data split", "seed"): _SEEDS, ("probe", "seed"): _SEEDS,
+    ("shortcut", "seed"): _SEEDS,
+    # numpy- and torch-seeded commands take 0 .. 2**32-1
+    ("init-checkpoint", "seed"): {"zero"}, ("data synth", "seed"): {"zero"}, ("data synth", "appearance_seed"): {"zero"},
+    ("train", "seed"): {"zero"}, ("demo", "seed"): {"zero"},
     ("generate", "eta"): {"zero"}, ("generate", "age"): {"zero"},  # the values are legal; age checked vs model
     ("probe", "max_runs"): {"zero"},  # 0 = all site combinations
-    ("train", "grid_every"): {"zero"}, ("train", "workers"): {"zero"}, ("train", "cond_drop"): {"zero"},
-    ("train", "weight_decay"): {"zero"}, ("train", "warmup"): {"zero"}, ("train", "ema_warmup"): {"zero"},
-    ("train", "ema_decay"): {"zero"}, ("train", "grad_clip"): {"zero"},
+    ("train", "workers"): {"zero"}, ("train", "cond_drop"): {"zero"},
+    ("train", "weight_decay"): {"zero"}, ("train", "ema_warmup"): {"zero"},
+    ("train", "ema_decay"): {"zero"},
+    # intervals and caps: a huge one means "never" or "all", which is what was asked
+    ("train", "keep_last"): {"huge", "enormous"}, ("train", "checkpoint_every"): {"huge", "enormous"},
+    ("train", "log_every"): {"huge", "enormous"}, ("train", "ema_power"): {"huge"}, ("train", "ema_inv_gamma"): {"huge"},
+    ("train", "grad_clip"): {"zero", "huge"}, ("train", "warmup"): {"zero", "huge"},
+    ("generate", "batch_size"): {"huge", "enormous"},  # capped by the plan: --n 2 makes batches of 2
+    ("generate", "classes"): {"empty-string"}, ("plan", "classes"): {"empty-string"},  # empty: the model's ("train", "grid_every"): {"zero", "huge", "enormous"},
     ("export", "parity_steps"): {"zero"}, ("export", "optimization_level"): {"zero"},
     # free-form labels: any text names a site, a class list is checked against the model
-    ("data synth", "sites"): {"unknown", "empty-string", "garbage"},  # ignored by the default confounded setting ("data synth", "train_sites"): {"unknown"},
-    ("data synth", "test_sites"): {"unknown"}, ("data synth", "n_test_per_combo"): {"zero"},
+    ("data synth", "sites"): {"unknown", "empty-string", "garbage"},  # ignored by the default confounded setting
+    ("data synth", "train_sites"): {"unknown", "empty-string"},  # empty: the default
+    ("data synth", "test_sites"): {"unknown", "empty-string"}, ("data synth", "n_test_per_combo"): {"zero"},
+    ("data synth", "patches_per_slide"): {"huge", "enormous"},  # an upper bound: one slide holds them all
     ("init-checkpoint", "classes"): {"unknown"}, ("init-checkpoint", "tss"): {"unknown", "empty-string"},  # new vocabularies
     ("generate", "tss"): set(), ("info", "model"): set(),
 }
 
 
 # Options that keep a run short should a bad input be accepted (the test then fails on exit 0, fast).
+# "@name": that fixture's path.  Optional inputs (a model, training data) too, so a bad value meets the
+# check that guards it instead of the refusal of a missing model.
 CHEAP: dict[tuple[str, ...], dict[str, str]] = {
-    ("train",): {"steps": "2", "batch_size": "2", "grid_every": "0", "workers": "0", "device": "cpu",
-                 "preset": "tiny-32"},
-    ("generate",): {"n": "2", "steps": "2"},
+    ("train",): {"data": "@parquet", "steps": "2", "batch_size": "2", "grid_every": "0", "workers": "0",
+                 "device": "cpu", "preset": "tiny-32", "checkpoint_every": "2", "condition": "class,tss"},
+    ("generate",): {"model": "@ckpt", "n": "2", "steps": "2"},
+    ("plan",): {"model": "@ckpt"},
+    ("info",): {"model": "@ckpt"},
 }
 
 
@@ -308,7 +323,7 @@ def build_argv(path, picks, suffix, fx) -> list[str]:
             v = valid_value(path, p, fx, work)
             chosen[p.name] = v if v is not None else bad_value(p, FAMILIES[kind_of(p)][0], suffix, fx, work)
     for name, value in CHEAP.get(path, {}).items():
-        chosen.setdefault(name, value)
+        chosen.setdefault(name, str(getattr(fx, value[1:])) if value.startswith("@") else value)
     if path == ("generate",) and "out" not in chosen:
         chosen["out"] = str(work / "result")  # outputs of an accepted run land in the watched folder
     if path == ("generate",) and "class_" not in chosen and "plan" not in chosen:

@@ -171,6 +171,9 @@ def init_checkpoint(preset, classes, tss, meta, age, cls_only, resolution, seed,
     from ..schedule import Schedule
     from ..vocab import canonical_class
 
+    from ..errors import check_seed
+
+    check_seed(seed)
     values = parse_list(classes) + parse_list(tss or "") + [x for m in meta for x in parse_list(m.partition("=")[2])]
     for name in values + [m.partition("=")[0] for m in meta]:
         if any(ch in name for ch in '/\\') or not name.isprintable():  # values name output folders and files

@@ -19,6 +19,9 @@ def demo(out, quick, train_steps, seed, overwrite):
 
     if train_steps is not None and not 1 <= train_steps <= 1_000_000:
         raise click.BadParameter("must be in 1..1000000 (the demo's models need hundreds)", param_hint="--train-steps")
+    from ..errors import check_seed
+
+    check_seed(seed)
     cfg = DemoConfig.quick(out) if quick else DemoConfig(out=out)
     cfg = replace(cfg, seed=seed, **({"train_steps": train_steps} if train_steps else {}))
     path = run_demo(cfg, overwrite=overwrite)
