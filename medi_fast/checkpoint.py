@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -131,7 +132,9 @@ def _read(path: Path) -> tuple[dict, dict, dict | None]:
         ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
         return header, sd, ema
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickles before refusing them: one line is enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "global" in str(e).lower():  # a class or function reference: loading it would run code
             raise MediFastError(f"refusing {path}: it needs arbitrary unpickling, which can run code; "

@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,9 +113,12 @@ LEGIT: dict[tuple[str, str], set[str]] = {
     # intervals and caps: a huge one means "never" or "all", which is what was asked
     ("train", "keep_last"): {"huge", "enormous"}, ("train", "checkpoint_every"): {"huge", "enormous"},
     ("train", "log_every"): {"huge", "enormous"}, ("train", "ema_power"): {"huge"}, ("train", "ema_inv_gamma"): {"huge"},
-    ("train", "grad_clip"): {"zero", "huge"}, ("train", "warmup"): {"zero", "huge"},
+    ("train", "grad_clip"): {"zero", "huge"}, ("train", "grid_rows"): {"huge", "enormous"},
+    ("train", "grid_cols"): {"huge", "enormous"},  # caps: at most the classes / sites there are
+    ("train", "warmup"): {"zero", "huge"},  # >= 1: a number of steps
     ("generate", "batch_size"): {"huge", "enormous"},  # capped by the plan: --n 2 makes batches of 2
-    ("generate", "classes"): {"empty-string"}, ("plan", "classes"): {"empty-string"},  # empty: the model's ("train", "grid_every"): {"zero", "huge", "enormous"},
+    ("generate", "classes"): {"empty-string"}, ("plan", "classes"): {"empty-string"},  # empty: the model's
+    ("train", "grid_every"): {"zero", "huge", "enormous"},
     ("export", "parity_steps"): {"zero"}, ("export", "optimization_level"): {"zero"},
     # free-form labels: any text names a site, a class list is checked against the model
     ("data synth", "sites"): {"unknown", "empty-string", "garbage"},  # ignored by the default confounded setting
@@ -265,14 +269,15 @@ def run_contract(argv: list[str], capsys, watched: list[Path]) -> None:
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(EXAMPLE_TIMEOUT_S)
     try:
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(SystemExit) as e, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # a user sees each warning as another stderr line
             main(argv)
     except _Timeout:
         pytest.fail(f"medi-fast {' '.join(argv)} ran over {EXAMPLE_TIMEOUT_S} s: a bad input was accepted")
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
     lines = err.splitlines()
     shown = f"medi-fast {' '.join(repr(a) for a in argv)}\nstderr:\n{err}"
     assert e.value.code == 2, f"exit {e.value.code}, not 2: {shown}"

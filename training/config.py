@@ -93,16 +93,18 @@ class TrainConfig:
         need(self.ema_inv_gamma > 0 and self.ema_power > 0,
              f"--ema-inv-gamma and --ema-power must be > 0, got {self.ema_inv_gamma}, {self.ema_power}")
         need(1 <= self.steps <= 10**9, f"--steps must be in 1..10^9, got {self.steps}")
-        need(self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}")
+        need(1 <= self.grad_accum <= 4096, f"--grad-accum must be in 1..4096, got {self.grad_accum}")
         need(0 < self.lr <= 1, f"--lr must be in (0, 1], got {self.lr}")
         need(0.0 <= self.cond_drop < 1.0, f"--cond-drop must be in [0, 1), got {self.cond_drop}")
         need(0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         need(self.sampling in SAMPLING, f"--sampling must be one of {', '.join(SAMPLING)}, got {self.sampling!r}")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        need(1 <= self.grid_steps <= 1000, f"--grid-steps must be in 1..1000, got {self.grid_steps}")
+        need(self.grid_rows >= 1 and self.grid_cols >= 1, "--grid-rows and --grid-cols must be >= 1")
         need(self.keep_last >= 1, f"--keep-last must be >= 1, got {self.keep_last}")
         need(self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}")
-        need(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        need(0 <= self.workers <= 256, f"--workers must be in 0..256 processes, got {self.workers}")
         need(self.resolution is None or self.resolution > 0, f"--resolution must be positive, got {self.resolution}")
 
     @property

@@ -99,6 +99,8 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
     from .. import plan as plans
     from ..generate import GenerateConfig, Generator
 
+    if inception_weights is not None and fid_stats is None:
+        raise MediFastError("--inception-weights applies to --fid-stats only; drop it or add --fid-stats FILE.npz")
     choice = _model_choice(model, model_opt)
     cfg = GenerateConfig(steps=steps, eta=eta, sampler=sampler, guidance=guidance, batch_size=batch_size,
                          format=fmt, jpeg_quality=jpeg_quality, workers=workers)
