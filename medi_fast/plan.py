@@ -239,8 +239,9 @@ def build(spec: ConditionSpec, *, plan: str | None = None, values: Mapping[str, 
     if n is not None and n <= 0:
         raise MediFastError(f"--n must be a positive number of images, got {n}")
     if plan is None:
-        if classes:
-            raise MediFastError("--classes applies to --plan strategies only; give one --class, or --plan fill-missing")
+        if classes or n_per_combo is not None:
+            raise MediFastError("--classes and --n-per-combo apply to --plan strategies only; give one --class and "
+                                "--n, or --plan fill-missing")
         if "class" not in values:
             raise MediFastError("give --class (and metadata such as --tss), or --plan")
         return single(spec, values, n if n is not None else 1, seed)

@@ -10,6 +10,7 @@ classes is the paper's figure.
 from __future__ import annotations
 
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Iterable
 
@@ -143,7 +144,7 @@ def load_stats(path) -> tuple[dict, str]:
                             f"--save-real-stats {path.name}` or `medi-fast generate --fid-stats {path.name}`")
     try:
         z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise MediFastError(f"cannot read statistics {path} ({type(e).__name__}); recompute them with "
                             f"`medi-fast fid --save-real-stats` or `generate --fid-stats`") from None
     with z:
