@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from medi_fast.cli import COMMANDS, cli, main
 
-MAX_EXAMPLES = int(os.environ.get("MEDI_FAST_CONTRACT_EXAMPLES", "12"))
+MAX_EXAMPLES = int(os.environ.get("MEDI_FAST_CONTRACT_EXAMPLES", "30"))
 # A command that runs longer than this accepted a bad input (every valid default below is tiny).
 EXAMPLE_TIMEOUT_S = 60
 
