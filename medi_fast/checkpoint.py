@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -118,6 +119,12 @@ def save(ckpt: Checkpoint, path) -> Path:
     return path
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception's first message line, or its type name when the message is empty."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:120] if lines else type(e).__name__
+
+
 def _read(path: Path) -> tuple[dict, dict, dict | None]:
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
@@ -127,25 +134,31 @@ def _read(path: Path) -> tuple[dict, dict, dict | None]:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
             tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as e:
             raise MediFastError(f"checkpoint {path} is truncated or corrupt ({e}); re-copy or re-export it") from None
         if "medi_fast" not in meta:
             raise MediFastError(f"{path} is a safetensors file without a medi-fast header; for reference MeDi "
                                 f"weights use `medi-fast import-medi {path} ...`")
-        header = json.loads(meta["medi_fast"])
+        try:
+            header = json.loads(meta["medi_fast"])
+        except ValueError as e:
+            raise MediFastError(f"checkpoint {path} has a corrupt header ({e}); re-copy or re-export it") from None
         sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
         return header, sd, ema
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickles before refusing them: one line is enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "global" in str(e).lower():  # a class or function reference: loading it would run code
             raise MediFastError(f"refusing {path}: it needs arbitrary unpickling, which can run code; "
                                 f"only medi-fast checkpoints (plain dicts of tensors) are loaded") from None
-        raise MediFastError(f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0]}); re-copy it") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise MediFastError(f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0][:120]}); re-copy it") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise MediFastError(f"checkpoint {path} is truncated or corrupt ({_first_line(e)}); re-copy it") from None
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        # torch.load on garbage raises any of these, some with an empty message.
+        raise MediFastError(f"checkpoint {path} is truncated or corrupt ({_first_line(e)}); re-copy it") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT or not isinstance(obj.get("state_dict"), dict):
         raise MediFastError(f"{path} is not a medi-fast checkpoint; create one with `medi-fast train` or "
                             f"`medi-fast init-checkpoint`, or import reference weights with `medi-fast import-medi`")
     return obj, obj["state_dict"], obj.get("ema_state_dict")
@@ -154,6 +167,8 @@ def _read(path: Path) -> tuple[dict, dict, dict | None]:
 def load(path, *, verify: bool = True) -> Checkpoint:
     """Read a checkpoint; refuses missing, truncated, corrupt and unsafe files with one clear line."""
     path = Path(path)
+    if path.is_dir():
+        raise MediFastError(f"checkpoint {path} is a directory; give the checkpoint file (.pt or .safetensors)")
     if not path.is_file():
         raise MediFastError(f"checkpoint {path} does not exist; check the path")
     if path.suffix not in SUFFIXES:
@@ -165,7 +180,7 @@ def load(path, *, verify: bool = True) -> Checkpoint:
         ckpt = Checkpoint(ConditionSpec.from_dict(header["condition_spec"]), dict(header["unet_config"]),
                           Schedule.from_dict(header["schedule"]), sd, ema, header.get("preset", ""),
                           dict(header.get("provenance", {})), header.get("hash", ""), path)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise MediFastError(f"checkpoint {path} has an incomplete header (missing {e}); re-create it") from None
     if verify:
         actual = ckpt.compute_hash()

@@ -9,6 +9,7 @@ while the next batch samples.
 from __future__ import annotations
 
 import json
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -31,6 +32,9 @@ from .samplers import get_sampler, sampler_entry, timesteps_for
 from .writers import make_writer
 
 
+FORMATS = ("png", "jpeg", "tar")
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     # DDIM-100 with eta 0: the published sampling protocol (FID was computed on DDIM-100).
@@ -47,10 +51,21 @@ class GenerateConfig:
     workers: int = 2
 
     def __post_init__(self):
+        # Every option is checked here, before a model is loaded or a file written.
         if self.batch_size <= 0:
             raise MediFastError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.eta < 0:
-            raise MediFastError(f"--eta must be >= 0, got {self.eta}")
+        if self.steps <= 0:
+            raise MediFastError(f"--steps must be a positive number of sampler steps, got {self.steps}; e.g. 100")
+        if not (math.isfinite(self.eta) and 0 <= self.eta <= 1):
+            raise MediFastError(f"--eta must be in [0, 1] (0 = deterministic DDIM), got {self.eta}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise MediFastError(f"--guidance must be a number >= 0 (1 = no guidance), got {self.guidance}")
+        if self.format not in FORMATS:
+            raise MediFastError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise MediFastError(f"--jpeg-quality must be in 1..100 (95 is near-lossless), got {self.jpeg_quality}")
+        if self.workers < 1:
+            raise MediFastError(f"--workers must be >= 1, got {self.workers}")
         entry = sampler_entry(self.sampler)  # an unknown name fails before anything is loaded or written
         if self.eta and not entry.takes_eta:
             raise MediFastError(f"{self.sampler} is a deterministic ODE solver and takes no --eta (got {self.eta}); "
@@ -114,6 +129,24 @@ def check_unet_batch(denoiser, batch_size: int, guidance: float) -> None:
                             f"{contract.batch.opt},{max(unet, contract.batch.opt)}")
 
 
+def guidance_warning(info: ModelInfo, guidance: float) -> str | None:
+    """One line when guidance is asked of a model trained without conditioning dropout: legal, but its
+    unconditional branch was never trained, so the result is rarely what is wanted."""
+    if guidance == 1.0:
+        return None
+    prov = info.provenance or {}
+    drop = prov.get("cond_drop", (prov.get("config") or {}).get("cond_drop"))
+    try:
+        drop = float(drop) if drop is not None else None
+    except (TypeError, ValueError):
+        drop = None
+    if drop:
+        return None
+    known = "was trained without" if drop == 0 else "records no"
+    return (f"--guidance {guidance}: this model {known} conditioning dropout (--cond-drop), so its unconditional "
+            f"branch is untrained and guidance rarely helps; use --guidance 1 or a model trained with --cond-drop 0.1")
+
+
 class Generator:
     """Runs a plan through a backend.  ``sinks``: callables ``sink(images, rows)`` fed every batch
     in plan order (e.g. streaming FID statistics); images skipped on resume are read back for them."""
@@ -121,6 +154,27 @@ class Generator:
     def __init__(self, info: ModelInfo, denoiser, cfg: GenerateConfig, sinks: Sequence[Callable] = (),
                  progress: bool = True):
         self.info, self.denoiser, self.cfg, self.sinks, self.progress = info, denoiser, cfg, list(sinks), progress
+
+    def check(self, n_images: int) -> None:
+        """Refuse what would fail mid-run: steps the sampler cannot take with this schedule, a batch
+        that does not fit the device's memory."""
+        from .model import get_preset
+        from .resources import activation_bytes, check_batch
+
+        timesteps_for(self.cfg.sampler, self.info.schedule, self.cfg.steps)
+        ck = self.info.checkpoint
+        config = getattr(ck, "unet_config", None)
+        if config is None and self.info.preset:
+            try:
+                config = get_preset(self.info.preset).unet_config()
+            except MediFastError:  # an exported model of an unknown preset: no estimate
+                config = None
+        if config is not None and n_images > 0:
+            per_image = activation_bytes(config, self.info.resolution, training=False)
+            if self.cfg.guidance != 1.0:
+                per_image *= 2  # conditional and unconditional passes in one batch
+            device = getattr(self.denoiser, "device", "cpu")
+            check_batch(min(self.cfg.batch_size, n_images), per_image, device)
 
     def _check_run_dir(self, out: Path, plan: Plan, shard: tuple[int, int]) -> None:
         record = {"model_hash": self.info.model_hash, "plan_digest": plan.digest(), "shards": shard[1],
@@ -143,6 +197,7 @@ class Generator:
         full_plan = plan
         plan = plan.shard(*shard) if shard[1] > 1 else plan
         check_unet_batch(self.denoiser, min(cfg.batch_size, max(len(plan), 1)), cfg.guidance)
+        self.check(len(plan))  # before run.json: a refused run leaves nothing behind
         writer = None
         pending = np.ones(len(plan), dtype=bool)
         if out is not None:

@@ -75,3 +75,32 @@ def os_error(e: OSError, path) -> MediFastError:
 def _unlink(p) -> None:
     with contextlib.suppress(OSError):
         os.unlink(p)
+
+
+def require_file(path, what: str, fix: str = "check the path") -> Path:
+    """``path`` as a Path if it is an existing file; else one line saying whether it is missing or
+    a directory (a directory given for a file is not "missing")."""
+    path = Path(path)
+    if path.is_dir():
+        raise MediFastError(f"{what} {path} is a directory, not a file; give the file itself")
+    if not path.is_file():
+        raise MediFastError(f"{what} {path} does not exist; {fix}")
+    return path
+
+
+def check_writable_dir(path) -> Path:
+    """Refuse an output directory that could not be created or written, without creating it (a
+    refused command leaves nothing behind)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MediFastError(f"output {path} is a file, not a directory; choose another --out")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise MediFastError(f"cannot create {path}: {probe} is a file; choose another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise MediFastError(f"output directory {probe} is not writable; choose another --out or fix its permissions")
+    return path

@@ -102,6 +102,9 @@ def build_model(preset: str | Preset, spec: ConditionSpec | None = None, *, clas
     cfg = p.unet_config()
     if resolution is not None:
         levels = len(p.block_out_channels) - 1
+        if not 2 ** levels <= resolution <= 4096:
+            raise MediFastError(f"resolution {resolution} is out of range for preset {p.name}; use "
+                                f"{2 ** levels}..4096 (e.g. {p.resolution})")
         if resolution % (2 ** levels):
             raise MediFastError(f"resolution {resolution} is not divisible by {2 ** levels} as preset {p.name} needs "
                                 f"({levels} downsamplings); use e.g. {p.resolution}")

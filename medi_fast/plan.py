@@ -84,11 +84,19 @@ def from_counts(spec: ConditionSpec, combos: pd.DataFrame, seed: int) -> Plan:
     missing = [n for n in spec.names if n not in combos.columns]
     if "class" in missing:
         raise MediFastError("the plan has no 'class' column; give one class per row")
-    counts = combos["count"].astype(int).to_numpy()
+    try:
+        counts = np.array([int(c) for c in combos["count"]], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise MediFastError("plan counts must be whole numbers below 2**63; give a smaller --n or count") from None
     if (counts < 0).any():
         raise MediFastError("plan counts must be >= 0")
-    if counts.sum() <= 0:
+    total = int(counts.astype(object).sum())  # exact: an int64 sum could wrap around
+    if total <= 0:
         raise MediFastError("the plan asks for 0 images; give a positive --n or count")
+    from .resources import check_rows
+
+    # index, seed and one pointer per attribute, about four copies while the plan is built and written.
+    check_rows(total, 4 * 8 * (2 + len(spec.names)))
     rows = {}
     for name in spec.names:
         vals = combos[name].tolist() if name in combos.columns else [None] * len(combos)
@@ -114,13 +122,14 @@ def single(spec: ConditionSpec, values: Mapping[str, object], n: int, seed: int 
 def read_combinations(path, spec: ConditionSpec) -> pd.DataFrame:
     """A plan CSV: columns class, metadata (by attribute name, e.g. tss, or data column, e.g.
     tissue_source_site), and a count column (count or n)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MediFastError(f"plan file {path} does not exist")
+    from .io import require_file
+
+    path = require_file(path, "plan file", "give a plan CSV or a strategy (match-train, fill-missing)")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise MediFastError(f"plan file {path} is not a readable CSV ({e})") from None
+        raise MediFastError(f"plan file {path} is not a readable CSV ({' '.join(str(e).split())[:160]}); "
+                            f"fix it or write one with `medi-fast plan`") from None
     for name in spec.names:
         col = column_for(name)
         if name not in df.columns and col in df.columns:
@@ -147,13 +156,18 @@ def from_csv(spec: ConditionSpec, path, seed: int = 0) -> Plan:
 
 
 def _read_table(path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise MediFastError(f"{path} does not exist; give a training index (.parquet) or split CSV")
+    from .data.clinical import read_csv_str
+    from .io import require_file
+
+    path = require_file(path, "--sites-from", "give a training index (.parquet) or split CSV")
     if path.suffix == ".parquet":
-        df = pd.read_parquet(path)
+        try:
+            df = pd.read_parquet(path)
+        except Exception as e:  # pyarrow raises several types for a file that is not parquet
+            raise MediFastError(f"cannot read {path} as parquet ({type(e).__name__}); give a training index "
+                                f"(.parquet) or split CSV") from None
     else:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = read_csv_str(path)
     if "class" not in df.columns and "project_id" in df.columns:
         from .vocab import canonical_class
 
@@ -185,6 +199,9 @@ def match_train(spec: ConditionSpec, index_path, n: int | None = None, seed: int
     if n is not None:
         if n <= 0:
             raise MediFastError(f"--n must be positive, got {n}")
+        from .resources import check_rows
+
+        check_rows(int(n), 4 * 8 * (2 + len(spec.names)))
         combos["count"] = _largest_remainder(combos["count"].to_numpy(float), int(n))
         combos = combos[combos["count"] > 0]
     return from_counts(spec, combos.reset_index(drop=True), seed)
@@ -267,9 +284,14 @@ def build(spec: ConditionSpec, *, plan: str | None = None, values: Mapping[str, 
     :data:`STRATEGIES`, or the path of a plan CSV.
     """
     values = dict(values or {})
+    if sites_from is not None and plan not in STRATEGIES:
+        raise MediFastError(f"--sites-from applies to --plan {' or '.join(STRATEGIES)} only; drop it or give --plan")
     if n is not None and n <= 0:
         raise MediFastError(f"--n must be a positive number of images, got {n}")
     if plan is None:
+        if classes or n_per_combo is not None:
+            raise MediFastError("--classes and --n-per-combo apply to --plan strategies only; give one --class and "
+                                "--n, or --plan fill-missing")
         if "class" not in values:
             raise MediFastError("give --class (and metadata such as --tss), or --plan")
         return single(spec, values, n if n is not None else 1, seed)

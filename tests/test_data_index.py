@@ -121,8 +121,11 @@ def test_cli_index_writes_parquet_and_problem_list(tmp_path, capsys):
     assert all(isinstance(v, str) for v in df["tissue_source_site"]) and "05" in set(df["tissue_source_site"])
     probs = pd.read_csv(tmp_path / "idx.problems.csv")
     assert sorted(probs["problem"]) == ["no_metadata", "undecodable"]
-    code, res = _cli(["data", "index", str(root), "--metadata", str(clin), "--out", str(out), "--strict"], capsys)
+    code, res = _cli(["data", "index", str(root), "--metadata", str(clin), "--out", str(out), "--strict", "--overwrite"],
+                     capsys)
     assert code == 2 and "undecodable" in res.err
+    code, res = _cli(["data", "index", str(root), "--metadata", str(clin), "--out", str(out)], capsys)
+    assert code == 2 and "already exists; pass --overwrite" in res.err and len(res.err.splitlines()) == 1
 
 
 def test_read_index_rejects_non_index(tmp_path):

@@ -6,10 +6,11 @@ run can always be read back (and resumed) exactly as it was started.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from medi_fast.errors import MediFastError, suggest
+from medi_fast.errors import MediFastError, check_seed, suggest
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAMPLING = ("class", "combination", "uniform")
@@ -79,17 +80,31 @@ class TrainConfig:
                 raise MediFastError(msg)
 
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        need(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
-        need(self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}")
-        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        check_seed(self.seed)
+        for f in fields(self):  # NaN and infinity pass every comparison below, or none: refuse them first
+            v = getattr(self, f.name)
+            need(not isinstance(v, float) or math.isfinite(v), f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+        need(self.weight_decay >= 0 and self.grad_clip >= 0 and self.warmup >= 0,
+             "--weight-decay, --grad-clip and --warmup must be >= 0")
+        need(self.weight_decay <= 1, f"--weight-decay must be in [0, 1], got {self.weight_decay}")
+        need(0 < self.adam_eps <= 1 and 0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+             f"--adam-eps must be in (0, 1] and --adam-beta1/--adam-beta2 in [0, 1), got {self.adam_eps}, "
+             f"{self.adam_beta1}, {self.adam_beta2}")
+        need(self.ema_inv_gamma > 0 and self.ema_power > 0,
+             f"--ema-inv-gamma and --ema-power must be > 0, got {self.ema_inv_gamma}, {self.ema_power}")
+        need(1 <= self.steps <= 10**9, f"--steps must be in 1..10^9, got {self.steps}")
+        need(1 <= self.grad_accum <= 4096, f"--grad-accum must be in 1..4096, got {self.grad_accum}")
+        need(0 < self.lr <= 1, f"--lr must be in (0, 1], got {self.lr}")
         need(0.0 <= self.cond_drop < 1.0, f"--cond-drop must be in [0, 1), got {self.cond_drop}")
         need(0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         need(self.sampling in SAMPLING, f"--sampling must be one of {', '.join(SAMPLING)}, got {self.sampling!r}")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        need(1 <= self.grid_steps <= 1000, f"--grid-steps must be in 1..1000, got {self.grid_steps}")
+        need(self.grid_rows >= 1 and self.grid_cols >= 1, "--grid-rows and --grid-cols must be >= 1")
         need(self.keep_last >= 1, f"--keep-last must be >= 1, got {self.keep_last}")
         need(self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}")
-        need(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        need(0 <= self.workers <= 256, f"--workers must be in 0..256 processes, got {self.workers}")
         need(self.resolution is None or self.resolution > 0, f"--resolution must be positive, got {self.resolution}")
 
     @property

@@ -40,8 +40,9 @@ from .stream import IndexStream, sampling_weights
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MediFastError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    from medi_fast.resources import check_device
+
+    check_device(name)
     return torch.device(name)
 
 
@@ -100,13 +101,17 @@ def _train(cfg: TrainConfig, dataset, device: torch.device, d: distributed.Dist)
     if resolution % factor:
         raise MediFastError(f"--resolution {resolution} does not fit --preset {cfg.preset}: it must be divisible by "
                             f"{factor} ({factor.bit_length() - 1} downsamplings); use e.g. {preset.resolution}")
-    run = RunDir(cfg.out, main=d.main)
+    run = RunDir(cfg.out, main=False)  # read-only until every check has passed
     done = run.complete_steps() if run.ckpt_dir.is_dir() else []
     if done and not cfg.resume:
         raise MediFastError(f"{cfg.out} already holds a run (checkpoint at step {done[-1]}); pass --resume to "
                             f"continue it, or choose another --out")
     if cfg.resume and not done:
         raise MediFastError(f"--resume: {cfg.out} has no complete checkpoint to resume from; drop --resume to start")
+    from medi_fast.resources import activation_bytes, check_batch
+
+    # Before the run directory is touched: a batch the device cannot hold is refused, not OOM-killed.
+    check_batch(cfg.batch_size, activation_bytes(preset.unet_config(), resolution, training=True), device)
     attrs = cfg.attributes
     ds = dataset if dataset is not None else open_training_data(cfg.data, cfg.split, resolution)
     require_rows(len(ds))
@@ -116,6 +121,7 @@ def _train(cfg: TrainConfig, dataset, device: torch.device, d: distributed.Dist)
                             f"(--preset {cfg.preset}); pass --resolution {data_res} or re-pack the data at {resolution} px")
     table = ds.table
     spec = build_spec(table, attrs, preset.d_t)
+    run = RunDir(cfg.out, main=d.main)
     schedule = Schedule()
 
     random.seed(cfg.seed)
@@ -272,7 +278,7 @@ class _Checkpointer:
 
     def save(self, step: int, interval_loss: float, best: float) -> float:
         cfg, run = self.cfg, self.run
-        prov = {"trainer": "medi-fast", "step": step, "loss": interval_loss, "world_size": self.world_size,
+        prov = {"trainer": "medi-fast", "cond_drop": cfg.cond_drop, "step": step, "loss": interval_loss, "world_size": self.world_size,
                 "effective_batch": self.effective_batch, "config": cfg.to_dict()}
         ck = ckpt_io.from_model(self.model, self.schedule, preset=cfg.preset, ema_model=self.ema.model,
                                 provenance=prov)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import csv
 import io
+import pickle
 import re
 from pathlib import Path
 
 import torch
 
+from medi_fast.errors import MediFastError
 from medi_fast.io import atomic_path, atomic_write_text, clean_tmp, ensure_dir
 
 METRICS = ("step", "loss", "lr", "grad_norm", "steps_per_s", "images_per_s", "elapsed_s")
@@ -59,7 +61,18 @@ class RunDir:
             torch.save(state, tmp)
 
     def load_state(self, step: int) -> dict:
-        return torch.load(self.state_path(self.checkpoint_path(step)), map_location="cpu", weights_only=True)
+        path = self.state_path(self.checkpoint_path(step))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (EOFError, RuntimeError, pickle.UnpicklingError, OSError, ValueError, KeyError, IndexError, TypeError,
+                AttributeError) as e:  # what torch.load raises on a truncated or foreign file
+            raise MediFastError(f"--resume: resume state {path} is truncated or corrupt ({type(e).__name__}); delete "
+                                f"it and its checkpoint {self.checkpoint_path(step).name} to resume from the one "
+                                f"before") from None
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise MediFastError(f"--resume: {path} is not a medi-fast resume state; delete it and its checkpoint to "
+                                f"resume from the one before")
+        return state
 
     def prune(self, keep_last: int) -> None:
         for step in self.complete_steps()[:-keep_last]:

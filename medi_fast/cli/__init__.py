@@ -3,13 +3,12 @@ it only when it is invoked, so ``medi-fast --help`` stays fast and one broken ex
 the rest.  Every MediFastError ends in one line on stderr and exit code 2, with no traceback."""
 from __future__ import annotations
 
-import errno
 import importlib
 import sys
 
 import click
 
-from ..errors import MediFastError
+from ..errors import MediFastError, from_exception, one_line
 
 # command name -> "module:function" (relative to medi_fast.cli); help text shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -68,24 +67,43 @@ def cli(ctx):
     ctx.default_map = defaults.command_defaults(params, all_commands=COMMANDS) or None
 
 
+def _fail(message: str, code: int = 2):
+    click.echo(one_line(message), err=True)
+    sys.exit(code)
+
+
+def _usage_message(e: click.ClickException) -> str:
+    """click's usage errors (three lines, no prefix) as one line with the fix."""
+    what = one_line(e.format_message()).rstrip(".")
+    what = what[0].lower() + what[1:] if what else "bad usage"
+    ctx = getattr(e, "ctx", None)
+    path = ctx.command_path if ctx is not None else "medi-fast"
+    return f"medi-fast: error: {what}; see `{path} --help`"
+
+
 def main(argv=None) -> int:
+    """The front door: every error a user can cause ends in one line `medi-fast: error: WHAT; FIX` and
+    exit code 2; an interrupt (Ctrl-C) in exit code 130; anything else is a bug and keeps its traceback.
+
+    click's own ``main`` is not used: it turns any EOFError (e.g. from reading an empty file) into
+    an "abort" indistinguishable from Ctrl-C."""
+    args = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        cli.main(args=argv, prog_name="medi-fast", standalone_mode=False)
-    except MediFastError as e:
-        click.echo(f"medi-fast: error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("medi-fast: interrupted; rerun the same command to resume", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("medi-fast: interrupted; rerun the same command to resume", err=True)
-        sys.exit(130)
+        with cli.make_context("medi-fast", args) as ctx:
+            cli.invoke(ctx)
+    except click.exceptions.Exit as e:
+        if e.exit_code:
+            sys.exit(e.exit_code)
+        return 0
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        _fail("medi-fast: interrupted; rerun the same command to resume", 130)
     except click.ClickException as e:
-        e.show()
-        sys.exit(2 if e.exit_code == 1 else e.exit_code)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            click.echo("medi-fast: error: disk full; free space, then rerun the same command to resume", err=True)
-            sys.exit(2)
-        raise
+        _fail(_usage_message(e), 2)
+    except MediFastError as e:
+        _fail(f"medi-fast: error: {e}", e.exit_code)
+    except Exception as e:
+        err = from_exception(e)
+        if err is None:
+            raise
+        _fail(f"medi-fast: error: {err}", err.exit_code)
     return 0

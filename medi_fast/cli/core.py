@@ -109,6 +109,8 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
     from .. import plan as plans
     from ..generate import GenerateConfig, Generator
 
+    if inception_weights is not None and fid_stats is None:
+        raise MediFastError("--inception-weights applies to --fid-stats only; drop it or add --fid-stats FILE.npz")
     choice = _model_choice(model, model_opt)
     cfg = GenerateConfig(steps=steps, eta=eta, sampler=sampler, guidance=guidance, batch_size=batch_size,
                          format=fmt, jpeg_quality=jpeg_quality, workers=workers)
@@ -127,8 +129,9 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
     if ray_address is not None:
         if shard_[1] > 1:
             raise MediFastError("--shard and --ray do not combine; drop --shard (Ray spreads the plan over its workers)")
-        from ..ray_generate import generate as generate_on_ray
+        from ..ray_generate import generate as generate_on_ray, require_ray
 
+        require_ray()  # a missing extra fails in one line before anything is printed or written
         click.echo(f"model {info.path} (from {choice.source}), hash {info.model_hash}, on Ray", err=True)
         if out is not None:
             click.echo(f"output {out} ({out_source})", err=True)
@@ -144,9 +147,13 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
         raise MediFastError("--ray-workers and --ray-gpus-per-worker apply only with --ray; add --ray")
     backend = backends.resolve(backend, info)  # an unavailable backend fails before anything is written
     if out is not None:
-        from ..io import ensure_dir
+        from ..io import check_writable_dir
 
-        ensure_dir(out)  # fail on an unwritable directory before loading any weights
+        check_writable_dir(out)  # fail on an unwritable directory before loading any weights
+    from ..generate import guidance_warning
+    from ..resources import check_device
+
+    check_device(device)
     sinks = []
     if fid_stats is not None:
         from ..eval.fid import FIDStatsSink
@@ -157,14 +164,19 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
     if engine_cache and backend == "ort-trt":
         opts["cache_dir"] = str(engine_cache)
     denoiser = backends.create(backend, info, **opts)
+    generator = Generator(info, denoiser, cfg, sinks=sinks, progress=not quiet)
+    generator.check(len(the_plan.shard(*shard_)) if shard_[1] > 1 else len(the_plan))  # before any output
     used = info.path if info.path == choice.path else f"{info.path} of {choice.path}"
     click.echo(f"model {used} (from {choice.source}), hash {info.model_hash}, backend {denoiser.name}", err=True)
     if out is not None:
         click.echo(f"output {out} ({out_source})", err=True)
+    warning = guidance_warning(info, guidance)
+    if warning:
+        click.echo(f"medi-fast: warning: {warning}", err=True)
     if not quiet:
         click.echo(f"{len(the_plan)} images planned{f', shard {shard_[0]}/{shard_[1]}' if shard_[1] > 1 else ''}",
                    err=True)
-    stats = Generator(info, denoiser, cfg, sinks=sinks, progress=not quiet).run(the_plan, out, shard_)
+    stats = generator.run(the_plan, out, shard_)
     if fid_stats is not None:
         sink.close()
     if not quiet:
@@ -196,6 +208,13 @@ def init_checkpoint(preset, classes, tss, meta, age, cls_only, resolution, seed,
     from ..schedule import Schedule
     from ..vocab import canonical_class
 
+    from ..errors import check_seed
+
+    check_seed(seed)
+    values = parse_list(classes) + parse_list(tss or "") + [x for m in meta for x in parse_list(m.partition("=")[2])]
+    for name in values + [m.partition("=")[0] for m in meta]:
+        if any(ch in name for ch in '/\\') or not name.isprintable():  # values name output folders and files
+            raise MediFastError(f"vocabulary value {name!r} cannot name files (no / or \\); use letters, digits, - and _")
     metadata = {}
     if not cls_only:
         if tss:
@@ -257,6 +276,8 @@ def list_backends(model):
     from .. import backends
     from ..defaults import choose_model, export_candidates, is_export_dir
 
+    if model is not None and not model.exists():
+        raise MediFastError(f"model {model} does not exist; check the path, or run `medi-fast backends` alone")
     for name, e in sorted(backends.BACKENDS.items(), key=lambda kv: -kv[1].rank):
         ok, why = e.availability()
         click.echo(f"{name:<14} {'yes' if ok else 'no ':<4} runs {'/'.join(e.kinds):<12} {e.description}"

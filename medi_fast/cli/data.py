@@ -28,10 +28,14 @@ def _problems_path(index_out: Path) -> Path:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Decode every image to find corrupt ones (--no-verify: trust the files, much faster).")
 @click.option("--workers", type=int, default=None, help="Decoder threads (default: 2 x CPU cores, at most 8).")
-def index_cmd(root, metadata, out, strict, verify, workers):
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def index_cmd(root, metadata, out, strict, verify, workers, overwrite):
     """Index ROOT/<cancer type>/<slide_submitter_id>/*.jpg joined with clinical metadata (one row per patch)."""
+    from ..data.atomic import refuse_existing
     from ..data.index import build_index_with_problems, write_index
     from ..io import atomic_path
+
+    refuse_existing([out], overwrite=overwrite)
 
     df, problems = build_index_with_problems(root, metadata, strict=strict, verify=verify, workers=workers)
     write_index(df, out)
@@ -84,10 +88,16 @@ def report_cmd(index, out, unit):
               help="combo: hold out (TSS, gender, race) keys; tss: hold out whole sites.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Folder for train.csv, holdout.csv, summary.json.")
-def split_cmd(metadata, strategy, seed, frac, by, out):
+@click.option("--overwrite", is_flag=True, help="Replace an existing split in --out.")
+def split_cmd(metadata, strategy, seed, frac, by, out, overwrite):
     """Split clinical records into train/holdout with whole subpopulations held out; check leakage."""
+    from ..data.atomic import refuse_existing
     from ..data.clinical import read_csv_str
     from ..data.split import split_metadata, write_split
+
+    if out.exists() and not out.is_dir():
+        raise MediFastError(f"--out {out} is a file; give a folder for train.csv, holdout.csv, summary.json")
+    refuse_existing([out / "train.csv", out / "holdout.csv", out / "summary.json"], overwrite=overwrite)
 
     result = split_metadata(read_csv_str(metadata), strategy=strategy, seed=seed, frac=frac, by=by)
     write_split(result, out)

@@ -15,5 +15,10 @@ def demo(out, quick, train_steps, seed, overwrite):
     ONNX Runtime, evaluation (FID-style distance, linear probe, shortcut meter) -> OUT/report.html."""
     from ..demo import DemoConfig, run_demo
 
+    if train_steps is not None and not 1 <= train_steps <= 1_000_000:
+        raise click.BadParameter("must be in 1..1000000 (the demo's models need hundreds)", param_hint="--train-steps")
+    from ..errors import check_seed
+
+    check_seed(seed)
     path = run_demo(DemoConfig.from_options(out, quick=quick, seed=seed, train_steps=train_steps), overwrite=overwrite)
     click.echo(f"report: {path}")

@@ -40,3 +40,12 @@ def atomic_dir(path, *, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def refuse_existing(paths, *, overwrite: bool) -> None:
+    """An existing output file is an error unless ``overwrite`` (checked before any work is done)."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            raise MediFastError(f"output {p} is a directory; give a file name for --out")
+        if p.exists() and not overwrite:
+            raise MediFastError(f"{p} already exists; pass --overwrite to replace it, or choose another --out")

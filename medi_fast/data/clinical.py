@@ -52,13 +52,13 @@ def to_age(values: Iterable) -> np.ndarray:
 
 def read_csv_str(path) -> pd.DataFrame:
     """Read a CSV with every cell a string ("05" stays "05"; "'--" stays as written)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MediFastError(f"metadata file {path} does not exist; pass the GDC clinical CSV with --metadata")
+    from ..io import require_file
+
+    path = require_file(path, "metadata file", "pass the GDC clinical CSV with --metadata")
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise MediFastError(f"cannot read {path} as CSV ({str(e).splitlines()[0]}); "
+        raise MediFastError(f"cannot read {path} as CSV ({(str(e).strip().splitlines() or [type(e).__name__])[0][:160]}); "
                             f"give a comma-separated file with a header row") from None
 
 

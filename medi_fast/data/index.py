@@ -85,9 +85,19 @@ def _probe(path: str) -> tuple[int, int, str | None]:
         return 0, 0, f"{type(e).__name__}: {e}"
 
 
+def decoder_threads(workers: int | None) -> int:
+    """--workers, or 2 x CPU cores (at most 8) when not given; 0 or fewer is refused, not defaulted."""
+    if workers is None:
+        return min(8, (os.cpu_count() or 2) * 2)
+    if workers < 1 or workers > 256:
+        raise MediFastError(f"--workers must be in 1..256 decoder threads, got {workers}; omit it for the default")
+    return int(workers)
+
+
 def build_index_with_problems(root, metadata_csv, strict: bool = False, verify: bool = True,
                               workers: int | None = None) -> tuple[pd.DataFrame, IndexProblems]:
     """:func:`build_index` that also returns what it excluded."""
+    decoder_threads(workers)  # refuse a bad --workers before any work
     meta_raw = metadata_csv if isinstance(metadata_csv, pd.DataFrame) else read_csv_str(metadata_csv)
     meta = normalise_clinical(meta_raw, source=str(metadata_csv) if not isinstance(metadata_csv, pd.DataFrame)
                               else "metadata")
@@ -96,7 +106,7 @@ def build_index_with_problems(root, metadata_csv, strict: bool = False, verify: 
     problems = IndexProblems()
 
     if verify:
-        with ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 2) * 2)) as ex:
+        with ThreadPoolExecutor(decoder_threads(workers)) as ex:
             probed = list(ex.map(_probe, files["path"], chunksize=64))
         files["width"] = np.array([p[0] for p in probed], dtype=np.int32)
         files["height"] = np.array([p[1] for p in probed], dtype=np.int32)

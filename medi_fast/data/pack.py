@@ -32,6 +32,9 @@ def pack_index(index, resolution: int, out_dir, *, overwrite: bool = False, work
                progress: bool = False) -> Path:
     """Resize every patch of ``index`` (a DataFrame or an index parquet path) to ``resolution`` and write
     the pack to ``out_dir`` atomically (temporary directory, then rename)."""
+    from .index import decoder_threads
+
+    threads = decoder_threads(workers)
     df = index if isinstance(index, pd.DataFrame) else read_index(index)
     if len(df) == 0:
         raise MediFastError("the index is empty; nothing to pack")
@@ -46,7 +49,7 @@ def pack_index(index, resolution: int, out_dir, *, overwrite: bool = False, work
         def work(i):
             arr[i] = load_patch(paths[i], r).transpose(2, 0, 1)  # (R, R, 3) -> (3, R, R)
 
-        with ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 2) * 2)) as ex:
+        with ThreadPoolExecutor(threads) as ex:
             done = ex.map(work, range(n), chunksize=32)
             if progress:
                 from tqdm import tqdm

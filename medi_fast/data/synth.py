@@ -38,6 +38,9 @@ RACES = ("white", "black or african american", "asian", "not reported")
 RACE_P = (0.74, 0.11, 0.08, 0.07)  # about TCGA-UT's mix, with GDC's own missing marker
 
 
+MAX_PER_COMBO = 1_000_000
+
+
 @dataclass(frozen=True)
 class SiteStyle:
     """How one site's slides look; drawn from the site code (see :func:`site_style`)."""
@@ -88,7 +91,13 @@ class SynthConfig:
     train_combos: tuple = ()
 
     def __post_init__(self):
+        from ..errors import check_seed
+
+        check_seed(self.seed)
+        check_seed(self.appearance_seed, "--appearance-seed")
         classes = tuple(canonical_class(c) for c in self.classes)
+        if not classes or not self.sites:
+            raise MediFastError("a synthetic set needs at least one class and one site; give --classes and --sites")
         unknown = [c for c in classes if c not in CLASSES]
         if unknown:
             raise MediFastError(f"synthetic class {unknown[0]!r} is not available; choose from {', '.join(CLASSES)}")
@@ -104,6 +113,10 @@ class SynthConfig:
                 raise MediFastError(f"combination ({c}, {s}) uses a class or site not in classes/sites")
             if n < 0:
                 raise MediFastError(f"combination ({c}, {s}) has {n} patches; give a count >= 0")
+            if n > MAX_PER_COMBO:  # a synthetic set is for tests and demos; more would render for days
+                raise MediFastError(f"combination ({c}, {s}) asks for {n} patches; give at most {MAX_PER_COMBO}")
+        if not any(combos.values()):
+            raise MediFastError("the synthetic set would hold 0 patches; give a positive --n-per-combo")
         if self.resolution < 16 or self.resolution > 1024:
             raise MediFastError(f"resolution {self.resolution} is out of range; use 16..1024 (e.g. 64 or 128)")
         if self.patches_per_slide < 1:

@@ -10,6 +10,7 @@ classes is the paper's figure.
 from __future__ import annotations
 
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Iterable
 
@@ -143,7 +144,7 @@ def load_stats(path) -> tuple[dict, str]:
                             f"--save-real-stats {path.name}` or `medi-fast generate --fid-stats {path.name}`")
     try:
         z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise MediFastError(f"cannot read statistics {path} ({type(e).__name__}); recompute them with "
                             f"`medi-fast fid --save-real-stats` or `generate --fid-stats`") from None
     with z:
@@ -269,6 +270,24 @@ def _source_stats(source, labels, ex: _Extractor, per, batch_size, resolution, s
     return stats
 
 
+def _check_sources(sources, saves, ex: _Extractor) -> None:
+    """Refuse a missing set, an unreadable one, a missing extractor or an unwritable save path before
+    any statistics are computed (and before any progress is printed)."""
+    from ..io import check_writable_dir, require_file
+    from .images import read_image_table
+
+    for source in sources:
+        if isinstance(source, (str, Path)):
+            if Path(source).suffix == ".npz":
+                require_file(source, "statistics file", "give the .npz written by --save-real-stats/--save-fake-stats")
+            else:
+                read_image_table(source)
+                ex.get()
+    for save in saves:
+        if save is not None:
+            check_writable_dir(Path(save).parent)
+
+
 def compute_fid(real, fake, *, per: str | None = "class", real_labels=None, fake_labels=None,
                 features: str = "inception", extractor=None, weights=None, device=None, batch_size: int = 50,
                 resolution: int | None = None, save_real_stats=None, save_fake_stats=None,
@@ -285,7 +304,11 @@ def compute_fid(real, fake, *, per: str | None = "class", real_labels=None, fake
     Returns :func:`fid_table`'s table: one row per group in both sets, ``mean`` (the paper's per-class
     average) and ``all`` (every image pooled).
     """
+    from ..resources import check_image_options
+
+    check_image_options(batch_size, resolution, device)
     ex = _Extractor(features, extractor, weights=weights, device=device, batch_size=batch_size)
+    _check_sources((real, fake), (save_real_stats, save_fake_stats), ex)
     if per is None:
         real_labels = fake_labels = None
     r = _source_stats(real, real_labels, ex, per, batch_size, resolution, save_real_stats, progress)

@@ -9,6 +9,7 @@ metadata columns (:func:`save_embeddings`, :func:`load_embeddings`).
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -63,16 +64,16 @@ def save_embeddings(path, meta: pd.DataFrame, emb: np.ndarray, encoder: str = ""
 
 def load_embeddings(path) -> tuple[pd.DataFrame, np.ndarray]:
     """File from :func:`save_embeddings` -> (metadata DataFrame, float32 (N, D))."""
-    path = Path(path)
-    if not path.is_file():
-        raise MediFastError(f"embeddings file {path} does not exist; make it with `medi-fast embed --out {path.name}`")
+    from ..io import require_file
+
+    path = require_file(path, "embeddings file", f"make it with `medi-fast embed --out {Path(path).name}`")
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 meta = pd.DataFrame({k[5:]: z[k] for k in z.files if k.startswith("meta/")})
                 return meta, z["embeddings"].astype(np.float32)
         df = pd.read_parquet(path)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise MediFastError(f"cannot read embeddings {path} ({type(e).__name__}); recompute with `medi-fast embed`") from None
     cols = [c for c in df.columns if c.startswith(EMB_PREFIX)]
     if not cols:
@@ -92,9 +93,14 @@ def embed_images(images, out, *, extractor: str = "uni", weights=None, encoder: 
     from .features import get_extractor
     from .images import iter_image_batches, read_image_table
 
+    from ..resources import check_image_options
+
     out = Path(out)
     if out.suffix not in (".parquet", ".npz"):
         raise MediFastError(f"--out {out} must end in .parquet or .npz")
+    check_image_options(batch_size, resolution, device)
+    if not 32 <= image_size <= 4096:
+        raise MediFastError(f"--image-size {image_size} is out of range; use 32..4096 (e.g. 224)")
     table = read_image_table(images)
     ex = get_extractor(extractor, weights=weights, device=device, batch_size=batch_size, encoder=encoder,
                        random_init=random_init, image_size=image_size)
