@@ -64,8 +64,8 @@ class GenerateConfig:
             raise MediFastError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise MediFastError(f"--jpeg-quality must be in 1..100 (95 is near-lossless), got {self.jpeg_quality}")
-        if self.workers < 1:
-            raise MediFastError(f"--workers must be >= 1, got {self.workers}")
+        if not 1 <= self.workers <= 256:  # encoder/writer threads: a few per core is plenty
+            raise MediFastError(f"--workers must be in 1..256 (encoder/writer threads), got {self.workers}")
         entry = sampler_entry(self.sampler)  # an unknown name fails before anything is loaded or written
         if self.eta and not entry.takes_eta:
             raise MediFastError(f"{self.sampler} is a deterministic ODE solver and takes no --eta (got {self.eta}); "

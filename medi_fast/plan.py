@@ -284,6 +284,8 @@ def build(spec: ConditionSpec, *, plan: str | None = None, values: Mapping[str, 
     :data:`STRATEGIES`, or the path of a plan CSV.
     """
     values = dict(values or {})
+    if k is not None and plan != "ood":
+        raise MediFastError("--k applies to --plan ood only; drop it or add --plan ood")
     if sites_from is not None and plan not in STRATEGIES:
         raise MediFastError(f"--sites-from applies to --plan {' or '.join(STRATEGIES)} only; drop it or give --plan")
     if n is not None and n <= 0:

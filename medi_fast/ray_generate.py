@@ -43,7 +43,12 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     if not ray.is_initialized():
         kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
         if address:
-            ray.init(address=address, **kwargs)
+            try:
+                ray.init(address=address, **kwargs)
+            except (ValueError, ConnectionError, TimeoutError) as e:
+                raise MediFastError(f"cannot join the Ray cluster at {address!r} ({str(e).splitlines()[0][:160]}); "
+                                    f"give auto, HOST:6379 or ray://HOST:10001, or --ray alone for a local "
+                                    f"instance") from None
         else:
             ray.init(num_cpus=num_cpus, **kwargs)
     return ray

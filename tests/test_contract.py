@@ -60,7 +60,8 @@ def command_of(path: tuple[str, ...]) -> click.Command:
     return cmd
 
 
-OUTPUT_NAMES = {"out", "out_dir", "out_csv", "out_md", "runs_csv", "save_real_stats", "save_fake_stats", "fid_stats"}
+OUTPUT_NAMES = {"out", "out_dir", "out_csv", "out_md", "runs_csv", "save_real_stats", "save_fake_stats", "fid_stats",
+                "json_path"}
 
 
 def is_output(p: click.Parameter) -> bool:

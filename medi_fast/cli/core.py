@@ -109,6 +109,8 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
     from .. import plan as plans
     from ..generate import GenerateConfig, Generator
 
+    if engine_cache is not None and backend not in ("tensorrt", "ort-trt"):
+        raise MediFastError("--engine-cache applies to --backend tensorrt or ort-trt only; drop it or pick one")
     if inception_weights is not None and fid_stats is None:
         raise MediFastError("--inception-weights applies to --fid-stats only; drop it or add --fid-stats FILE.npz")
     choice = _model_choice(model, model_opt)
@@ -129,9 +131,11 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
     if ray_address is not None:
         if shard_[1] > 1:
             raise MediFastError("--shard and --ray do not combine; drop --shard (Ray spreads the plan over its workers)")
-        from ..ray_generate import generate as generate_on_ray, require_ray
+        from ..ray_generate import connect
+        from ..ray_generate import generate as generate_on_ray
 
-        require_ray()  # a missing extra fails in one line before anything is printed or written
+        # a missing extra or an unreachable cluster fails in one line before anything is printed or written
+        connect(None if ray_address == "local" else ray_address)
         click.echo(f"model {info.path} (from {choice.source}), hash {info.model_hash}, on Ray", err=True)
         if out is not None:
             click.echo(f"output {out} ({out_source})", err=True)

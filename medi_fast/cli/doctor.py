@@ -21,6 +21,12 @@ def doctor(check, model, json_path, no_training):
     from ..errors import MediFastError
     from ..io import atomic_write_text
 
+    if model is not None and not check:
+        raise MediFastError("--model is checked by the self-test only; add --check")
+    if model is not None:
+        from ..backends import open_model
+
+        open_model(model)  # a missing, empty or corrupt model fails in one line before the checks
     report = run_checks(model, training=not no_training) if check else Report(environment())
     click.echo(format_environment(report.environment))
     if check:
