@@ -54,7 +54,7 @@ def test_plan_ood_errors(tmp_path, train_csv, capsys):
     ckpt = tmp_path / "m.pt"
     assert main(["init-checkpoint", "--classes", "KIRC,LUAD,LUSC", "--tss", ",".join(SITES), "--out", str(ckpt)]) == 0
     for args, msg in [(["--sites-from", str(train_csv)], "needs --k"),
-                      (["--k", "2"], "Missing option '--sites-from'")]:
+                      (["--k", "2"], "medi-fast: error: missing option '--sites-from'")]:
         with pytest.raises(SystemExit) as e:
             main(["plan", "ood", "--model", str(ckpt), "--out", str(tmp_path / "o.csv"), *args])
         assert e.value.code == 2 and msg in capsys.readouterr().err
