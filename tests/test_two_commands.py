@@ -160,3 +160,15 @@ def _has_tensorrt() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorrt") is not None
+
+
+def test_options_that_would_be_ignored_are_refused(tmp_path, monkeypatch, capsys, tiny_ckpt):
+    monkeypatch.chdir(tmp_path)
+    code, text = _cli(["generate", tiny_ckpt, "--class", "LUAD", "--ray", "--workers", "4", "--out", "o"], capsys)
+    assert code == 2 and text.strip().startswith("medi-fast: error: --workers has no effect with --ray")
+    idx = tmp_path / "idx.csv"
+    idx.write_text("class,tissue_source_site\nLUAD,05\n")
+    code, text = _cli(["plan", "fill-missing", "--model", tiny_ckpt, "--sites-from", idx, "--seed", "3",
+                       "--out", tmp_path / "p.csv"], capsys)
+    assert code == 2 and "--seed only changes an ood plan" in text and not (tmp_path / "p.csv").exists()
+    assert not (tmp_path / "o").exists()

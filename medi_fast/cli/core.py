@@ -131,6 +131,9 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
     if ray_address is not None:
         if shard_[1] > 1:
             raise MediFastError("--shard and --ray do not combine; drop --shard (Ray spreads the plan over its workers)")
+        if _given("workers"):  # Ray actors write their own files; there are no writer threads to size
+            raise MediFastError("--workers has no effect with --ray (each actor writes its own files); drop it, "
+                                "or size the pool with --ray-workers")
         from ..ray_generate import connect
         from ..ray_generate import generate as generate_on_ray
 
@@ -187,6 +190,12 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
         click.echo(f"generated {stats['generated']} images ({stats['skipped']} already done) in "
                    f"{stats['seconds']:.1f} s, {stats['images_per_s']:.2f} images/s"
                    + (f"; manifest {out / 'manifest.csv'}" if out is not None else ""), err=True)
+
+
+def _given(name: str) -> bool:
+    """Whether option ``name`` of the running command came from the command line (not its default)."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source is click.core.ParameterSource.COMMANDLINE
 
 
 def _with_class(class_, metadata: dict) -> dict:
@@ -319,6 +328,9 @@ def plan_cmd(strategy, model, sites_from, classes, n, n_per_combo, k, seed, out)
 
     from .. import plan as plans
 
+    if strategy != "ood" and _given("seed"):
+        raise MediFastError(f"--seed only changes an ood plan's site draw; a {strategy} plan file does not depend "
+                            f"on it (generate's --seed seeds the images); drop it")
     info = backends.open_model(_model_choice(None, model).path)
     p = plans.build(info.spec, plan=strategy, n=n, seed=seed, sites_from=sites_from, classes=parse_list(classes or ""),
                     n_per_combo=n_per_combo, k=k)
