@@ -84,3 +84,35 @@ def test_gpu_script_dry_run_and_its_report_section(tmp_path):
     _run("run_all.py", "--report-only", out=tmp_path)
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## GPU script dry run (CPU; not GPU figures)" in md and "| ort-cpu" in md
+
+
+def test_demo_seeds_aggregates_and_resumes_from_finished_runs(tmp_path):
+    """demo_seeds.py reuses a run whose results.json matches the configuration (an interrupted benchmark
+    resumes without rerunning), aggregates per setting, and run_all puts the table in RESULTS.md."""
+    from dataclasses import asdict, replace
+
+    from medi_fast.demo import DemoConfig
+
+    work = tmp_path / "work"
+    accs = {0: (0.60, 0.70, 0.80), 1: (0.64, 0.71, 0.86)}
+    for seed, (real, cls, medi) in accs.items():
+        cfg = replace(DemoConfig.from_options(setting="ring4"), out=str(work / "ring4" / f"seed-{seed}"), seed=seed)
+        d = Path(cfg.out)
+        d.mkdir(parents=True)
+        (d / "demo_config.json").write_text(json.dumps(asdict(cfg)))
+        (d / "results.json").write_text(json.dumps({
+            "seed": seed, "setting": "ring4", "quick": False, "seconds": 540.0,
+            "probe": {a: {"tss_bacc": v, "tss_bacc_sem": 0.01, "runs": 5}
+                      for a, v in (("no-synthetic", real), ("CLS", cls), ("MeDi", medi))},
+            "fid_class_mean": {"CLS": 1.0, "MeDi": 2.0}, "fid_cell_mean": {"CLS": 60.0, "MeDi": 50.0},
+            "cells_medi_closer": 5, "cells": 8, "site_correlation": 0.8, "site_slope": 0.4}))
+    out = _run("demo_seeds.py", "--settings", "ring4", "--seeds", "0,1", "--work", str(work), out=tmp_path)
+    assert out.count("== reusing") == 2  # nothing was rerun
+    ds = json.loads((tmp_path / "demo_seeds.json").read_text())
+    rows = {r["measure"]: r for r in ds["rows"]}
+    assert rows["MeDi"]["mean"] == pytest.approx(0.83) and rows["MeDi"]["sd"] == pytest.approx(0.0424, abs=1e-4)
+    assert rows["MeDi - CLS"]["min"] == pytest.approx(0.10) and all(r["shipped"] for r in ds["rows"])
+    assert (work / "ring4" / "report.md").read_text().count("mean ± SD (2 seeds)") == 1
+    _run("run_all.py", "--report-only", out=tmp_path)
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## The demo over seeds" in md and "0.830 ± 0.042" in md and "ring4 (the demo's default)" in md

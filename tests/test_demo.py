@@ -3,6 +3,7 @@ output directory is guarded (no run mixes with another's files)."""
 from __future__ import annotations
 
 import base64
+import json
 import io
 import re
 from dataclasses import replace
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 
 from medi_fast.cli import main
-from medi_fast.demo import COHORT, DemoConfig, run_demo
+from medi_fast.demo import DemoConfig, run_demo
 from medi_fast.demo.stages import _real as _real_images
 from medi_fast.errors import MediFastError
 
@@ -42,13 +43,16 @@ def test_report_and_outputs(demo_run):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 0
     # MeDi fills every class x cohort site, including the combinations absent from training.
     medi = pd.read_csv(out / "synthetic" / "medi" / "manifest.csv", dtype=str, keep_default_na=False)
-    sites = sorted({s for ss in COHORT.values() for s in ss})
+    spec = toy(out).spec
+    sites = spec.sites
     combos = medi.groupby(["class", "tissue_source_site"]).size()
-    assert len(combos) == 2 * len(sites) and (combos == 3).all()
-    assert ("LUAD", "S4") in combos.index and ("LUSC", "S1") in combos.index
+    assert len(combos) == len(spec.classes) * len(sites) and (combos == 3).all()
+    assert ("LUAD", "S4") in combos.index and ("LUSC", "S1") in combos.index and ("DLBC", "S2") in combos.index
+    train_combos = pd.read_csv(out / "train.csv", dtype=str).groupby(["gt_class", "tissue_source_site"]).size()
+    assert not {("LUAD", "S4"), ("LUSC", "S1"), ("DLBC", "S2")} & set(train_combos.index)
     # CLS makes the same number of images per class, without a site.
     cls = pd.read_csv(out / "synthetic" / "cls" / "manifest.csv", dtype=str, keep_default_na=False)
-    assert cls.groupby("class").size().to_dict() == {"LUAD": 3 * len(sites), "LUSC": 3 * len(sites)}
+    assert cls.groupby("class").size().to_dict() == {c: 3 * len(sites) for c in spec.classes}
     # The evaluation's real images are the pack's, in index order, equal to decoding the JPEGs.
     from medi_fast.data.imageio import load_patch
 
@@ -174,3 +178,89 @@ def test_options_make_the_config(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--train-steps" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+def _record(seed, real, cls, medi, cells=(50.0, 60.0)):
+    return {"seed": seed, "setting": "ring4", "quick": False, "seconds": 600.0,
+            "probe": {a: {"tss_bacc": v, "tss_bacc_sem": 0.01, "runs": 5}
+                      for a, v in (("no-synthetic", real), ("CLS", cls), ("MeDi", medi))},
+            "fid_class_mean": {"CLS": 1.0, "MeDi": 2.0}, "fid_cell_mean": {"MeDi": cells[0], "CLS": cells[1]},
+            "cells_medi_closer": 6, "cells": 8, "site_correlation": 0.9, "site_slope": 0.5}
+
+
+def test_seed_aggregate_is_mean_and_sd_and_separation_needs_both():
+    from medi_fast.demo.seeds import aggregate, verdict
+
+    recs = [_record(0, 0.60, 0.70, 0.80), _record(1, 0.62, 0.72, 0.84), _record(2, 0.58, 0.71, 0.83)]
+    agg = aggregate(recs)
+    medi = np.array([0.80, 0.84, 0.83])
+    assert agg["stats"]["MeDi"]["mean"] == pytest.approx(medi.mean())
+    assert agg["stats"]["MeDi"]["sd"] == pytest.approx(medi.std(ddof=1))
+    assert agg["stats"]["MeDi - CLS"]["min"] == pytest.approx(0.10)
+    assert agg["medi_over_cls"] and agg["cls_over_real"] and agg["n"] == 3
+    assert verdict(agg).startswith("MeDi beat CLS by more than the spread over seeds")
+    # Ahead in every seed but inside the spread: said so, not claimed as separated.
+    close = aggregate([_record(0, 0.5, 0.70, 0.71), _record(1, 0.5, 0.80, 0.81), _record(2, 0.5, 0.60, 0.62)])
+    assert not close["medi_over_cls"] and close["medi_over_cls_every_seed"]
+    assert "by less than the spread" in verdict(close)
+    worse = aggregate([_record(0, 0.5, 0.70, 0.69), _record(1, 0.5, 0.80, 0.81)])
+    assert verdict(worse).startswith("MeDi did not beat CLS in every seed")
+
+
+def test_cell_labels_give_cls_disjoint_draws_of_medis_cell_size():
+    from medi_fast.demo.stages import cell_labels
+
+    cfg = DemoConfig(n_synthetic_per_combo=5)
+    spec = cfg.spec
+    n = 5 * len(spec.sites)
+    cls_meta = pd.DataFrame({"class": np.repeat(spec.classes, n), "tissue_source_site": "none"})
+    medi_meta = pd.DataFrame([(c, s) for c in spec.classes for s in spec.sites for _ in range(5)],
+                             columns=["class", "tissue_source_site"])
+    labels = cell_labels(cfg, {"CLS": (cls_meta, None), "MeDi": (medi_meta, None)})
+    assert list(labels["MeDi"][:5]) == [f"{spec.classes[0]}@{spec.sites[0]}"] * 5
+    cls = pd.Series(labels["CLS"])
+    for c, sites in spec.cohort.items():
+        for s in sites:  # each trained cell: 5 CLS patches of its class, none shared with another cell
+            pos = np.flatnonzero(cls == f"{c}@{s}")
+            assert len(pos) == 5 and (cls_meta["class"].to_numpy()[pos] == c).all()
+    assert (cls != "").sum() == 5 * sum(len(s) for s in spec.cohort.values())
+
+
+@pytest.mark.slow
+def test_seeds_run_once_per_seed_and_report_the_spread(tmp_path):
+    from medi_fast.demo import run_seeds
+
+    out = tmp_path / "seeds"
+    report = run_seeds(toy(out), [0, 1])
+    assert report == out / "report.html"
+    for s in (0, 1):
+        rec = json.loads((out / f"seed-{s}" / "results.json").read_text())
+        assert rec["seed"] == s and set(rec["probe"]) == {"no-synthetic", "CLS", "MeDi"}
+        assert (out / f"seed-{s}" / "report.html").exists()
+    agg = json.loads((out / "seeds.json").read_text())
+    accs = [json.loads((out / f"seed-{s}" / "results.json").read_text())["probe"]["MeDi"]["tss_bacc"] for s in (0, 1)]
+    assert agg["stats"]["MeDi"]["mean"] == pytest.approx(np.mean(accs))
+    md = (out / "report.md").read_text()
+    assert "mean ± SD (2 seeds)" in md and "seed-1/report.html" in md
+    assert "MeDi" in (out / "report.html").read_text()
+    # The directory of a run over seeds can be overwritten by another.
+    run_seeds(toy(out), [0, 2], overwrite=True)
+    assert not (out / "seed-1").exists() and (out / "seed-2" / "results.json").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--seeds", "0"], "two or more different seeds"),
+    (["--seeds", "0,0"], "two or more different seeds"),
+    (["--seeds", "0,x"], "comma-separated list of integers"),
+    (["--seed", "1", "--seeds", "0,1"], "--seed and --seeds"),
+    (["--seeds", "0,-1"], "--seeds must be in"),
+    (["--setting", "ring5"], "closest"),
+])
+def test_bad_seed_and_setting_options_fail_in_one_line_before_output(tmp_path, capsys, args, words):
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--out", str(out), *args])
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not out.exists()

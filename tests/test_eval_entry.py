@@ -83,15 +83,15 @@ def test_demo_distances_stay_what_they_were():
     for name in ("CLS", "MeDi"):
         meta = pd.DataFrame({"class": np.tile(["LUAD", "LUSC"], 60), "tissue_source_site": rng.choice(["S1", "S4"], 120)})
         synthetic[name] = (meta, rng.integers(0, 256, (120, 16, 16, 3), dtype=np.uint8))
-    cfg = demo.DemoConfig(k=3, probe_repeats=1)
+    cfg = demo.DemoConfig(k=3, probe_repeats=1, setting="two-class")
     got = demo.evaluate(cfg, index, real, synthetic)["fid"]
     feat = ColourTexture()
     x_real = feat(real)
-    cohort = ~np.isin(index["tissue_source_site"].to_numpy(), demo.TEST_SITES)
+    cohort = ~np.isin(index["tissue_source_site"].to_numpy(), cfg.spec.test_sites)
     mu, sd = x_real[cohort].mean(0), x_real[cohort].std(0) + 1e-8
     z = lambda x: (x - mu) / sd  # noqa: E731
     syn = {k: (m, z(feat(im))) for k, (m, im) in synthetic.items()}
-    want = _old_demo_fid(index, x_real, syn, cohort, z, demo.CLASSES)
+    want = _old_demo_fid(index, x_real, syn, cohort, z, cfg.spec.classes)
     pd.testing.assert_frame_equal(got[["model", "class"]], want[["model", "class"]])
     np.testing.assert_allclose(got["distance"], want["distance"], rtol=1e-9)
     # what the report prints (3 decimals) is identical

@@ -3,11 +3,14 @@
 Like the CLI, the demo orchestrates: it is the one part of the library besides `cli` that imports
 `training` and `engines` (lazily, inside its stages).
 
-* `stages.py`: the setting (cohort, probe pool, test sites, `DemoConfig`) and each stage as a function;
-* `run.py`: the orchestrator (`run_demo`): output directory, the stages in order, timings;
-* `figures.py` and `report.py`: the pictures and `report.md` + `report.html`.
+* `stages.py`: the settings (cohort, probe pool, test sites: `Setting`, `SETTINGS`), `DemoConfig` and each
+  stage as a function;
+* `run.py`: the orchestrator (`run_demo`): output directory, the stages in order, timings; `run_seeds`
+  runs it once per seed;
+* `figures.py` and `report.py`: the pictures and `report.md` + `report.html`; `seeds.py`: the report
+  over seeds (mean and spread).
 """
-from .run import OUTPUTS, prepare_out, run_demo
-from .stages import CLASSES, COHORT, PROBE_POOL, TEST_SITES, DemoConfig
+from .run import OUTPUTS, prepare_out, run_demo, run_seeds
+from .stages import DEFAULT_SETTING, SETTINGS, DemoConfig, Setting
 
-__all__ = ["CLASSES", "COHORT", "OUTPUTS", "PROBE_POOL", "TEST_SITES", "DemoConfig", "prepare_out", "run_demo"]
+__all__ = ["DEFAULT_SETTING", "OUTPUTS", "SETTINGS", "DemoConfig", "Setting", "prepare_out", "run_demo", "run_seeds"]

@@ -96,8 +96,9 @@ def sample_grids(fig: Path, index: pd.DataFrame, real: np.ndarray, synthetic: di
     return {"real": fig / "real.png", "medi": fig / "medi.png", "cls": fig / "cls.png"}
 
 
-def probe_chart(summary: pd.DataFrame, path: Path) -> Path:
-    """Balanced and TSS-averaged balanced accuracy per arm, mean with SEM error bars, values written on."""
+def probe_chart(summary: pd.DataFrame, path: Path, chance: float = 0.5) -> Path:
+    """Balanced and TSS-averaged balanced accuracy per arm, mean with SEM error bars, values written on;
+    ``chance``: 1 / the number of classes."""
     plt = _plt()
     metrics = (("balanced_accuracy", "balanced accuracy"), ("tss_balanced_accuracy", "TSS-averaged balanced accuracy"))
     arms = list(summary["arm"])
@@ -112,7 +113,7 @@ def probe_chart(summary: pd.DataFrame, path: Path) -> Path:
                color=ARM_COLOURS.get(arm, "#777"))
         for xi, m, s in zip(x, means, sems):
             ax.text(xi, m + s + 0.015, f"{m:.3f}\n±{s:.3f}", ha="center", va="bottom", fontsize=7)
-    ax.axhline(0.5, color="black", lw=0.8, ls=":", label="chance")
+    ax.axhline(chance, color="black", lw=0.8, ls=":", label="chance")
     ax.set_xticks(range(len(metrics)), [t for _, t in metrics])
     ax.set_ylim(0, 1.18)
     ax.set_yticks(np.linspace(0, 1, 6))

@@ -12,7 +12,6 @@ import pandas as pd
 from .. import __version__
 from ..io import atomic_write_text
 from . import figures
-from .stages import CLASSES, COHORT, TEST_SITES
 
 
 def verdict(probe: pd.DataFrame) -> tuple[bool, str]:
@@ -56,12 +55,18 @@ def _sections(cfg, index, results, timing, total) -> dict:
     mi = results["mi"][["training_set", "n", "mi_bits", "mi_fraction"]]
     bits = mi.set_index("training_set")["mi_bits"]
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    sites = sorted({s for ss in COHORT.values() for s in ss})
+    spec = cfg.spec
+    sites, unseen = spec.sites, spec.unseen
+    cells = results["fid_cells"].pivot_table(index=["class", "site"], columns="model", values="distance")
+    closer = int((cells["MeDi"] < cells["CLS"]).sum())
+    cell_table = cells.reset_index()
+    cell_table.loc[len(cell_table)] = ["mean", "", *cells.mean().to_numpy()]
     return {
         "quick": (f"This is a --quick smoke run: its models are undertrained ({cfg.train_steps} training steps, "
                   "smaller data) and its numbers are not the demo's result. Run `medi-fast demo` without --quick "
                   "for that.") if cfg.quick else "",
-        "ran": (f"medi-fast {__version__}, {when}: a synthetic H&E cohort (classes {', '.join(CLASSES)}; "
+        "ran": (f"medi-fast {__version__}, {when}: a synthetic H&E cohort (setting `{spec.name}`: classes "
+                f"{', '.join(spec.classes)}; "
                 f"{len(index)} real patches), `{cfg.preset}` UNets (class-only CLS and class + site MeDi) trained "
                 f"{cfg.train_steps} steps at {cfg.resolution} px on the CPU, exported to ONNX, sampled with ONNX "
                 f"Runtime (DDIM-{cfg.sample_steps}), and a linear probe trained with and without their samples. "
@@ -75,15 +80,23 @@ def _sections(cfg, index, results, timing, total) -> dict:
             f"{bits['real+MeDi']:.2f} bits with the MeDi samples added (1 bit: the site gives the class away).",
             f"Site stain: MeDi's per-site colour follows the real one with correlation {site.correlation:.2f} and "
             f"slope {site.slope:.2f} (1 = the full difference between sites).",
-            f"FID-style distance to the real cohort (mean over classes, lower is closer): "
+            f"FID-style distance to the real patches of each trained class x site cell (lower is closer): MeDi "
+            f"{cells['MeDi'].mean():.1f}, CLS {cells['CLS'].mean():.1f} on average; MeDi closer in {closer} of "
+            f"{len(cells)} cells. Per class, with every site pooled: "
             + ", ".join(f"{m} {fid.loc['mean', m]:.1f}" for m in fid.columns) + "."],
         "features": ("Features are the `colour-texture` statistics (48-d, no weights; not UNI, not Inception): the "
                      "distance below is FID-style, not FID, and the probe reads stain and texture statistics."),
-        "setup": (f"Training cohort: LUAD at sites S1-S3, LUSC at S2-S4. Probe: k = {cfg.k} real patches per class, "
-                  "each class from one site where the other class is absent (LUAD from S1 or S2, LUSC from S3 or "
-                  f"S4: the stain gives the class away), tested on unseen sites {', '.join(TEST_SITES)}; synthetic:real "
-                  f"1:1 (MeDi: every class x site of {sites[0]}-{sites[-1]}, including the never-seen LUAD@S4 and "
-                  "LUSC@S1; CLS: class only)."),
+        "setup": (f"Setting `{spec.name}`: {spec.summary}. Probe: k = {cfg.probe_k} real patches per class from "
+                  f"those sites (the stain gives the class away), tested on unseen sites {', '.join(spec.test_sites)}; "
+                  f"synthetic:real 1:1 (MeDi: every class x site of {', '.join(sites)}, including the "
+                  f"{len(unseen)} combinations never seen in training, "
+                  f"{', '.join(f'{c}@{s}' for c, s in unseen[:4])}{', ...' if len(unseen) > 4 else ''}; "
+                  "CLS: class only, so its stains follow the cohort's class-site confound)."),
+        "cells_text": ("A CLS patch has no site: each trained cell is compared with a disjoint random draw of its class's "
+                       "CLS patches, as many as MeDi made for the cell. A class's pooled distance favours a model that "
+                       "reproduces the cohort's class-site mixture; MeDi also renders the combinations absent from "
+                       "training, which have no real counterpart in the pool."),
+        "fid_cells": cell_table,
         "probe": probe_table(results["probe"]),
         "fid": fid,
         "mi": mi,
@@ -115,7 +128,8 @@ def _markdown(s: dict, rel: dict) -> str:
            f"## Site stain, real vs generated\n\n{s['site_text']}\n\n![site]({rel['site']})\n\n"
            + s["site"].to_markdown(index=False) + "\n",
            "## FID-style distance to the real cohort (colour-texture features; lower is closer)\n\n"
-           + s["fid"].to_markdown(floatfmt=".3f") + "\n",
+           f"Per trained class x site cell. {s['cells_text']}\n\n" + s["fid_cells"].to_markdown(index=False, floatfmt=".1f")
+           + "\n\nPer class, every site pooled:\n\n" + s["fid"].to_markdown(floatfmt=".3f") + "\n",
            "## Shortcut meter\n\nClass-site mutual information of the probe's real pool (the patches its k per class "
            "are drawn from), before and after adding the MeDi samples; 1 bit = the site gives the class away.\n\n"
            + s["mi"].to_markdown(index=False, floatfmt=".3f") + "\n",
@@ -159,8 +173,9 @@ dotted: chance.</figcaption></figure>{{ tables.probe }}</details>
 </details>
 <details open><summary>Site stain, real vs generated</summary><p>{{ s.site_text }}</p>
 <figure><img src="{{ img.site }}" alt="site colours"></figure>{{ tables.site }}</details>
-<details><summary>FID-style distance</summary><p>Colour-texture features, synthetic vs the real cohort per class;
-lower is closer.</p>{{ tables.fid }}</details>
+<details open><summary>FID-style distance</summary><p>Colour-texture features, synthetic vs the real cohort;
+lower is closer. Per trained class x site cell: {{ s.cells_text }}</p>{{ tables.fid_cells }}
+<p>Per class, every site pooled:</p>{{ tables.fid }}</details>
 <details><summary>Shortcut meter</summary><p>Class-site mutual information of the probe's real pool, before and
 after adding the MeDi samples; 1 bit = the site gives the class away.</p>{{ tables.mi }}</details>
 <details><summary>Data coverage</summary><figure><img src="{{ img.coverage }}" alt="patches per class x site">
@@ -182,7 +197,8 @@ def _html(s: dict, pics: dict) -> str:
     def data_uri(path):
         return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
-    tables = {"probe": table(s["probe"], index=False), "fid": table(s["fid"]), "mi": table(s["mi"], index=False),
+    tables = {"probe": table(s["probe"], index=False), "fid": table(s["fid"]),
+              "fid_cells": s["fid_cells"].to_html(float_format=lambda v: f"{v:.1f}", border=0, index=False), "mi": table(s["mi"], index=False),
               "site": table(s["site"], index=False),
               "timing": s["timing"].to_html(float_format=lambda v: f"{v:.1f}", border=0, index=False),
               "config": table(s["config"], index=False)}
@@ -198,9 +214,10 @@ def write_report(out: Path, cfg, index: pd.DataFrame, real_images: np.ndarray, s
 
     fig = out / "figures"
     fig.mkdir(parents=True, exist_ok=True)
-    pics = figures.sample_grids(fig, index, real_images, synthetic, COHORT, TEST_SITES, CLASSES)
+    spec = cfg.spec
+    pics = figures.sample_grids(fig, index, real_images, synthetic, spec.cohort, spec.test_sites, spec.classes)
     pics["coverage"] = plot_coverage(coverage_matrix(index), fig / "coverage.png")
-    pics["probe"] = figures.probe_chart(results["probe"], fig / "probe.png")
+    pics["probe"] = figures.probe_chart(results["probe"], fig / "probe.png", chance=1 / len(spec.classes))
     pics["site"] = figures.site_chart(results["site"], fig / "site.png")
     total = time.perf_counter() - started
     timing = pd.DataFrame(list(timings) + [("total", total)], columns=["stage", "seconds"])

@@ -3,9 +3,10 @@ hands the results to `report.py`.  This is the one place that knows the order of
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..errors import MediFastError
@@ -15,7 +16,8 @@ from .stages import DemoConfig
 
 # What a demo run writes under OUT (removed by overwrite=True, and nothing else is).
 OUTPUTS = ("data", "pack", "runs", "engines", "synthetic", "figures", "index.parquet", "train.csv", "test.csv",
-           "report.md", "report.html", "demo_config.json")
+           "report.md", "report.html", "demo_config.json", "results.json", "seeds.json")
+SEED_DIR = re.compile(r"seed-\d+")  # one run per seed of `--seeds` (run_seeds)
 
 
 class Timer:
@@ -52,7 +54,7 @@ def prepare_out(out: Path, overwrite: bool) -> Path:
     if present and not overwrite:
         raise MediFastError(f"demo output {out} is not empty; pass --overwrite to replace a previous demo run "
                             "there, or choose another --out")
-    foreign = [n for n in present if n not in OUTPUTS]
+    foreign = [n for n in present if n not in OUTPUTS and not SEED_DIR.fullmatch(n)]
     if foreign:
         raise MediFastError(f"demo output {out} holds files a demo run does not write ({', '.join(foreign[:3])}); "
                             "choose another --out")
@@ -89,10 +91,45 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
     with timer("evaluate"):
         real_images = stages._real(out)
         results = stages.evaluate(cfg, index, real_images, synthetic)
-        results["site"] = stages.measure_site_fidelity(index, real_images, synthetic["MeDi"])
+        results["site"] = stages.measure_site_fidelity(cfg, index, real_images, synthetic["MeDi"])
     _log("6/6 writing the report")
     with timer("report"):
         path = write_report(out, cfg, index, real_images, synthetic, results, timer.rows, started=t_all)
     (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(summary_record(cfg, results, time.perf_counter() - t_all), indent=2)
+                                      + "\n")
     _log(f"done in {(time.perf_counter() - t_all) / 60:.1f} min: {path}")
     return path
+
+
+def summary_record(cfg: DemoConfig, results: dict, seconds: float) -> dict:
+    """One run's numbers as plain data (results.json): what `run_seeds` and benchmarks/demo_seeds.py
+    aggregate over seeds."""
+    probe = results["probe"].set_index("arm")
+    cells = results["fid_cells"].pivot_table(index=["class", "site"], columns="model", values="distance")
+    site = results["site"]
+    return {"seed": cfg.seed, "setting": cfg.setting, "quick": cfg.quick, "seconds": round(seconds, 1),
+            "probe": {a: {"tss_bacc": float(probe.loc[a, "tss_balanced_accuracy_mean"]),
+                          "tss_bacc_sem": float(probe.loc[a, "tss_balanced_accuracy_sem"]),
+                          "runs": int(probe.loc[a, "runs"])} for a in probe.index},
+            "fid_class_mean": {m: float(v) for m, v in results["fid"].groupby("model")["distance"].mean().items()},
+            "fid_cell_mean": {m: float(cells[m].mean()) for m in cells.columns},
+            "cells_medi_closer": int((cells["MeDi"] < cells["CLS"]).sum()), "cells": int(len(cells)),
+            "site_correlation": float(site.correlation), "site_slope": float(site.slope)}
+
+
+def run_seeds(cfg: DemoConfig, seeds: list[int], overwrite: bool = False) -> Path:
+    """The demo once per seed, each into OUT/seed-S (its own report), then OUT/report.md + .html and
+    OUT/seeds.json: every arm's result as mean and spread over the seeds.  Returns OUT/report.html."""
+    from .seeds import write_seeds_report
+
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise MediFastError(f"--seeds needs two or more different seeds (got {','.join(map(str, seeds))}); "
+                            "use --seed for one run")
+    out = prepare_out(Path(cfg.out), overwrite)
+    records = []
+    for seed in seeds:
+        _log(f"seed {seed} ({len(records) + 1} of {len(seeds)})")
+        run_demo(replace(cfg, out=str(out / f"seed-{seed}"), seed=seed))
+        records.append(json.loads((out / f"seed-{seed}" / "results.json").read_text()))
+    return write_seeds_report(out, cfg, records)

@@ -1,13 +1,15 @@
-"""The demo's setting and its stages (data, training, export, generation, evaluation); `run.py` runs them.
+"""The demo's settings and its stages (data, training, export, generation, evaluation); `run.py` runs them.
 
-The setting is the paper's downstream experiment in miniature:
+Each setting is the paper's downstream experiment in miniature:
 
-* a training cohort where the two classes overlap at some sites but not all (LUAD at S1-S3, LUSC at
-  S2-S4), from which a class-only model (CLS) and a class + site model (MeDi) are trained;
-* a low-data, confounded probe: k real patches per class, each class from its own site, so a
+* a training cohort in which every class is seen at some sites only, and every site holds more than one
+  class, so a model can learn site and class apart; a class-only model (CLS) and a class + site model
+  (MeDi) are trained on it;
+* a low-data, confounded probe: k real patches per class, each class from a site of its own, so a
   classifier can read the stain instead of the tissue;
 * augmentation: MeDi fills in every class x site combination of the cohort, CLS adds the same number
-  of class-conditional patches; the probe is tested on two sites nobody has seen (S5, S6).
+  of class-conditional patches (whose stains still follow the cohort's class-site confound); the probe
+  is tested on two sites nobody has seen.
 
 Features are the `colour-texture` statistics of `medi_fast.eval.features` (no weights, no download):
 stain colour carries the site, texture the class, which is what the shortcut is made of.
@@ -20,19 +22,64 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import MediFastError
+from ..errors import MediFastError, suggest
 
-CLASSES = ("LUAD", "LUSC")
-# Diffusion-training cohort: which sites hold which class (S2, S3 hold both).
-COHORT = {"LUAD": ("S1", "S2", "S3"), "LUSC": ("S2", "S3", "S4")}
-# Probe training pool: each class from sites where the other class is absent (the shortcut).
-PROBE_POOL = {"LUAD": ("S1", "S2"), "LUSC": ("S3", "S4")}
-TEST_SITES = ("S5", "S6")
+
+@dataclass(frozen=True)
+class Setting:
+    """Which classes live at which sites of the diffusion-training cohort, where the probe's real patches
+    come from, and where it is tested."""
+
+    name: str
+    classes: tuple[str, ...]
+    cohort: dict  # {class: training sites}
+    probe_pool: dict  # {class: sites its k real probe patches may come from}
+    test_sites: tuple[str, ...]
+    k: int  # real probe patches per class
+    summary: str  # one sentence for the report
+
+    @property
+    def sites(self) -> list[str]:
+        """The cohort's sites (MeDi fills every class at each)."""
+        return sorted({s for ss in self.cohort.values() for s in ss})
+
+    @property
+    def unseen(self) -> list[tuple[str, str]]:
+        """Class x cohort-site combinations absent from training."""
+        return [(c, s) for c in self.classes for s in self.sites if s not in self.cohort[c]]
+
+
+SETTINGS = {
+    # Chosen by benchmarks/demo_seeds.py (RESULTS.md): four classes on a ring of four sites, each class
+    # at two neighbouring sites.  A CLS sample's stain still says which two sites, hence which class
+    # pair, it came from; MeDi's fill-in spreads every class over all four.
+    "ring4": Setting(
+        "ring4", ("LUAD", "LUSC", "KIRC", "DLBC"),
+        {"LUAD": ("S1", "S2"), "LUSC": ("S2", "S3"), "KIRC": ("S3", "S4"), "DLBC": ("S4", "S1")},
+        {"LUAD": ("S1",), "LUSC": ("S2",), "KIRC": ("S3",), "DLBC": ("S4",)}, ("S5", "S6"), 10,
+        "four classes on a ring of four sites (LUAD at S1-S2, LUSC at S2-S3, KIRC at S3-S4, DLBC at S4 and S1); "
+        "the probe takes each class from a site of its own (LUAD S1, LUSC S2, KIRC S3, DLBC S4)"),
+    # The first demo setting, kept for comparison: two classes sharing half the sites.  Over seeds its
+    # probe sits at the ceiling with any synthetic data (RESULTS.md).
+    "two-class": Setting(
+        "two-class", ("LUAD", "LUSC"), {"LUAD": ("S1", "S2", "S3"), "LUSC": ("S2", "S3", "S4")},
+        {"LUAD": ("S1", "S2"), "LUSC": ("S3", "S4")}, ("S5", "S6"), 20,
+        "two classes (LUAD at S1-S3, LUSC at S2-S4); the probe takes LUAD from S1 or S2 and LUSC from S3 or S4"),
+}
+DEFAULT_SETTING = "ring4"
+
+
+def setting(name: str) -> Setting:
+    if name not in SETTINGS:
+        raise MediFastError(f"demo setting {name!r} does not exist{suggest(name, SETTINGS)}; choose from "
+                            f"{', '.join(SETTINGS)}")
+    return SETTINGS[name]
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = "demo_out"
+    setting: str = DEFAULT_SETTING
     # Synthetic patches per (class, site) of the cohort, and per (class, test site).
     n_per_combo: int = 160
     n_test_per_combo: int = 80
@@ -46,30 +93,42 @@ class DemoConfig:
     batch_size: int = 16
     lr: float = 2e-3
     ema_decay: float = 0.99
-    # Sampling: DDIM with fewer steps than the published 100 (the demo's models are small).
-    sample_steps: int = 25
+    # Sampling: DDIM with fewer steps than the published 100 (on the demo model DDIM reaches DDIM-100's
+    # colour-texture distance within 5 % at 8 steps: benchmarks/solver_quality.py).
+    sample_steps: int = 15
     sample_batch: int = 64
     n_synthetic_per_combo: int = 40
-    # Probe: k real patches per class, 1:1 synthetic, repeated over site pairs and seeds.
-    k: int = 20
+    # Probe: k real patches per class (None: the setting's), 1:1 synthetic, repeated over site pairs and seeds.
+    k: int | None = None
     probe_repeats: int = 5
     seed: int = 0
     # Set by quick(): the report then says at the top that its numbers are not the demo's result.
     quick: bool = False
 
+    def __post_init__(self):
+        setting(self.setting)  # an unknown name fails here, before any output
+
+    @property
+    def spec(self) -> Setting:
+        return SETTINGS[self.setting]
+
+    @property
+    def probe_k(self) -> int:
+        return self.spec.k if self.k is None else self.k
+
     @classmethod
-    def quick_run(cls, out: str = "demo_out") -> "DemoConfig":
+    def quick_run(cls, out: str = "demo_out", **kw) -> "DemoConfig":
         # A smoke run of every stage: 120 training steps leave the models undertrained (noisy samples).
-        return cls(out=out, n_per_combo=64, n_test_per_combo=40, train_steps=120, sample_steps=15,
-                   n_synthetic_per_combo=20, probe_repeats=3, quick=True)
+        return cls(out=out, n_per_combo=64, n_test_per_combo=40, train_steps=120, sample_steps=10,
+                   n_synthetic_per_combo=20, probe_repeats=3, quick=True, **kw)
 
     @classmethod
     def from_options(cls, out: str = "demo_out", quick: bool = False, seed: int = 0,
-                     train_steps: int | None = None) -> "DemoConfig":
+                     train_steps: int | None = None, setting: str = DEFAULT_SETTING) -> "DemoConfig":
         """The configuration `medi-fast demo` runs for its command-line options."""
         if train_steps is not None and train_steps < 1:
             raise MediFastError(f"--train-steps {train_steps} is not a number of steps; pass 1 or more")
-        cfg = cls.quick_run(out) if quick else cls(out=out)
+        cfg = cls.quick_run(out, setting=setting) if quick else cls(out=out, setting=setting)
         return replace(cfg, seed=seed, **({"train_steps": train_steps} if train_steps else {}))
 
 
@@ -78,18 +137,19 @@ def build_data(cfg: DemoConfig, out: Path) -> dict:
     from ..data.pack import pack_index
     from ..data.synth import SynthConfig, render_dataset
 
-    combos = {(c, s): cfg.n_per_combo for c, sites in COHORT.items() for s in sites}
-    combos.update({(c, s): cfg.n_test_per_combo for c in CLASSES for s in TEST_SITES})
+    spec = cfg.spec
+    combos = {(c, s): cfg.n_per_combo for c, sites in spec.cohort.items() for s in sites}
+    combos.update({(c, s): cfg.n_test_per_combo for c in spec.classes for s in spec.test_sites})
     sites = tuple(sorted({s for _, s in combos}))
-    synth = SynthConfig(CLASSES, sites, combos, resolution=cfg.render_resolution, seed=cfg.seed,
-                        train_combos=tuple((c, s) for c, ss in COHORT.items() for s in ss))
+    synth = SynthConfig(spec.classes, sites, combos, resolution=cfg.render_resolution, seed=cfg.seed,
+                        train_combos=tuple((c, s) for c, ss in spec.cohort.items() for s in ss))
     render_dataset(synth, out / "data", overwrite=True)
     index = build_index(out / "data", out / "data" / "clinical.csv")
     write_index(index, out / "index.parquet")
     clinical = pd.read_csv(out / "data" / "clinical.csv", dtype=str, keep_default_na=False)
-    train = clinical[~clinical["tissue_source_site"].isin(TEST_SITES)]
-    train.to_csv(out / "train.csv", index=False)
-    clinical[clinical["tissue_source_site"].isin(TEST_SITES)].to_csv(out / "test.csv", index=False)
+    test = clinical["tissue_source_site"].isin(spec.test_sites)
+    clinical[~test].to_csv(out / "train.csv", index=False)
+    clinical[test].to_csv(out / "test.csv", index=False)
     pack_index(index, cfg.resolution, out / "pack", overwrite=True, progress=True)
     return {"index": index, "train_csv": out / "train.csv"}
 
@@ -120,11 +180,11 @@ def generate(cfg: DemoConfig, onnx_path: Path, out: Path, name: str, cls_only: b
     from ..generate import GenerateConfig, Generator
 
     info = backends.open_model(onnx_path)
-    sites = sorted({s for ss in COHORT.values() for s in ss})
+    classes, sites = cfg.spec.classes, cfg.spec.sites
     if cls_only:  # the same number of images per class as MeDi makes
-        combos = pd.DataFrame({"class": list(CLASSES), "count": [cfg.n_synthetic_per_combo * len(sites)] * len(CLASSES)})
+        combos = pd.DataFrame({"class": list(classes), "count": [cfg.n_synthetic_per_combo * len(sites)] * len(classes)})
     else:  # every class x cohort site: the missing combinations included
-        combos = pd.DataFrame([(c, s, cfg.n_synthetic_per_combo) for c in CLASSES for s in sites],
+        combos = pd.DataFrame([(c, s, cfg.n_synthetic_per_combo) for c in classes for s in sites],
                               columns=["class", "tss", "count"])
     plan = plans.from_counts(info.spec, combos, cfg.seed)
     images = []
@@ -146,16 +206,39 @@ def _real(out: Path) -> np.ndarray:
     return np.ascontiguousarray(read_pack(out / "pack")[1].transpose(0, 2, 3, 1))  # (N, R, R, 3) uint8
 
 
+def cell_labels(cfg: DemoConfig, synthetic: dict) -> dict[str, np.ndarray]:
+    """Per model, a (class@site) label for each synthetic patch, for distances per cohort cell.  MeDi's
+    patches carry their site; CLS's cannot, so each cohort site of a class gets its own disjoint random
+    draw of that class's CLS patches, as many as MeDi made for the cell (the same sample size, so the
+    distances' small-sample bias is the same for both)."""
+    rng = np.random.default_rng([cfg.seed, 17])
+    labels = {}
+    for name, (meta, _) in synthetic.items():
+        cls_ = meta["class"].to_numpy().astype(str)
+        site = meta["tissue_source_site"].to_numpy().astype(str)
+        lab = np.full(len(meta), "", dtype=object)
+        if (site != "none").any():
+            lab[:] = [f"{c}@{s}" for c, s in zip(cls_, site)]
+        else:
+            for c in cfg.spec.classes:
+                pos = rng.permutation(np.flatnonzero(cls_ == c))
+                for i, s in enumerate(cfg.spec.cohort[c]):
+                    lab[pos[i * cfg.n_synthetic_per_combo:(i + 1) * cfg.n_synthetic_per_combo]] = f"{c}@{s}"
+        labels[name] = lab
+    return labels
+
+
 def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synthetic: dict) -> dict:
     from ..eval.features import ColourTexture
     from ..eval.fid import compute_fid
     from ..eval.probe import ProbeConfig, run_probe, summarise
     from ..eval.shortcut import mi_report
 
+    spec = cfg.spec
     feat = ColourTexture()
     x_real = feat(real_images)
     site = index["tissue_source_site"].to_numpy()
-    cohort = ~np.isin(site, TEST_SITES)
+    cohort = ~np.isin(site, spec.test_sites)
     mu, sd = x_real[cohort].mean(0), x_real[cohort].std(0) + 1e-8  # standardise on the training cohort
     z = lambda x: (x - mu) / sd  # noqa: E731
     syn = {name: (meta, z(feat(images))) for name, (meta, images) in synthetic.items()}
@@ -165,20 +248,33 @@ def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synt
     for name, (meta, xs) in syn.items():
         t = compute_fid(z(x_real[cohort]), xs, real_labels=index["class"].to_numpy()[cohort],
                         fake_labels=meta["class"].to_numpy()).set_index("group")
-        fid_rows += [{"model": name, "class": c, "distance": float(t.loc[c, "fid"])} for c in CLASSES]
+        fid_rows += [{"model": name, "class": c, "distance": float(t.loc[c, "fid"])} for c in spec.classes]
     fid = pd.DataFrame(fid_rows)
 
+    # The same distance per trained (class, site) cell: does a model's patch look like that cell's?
+    real_cells = np.array([f"{c}@{s}" for c, s in zip(index["class"].to_numpy()[cohort], site[cohort])], dtype=object)
+    cells = [f"{c}@{s}" for c, ss in spec.cohort.items() for s in ss]
+    cell_rows = []
+    for name, lab in cell_labels(cfg, synthetic).items():
+        keep = np.isin(lab, cells)
+        t = compute_fid(z(x_real[cohort]), syn[name][1][keep], real_labels=real_cells,
+                        fake_labels=lab[keep]).set_index("group")
+        cell_rows += [{"model": name, "class": cell.split("@")[0], "site": cell.split("@")[1],
+                       "distance": float(t.loc[cell, "fid"]) if cell in t.index else np.nan} for cell in cells]
+    fid_cells = pd.DataFrame(cell_rows)
+
     pool = np.zeros(len(index), bool)
-    for c, sites in PROBE_POOL.items():
+    for c, sites in spec.probe_pool.items():
         pool |= (index["class"].to_numpy() == c) & np.isin(site, sites)
-    test = np.isin(site, TEST_SITES)
+    test = np.isin(site, spec.test_sites)
     meta = index[["class", "tissue_source_site"]].reset_index(drop=True)
     runs = []
     for rep in range(cfg.probe_repeats):
-        pc = ProbeConfig(k=cfg.k, ratio=1.0, one_site_per_class=True, max_runs=None, seed=cfg.seed + rep)
+        pc = ProbeConfig(k=cfg.probe_k, ratio=1.0, one_site_per_class=True, max_runs=None, seed=cfg.seed + rep)
         r = run_probe((meta[pool].reset_index(drop=True), z(x_real[pool])),
                       (meta[test].reset_index(drop=True), z(x_real[test])),
-                      {n: (m[["class", "tissue_source_site"]], x) for n, (m, x) in syn.items()}, list(CLASSES), pc)
+                      {n: (m[["class", "tissue_source_site"]], x) for n, (m, x) in syn.items()},
+                      list(spec.classes), pc)
         r["run"] = r["run"] + rep * 1000
         runs.append(r)
     runs = pd.concat(runs, ignore_index=True)
@@ -186,15 +282,16 @@ def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synt
     probe_train = meta[pool]
     mi = mi_report(probe_train, {n: m[["class", "tissue_source_site"]] for n, (m, _) in syn.items()
                                  if (m["tissue_source_site"] != "none").any()})
-    return {"fid": fid, "probe_runs": runs, "probe": summary, "mi": mi}
+    return {"fid": fid, "fid_cells": fid_cells, "probe_runs": runs, "probe": summary, "mi": mi}
 
 
-def measure_site_fidelity(index: pd.DataFrame, real_images: np.ndarray, medi: tuple[pd.DataFrame, np.ndarray]):
+def measure_site_fidelity(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray,
+                          medi: tuple[pd.DataFrame, np.ndarray]):
     """Real vs MeDi per-site stain colour over the training cohort: the measure benchmarks/site_fidelity.py
     reports for any checkpoint (medi_fast.eval.site_fidelity)."""
     from ..eval.site_fidelity import site_colours, site_fidelity
 
     meta, images = medi
-    cohort = ~index["tissue_source_site"].isin(TEST_SITES).to_numpy()
+    cohort = ~index["tissue_source_site"].isin(cfg.spec.test_sites).to_numpy()
     return site_fidelity(site_colours(images, meta["class"], meta["tissue_source_site"], real_images[cohort],
                                       index["class"].to_numpy()[cohort], index["tissue_source_site"].to_numpy()[cohort]))

@@ -1,0 +1,114 @@
+"""The demo over several seeds (`medi-fast demo --seeds 0,1,2`): each arm's result as mean and spread over
+the seeds, and whether the arms are separated by more than that spread.
+
+A seed changes everything random in a run: the rendered cohort, both models' training, their samples and
+the probe's draws.  The spread over seeds is therefore the honest error bar of the demo's claim; the SEM
+inside one run (over the probe's repeated draws) only covers the last of those.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..io import atomic_write_text
+
+ARMS = ("no-synthetic", "CLS", "MeDi")
+
+
+def per_seed(records: list[dict]) -> pd.DataFrame:
+    """One row per seed: each arm's TSS-averaged balanced accuracy, the gaps, the per-cell distances, the
+    stain fidelity and the run time."""
+    rows = []
+    for r in records:
+        p = r["probe"]
+        rows.append({"seed": r["seed"], **{a: p[a]["tss_bacc"] for a in ARMS},
+                     "MeDi - CLS": p["MeDi"]["tss_bacc"] - p["CLS"]["tss_bacc"],
+                     "CLS - no-synthetic": p["CLS"]["tss_bacc"] - p["no-synthetic"]["tss_bacc"],
+                     "cell distance MeDi": r["fid_cell_mean"]["MeDi"], "cell distance CLS": r["fid_cell_mean"]["CLS"],
+                     "cells MeDi closer": f"{r['cells_medi_closer']}/{r['cells']}",
+                     "stain slope": r["site_slope"], "stain correlation": r["site_correlation"],
+                     "minutes": r["seconds"] / 60})
+    return pd.DataFrame(rows)
+
+
+def aggregate(records: list[dict]) -> dict:
+    """Mean, SD (ddof 1) and range over seeds of every numeric column of :func:`per_seed`, and the verdicts:
+    two arms are *separated* when their mean ± SD intervals over seeds do not overlap."""
+    t = per_seed(records)
+    num = t.drop(columns=["seed", "cells MeDi closer"])
+    stats = {c: {"mean": float(num[c].mean()), "sd": float(num[c].std(ddof=1)) if len(num) > 1 else 0.0,
+                 "min": float(num[c].min()), "max": float(num[c].max())} for c in num.columns}
+
+    def separated(hi, lo):
+        return stats[hi]["mean"] - stats[hi]["sd"] > stats[lo]["mean"] + stats[lo]["sd"]
+
+    return {"seeds": [int(s) for s in t["seed"]], "n": len(t), "stats": stats,
+            "medi_over_cls": separated("MeDi", "CLS"), "cls_over_real": separated("CLS", "no-synthetic"),
+            "medi_over_cls_every_seed": bool((t["MeDi - CLS"] > 0).all()),
+            "cls_over_real_every_seed": bool((t["CLS - no-synthetic"] > 0).all())}
+
+
+def verdict(agg: dict) -> str:
+    s = agg["stats"]
+    arms = ", ".join(f"{a} {s[a]['mean']:.3f} ± {s[a]['sd']:.3f}" for a in ARMS)
+    gap = s["MeDi - CLS"]
+    if agg["medi_over_cls"]:
+        head = "MeDi beat CLS by more than the spread over seeds"
+    elif agg["medi_over_cls_every_seed"]:
+        head = "MeDi beat CLS in every seed, but by less than the spread over seeds"
+    else:
+        head = "MeDi did not beat CLS in every seed"
+    return (f"{head}: TSS-averaged balanced accuracy (mean ± SD over {agg['n']} seeds) {arms}; MeDi - CLS "
+            f"{gap['mean']:+.3f} ± {gap['sd']:.3f} (range {gap['min']:+.3f} to {gap['max']:+.3f}).")
+
+
+def write_seeds_report(out: Path, cfg, records: list[dict]) -> Path:
+    """OUT/seeds.json, OUT/report.md and OUT/report.html for a run over seeds; returns report.html."""
+    out = Path(out)
+    agg = aggregate(records)
+    t = per_seed(records)
+    s = agg["stats"]
+    summary = pd.DataFrame([{"seed": f"mean ± SD ({agg['n']} seeds)",
+                             **{c: f"{s[c]['mean']:.3f} ± {s[c]['sd']:.3f}" for c in s if c != "minutes"},
+                             "cells MeDi closer": "", "minutes": f"{s['minutes']['mean']:.1f}"}])
+    shown = pd.concat([t.astype(object).map(lambda v: f"{v:.3f}" if isinstance(v, float) else v), summary],
+                      ignore_index=True)
+    shown["minutes"] = [f"{float(v):.1f}" for v in shown["minutes"]]
+    atomic_write_text(out / "seeds.json", json.dumps({"setting": cfg.setting, "quick": cfg.quick,
+                                                      "records": records, **agg}, indent=2) + "\n")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    quick = ("This is a --quick smoke run: its models are undertrained and its numbers are not the demo's "
+             "result.") if cfg.quick else ""
+    text = verdict(agg)
+    ran = (f"medi-fast {__version__}, {when}: the demo (setting `{cfg.setting}`) once per seed "
+           f"{', '.join(map(str, agg['seeds']))}; each seed renders its own cohort, trains both models and "
+           "draws its own probe runs. Each run's full report is in its seed-S folder.")
+    cells = (f"FID-style distance per trained class x site cell (mean over cells): MeDi "
+             f"{s['cell distance MeDi']['mean']:.1f} ± {s['cell distance MeDi']['sd']:.1f}, CLS "
+             f"{s['cell distance CLS']['mean']:.1f} ± {s['cell distance CLS']['sd']:.1f}; MeDi's stain slope "
+             f"{s['stain slope']['mean']:.2f} ± {s['stain slope']['sd']:.2f} (1 = the full difference between sites).")
+    md = "\n".join(["# medi-fast demo report: several seeds\n", *([f"> **{quick}**\n"] if quick else []),
+                    f"{ran}\n", f"**{text}**\n", f"{cells}\n",
+                    "## Per seed (TSS-averaged balanced accuracy of the linear probe on unseen sites)\n",
+                    shown.to_markdown(index=False), "",
+                    *[f"- [seed {r['seed']}](seed-{r['seed']}/report.html)" for r in records], ""])
+    atomic_write_text(out / "report.md", md)
+    import html
+
+    page = (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>medi-fast demo report: seeds"
+            "</title><style>body{font-family:system-ui,sans-serif;max-width:1320px;margin:1.5em auto;padding:0 1.5em}"
+            "table{border-collapse:collapse}th,td{padding:3px 10px;border-bottom:1px solid #e5e5e5;text-align:right}"
+            ".warn{background:#fff4e5;border:2px solid #e69500;padding:.6em;font-weight:bold}</style></head><body>"
+            "<h1>medi-fast demo report: several seeds</h1>"
+            + (f"<p class=\"warn\">{html.escape(quick)}</p>" if quick else "")
+            + f"<p>{html.escape(ran)}</p><p><b>{html.escape(text)}</b></p><p>{html.escape(cells)}</p>"
+            + shown.to_html(index=False, border=0)
+            + "<ul>" + "".join(f"<li><a href=\"seed-{r['seed']}/report.html\">seed {r['seed']}</a></li>"
+                               for r in records) + "</ul></body></html>\n")
+    atomic_write_text(out / "report.html", page)
+    return out / "report.html"
