@@ -40,6 +40,15 @@ def test_slope_and_correlation_are_the_built_in_ones():
     assert res.mean_abs_effect_generated == pytest.approx(0.5 * res.mean_abs_effect_real)
     # Site effects are relative to the class mean: A@s1 is 10 grey levels redder than class A's mean.
     assert res.effects.loc[0, "real_R"] == pytest.approx(10.0)
+    # Colour spread: every trained combination's distance from the combinations' common mean colour.
+    real = np.array(list(REAL.values()), float)
+    assert res.colour_spread_real == pytest.approx(np.abs(real - real.mean(0)).mean())
+    gen = res.table[res.table["real_patches"] > 0][["gen_R", "gen_G", "gen_B"]].to_numpy()
+    assert res.colour_spread_generated == pytest.approx(np.abs(gen - gen.mean(0)).mean())
+    # A washed-out model (every combination the same grey) has no spread at all.
+    gen, gc, gs, real_im, rc, rs = make()
+    flat = site_fidelity(site_colours(np.full_like(gen, 128), gc, gs, real_im, rc, rs))
+    assert flat.colour_spread_generated == 0 and flat.colour_spread_real == res.colour_spread_real
 
 
 def test_no_real_combination_is_an_error():

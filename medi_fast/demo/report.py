@@ -96,6 +96,16 @@ def _sections(cfg, index, results, timing, total) -> dict:
                        "CLS patches, as many as MeDi made for the cell. A class's pooled distance favours a model that "
                        "reproduces the cohort's class-site mixture; MeDi also renders the combinations absent from "
                        "training, which have no real counterpart in the pool."),
+        "colour_text": (f"MeDi's patches are closer to their cell than CLS's in {closer} of {len(cells)} trained cells. "
+                        f"Their colours are washed out: the trained cells' mean colours lie "
+                        f"{site.colour_spread_generated:.1f} grey levels from their common mean in the MeDi patches, "
+                        f"{site.colour_spread_real:.1f} in the real ones. Models trained for {cfg.train_steps} steps "
+                        "have learned the texture of each class but not yet the full colour of each class and site "
+                        "(benchmarks/site_fidelity.py --noise-levels shows where: the model's estimate of the clean "
+                        "image at high noise)." if site.colour_spread_generated < 0.5 * site.colour_spread_real else
+                        f"MeDi's patches are closer to their cell than CLS's in {closer} of {len(cells)} trained cells; "
+                        f"the trained cells' mean colours lie {site.colour_spread_generated:.1f} grey levels from their "
+                        f"common mean in the MeDi patches, {site.colour_spread_real:.1f} in the real ones."),
         "fid_cells": cell_table,
         "probe": probe_table(results["probe"]),
         "fid": fid,
@@ -128,7 +138,7 @@ def _markdown(s: dict, rel: dict) -> str:
            f"## Site stain, real vs generated\n\n{s['site_text']}\n\n![site]({rel['site']})\n\n"
            + s["site"].to_markdown(index=False) + "\n",
            "## FID-style distance to the real cohort (colour-texture features; lower is closer)\n\n"
-           f"Per trained class x site cell. {s['cells_text']}\n\n" + s["fid_cells"].to_markdown(index=False, floatfmt=".1f")
+           f"Per trained class x site cell. {s['cells_text']}\n\n{s['colour_text']}\n\n" + s["fid_cells"].to_markdown(index=False, floatfmt=".1f")
            + "\n\nPer class, every site pooled:\n\n" + s["fid"].to_markdown(floatfmt=".3f") + "\n",
            "## Shortcut meter\n\nClass-site mutual information of the probe's real pool (the patches its k per class "
            "are drawn from), before and after adding the MeDi samples; 1 bit = the site gives the class away.\n\n"
@@ -174,7 +184,7 @@ dotted: chance.</figcaption></figure>{{ tables.probe }}</details>
 <details open><summary>Site stain, real vs generated</summary><p>{{ s.site_text }}</p>
 <figure><img src="{{ img.site }}" alt="site colours"></figure>{{ tables.site }}</details>
 <details open><summary>FID-style distance</summary><p>Colour-texture features, synthetic vs the real cohort;
-lower is closer. Per trained class x site cell: {{ s.cells_text }}</p>{{ tables.fid_cells }}
+lower is closer. Per trained class x site cell: {{ s.cells_text }}</p><p>{{ s.colour_text }}</p>{{ tables.fid_cells }}
 <p>Per class, every site pooled:</p>{{ tables.fid }}</details>
 <details><summary>Shortcut meter</summary><p>Class-site mutual information of the probe's real pool, before and
 after adding the MeDi samples; 1 bit = the site gives the class away.</p>{{ tables.mi }}</details>

@@ -115,7 +115,9 @@ def summary_record(cfg: DemoConfig, results: dict, seconds: float) -> dict:
             "fid_class_mean": {m: float(v) for m, v in results["fid"].groupby("model")["distance"].mean().items()},
             "fid_cell_mean": {m: float(cells[m].mean()) for m in cells.columns},
             "cells_medi_closer": int((cells["MeDi"] < cells["CLS"]).sum()), "cells": int(len(cells)),
-            "site_correlation": float(site.correlation), "site_slope": float(site.slope)}
+            "site_correlation": float(site.correlation), "site_slope": float(site.slope),
+            "colour_spread_generated": float(site.colour_spread_generated),
+            "colour_spread_real": float(site.colour_spread_real)}
 
 
 def run_seeds(cfg: DemoConfig, seeds: list[int], overwrite: bool = False) -> Path:

@@ -32,6 +32,8 @@ def per_seed(records: list[dict]) -> pd.DataFrame:
                      "cell distance MeDi": r["fid_cell_mean"]["MeDi"], "cell distance CLS": r["fid_cell_mean"]["CLS"],
                      "cells MeDi closer": f"{r['cells_medi_closer']}/{r['cells']}",
                      "stain slope": r["site_slope"], "stain correlation": r["site_correlation"],
+                     "colour spread MeDi": r.get("colour_spread_generated", np.nan),
+                     "colour spread real": r.get("colour_spread_real", np.nan),
                      "minutes": r["seconds"] / 60})
     return pd.DataFrame(rows)
 

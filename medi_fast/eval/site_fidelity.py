@@ -50,11 +50,17 @@ class SiteFidelity:
     slope: float
     mean_abs_effect_generated: float  # grey levels
     mean_abs_effect_real: float
+    # How far the trained combinations' mean colours lie from their common mean (class and site together),
+    # generated and real, in grey levels: a generated spread far below the real one = washed-out colour.
+    colour_spread_generated: float = float("nan")
+    colour_spread_real: float = float("nan")
 
     def summary(self) -> dict:
         return {"correlation": self.correlation, "slope": self.slope,
                 "mean_abs_effect_generated": self.mean_abs_effect_generated,
-                "mean_abs_effect_real": self.mean_abs_effect_real, "combinations": len(self.effects)}
+                "mean_abs_effect_real": self.mean_abs_effect_real, "combinations": len(self.effects),
+                "colour_spread_generated": self.colour_spread_generated,
+                "colour_spread_real": self.colour_spread_real}
 
 
 def site_fidelity(table: pd.DataFrame) -> SiteFidelity:
@@ -63,6 +69,8 @@ def site_fidelity(table: pd.DataFrame) -> SiteFidelity:
     if seen.empty:
         raise MediFastError("site fidelity: no (class, site) has both real and generated patches; pass the real "
                             "patches of the sites the model was trained on")
+    spread = {k: float(np.abs(seen[[f"{k}_{c}" for c in CHANNELS]].to_numpy()
+                              - seen[[f"{k}_{c}" for c in CHANNELS]].to_numpy().mean(0)).mean()) for k in ("gen", "real")}
     for k in ("gen", "real"):
         for c in CHANNELS:
             seen[f"{k}_{c}"] -= seen.groupby("class")[f"{k}_{c}"].transform("mean")
@@ -71,4 +79,5 @@ def site_fidelity(table: pd.DataFrame) -> SiteFidelity:
     # One site per class leaves nothing to compare (every effect is 0): no fit rather than a warning.
     corr = float(np.corrcoef(g, r)[0, 1]) if r.std() > 0 and g.std() > 0 else float("nan")
     slope = float(np.polyfit(r, g, 1)[0]) if r.std() > 0 else float("nan")
-    return SiteFidelity(table, seen.reset_index(drop=True), corr, slope, float(np.abs(g).mean()), float(np.abs(r).mean()))
+    return SiteFidelity(table, seen.reset_index(drop=True), corr, slope, float(np.abs(g).mean()), float(np.abs(r).mean()),
+                        spread["gen"], spread["real"])
