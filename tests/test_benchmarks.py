@@ -116,3 +116,29 @@ def test_demo_seeds_aggregates_and_resumes_from_finished_runs(tmp_path):
     _run("run_all.py", "--report-only", out=tmp_path)
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## The demo over seeds" in md and "0.830 ± 0.042" in md and "ring4 (the demo's default)" in md
+
+
+def test_clean_image_colour_by_noise_level_is_exact_where_the_noise_is_negligible(tmp_path):
+    """site_fidelity.py --noise-levels: at t = 0 the estimate is the patch itself for any model (slope 1);
+    at t = 999 an untrained model knows nothing of the colour (slope far from 1)."""
+    import importlib.util
+
+    import numpy as np
+
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("site_fidelity_bench", BENCH / "site_fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from _common import random_checkpoint
+
+    _, ck = random_checkpoint("tiny-32", tmp_path, ["LUAD", "LUSC"], ["S1", "S2"])
+    rng = np.random.default_rng(0)
+    cells = [("LUAD", "S1"), ("LUAD", "S2"), ("LUSC", "S1"), ("LUSC", "S2")]
+    real, labels = [], []
+    for c, s in cells:
+        colour = rng.integers(40, 220, 3)
+        real += [np.clip(colour + rng.normal(0, 5, (32, 32, 3)), 0, 255).astype(np.uint8) for _ in range(3)]
+        labels += [(c, s)] * 3
+    rows = {r["t"]: r for r in mod.x0_colour_by_noise(ck, real, labels, [0, 999], seed=0)}
+    assert rows[0]["slope"] == pytest.approx(1.0, abs=0.02) and rows[0]["correlation"] > 0.999
+    assert abs(rows[999]["slope"] - 1.0) > 0.5
