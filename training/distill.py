@@ -93,7 +93,9 @@ class DistillConfig:
         need(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
         need(self.teacher_steps is None or self.teacher_steps >= 2, f"--teacher-steps must be >= 2, got {self.teacher_steps}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        need(self.iters_per_stage >= 1, f"--iters-per-stage must be >= 1, got {self.iters_per_stage}")
+        need(1 <= self.iters_per_stage <= 10**7, f"--iters-per-stage must be in 1..10^7, got {self.iters_per_stage}")
+        need(self.teacher_steps is None or self.teacher_steps <= 1000,
+             f"--teacher-steps must be at most 1000 (the schedule's timesteps), got {self.teacher_steps}")
         need(0 < self.lr <= 1, f"--lr must be in (0, 1], got {self.lr}")
         need(0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         need(self.cond_drop is None or 0.0 <= self.cond_drop < 1.0, f"--cond-drop must be in [0, 1), got {self.cond_drop}")
@@ -155,12 +157,17 @@ def _bcast(v: torch.Tensor, device) -> torch.Tensor:
 
 
 def ddim_step(model, schedule: Schedule, z: torch.Tensor, t: torch.Tensor, abar_t, abar_next, cond) -> torch.Tensor:
-    """One DDIM step (eta 0) of a model from level abar_t (timestep t) to abar_next: the sampler's arithmetic
-    (medi_fast.samplers.ddim) with per-sample levels; the model's parameterisation and clipping."""
+    """One DDIM step (eta 0) of a model from level abar_t (timestep t) to abar_next, per sample, in the
+    paper's form z' = alpha' x^ + (sigma'/sigma)(z - alpha x^), with the model's parameterisation and clipping.
+
+    With x0 clipping this recomputes eps from the clipped x^ (diffusers' ``use_clipped_model_output``):
+    the sampler's default keeps the raw eps, whose mismatch with a clipped x^ near T would be divided by
+    alpha_t'' - (sigma_t''/sigma_t) alpha_t (~1e-3 there) in the target and blow it up."""
     a, s = abar_t.sqrt(), (1 - abar_t).sqrt()
     x0, eps = split_output(schedule.prediction_type, model(z, t, cond).float(), z, a, s)
     if schedule.clip_sample:
         x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+        eps = (z - a * x0) / s
     return abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps
 
 
@@ -250,8 +257,15 @@ def distill(cfg: DistillConfig | None = None, dataset=None, progress: bool = Tru
     out = Path(cfg.out)
     if out.exists() and not cfg.resume:
         raise MediFastError(f"{out} already exists; choose another --out or delete it")
+    from medi_fast.io import check_writable_dir
+
+    check_writable_dir(out.parent if str(out.parent) else ".")
     teacher_ck, teacher_steps = _load_teacher(cfg)
+    if teacher_steps > teacher_ck.schedule.num_train_timesteps:
+        raise MediFastError(f"--teacher-steps {teacher_steps} exceeds the schedule's {teacher_ck.schedule.num_train_timesteps} "
+                            f"timesteps; use at most {teacher_ck.schedule.num_train_timesteps}")
     plan = stage_plan(teacher_steps, cfg.steps)
+    check_writable_dir(cfg.run_path)
     run_path = cfg.run_path
     run = RunDir(run_path, main=False)
     done = run.complete_steps() if run.ckpt_dir.is_dir() else []
@@ -280,6 +294,10 @@ def distill(cfg: DistillConfig | None = None, dataset=None, progress: bool = Tru
     cond_all = _condition_ids(teacher_ck.spec, ds.table)
     cond_drop = record["cond_drop"] if cfg.cond_drop is None else cfg.cond_drop
     device = resolve_device(cfg.device)
+    from medi_fast.resources import activation_bytes, check_batch
+
+    # the student trains (kept activations) while the teacher runs: refuse what the device cannot hold
+    check_batch(cfg.batch_size, activation_bytes(teacher_ck.unet_config, teacher_ck.resolution, training=True), device)
 
     run = RunDir(run_path, main=True)
     ensure_dir(stages_dir)
