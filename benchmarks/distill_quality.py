@@ -72,6 +72,9 @@ def main(argv=None) -> int:
     distill_s = None
     if args.student:
         student = Path(args.student)
+        metrics = student.with_name(student.stem + ".distill") / "metrics.csv"
+        if metrics.is_file():  # the distillation's own clock: elapsed seconds at its last logged step
+            distill_s = float(pd.read_csv(metrics)["elapsed_s"].iloc[-1])
     else:
         from medi_fast.training.distill import distill
 
@@ -98,6 +101,9 @@ def main(argv=None) -> int:
     classes = list(spec["class"].vocab.names)
     sites = [s for s in spec["tss"].vocab.names if s != "Unknown"]
     combos = pd.DataFrame([(c, s, args.n_per_combo) for c in classes for s in sites], columns=["class", "tss", "count"])
+    if args.n_per_combo * len(sites) < DemoConfig.k:
+        raise SystemExit(f"--n-per-combo {args.n_per_combo} gives fewer than the probe's {DemoConfig.k} patches per class; "
+                         f"use at least {-(-DemoConfig.k // len(sites))}")
     plan = plans.from_counts(spec, combos, args.seed)
     meta = pd.DataFrame({"class": plan.rows["class"].to_numpy(), "tissue_source_site": plan.rows["tss"].to_numpy()})
 
