@@ -224,3 +224,31 @@ def test_bad_inputs_fail_in_one_line(teacher, tmp_path, capsys):
     torch.save(obj, tmp_path / "noschedule.pt")
     assert "incomplete header" in _fail(["distill", tmp_path / "noschedule.pt", "--out", out], capsys)
     assert not out.exists() and not (tmp_path / "s.distill").exists()
+
+
+def test_results_section_states_the_fewest_student_steps(tmp_path):
+    """run_all.py --report-only turns distill_quality.json into its RESULTS.md section and verdict."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def row(model, sampler, steps, dist, s):
+        return {"model": model, "sampler": sampler, "steps": steps, "unet_calls": steps, "s": s, "dist": dist,
+                "dist_vs_ddim100": dist / 10.0, "site_slope": 0.5, "site_corr": 0.9, "probe": 0.9, "probe_sem": 0.01,
+                "shipped": model == "student", "speedup_calls_vs_ddim100": 100 / steps,
+                "speedup_wall_vs_ddim100": 100.0 / s}
+    rows = [row("teacher", "ddim", 100, 10.0, 100.0), row("student", "ddim", 2, 12.0, 2.0),
+            row("student", "ddim", 4, 10.3, 4.0), row("teacher", "ddim", 4, 30.0, 4.0)]
+    (tmp_path / "distill_quality.json").write_text(json.dumps({
+        "name": "distill_quality", "machine": {}, "command": "x", "rows": rows, "n_images": 8,
+        "fewest_student_steps_within_5pct": 4, "distill": {"teacher_steps": 16, "iters_per_stage": 40, "batch_size": 16},
+        "distill_seconds": 600.0, "probe_no_synthetic": 0.8, "probe_repeats": 3}))
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    r = subprocess.run([sys.executable, str(bench / "run_all.py"), "--report-only"], capture_output=True, text=True,
+                       env={**os.environ, "MEDI_FAST_BENCH_RESULTS": str(tmp_path)}, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## Distilled students" in md
+    assert "Fewest student steps within 5 % of DDIM-100's distance: 4** (1.03x its distance): 25x fewer UNet calls" in md
