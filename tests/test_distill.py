@@ -192,19 +192,32 @@ def test_distil_export_generate_with_own_steps(teacher, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_resume_continues_an_interrupted_run(teacher, tmp_path):
-    out = tmp_path / "s.pt"
-    from medi_fast.training.distill import distill
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(teacher, tmp_path, monkeypatch):
+    from medi_fast.training import distill as mod
 
-    run_dir = tmp_path / "s.distill"
-    # stage 1 of 2 only (as if killed after it): the final student does not exist yet
-    distill(teacher=str(teacher), steps=2, teacher_steps=4, out=str(tmp_path / "s1.pt"), iters_per_stage=2,
-            batch_size=2, device="cpu", progress=False, run_dir=str(run_dir))
-    (tmp_path / "s1.pt").unlink()
+    opts = dict(teacher=str(teacher), steps=1, teacher_steps=4, iters_per_stage=2, batch_size=2, device="cpu",
+                progress=False, checkpoint_every=1)
+    whole = mod.distill(out=str(tmp_path / "whole.pt"), **opts)
+    calls = {"n": 0}
+    real_loss = mod.student_loss
+
+    def interrupted(*a, **k):  # Ctrl-C in the 2nd iteration of the 2nd stage
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(mod, "student_loss", interrupted)
+    out = tmp_path / "cut.pt"
+    with pytest.raises(KeyboardInterrupt):
+        mod.distill(out=str(out), **opts)
+    assert not out.exists()  # no partial student
     with pytest.raises(MediFastError, match="pass --resume"):
-        distill(teacher=str(teacher), steps=1, teacher_steps=4, out=str(out), iters_per_stage=2, batch_size=2,
-                device="cpu", progress=False)
-    assert not out.exists()
+        mod.distill(out=str(out), **opts)
+    monkeypatch.setattr(mod, "student_loss", real_loss)
+    mod.distill(out=str(out), resume=True, **opts)
+    a, b = ckpt_io.load(whole), ckpt_io.load(out)
+    assert all(torch.equal(a.weights()[k], b.weights()[k]) for k in a.weights())
 
 
 def test_bad_inputs_fail_in_one_line(teacher, tmp_path, capsys):

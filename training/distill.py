@@ -407,9 +407,12 @@ def _run_stage(cfg, k, n, teacher_path, stage_file, start, run, batches, cond_al
             path = ckpt_io.save(ck, run.checkpoint_path(done))
             run.save_state(path, {"step": done, "checkpoint": path.name, "optimizer": opt.state_dict(),
                                   "scheduler": sched.state_dict(), "ema": ema.state_dict(), "rng": rng_state()})
-            if done == last:
-                # the stage's result: EMA weights as the model (they are what the next teacher and users run)
-                ckpt_io.save(ckpt_io.from_model(ema.model, s_sched, preset=teacher_ck.preset, provenance=prov), stage_file)
             run.prune(2)
+    # The stage's result: EMA weights as the model (what the next teacher and users run).  Written after
+    # the loop, so a run killed between its last checkpoint and this file writes it on --resume.
+    prov = {"trainer": "medi-fast distill", "method": "progressive distillation (Salimans & Ho 2022)",
+            "stage_steps": n, "teacher": str(teacher_path), "teacher_hash": teacher_ck.hash, "step": last,
+            "cond_drop": cond_drop, **source, "config": {**asdict(cfg), "cond_drop": cond_drop}}
+    ckpt_io.save(ckpt_io.from_model(ema.model, s_sched, preset=teacher_ck.preset, provenance=prov), stage_file)
     return stage_file
 
