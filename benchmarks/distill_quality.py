@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pack", help="the pack of --index at the model resolution (default: INDEX_DIR/pack)")
     ap.add_argument("--split", help="training split CSV for distilling (default: the teacher's)")
     ap.add_argument("--student", help="an already distilled student (its stage students are used); else distil")
-    ap.add_argument("--work", default="benchmarks/results/distill_work", help="where a new distillation is written")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "medi-fast-distill-quality"),
+                    help="where a new distillation is written (checkpoints stay out of the repository)")
     ap.add_argument("--steps", default="1,2,4,8")
     ap.add_argument("--teacher-steps", type=int, default=16)
     ap.add_argument("--iters-per-stage", type=int, default=40)
