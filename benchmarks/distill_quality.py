@@ -77,6 +77,14 @@ def main(argv=None) -> int:
         metrics = student.with_name(student.stem + ".distill") / "metrics.csv"
         if metrics.is_file():  # the distillation's own clock: elapsed seconds at its last logged step
             distill_s = float(pd.read_csv(metrics)["elapsed_s"].iloc[-1])
+        config = metrics.with_name("config.json")
+        if config.is_file():  # report the settings that student was distilled with, not this script's defaults
+            import json
+
+            c = json.loads(config.read_text())
+            args.teacher_steps = c.get("resolved_teacher_steps", args.teacher_steps)
+            args.iters_per_stage, args.batch_size = c["iters_per_stage"], c["batch_size"]
+            args.lr, args.ema_decay = c["lr"], c["ema_decay"]
     else:
         from medi_fast.training.distill import distill
 
