@@ -36,8 +36,10 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "data_throughput": ("data_throughput.py", []),
     "solver_quality_demo": ("solver_quality.py", ["--n-per-combo", "8", "--name", "solver_quality_demo"]),
     "int8_quality": ("int8_quality.py", []),
+    # distils the demo model (16 -> 8, 4, 2, 1 steps) and evaluates: ~20 minutes on 2 cores
+    "distill_quality": ("distill_quality.py", []),
 }
-NEEDS_DEMO_MODEL = {"solver_quality_demo", "int8_quality"}  # run only with --demo-checkpoint
+NEEDS_DEMO_MODEL = {"solver_quality_demo", "int8_quality", "distill_quality"}  # run only with --demo-checkpoint
 PUBLISHED_STEPS = 100  # the published sampling protocol: DDIM-100
 
 
@@ -49,7 +51,11 @@ def run_suite(names: list[str], demo_checkpoint: str | None) -> dict[str, str]:
             if not demo_checkpoint:
                 status[name] = "not rerun (no --demo-checkpoint)"
                 continue
-            args = args + ["--checkpoint", demo_checkpoint]
+            if name == "distill_quality":  # the demo's directory holds the index and pack beside runs/
+                demo_dir = Path(demo_checkpoint).resolve().parents[3]
+                args = args + ["--teacher", demo_checkpoint, "--index", str(demo_dir / "index.parquet")]
+            else:
+                args = args + ["--checkpoint", demo_checkpoint]
         cmd = [sys.executable, str(HERE / script), *args]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
@@ -236,10 +242,41 @@ def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
     return head, md
 
 
+def distill_section(dq: dict) -> list[str]:
+    """Distilled students vs the teacher's samplers at the same steps vs DDIM-100 (distill_quality.py)."""
+    rows = dq["rows"]
+    base = next(r for r in rows if r["model"] == "teacher" and r["steps"] == PUBLISHED_STEPS)
+    few = dq.get("fewest_student_steps_within_5pct")
+    d = dq.get("distill", {})
+    how = (f"distilled {d.get('teacher_steps')} -> {min(r['steps'] for r in rows if r['model'] == 'student')} steps, "
+           f"{d.get('iters_per_stage')} iterations of batch {d.get('batch_size')} per stage"
+           + (f", {dq['distill_seconds']:.0f} s" if dq.get("distill_seconds") else ""))
+    if few is None:
+        verdict = ("**No student step count came within 5 % of DDIM-100's distance**: "
+                   + ", ".join(f"student-{r['steps']} {r['dist_vs_ddim100']:.2f}x" for r in rows if r["model"] == "student")
+                   + " DDIM-100's distance.")
+    else:
+        r = next(r for r in rows if r["model"] == "student" and r["steps"] == few)
+        verdict = (f"**Fewest student steps within 5 % of DDIM-100's distance: {few}** ({r['dist_vs_ddim100']:.2f}x its "
+                   f"distance): {PUBLISHED_STEPS / few:.0f}x fewer UNet calls, {r['speedup_wall_vs_ddim100']:.1f}x "
+                   f"DDIM-100's wall time in this run.")
+    return ["## Distilled students (progressive distillation, demo MeDi model)", "", _provenance(dq), "",
+            f"{dq.get('n_images', '?')} images per setting (every class x trained site), the same starting noise for "
+            f"all; {how}. `dist` = the demo's FID-style colour-texture distance to the real cohort (per class, "
+            f"averaged); `site_slope` = per-site stain fidelity (1.0 = every site's stain difference reproduced); "
+            f"`probe` = the demo protocol's TSS-averaged balanced accuracy with these samples as the synthetic set "
+            f"({dq.get('probe_repeats', '?')} repeats; no synthetic data: {dq.get('probe_no_synthetic') or float('nan'):.3f}). "
+            f"DDIM-100 dist {base['dist']:.3f}, site slope {base['site_slope']:.3f}, probe {base['probe']:.3f}.", "",
+            verdict, "",
+            _table(rows, ["model", "sampler", "steps", "shipped", "dist", "dist_vs_ddim100", "site_slope", "site_corr",
+                          "probe", "probe_sem", "s", "speedup_calls_vs_ddim100"]), ""]
+
+
 def report(status: dict[str, str]) -> Path:
     flops, bk, gp = _load("flops"), _load("backends"), _load("generate_pipeline")
     tr, data, sq = _load("training_throughput"), _load("data_throughput"), _load("solver_quality_demo")
     st, q8, prof = _load("sampling_throughput"), _load("int8_quality"), _load("ort_profile")
+    dq = _load("distill_quality")
     md = ["# Benchmark results", "",
           f"Written by `python benchmarks/run_all.py` on {machine_info()['time_utc']}. Every section names the "
           "machine, date and command of the run it comes from; ratios compare candidates measured side by side in "
@@ -328,6 +365,8 @@ def report(status: dict[str, str]) -> Path:
                + ", ".join(f"{k} {v['steps'] if v else 'none of those tried'}" for k, v in few.items()) + ".", "",
                "`dist` by sampler and steps:", "", _dist_by_steps(sq["rows"]), "",
                _table(sq["rows"], ["sampler", "steps", "dist", "rmse_ref", "s"]), ""]
+    if dq:
+        md += distill_section(dq)
     if prof:
         md += ["## Where ort-cpu spends a UNet call", "", _provenance(prof), "",
                "ONNX Runtime's profiler, kernel time per operator type after graph optimisation (random weights); "

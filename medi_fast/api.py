@@ -17,7 +17,7 @@ import torch
 from . import backends
 from . import plan as plans
 from .conditioning import column_for
-from .generate import GenerateConfig, Generator, sample_rows
+from .generate import GenerateConfig, Generator, for_model, sample_rows
 
 
 class Pipeline:
@@ -31,6 +31,8 @@ class Pipeline:
         gen_keys = set(GenerateConfig.__dataclass_fields__)
         config = GenerateConfig(**{k: v for k, v in options.items() if k in gen_keys})
         info = backends.open_model(path)
+        # a distilled student samples with its own steps and sampler unless they are given
+        config = for_model(config, info, steps_given="steps" in options, sampler_given="sampler" in options)
         denoiser = backends.create(backend, info, **{k: v for k, v in options.items() if k not in gen_keys})
         return cls(info, denoiser, config)
 

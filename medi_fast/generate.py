@@ -72,6 +72,37 @@ class GenerateConfig:
                                 f"use --eta 0 or --sampler ddim")
 
 
+def for_model(cfg: GenerateConfig, info: ModelInfo, steps_given: bool = False,
+              sampler_given: bool = False) -> GenerateConfig:
+    """``cfg`` with the model's own sampler and steps where the user gave none.
+
+    A distilled student (``medi-fast distill``) records the sampler and number of steps it was made
+    for in its schedule (``default_sampler``, ``default_steps``); any other model keeps ``cfg``."""
+    from dataclasses import replace
+
+    sched = info.schedule
+    changes = {}
+    if sched.default_steps is not None and not steps_given:
+        changes["steps"] = int(sched.default_steps)
+    if sched.default_sampler is not None and not sampler_given:
+        changes["sampler"] = sched.default_sampler
+    return replace(cfg, **changes) if changes else cfg
+
+
+def distilled_warning(info: ModelInfo, cfg: GenerateConfig) -> str | None:
+    """One line when a distilled student runs with another sampler or number of steps than it was made
+    for: legal (the samplers convert its v / x0 output), but the student learned to jump N steps of
+    DDIM, not to follow the ODE at other step sizes, so quality is not what the benchmark measured."""
+    sched = info.schedule
+    if sched.default_steps is None:
+        return None
+    made = f"{sched.default_sampler or 'ddim'}-{sched.default_steps}"
+    if cfg.sampler == (sched.default_sampler or "ddim") and cfg.steps == sched.default_steps:
+        return None
+    return (f"this model was distilled for {made} and runs with {cfg.sampler}-{cfg.steps}; its quality was only "
+            f"measured at {made}; drop --steps/--sampler to use it")
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C), rounding as diffusers' pipelines do."""
     x = (x.float() / 2 + 0.5).clamp(0, 1)

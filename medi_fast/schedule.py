@@ -13,6 +13,9 @@ import torch
 from .errors import MediFastError
 
 SPACINGS = ("leading", "trailing", "linspace")
+# What the UNet predicts, spelled as diffusers' ``prediction_type``: the noise (the published models),
+# v = alpha eps - sigma x0 (Salimans & Ho 2022; distilled students) or x0 itself.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass(frozen=True)
@@ -35,12 +38,19 @@ class Schedule:
     # of a freshly built diffusers solver.  A reference MeDi run builds its DPMSolverMultistepScheduler
     # from the DDPM scheduler_config.json, which carries "leading"; imports set that here.
     solver_spacing: str | None = None
+    # A distilled student (``medi-fast distill``) is made for one sampler at one number of steps:
+    # generation uses them when the user gives none.  None: any sampler, the generic default steps.
+    default_steps: int | None = None
+    default_sampler: str | None = None
 
     def __post_init__(self):
         if self.beta_schedule not in ("linear", "scaled_linear"):
             raise MediFastError(f"unknown beta_schedule {self.beta_schedule!r}; use 'linear' or 'scaled_linear'")
-        if self.prediction_type != "epsilon":
-            raise MediFastError(f"prediction_type {self.prediction_type!r} is not supported; use 'epsilon'")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise MediFastError(f"prediction_type {self.prediction_type!r} is not supported; use one of "
+                                f"{', '.join(PREDICTION_TYPES)}")
+        if self.default_steps is not None and not 1 <= int(self.default_steps) <= self.num_train_timesteps:
+            raise MediFastError(f"default_steps {self.default_steps} is out of range; use 1..{self.num_train_timesteps}")
         for spacing in (self.timestep_spacing, self.solver_spacing or "linspace"):
             if spacing not in SPACINGS:
                 raise MediFastError(f"unknown timestep spacing {spacing!r}; use one of {', '.join(SPACINGS)}")
@@ -86,8 +96,9 @@ class Schedule:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["solver_spacing"] is None:
-            del d["solver_spacing"]  # absent = default, so older headers (and their hashes) stay as they were
+        for key in ("solver_spacing", "default_steps", "default_sampler"):
+            if d[key] is None:
+                del d[key]  # absent = default, so older headers (and their hashes) stay as they were
         return d
 
     @classmethod
@@ -103,4 +114,22 @@ class Schedule:
         d = self.to_dict()
         d.pop("timestep_spacing")
         d.pop("solver_spacing", None)
+        d.pop("default_steps", None)
+        d.pop("default_sampler", None)
         return {**d, "timestep_spacing": self.timestep_spacing}
+
+
+def split_output(prediction_type: str, output: torch.Tensor, x: torch.Tensor, alpha, sigma):
+    """Model output at x_t = alpha x0 + sigma eps -> (x0, eps), as diffusers' schedulers convert it.
+
+    alpha = sqrt(alpha_bar_t), sigma = sqrt(1 - alpha_bar_t).  The epsilon branch is the exact
+    arithmetic the samplers always used (bit-for-bit diffusers'); v and x0 follow
+    ``DDIMScheduler.step`` (x0 = alpha x - sigma v, eps = alpha v + sigma x).
+    """
+    if prediction_type == "epsilon":
+        return (x - sigma * output) / alpha, output
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma * output, alpha * output + sigma * x
+    if prediction_type == "sample":
+        return output, (x - alpha * output) / sigma
+    raise MediFastError(f"prediction_type {prediction_type!r} is not supported; use one of {', '.join(PREDICTION_TYPES)}")

@@ -128,6 +128,7 @@ LEGIT: dict[tuple[str, str], set[str]] = {
     ("data synth", "patches_per_slide"): {"huge", "enormous"},  # an upper bound: one slide holds them all
     ("init-checkpoint", "classes"): {"unknown"}, ("init-checkpoint", "tss"): {"unknown", "empty-string"},  # new vocabularies
     ("generate", "tss"): set(), ("info", "model"): set(),
+    ("distill", "seed"): {"zero"}, ("distill", "ema_decay"): {"zero"},
 }
 
 
@@ -140,6 +141,8 @@ CHEAP: dict[tuple[str, ...], dict[str, str]] = {
     ("generate",): {"model": "@ckpt", "n": "2", "steps": "2"},
     ("plan",): {"model": "@ckpt"},
     ("info",): {"model": "@ckpt"},
+    ("distill",): {"teacher": "@ckpt", "data": "@parquet", "steps": "1", "teacher_steps": "2", "iters_per_stage": "1",
+                   "batch_size": "2", "device": "cpu"},
 }
 
 
@@ -203,7 +206,7 @@ def valid_value(path: tuple[str, ...], p: click.Parameter, fx: Fixtures, work: P
                "embed": ".parquet"}.get(cmd, "")
         return str(work / f"result{ext}")
     table = {
-        "model": fx.ckpt, "model_opt": fx.ckpt, "checkpoint": fx.ckpt, "class_": "LUAD", "n": "2", "steps": "2",
+        "model": fx.ckpt, "model_opt": fx.ckpt, "checkpoint": fx.ckpt, "teacher": fx.ckpt, "class_": "LUAD", "n": "2", "steps": "2",
         "batch_size": "2", "sites_from": fx.index, "strategy": "match-train", "classes": "LUAD,LUSC",
         "data": fx.parquet, "metadata": fx.clinical, "root": fx.synth, "index": fx.parquet, "resolution": "32",
         "task": "nsclc", "real": fx.synth, "fake": fx.synth, "images": fx.synth,

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("core:info", "Describe a checkpoint or engine: conditioning, vocabularies, schedule, hash."),
     "export": ("export:export", "Export a checkpoint to ONNX (fp32/fp16) and TensorRT, with a parity report."),
     "train": ("train:train", "Train a CLS or MeDi UNet (EMA, mixed precision, exact resume, DDP)."),
+    "distill": ("distill:distill", "Distil a model into a few-step student (progressive distillation)."),
     "import-medi": ("train:import_medi", "Convert a reference MeDi run (as train_diffusion.py wrote it) to a medi-fast checkpoint."),
     "backends": ("core:list_backends", "List runtime backends and whether each is available here."),
     "doctor": ("doctor:doctor", "Print the environment; --check tests every backend and precision on this machine."),

@@ -71,8 +71,8 @@ MODEL_HELP = ("Checkpoint, .onnx, .engine or export directory.  Default: $MEDI_F
               help="Output directory (resumable).  Default: synth/<class>_<attr>-<value> (one combination) or "
                    "synth/<strategy>; with --fid-stats and no --out, no images are written.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per sampler batch.")
-@click.option("--steps", type=int, default=100, show_default=True, help="Sampler steps (DDIM-100 as published).")
-@click.option("--sampler", default="ddim", show_default=True, help="ddim, or a fast solver (see docs/samplers.md).")
+@click.option("--steps", type=int, help="Sampler steps [default: 100 (DDIM-100 as published); a distilled student's own].")
+@click.option("--sampler", help="ddim, or a fast solver (see docs/samplers.md) [default: ddim].")
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0 = deterministic).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Base seed; image i depends on (seed, i) only.")
 @click.option("--guidance", type=float, default=1.0, show_default=True,
@@ -114,14 +114,17 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
     if inception_weights is not None and fid_stats is None:
         raise MediFastError("--inception-weights applies to --fid-stats only; drop it or add --fid-stats FILE.npz")
     choice = _model_choice(model, model_opt)
-    cfg = GenerateConfig(steps=steps, eta=eta, sampler=sampler, guidance=guidance, batch_size=batch_size,
-                         format=fmt, jpeg_quality=jpeg_quality, workers=workers)
+    cfg = GenerateConfig(steps=100 if steps is None else steps, eta=eta, sampler=sampler or "ddim", guidance=guidance,
+                         batch_size=batch_size, format=fmt, jpeg_quality=jpeg_quality, workers=workers)
     shard_ = _parse_shard(shard)
     info = backends.open_model(choice.path)
     if backend == "tensorrt" and info.kind == "onnx":  # build on first use, reuse from the engine cache after
         from ..engines.tensorrt_build import cached_engine
 
         info = backends.open_model(cached_engine(info.path, engine_cache))
+    from ..generate import for_model
+
+    cfg = for_model(cfg, info, steps_given=steps is not None, sampler_given=sampler is not None)
     the_plan = plans.build(info.spec, plan=plan, values=_with_class(class_, _metadata(tss, gender, race, age, meta)),
                            n=n, seed=seed, sites_from=sites_from, classes=parse_list(classes or ""),
                            n_per_combo=n_per_combo, k=k)
@@ -177,9 +180,11 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
     click.echo(f"model {used} (from {choice.source}), hash {info.model_hash}, backend {denoiser.name}", err=True)
     if out is not None:
         click.echo(f"output {out} ({out_source})", err=True)
-    warning = guidance_warning(info, guidance)
-    if warning:
-        click.echo(f"medi-fast: warning: {warning}", err=True)
+    from ..generate import distilled_warning
+
+    for warning in (guidance_warning(info, guidance), distilled_warning(info, cfg)):
+        if warning:
+            click.echo(f"medi-fast: warning: {warning}", err=True)
     if not quiet:
         click.echo(f"{len(the_plan)} images planned{f', shard {shard_[0]}/{shard_[1]}' if shard_[1] > 1 else ''}",
                    err=True)
@@ -275,6 +280,9 @@ def info(model, as_json):
         click.echo(f"  {a.name:<8} width {a.dim:<4} {len(a.vocab) if a.vocab else '':>4}  {vals}")
     click.echo(f"  schedule {i.schedule.num_train_timesteps} {i.schedule.beta_schedule} betas "
                f"{i.schedule.beta_start}..{i.schedule.beta_end}, {i.schedule.prediction_type}")
+    if i.schedule.default_steps is not None:
+        click.echo(f"  distilled for {i.schedule.default_sampler or 'ddim'}-{i.schedule.default_steps} "
+                   f"({i.schedule.timestep_spacing} timesteps); generate uses it unless --steps/--sampler are given")
     from ..checkpoint import provenance_lines
 
     for line in provenance_lines(i.provenance):

@@ -2,7 +2,7 @@
 
 Notation map (paper -> code):
     x_t            sample            (B, C, H, W)
-    eps_theta      eps               denoiser output
+    eps_theta      eps               denoiser output (or converted from v / x0: schedule.split_output)
     alpha_bar_t    a_t               schedule.alphas_cumprod[t]
     alpha_bar_prev a_prev            alphas_cumprod[t - T // steps], or 1 at the end
     sigma_t        sigma             eta * sqrt((1-a_prev)/(1-a_t) * (1 - a_t/a_prev))
@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..schedule import Schedule
+from ..schedule import Schedule, split_output
 
 
 def ddim(denoiser, x_T: torch.Tensor, timesteps: Sequence[int], schedule: Schedule, cond: dict,
@@ -34,16 +34,16 @@ def ddim(denoiser, x_T: torch.Tensor, timesteps: Sequence[int], schedule: Schedu
     x = x_T
     batch = x.shape[0]
     for i, t in enumerate(int(t) for t in timesteps):
-        # 1. eps_theta(x_t, t, c)
+        # 1. the model output at (x_t, t, c): eps, v or x0 (schedule.prediction_type)
         t_batch = torch.full((batch,), t, dtype=torch.long, device=x.device)
-        eps = denoiser(x, t_batch, cond).to(x.dtype)  # (B, C, H, W)
+        out = denoiser(x, t_batch, cond).to(x.dtype)  # (B, C, H, W)
         # 2. alpha_bar_t and alpha_bar_{t-1}
         prev_t = t - stride
         a_t = alphas_cumprod[t]
         a_prev = alphas_cumprod[prev_t] if prev_t >= 0 else final
         b_t = 1 - a_t
-        # 3. predicted x_0, optionally clipped
-        x0 = (x - b_t ** 0.5 * eps) / a_t ** 0.5
+        # 3. predicted x_0 and eps (diffusers' conversion per prediction_type), x_0 optionally clipped
+        x0, eps = split_output(schedule.prediction_type, out, x, a_t ** 0.5, b_t ** 0.5)
         if schedule.clip_sample:
             x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
         # 4. sigma_t (eq. 16)

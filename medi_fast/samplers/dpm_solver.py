@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import MediFastError
-from ..schedule import SPACINGS, Schedule
+from ..schedule import SPACINGS, Schedule, split_output
 
 
 def multistep_timesteps(schedule: Schedule, num_steps: int, spacing: str = "linspace") -> np.ndarray:
@@ -111,13 +111,15 @@ def clip_x0(x0: torch.Tensor) -> torch.Tensor:
     return x0.clamp(-1.0, 1.0)
 
 
-def data_prediction(denoiser, x: torch.Tensor, t: int, sig_ve: torch.Tensor, cond: dict, clip: bool):
-    """One model call at (x, t): eps_theta -> x0 = (x - sigma_s eps) / alpha_s, clipped to [-1, 1] if asked.
+def data_prediction(denoiser, x: torch.Tensor, t: int, sig_ve: torch.Tensor, cond: dict, clip: bool,
+                    prediction_type: str = "epsilon"):
+    """One model call at (x, t): eps_theta -> x0 = (x - sigma_s eps) / alpha_s (v: alpha_s x - sigma_s v;
+    x0 as it is), clipped to [-1, 1] if asked, as diffusers' ``convert_model_output``.
     Returns (x0, alpha_s, sigma_s, lambda_s); sig_ve is the VE sigma of t."""
     t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    eps = denoiser(x, t_batch, cond).to(x.dtype)  # (B, C, H, W)
+    out = denoiser(x, t_batch, cond).to(x.dtype)  # (B, C, H, W)
     alpha_s, sigma_s, lam_s = vp_coefficients(sig_ve)
-    x0 = (x - sigma_s * eps) / alpha_s  # (B, C, H, W)
+    x0 = split_output(prediction_type, out, x, alpha_s, sigma_s)[0]  # (B, C, H, W)
     return (clip_x0(x0) if clip else x0), alpha_s, sigma_s, lam_s
 
 
@@ -128,7 +130,7 @@ def _dpmpp_2m(denoiser, x_T, timesteps, schedule, cond, callback, *, clip: bool)
     x0_prev = None  # x0 of the previous step: the multistep history
     for i, t in enumerate(int(t) for t in timesteps):
         # 1. eps_theta(x_{t_i}, t_i, c) -> data prediction x0 = (x - sigma_s eps) / alpha_s
-        x0, alpha_s, sigma_s, lam_s = data_prediction(denoiser, x, t, sig_ve[i], cond, clip)
+        x0, alpha_s, sigma_s, lam_s = data_prediction(denoiser, x, t, sig_ve[i], cond, clip, schedule.prediction_type)
         # 2. step size in half log-SNR: h = lambda_t - lambda_s (t = the next, less noisy time)
         alpha_t, sigma_t, lam_t = vp_coefficients(sig_ve[i + 1])
         h = lam_t - lam_s

@@ -132,7 +132,7 @@ def _unipc(denoiser, x_T, timesteps, schedule, cond, callback, *, clip: bool) ->
     x_prev, prev_order = None, 0  # the corrected x_{t_{i-1}} and the order used to leave it
     for i, t in enumerate(int(t) for t in timesteps):
         # 1. eps_theta(x_{t_i}, t_i, c) -> data prediction m_i at the (uncorrected) x_{t_i}
-        m = data_prediction(denoiser, x, t, sig_ve[i], cond, clip)[0]
+        m = data_prediction(denoiser, x, t, sig_ve[i], cond, clip, schedule.prediction_type)[0]
         # 2. UniC: correct x_{t_i} with the new evaluation (same order as the step that produced it)
         if i > 0:
             x = _uni_c(m, x_prev, sig_ve, i, hist, prev_order)

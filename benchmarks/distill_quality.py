@@ -1,0 +1,175 @@
+"""Distilled students vs the teacher's samplers at the same steps vs the teacher's DDIM-100, on the demo model.
+
+    python benchmarks/distill_quality.py --teacher demo_out/runs/medi/checkpoints/best.pt \
+        --index demo_out/index.parquet [--pack demo_out/pack] [--student student-1.pt]
+
+Without --student it distils the teacher first (medi_fast.training.distill, down to the fewest of
+--steps, keeping every stage's student); with --student it takes that run's stage students
+(``<student stem>.distill/stages/student-NNNN.pt``).  For each of --steps (1, 2, 4, 8) it generates the
+same plan (every class x trained site, one seed per image, so every sampler starts from the same x_T)
+with the student (its own DDIM-k), the teacher's DDIM-k and the teacher's --solver at k steps, plus the
+teacher's DDIM-100, and measures, with the demo's own evaluation (medi_fast.demo.stages, imported):
+
+* ``dist``: the FID-style colour-texture distance to the real cohort, per class, averaged;
+* ``site_slope`` / ``site_corr``: per-site stain fidelity (medi_fast.eval.site_fidelity), 1.0 = every
+  site's stain difference reproduced;
+* ``probe``: the demo protocol's linear probe (k real patches per class from confounded sites, tested
+  on unseen sites), TSS-averaged balanced accuracy with these samples as the synthetic set;
+* ``unet_calls`` per image and ``s``: wall time of the sampling in this run (torch eager fp32).
+
+"Within 5 % of DDIM-100": distance at most 1.05 x DDIM-100's.  Writes benchmarks/results/distill_quality.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_results  # noqa: E402
+
+import medi_fast  # noqa: E402
+from medi_fast import plan as plans  # noqa: E402
+
+BASELINE_STEPS = 100
+TOLERANCE = 0.05
+
+
+def stage_students(student: Path) -> dict[int, Path]:
+    stages = student.with_name(student.stem + ".distill") / "stages"
+    found = {int(p.stem.split("-")[1]): p for p in sorted(stages.glob("student-*.pt"))}
+    if not found:
+        raise SystemExit(f"no stage students in {stages}; distil with medi-fast distill first or drop --student")
+    return found
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", required=True, help="the demo's MeDi checkpoint")
+    ap.add_argument("--index", required=True, help="the demo's index.parquet (real patches, the probe's pool and test)")
+    ap.add_argument("--pack", help="the pack of --index at the model resolution (default: INDEX_DIR/pack)")
+    ap.add_argument("--split", help="training split CSV for distilling (default: the teacher's)")
+    ap.add_argument("--student", help="an already distilled student (its stage students are used); else distil")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "medi-fast-distill-quality"),
+                    help="where a new distillation is written (checkpoints stay out of the repository)")
+    ap.add_argument("--steps", default="1,2,4,8")
+    ap.add_argument("--teacher-steps", type=int, default=16)
+    ap.add_argument("--iters-per-stage", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--ema-decay", type=float, default=0.99)
+    ap.add_argument("--solver", default="dpmpp-2m-clip", help="the teacher's fast solver (best on the demo model)")
+    ap.add_argument("--n-per-combo", type=int, default=24)
+    ap.add_argument("--probe-repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    steps = sorted(int(s) for s in args.steps.split(","))
+
+    t0 = time.perf_counter()
+    distill_s = None
+    if args.student:
+        student = Path(args.student)
+        metrics = student.with_name(student.stem + ".distill") / "metrics.csv"
+        if metrics.is_file():  # the distillation's own clock: elapsed seconds at its last logged step
+            distill_s = float(pd.read_csv(metrics)["elapsed_s"].iloc[-1])
+        config = metrics.with_name("config.json")
+        if config.is_file():  # report the settings that student was distilled with, not this script's defaults
+            import json
+
+            c = json.loads(config.read_text())
+            args.teacher_steps = c.get("resolved_teacher_steps", args.teacher_steps)
+            args.iters_per_stage, args.batch_size = c["iters_per_stage"], c["batch_size"]
+            args.lr, args.ema_decay = c["lr"], c["ema_decay"]
+    else:
+        from medi_fast.training.distill import distill
+
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        student = work / f"student-{steps[0]}.pt"
+        resume = student.with_name(student.stem + ".distill").is_dir()
+        if not student.exists():
+            distill(teacher=args.teacher, steps=steps[0], teacher_steps=args.teacher_steps, out=str(student),
+                    split=args.split, iters_per_stage=args.iters_per_stage, batch_size=args.batch_size, lr=args.lr,
+                    ema_decay=args.ema_decay, seed=args.seed, device="cpu", resume=resume, progress=False)
+        distill_s = time.perf_counter() - t0
+        print(f"distilled in {distill_s:.0f} s", flush=True)
+    students = stage_students(student)
+
+    from medi_fast.data.pack import read_pack
+    from medi_fast.demo.stages import DemoConfig, evaluate, measure_site_fidelity
+
+    index = pd.read_parquet(args.index)
+    pack = Path(args.pack) if args.pack else Path(args.index).parent / "pack"
+    real = np.ascontiguousarray(read_pack(pack)[1].transpose(0, 2, 3, 1))  # (N, R, R, 3), index order
+    teacher = medi_fast.load(args.teacher, backend="torch", batch_size=64)
+    spec = teacher.spec
+    classes = list(spec["class"].vocab.names)
+    sites = [s for s in spec["tss"].vocab.names if s != "Unknown"]
+    combos = pd.DataFrame([(c, s, args.n_per_combo) for c in classes for s in sites], columns=["class", "tss", "count"])
+    if args.n_per_combo * len(sites) < DemoConfig.k:
+        raise SystemExit(f"--n-per-combo {args.n_per_combo} gives fewer than the probe's {DemoConfig.k} patches per class; "
+                         f"use at least {-(-DemoConfig.k // len(sites))}")
+    plan = plans.from_counts(spec, combos, args.seed)
+    meta = pd.DataFrame({"class": plan.rows["class"].to_numpy(), "tissue_source_site": plan.rows["tss"].to_numpy()})
+
+    runs = [("teacher", "ddim", BASELINE_STEPS, args.teacher)]
+    for k in steps:
+        if k in students:
+            runs.append(("student", "ddim", k, str(students[k])))
+        runs += [("teacher", "ddim", k, args.teacher), ("teacher", args.solver, k, args.teacher)]
+    synthetic, rows = {}, []
+    for model, sampler, k, path in runs:
+        pipe = medi_fast.load(path, backend="torch", batch_size=64, steps=k, sampler=sampler)
+        t = time.perf_counter()
+        images = pipe.run(plan)
+        secs = time.perf_counter() - t
+        name = f"{model} {sampler}-{k}"
+        synthetic[name] = (meta, images)
+        site = measure_site_fidelity(index, real, (meta, images))
+        rows.append({"model": model, "sampler": sampler, "steps": k, "unet_calls": k, "s": secs,
+                     "site_slope": site.slope, "site_corr": site.correlation, "shipped": model == "student",
+                     "path": path})
+        print(f"{name:28s} {secs:7.1f} s  site slope {site.slope:.3f}", flush=True)
+
+    result = evaluate(DemoConfig(probe_repeats=args.probe_repeats, seed=args.seed), index, real, synthetic)
+    dist = result["fid"].groupby("model", sort=False)["distance"].mean()
+    probe = result["probe"].set_index("arm")
+    for r in rows:
+        name = f"{r['model']} {r['sampler']}-{r['steps']}"
+        r["dist"] = float(dist[name])
+        r["probe"] = float(probe.loc[name, "tss_balanced_accuracy_mean"])
+        r["probe_sem"] = float(probe.loc[name, "tss_balanced_accuracy_sem"])
+    base = rows[0]
+    no_syn = probe.loc["no-synthetic"] if "no-synthetic" in probe.index else None
+    for r in rows:
+        r["dist_vs_ddim100"] = r["dist"] / base["dist"]
+        r["speedup_calls_vs_ddim100"] = BASELINE_STEPS / r["unet_calls"]
+        r["speedup_wall_vs_ddim100"] = base["s"] / r["s"]
+    ok = [r["steps"] for r in rows if r["model"] == "student" and r["dist"] <= (1 + TOLERANCE) * base["dist"]]
+    fewest = min(ok) if ok else None
+    print(f"\n| model | sampler | steps | dist | dist / DDIM-100 | site slope | probe TSS-bal-acc | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['dist']:.3f} | {r['dist_vs_ddim100']:.3f} | "
+              f"{r['site_slope']:.3f} | {r['probe']:.3f} ± {r['probe_sem']:.3f} | {r['s']:.1f} |")
+    print("fewest student steps within 5 % of DDIM-100:", fewest)
+    extra = {"teacher": args.teacher, "student": str(student), "n_images": len(plan), "distill_seconds": distill_s,
+             "distill": {"teacher_steps": args.teacher_steps, "iters_per_stage": args.iters_per_stage,
+                         "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay},
+             "fewest_student_steps_within_5pct": fewest,
+             "speedup_calls_at_fewest": None if fewest is None else BASELINE_STEPS / fewest,
+             "probe_no_synthetic": None if no_syn is None else float(no_syn["tss_balanced_accuracy_mean"]),
+             "probe_repeats": args.probe_repeats, "solver": args.solver,
+             "total_seconds": time.perf_counter() - t0}
+    path = write_results("distill_quality", rows, extra)
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Progressive distillation: the v / x0 parameterisations against diffusers, the distillation target
+(one student DDIM step lands where two teacher steps land), the student end to end (checkpoint ->
+export -> generate with its own steps, ort-cpu), and the one-line refusals."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from medi_fast import checkpoint as ckpt_io
+from medi_fast.cli import main
+from medi_fast.errors import MediFastError
+from medi_fast.samplers import ddim, dpmpp_2m, timesteps_for
+from medi_fast.schedule import Schedule
+from medi_fast.training.distill import StageGrid, stage_plan, student_loss, student_schedule, teacher_target
+
+
+def fake_model(x, t, cond):
+    """A deterministic stand-in for a UNet whose output depends on x and t (not on a parameterisation)."""
+    return 0.7 * x + 0.05 * torch.sin(t.float().view(-1, 1, 1, 1) / 100.0 + x)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+@pytest.mark.parametrize("spacing, clip, steps", [("trailing", False, 4), ("leading", True, 10), ("trailing", True, 8)])
+def test_ddim_matches_diffusers_for_v_and_x0(prediction_type, spacing, clip, steps):
+    from diffusers import DDIMScheduler
+
+    schedule = Schedule(prediction_type=prediction_type, timestep_spacing=spacing, clip_sample=clip)
+    ref = DDIMScheduler(**schedule.diffusers_config())
+    ref.set_timesteps(steps)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = x_T.clone()
+    for t in ref.timesteps:
+        x = ref.step(fake_model(x, t.expand(2), {}), t, x, eta=0.0).prev_sample
+    ours = ddim(fake_model, x_T.clone(), timesteps_for("ddim", schedule, steps), schedule, {})
+    eps_run = ddim(fake_model, x_T.clone(), timesteps_for("ddim", schedule, steps),
+                   replace(schedule, prediction_type="epsilon"), {})
+    assert list(ref.timesteps.numpy()) == list(timesteps_for("ddim", schedule, steps))
+    assert (ours - x).abs().max().item() <= 1e-5
+    assert (ours - eps_run).abs().max().item() > 1e-2  # the parameterisation really changes the trajectory
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_dpm_solver_matches_diffusers_for_v_and_x0(prediction_type):
+    from diffusers import DPMSolverMultistepScheduler
+
+    schedule = Schedule(prediction_type=prediction_type)
+    ref = DPMSolverMultistepScheduler(**{k: v for k, v in schedule.diffusers_config().items()
+                                          if k not in ("clip_sample", "clip_sample_range", "set_alpha_to_one",
+                                                       "timestep_spacing")})
+    ref.set_timesteps(6)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = x_T.clone()
+    for t in ref.timesteps:
+        x = ref.step(fake_model(x, t.expand(2), {}), t, x).prev_sample
+    ours = dpmpp_2m(fake_model, x_T.clone(), timesteps_for("dpmpp-2m", schedule, 6), schedule, {})
+    assert (ours - x).abs().max().item() <= 1e-4
+
+
+def test_schedule_records_prediction_type_and_default_steps():
+    s = student_schedule(Schedule(), "v_prediction", 4)
+    assert (s.prediction_type, s.default_steps, s.default_sampler, s.timestep_spacing, s.clip_sample) == \
+        ("v_prediction", 4, "ddim", "trailing", False)
+    assert Schedule.from_dict(s.to_dict()) == s
+    assert "default_steps" not in Schedule().to_dict()  # older headers (and hashes) unchanged
+    with pytest.raises(MediFastError, match="prediction_type 'x' is not supported"):
+        Schedule(prediction_type="x")
+
+
+def test_stage_plan_halves_and_refuses_unreachable_steps():
+    assert stage_plan(64, 4) == [32, 16, 8, 4]
+    assert stage_plan(16, 1) == [8, 4, 2, 1]
+    with pytest.raises(MediFastError, match="not reachable by halving --teacher-steps 64"):
+        stage_plan(64, 3)
+    with pytest.raises(MediFastError, match="not fewer than the teacher's 8 steps"):
+        stage_plan(8, 8)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_one_student_step_lands_where_two_teacher_steps_land(tiny_sampler_case, n, prediction_type):
+    """The target of Algorithm 2, fed back as the student's output, makes the sampler's own DDIM step
+    (medi_fast.samplers.ddim on the student's schedule) reproduce the teacher's two steps exactly."""
+    model, cond, x_T = tiny_sampler_case
+    teacher_sched = Schedule()  # eps, clipped: the published teacher
+    grid = StageGrid(teacher_sched, n)
+    s_sched = student_schedule(teacher_sched, prediction_type, n)
+    assert list(timesteps_for("ddim", s_sched, n)) == grid.t.tolist()
+    idx = torch.zeros(x_T.shape[0], dtype=torch.long)  # the first step, from t = T - 1
+    abar = grid.abar[idx].float().view(-1, 1, 1, 1)
+    with torch.no_grad():
+        x_target, z_next = teacher_target(model, teacher_sched, grid, x_T, idx, cond)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    student_out = (a * x_T - x_target) / s if prediction_type == "v_prediction" else x_target
+    got = {}
+    ddim(lambda x, t, c: student_out, x_T, timesteps_for("ddim", s_sched, n), s_sched, cond,
+         callback=lambda i, x: got.setdefault(i, x))
+    assert (got[0] - z_next).abs().max().item() <= 1e-3 * max(1.0, z_next.abs().max().item())
+    # and the loss is 0 exactly there, positive elsewhere
+    assert student_loss(student_out, x_target, x_T, abar, prediction_type).item() <= 1e-8
+    assert student_loss(student_out + 0.1, x_target, x_T, abar, prediction_type).item() > 1e-4
+
+
+# -- end to end ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny 16 px MeDi teacher trained for 2 steps on the synthetic set (with cond-drop, for guidance)."""
+    from medi_fast.data.index import build_index
+    from medi_fast.data.pack import pack_index
+    from medi_fast.data.synth import SynthConfig, render_dataset
+
+    root = tmp_path_factory.mktemp("distill")
+    render_dataset(SynthConfig.full(("LUAD", "LUSC"), ("S1", "S2"), n_per_combo=4, resolution=16), root / "ds")
+    df = build_index(root / "ds", root / "ds" / "clinical.csv")
+    pack = pack_index(df, 16, root / "pack16")
+    main(["train", "--data", str(pack), "--preset", "tiny-32", "--resolution", "16", "--batch-size", "4",
+          "--steps", "2", "--out", str(root / "run"), "--workers", "0", "--checkpoint-every", "2",
+          "--grid-every", "0", "--device", "cpu", "--cond-drop", "0.1"])
+    return root / "run" / "checkpoints" / "step-00000002.pt"
+
+
+def _fail(args, capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("medi-fast: error: ")
+    return line
+
+
+def _distill(teacher, out, *extra):
+    return main(["distill", str(teacher), "--out", str(out), "--batch-size", "2", "--iters-per-stage", "2",
+                 "--device", "cpu", "--quiet", *[str(e) for e in extra]])
+
+
+@pytest.mark.slow
+def test_distil_export_generate_with_own_steps(teacher, tmp_path, capsys):
+    out = tmp_path / "student.pt"
+    assert _distill(teacher, out, "--steps", "1", "--teacher-steps", "4") == 0
+    ck = ckpt_io.load(out)
+    teacher_ck = ckpt_io.load(teacher)
+    assert (ck.schedule.prediction_type, ck.schedule.default_steps, ck.schedule.default_sampler) == ("v_prediction", 1, "ddim")
+    assert ck.spec.to_dict() == teacher_ck.spec.to_dict()  # the teacher's conditioning and vocabularies
+    assert ck.provenance["cond_drop"] == 0.1 and ck.provenance["stage_steps"] == 1
+    stages = sorted(p.name for p in (tmp_path / "student.distill" / "stages").iterdir())
+    assert stages == ["student-0001.pt", "student-0002.pt"]
+    assert ckpt_io.load(tmp_path / "student.distill" / "stages" / "student-0002.pt").schedule.default_steps == 2
+    # the student is not the teacher: its weights moved
+    assert any(not torch.equal(ck.weights()[k], teacher_ck.weights()[k]) for k in ck.state_dict)
+    # a second run to the same --out is refused; resume of a finished run rewrites nothing new
+    assert "already exists" in _fail(["distill", teacher, "--out", out, "--steps", "1", "--teacher-steps", "4"], capsys)
+
+    # generate from the checkpoint and from its ONNX export (ort-cpu): the student's own DDIM-1 by default
+    assert main(["export", str(out), "--out", str(tmp_path / "exp"), "--no-fp16", "--parity-steps", "2"]) == 0
+    from medi_fast.backends import open_model
+
+    info = open_model(tmp_path / "exp" / "model.onnx")
+    assert (info.schedule.prediction_type, info.schedule.default_steps) == ("v_prediction", 1)
+    for model, backend in ((out, "torch"), (tmp_path / "exp" / "model.onnx", "ort-cpu")):
+        dest = tmp_path / f"synth-{backend}"
+        capsys.readouterr()
+        assert main(["generate", str(model), "--class", "LUSC", "--tss", "S1", "--n", "2", "--out", str(dest),
+                     "--backend", backend, "--quiet"]) == 0
+        assert "warning" not in capsys.readouterr().err
+        m = pd.read_csv(dest / "manifest.csv")
+        assert set(m["steps"]) == {1} and set(m["sampler"]) == {"ddim"} and len(m) == 2
+    # an explicit --steps wins, with one warning line; unseen combinations generate too
+    capsys.readouterr()
+    assert main(["generate", str(out), "--class", "LUAD", "--tss", "S2", "--n", "1", "--steps", "3",
+                 "--out", str(tmp_path / "s3"), "--quiet"]) == 0
+    assert "distilled for ddim-1" in capsys.readouterr().err
+    assert set(pd.read_csv(tmp_path / "s3" / "manifest.csv")["steps"]) == {3}
+    # the Python API: own steps by default; the checkpoint and the ONNX export agree
+    import medi_fast
+
+    a = medi_fast.load(out, backend="torch").generate("LUAD", tss="S1", n=2, seed=3)
+    b = medi_fast.load(tmp_path / "exp" / "model.onnx", backend="ort-cpu").generate("LUAD", tss="S1", n=2, seed=3)
+    assert medi_fast.load(out, backend="torch").config.steps == 1
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+    # distilling the student again to MORE (or as many) steps is refused in one line
+    line = _fail(["distill", out, "--out", tmp_path / "again.pt", "--steps", "2"], capsys)
+    assert "already distilled to 1 steps" in line and not (tmp_path / "again.pt").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(teacher, tmp_path, monkeypatch):
+    from medi_fast.training import distill as mod
+
+    opts = dict(teacher=str(teacher), steps=1, teacher_steps=4, iters_per_stage=2, batch_size=2, device="cpu",
+                progress=False, checkpoint_every=1)
+    whole = mod.distill(out=str(tmp_path / "whole.pt"), **opts)
+    calls = {"n": 0}
+    real_loss = mod.student_loss
+
+    def interrupted(*a, **k):  # Ctrl-C in the 2nd iteration of the 2nd stage
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(mod, "student_loss", interrupted)
+    out = tmp_path / "cut.pt"
+    with pytest.raises(KeyboardInterrupt):
+        mod.distill(out=str(out), **opts)
+    assert not out.exists()  # no partial student
+    with pytest.raises(MediFastError, match="pass --resume"):
+        mod.distill(out=str(out), **opts)
+    monkeypatch.setattr(mod, "student_loss", real_loss)
+    mod.distill(out=str(out), resume=True, **opts)
+    a, b = ckpt_io.load(whole), ckpt_io.load(out)
+    assert all(torch.equal(a.weights()[k], b.weights()[k]) for k in a.weights())
+
+
+def test_bad_inputs_fail_in_one_line(teacher, tmp_path, capsys):
+    out = tmp_path / "s.pt"
+    assert "not reachable by halving --teacher-steps 64" in _fail(["distill", teacher, "--out", out, "--steps", "3"], capsys)
+    assert "not fewer than the teacher's 4 steps" in _fail(
+        ["distill", teacher, "--out", out, "--steps", "4", "--teacher-steps", "4"], capsys)
+    assert "does not exist" in _fail(["distill", tmp_path / "nope.pt", "--out", out], capsys)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(teacher.read_bytes()[:1000])
+    assert "truncated or corrupt" in _fail(["distill", bad, "--out", out], capsys)
+    assert "--lr must be a finite number" in _fail(["distill", teacher, "--out", out, "--lr", "nan"], capsys)
+    assert "must end in .pt" in _fail(["distill", teacher, "--out", tmp_path / "s.txt"], capsys)
+    # a teacher without a recorded schedule (a header without one) is refused by the checkpoint loader
+    obj = torch.load(teacher, weights_only=True)
+    del obj["schedule"]
+    torch.save(obj, tmp_path / "noschedule.pt")
+    assert "incomplete header" in _fail(["distill", tmp_path / "noschedule.pt", "--out", out], capsys)
+    assert not out.exists() and not (tmp_path / "s.distill").exists()
+
+
+def test_results_section_states_the_fewest_student_steps(tmp_path):
+    """run_all.py --report-only turns distill_quality.json into its RESULTS.md section and verdict."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def row(model, sampler, steps, dist, s):
+        return {"model": model, "sampler": sampler, "steps": steps, "unet_calls": steps, "s": s, "dist": dist,
+                "dist_vs_ddim100": dist / 10.0, "site_slope": 0.5, "site_corr": 0.9, "probe": 0.9, "probe_sem": 0.01,
+                "shipped": model == "student", "speedup_calls_vs_ddim100": 100 / steps,
+                "speedup_wall_vs_ddim100": 100.0 / s}
+    rows = [row("teacher", "ddim", 100, 10.0, 100.0), row("student", "ddim", 2, 12.0, 2.0),
+            row("student", "ddim", 4, 10.3, 4.0), row("teacher", "ddim", 4, 30.0, 4.0)]
+    (tmp_path / "distill_quality.json").write_text(json.dumps({
+        "name": "distill_quality", "machine": {}, "command": "x", "rows": rows, "n_images": 8,
+        "fewest_student_steps_within_5pct": 4, "distill": {"teacher_steps": 16, "iters_per_stage": 40, "batch_size": 16},
+        "distill_seconds": 600.0, "probe_no_synthetic": 0.8, "probe_repeats": 3}))
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    r = subprocess.run([sys.executable, str(bench / "run_all.py"), "--report-only"], capture_output=True, text=True,
+                       env={**os.environ, "MEDI_FAST_BENCH_RESULTS": str(tmp_path)}, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## Distilled students" in md
+    assert "Fewest student steps within 5 % of DDIM-100's distance: 4** (1.03x its distance): 25x fewer UNet calls" in md

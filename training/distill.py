@@ -1,0 +1,418 @@
+"""Progressive distillation (Salimans & Ho 2022, Algorithm 2): a student that needs N DDIM steps.
+
+Each stage halves the steps.  The student, initialised from its teacher, learns to take in ONE DDIM
+step what the teacher does in TWO:
+
+    x ~ data, i ~ U{0..N-1}, t = ts_N[i], t'' = the next level (alpha_bar = 1 after the last step),
+    t' = the teacher grid's point between them (ts_2N[2i + 1])
+    z_t   = alpha_t x + sigma_t eps                                      (Schedule.add_noise)
+    z_t'  = DDIM(teacher, z_t,  t -> t')                                  (teacher's own DDIM: its
+    z_t'' = DDIM(teacher, z_t', t' -> t'')                                  parameterisation, its clipping)
+    x~    = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t)
+    v-student:  loss = || v~ - v_theta(z_t) ||^2,  v~ = (alpha_t z_t - x~) / sigma_t   ("SNR+1" weighting)
+    x-student:  loss = max(SNR_t, 1) || x~ - x_theta(z_t) ||^2                        ("truncated SNR")
+
+then the student becomes the next stage's teacher.  x~ is exactly the x0 prediction with which one
+unclipped DDIM step of the student lands on the teacher's z_t'', so students sample without x0
+clipping.  Grids are diffusers' "trailing" spacing: the N-step grid is every second point of the
+2N-step one, and its first step starts at t = T - 1 (the highest noise, where sampling starts).
+
+Run directory (``<out stem>.distill/`` beside the student):
+
+    config.json, metrics.csv             the resolved DistillConfig; step, stage steps, loss, lr, ...
+    checkpoints/step-*.pt (+ .state.pt)  the student in progress and its resume state (RunDir)
+    stages/student-0008.pt               each finished stage's student (EMA weights), kept for benchmarks
+
+The final student is copied to ``out`` last and atomically: ``out`` exists only when the run is complete.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medi_fast import checkpoint as ckpt_io
+from medi_fast.errors import MediFastError, check_seed
+from medi_fast.io import atomic_write_text, ensure_dir
+from medi_fast.schedule import Schedule, split_output
+
+from .data import drop_conditions, open_training_data, require_rows
+from .ema import EMA
+from .loop import autocast_dtype, resolve_device, rng_state, set_rng_state, step_generator
+from .rundir import RunDir
+from .stream import IndexStream, sampling_weights
+
+STUDENT_TYPES = ("v_prediction", "sample")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str = ""
+    # The student's DDIM steps; stages halve from teacher_steps down to it.
+    steps: int = 4
+    out: str = "student.pt"
+    # The first teacher's DDIM steps (the quality the student aims at).  A student teacher: its own.
+    teacher_steps: int | None = None
+    # Data: default what the teacher was trained on (recorded in its provenance).
+    data: str | None = None
+    split: str | None = None
+    batch_size: int = 16
+    iters_per_stage: int = 500
+    # Peak learning rate, annealed linearly to 0 within each stage (AdamW, no weight decay).
+    lr: float = 1e-4
+    ema_decay: float = 0.999
+    # v is the paper's recommendation; "sample" (x0) its alternative.  Epsilon cannot do 1 step (SNR 0).
+    prediction_type: str = "v_prediction"
+    # Conditioning dropout: None keeps the teacher's (so classifier-free guidance still works).
+    cond_drop: float | None = None
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    resume: bool = False
+    device: str = "auto"
+    # Run directory; None: <out stem>.distill beside --out.
+    run_dir: str | None = None
+
+    def __post_init__(self):
+        def need(ok, msg):
+            if not ok:
+                raise MediFastError(msg)
+
+        check_seed(self.seed)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            need(not isinstance(v, float) or math.isfinite(v), f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+        need(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        need(self.teacher_steps is None or self.teacher_steps >= 2, f"--teacher-steps must be >= 2, got {self.teacher_steps}")
+        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(1 <= self.iters_per_stage <= 10**7, f"--iters-per-stage must be in 1..10^7, got {self.iters_per_stage}")
+        need(self.teacher_steps is None or self.teacher_steps <= 1000,
+             f"--teacher-steps must be at most 1000 (the schedule's timesteps), got {self.teacher_steps}")
+        need(0 < self.lr <= 1, f"--lr must be in (0, 1], got {self.lr}")
+        need(0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        need(self.cond_drop is None or 0.0 <= self.cond_drop < 1.0, f"--cond-drop must be in [0, 1), got {self.cond_drop}")
+        need(self.prediction_type in STUDENT_TYPES, f"--prediction-type must be one of {', '.join(STUDENT_TYPES)} "
+             f"(an epsilon student cannot take the first step from pure noise), got {self.prediction_type!r}")
+        need(self.checkpoint_every >= 1 and self.log_every >= 1, "--checkpoint-every and --log-every must be >= 1")
+        need(Path(self.out).suffix in ckpt_io.SUFFIXES, f"--out {self.out!r} must end in .pt or .safetensors")
+
+    @property
+    def run_path(self) -> Path:
+        out = Path(self.out)
+        return Path(self.run_dir) if self.run_dir else out.with_name(out.stem + ".distill")
+
+
+def stage_plan(teacher_steps: int, steps: int) -> list[int]:
+    """Student steps of each stage: teacher_steps / 2, / 4, ... down to steps.  Refuses what halving cannot reach."""
+    if steps >= teacher_steps:
+        raise MediFastError(f"--steps {steps} is not fewer than the teacher's {teacher_steps} steps; distillation only "
+                            f"halves steps, so pass --steps below {teacher_steps}")
+    plan, n = [], teacher_steps
+    while n > steps and n % 2 == 0:
+        n //= 2
+        plan.append(n)
+    if n != steps:
+        reachable = ", ".join(str(s) for s in [teacher_steps // 2 ** k for k in range(1, 12)
+                                               if teacher_steps % 2 ** k == 0])
+        raise MediFastError(f"--steps {steps} is not reachable by halving --teacher-steps {teacher_steps}; use one of "
+                            f"{reachable}, or a --teacher-steps of {steps} x a power of 2 (e.g. {steps * 32})")
+    return plan
+
+
+def student_schedule(teacher: Schedule, prediction_type: str, steps: int) -> Schedule:
+    """The student's schedule: the teacher's betas, its output type, trailing DDIM grid, no x0 clipping
+    (the student was trained to make exactly its unclipped step), made for DDIM-``steps``."""
+    return replace(teacher, prediction_type=prediction_type, clip_sample=False, timestep_spacing="trailing",
+                   default_steps=int(steps), default_sampler="ddim")
+
+
+class StageGrid:
+    """Noise levels of one stage: the student's timesteps, the teacher's midpoints, the levels after."""
+
+    def __init__(self, schedule: Schedule, steps: int):
+        ts = schedule.timesteps(steps, "trailing")  # (N,) descending from T - 1
+        fine = schedule.timesteps(2 * steps, "trailing")  # (2N,)
+        if not np.array_equal(fine[::2], ts):
+            raise MediFastError(f"the {steps}- and {2 * steps}-step grids are not nested for T = "
+                                f"{schedule.num_train_timesteps}; use powers of 2 for --steps and --teacher-steps")
+        abar = schedule.alphas_cumprod.double()  # (T,)
+        final = schedule.final_alpha_cumprod.double().reshape(1)
+        self.t = torch.from_numpy(ts.copy())  # (N,)
+        self.t_mid = torch.from_numpy(fine[1::2].copy())  # (N,)
+        self.abar = abar[self.t]  # (N,)
+        self.abar_mid = abar[self.t_mid]  # (N,)
+        self.abar_next = torch.cat([abar[self.t[1:]], final])  # (N,): the next student level, 1 after the last
+
+
+def _bcast(v: torch.Tensor, device) -> torch.Tensor:
+    return v.to(device=device, dtype=torch.float32).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+
+
+def ddim_step(model, schedule: Schedule, z: torch.Tensor, t: torch.Tensor, abar_t, abar_next, cond) -> torch.Tensor:
+    """One DDIM step (eta 0) of a model from level abar_t (timestep t) to abar_next, per sample, in the
+    paper's form z' = alpha' x^ + (sigma'/sigma)(z - alpha x^), with the model's parameterisation and clipping.
+
+    With x0 clipping this recomputes eps from the clipped x^ (diffusers' ``use_clipped_model_output``):
+    the sampler's default keeps the raw eps, whose mismatch with a clipped x^ near T would be divided by
+    alpha_t'' - (sigma_t''/sigma_t) alpha_t (~1e-3 there) in the target and blow it up."""
+    a, s = abar_t.sqrt(), (1 - abar_t).sqrt()
+    x0, eps = split_output(schedule.prediction_type, model(z, t, cond).float(), z, a, s)
+    if schedule.clip_sample:
+        x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+        eps = (z - a * x0) / s
+    return abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps
+
+
+@torch.no_grad()
+def teacher_target(teacher, schedule: Schedule, grid: StageGrid, z: torch.Tensor, idx: torch.Tensor, cond):
+    """(x~, z_t''): the x0 target that makes one student step from z (at grid.t[idx]) land where two
+    teacher DDIM steps land (Algorithm 2).  idx: (B,) stage-grid indices."""
+    dev = z.device
+    abar, mid, nxt = (_bcast(v[idx], dev) for v in (grid.abar, grid.abar_mid, grid.abar_next))
+    z_mid = ddim_step(teacher, schedule, z, grid.t[idx].to(dev), abar, mid, cond)
+    z_next = ddim_step(teacher, schedule, z_mid, grid.t_mid[idx].to(dev), mid, nxt, cond)
+    ratio = (1 - nxt).sqrt() / (1 - abar).sqrt()  # sigma_t'' / sigma_t
+    x_target = (z_next - ratio * z) / (nxt.sqrt() - ratio * abar.sqrt())
+    return x_target, z_next
+
+
+def student_loss(out: torch.Tensor, x_target: torch.Tensor, z: torch.Tensor, abar: torch.Tensor, prediction_type: str):
+    """v: MSE on v (= (1 + SNR) || x~ - x^ ||^2); sample: max(SNR, 1) || x~ - x^ ||^2.  abar: (B, 1, 1, 1)."""
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    if prediction_type == "v_prediction":
+        v_target = (a * z - x_target) / s
+        return ((out - v_target) ** 2).mean()
+    snr = abar / (1 - abar)
+    return (snr.clamp(min=1.0) * (out - x_target) ** 2).mean()
+
+
+def _teacher_record(ck) -> dict:
+    prov = ck.provenance or {}
+    config = prov.get("config") if isinstance(prov.get("config"), dict) else {}
+    return {"data": prov.get("data") or config.get("data"), "split": prov.get("split") or config.get("split"),
+            "cond_drop": float(prov.get("cond_drop", config.get("cond_drop", 0.0)) or 0.0)}
+
+
+def _load_teacher(cfg: DistillConfig):
+    ck = ckpt_io.load(cfg.teacher)
+    sched = ck.schedule
+    if sched.default_steps is not None:  # already a student
+        if cfg.teacher_steps is not None and cfg.teacher_steps != sched.default_steps:
+            raise MediFastError(f"{cfg.teacher} is a student distilled for {sched.default_steps} steps, not "
+                                f"--teacher-steps {cfg.teacher_steps}; drop --teacher-steps")
+        if cfg.steps >= sched.default_steps:
+            raise MediFastError(f"{cfg.teacher} is already distilled to {sched.default_steps} steps; distilling can only "
+                                f"reduce steps, so pass --steps below {sched.default_steps} (e.g. "
+                                f"{max(sched.default_steps // 2, 1)})")
+        teacher_steps = int(sched.default_steps)
+    else:
+        teacher_steps = int(cfg.teacher_steps or 64)
+    return ck, teacher_steps
+
+
+def _condition_ids(spec, table) -> dict[str, torch.Tensor]:
+    """Per-row condition inputs in the TEACHER's vocabularies; rows with values it never saw are refused."""
+    from medi_fast.conditioning import column_for
+    from medi_fast.data.clinical import normalise_missing
+
+    out = {}
+    for a in spec.attributes:
+        col = column_for(a.name)
+        if col not in table.columns:
+            raise MediFastError(f"the distillation data has no column {col!r} that the teacher is conditioned on; "
+                                f"pass the --data/--split the teacher was trained on")
+        if a.vocab is None:
+            import pandas as pd
+
+            out[a.name] = torch.tensor(pd.to_numeric(table[col], errors="coerce").to_numpy(np.float32))
+            continue
+        index = {n: i for i, n in enumerate(a.vocab.names)}
+        values = normalise_missing(table[col].tolist())
+        unknown = sorted({v for v in values if v not in index})
+        if unknown:
+            raise MediFastError(f"the distillation data has {a.name} values the teacher never saw ({', '.join(unknown[:5])}); "
+                                f"pass the --data/--split the teacher was trained on")
+        out[a.name] = torch.tensor([index[v] for v in values], dtype=torch.long)
+    return out
+
+
+def distill(cfg: DistillConfig | None = None, dataset=None, progress: bool = True, **options) -> Path:
+    """Distil ``cfg.teacher`` into a ``cfg.steps``-step student written to ``cfg.out``; returns its path.
+
+    ``medi_fast.training.distill.distill(teacher="best.pt", steps=4, out="student.pt", data=..., split=...)``.
+    Each stage's student is kept in ``<run dir>/stages/student-NNNN.pt``.  ``dataset`` overrides --data
+    (tests, notebooks).  Interrupted runs continue with ``resume=True``.
+    """
+    cfg = replace(cfg, **options) if cfg is not None else DistillConfig(**options)
+    if not cfg.teacher:
+        raise MediFastError("no teacher checkpoint given; pass TEACHER.pt (a `medi-fast train` checkpoint)")
+    out = Path(cfg.out)
+    if out.exists() and not cfg.resume:
+        raise MediFastError(f"{out} already exists; choose another --out or delete it")
+    from medi_fast.io import check_writable_dir
+
+    check_writable_dir(out.parent if str(out.parent) else ".")
+    teacher_ck, teacher_steps = _load_teacher(cfg)
+    if teacher_steps > teacher_ck.schedule.num_train_timesteps:
+        raise MediFastError(f"--teacher-steps {teacher_steps} exceeds the schedule's {teacher_ck.schedule.num_train_timesteps} "
+                            f"timesteps; use at most {teacher_ck.schedule.num_train_timesteps}")
+    plan = stage_plan(teacher_steps, cfg.steps)
+    check_writable_dir(cfg.run_path)
+    run_path = cfg.run_path
+    run = RunDir(run_path, main=False)
+    done = run.complete_steps() if run.ckpt_dir.is_dir() else []
+    stages_dir = run_path / "stages"
+    finished = sorted(stages_dir.glob("student-*.pt")) if stages_dir.is_dir() else []
+    if (done or finished) and not cfg.resume:
+        raise MediFastError(f"{run_path} already holds a distillation run; pass --resume to continue it, or choose "
+                            f"another --out")
+    if cfg.resume and run_path.is_dir() and (run_path / "config.json").is_file():
+        old = json.loads((run_path / "config.json").read_text())
+        keys = ("teacher", "steps", "teacher_steps", "batch_size", "iters_per_stage", "prediction_type", "seed")
+        diff = [k for k in keys if old.get(k) != asdict(cfg).get(k)]
+        if diff:
+            raise MediFastError(f"--resume: {run_path} was started with different {', '.join(diff)}; resume with the "
+                                f"original options or choose another --out")
+    record = _teacher_record(teacher_ck)
+    data = cfg.data or record["data"]
+    split = cfg.split if cfg.data else (cfg.split or record["split"])
+    if dataset is None and not data:
+        raise MediFastError(f"{cfg.teacher} does not record its training data; pass --data (and --split)")
+    ds = dataset if dataset is not None else open_training_data(data, split, teacher_ck.resolution)
+    require_rows(len(ds))
+    if int(getattr(ds, "resolution", teacher_ck.resolution) or teacher_ck.resolution) != teacher_ck.resolution:
+        raise MediFastError(f"the data's patches are {ds.resolution} px but the teacher makes {teacher_ck.resolution} px; "
+                            f"pass the pack the teacher was trained on")
+    cond_all = _condition_ids(teacher_ck.spec, ds.table)
+    cond_drop = record["cond_drop"] if cfg.cond_drop is None else cfg.cond_drop
+    device = resolve_device(cfg.device)
+    from medi_fast.resources import activation_bytes, check_batch
+
+    # the student trains (kept activations) while the teacher runs: refuse what the device cannot hold
+    check_batch(cfg.batch_size, activation_bytes(teacher_ck.unet_config, teacher_ck.resolution, training=True), device)
+
+    run = RunDir(run_path, main=True)
+    ensure_dir(stages_dir)
+    atomic_write_text(run_path / "config.json", json.dumps({**asdict(cfg), "teacher_steps": cfg.teacher_steps,
+                                                            "resolved_teacher_steps": teacher_steps, "stages": plan,
+                                                            "data": data, "split": split, "cond_drop": cond_drop},
+                                                           indent=2) + "\n")
+    start = done[-1] if (cfg.resume and done) else 0
+    run.start_metrics(start)
+    iters = cfg.iters_per_stage
+    total = iters * len(plan)
+    stream = IndexStream(sampling_weights(ds.table, "class"), cfg.batch_size, cfg.seed, 0, 1)
+    from .data import Batches
+
+    batches = iter(Batches(ds, stream, start, 0, False))
+    gen = torch.Generator(device=device)
+    amp = autocast_dtype("auto", device)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, unit="it", disable=not progress, dynamic_ncols=True, desc="distill")
+    teacher_path = Path(cfg.teacher)
+    t0 = time.perf_counter()
+    try:
+        for k, n in enumerate(plan):
+            stage_file = stages_dir / f"student-{n:04d}.pt"
+            if stage_file.is_file() and start >= (k + 1) * iters:
+                teacher_path = stage_file
+                continue
+            teacher_path = _run_stage(cfg, k, n, teacher_path, stage_file, start, run, batches, cond_all,
+                                      cond_drop, gen, device, amp, bar, {"data": data, "split": split}, t0)
+            start = max(start, (k + 1) * iters)
+    finally:
+        bar.close()
+        run.close()
+    final = ckpt_io.load(teacher_path)
+    ckpt_io.save(final, out)  # atomic: out appears whole, and only now
+    return out
+
+
+def _run_stage(cfg, k, n, teacher_path, stage_file, start, run, batches, cond_all, cond_drop, gen, device, amp,
+               bar, source: dict, t0) -> Path:
+    iters = cfg.iters_per_stage
+    first, last = k * iters, (k + 1) * iters
+    teacher_ck = ckpt_io.load(teacher_path)
+    teacher = teacher_ck.build(ema=True).to(device).requires_grad_(False)
+    t_sched = teacher_ck.schedule
+    s_sched = student_schedule(t_sched, cfg.prediction_type, n)
+    grid = StageGrid(t_sched, n)
+    random.seed(cfg.seed + k)
+    np.random.seed(cfg.seed + k)
+    torch.manual_seed(cfg.seed + k)
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    ema = EMA(student, cfg.ema_decay)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / iters))  # linear to 0 in the stage
+    if start > first:  # resume inside this stage
+        ck = ckpt_io.load(run.checkpoint_path(start))
+        student.load_state_dict(ck.state_dict)
+        ema.model.load_state_dict(ck.ema_state_dict if ck.ema_state_dict is not None else ck.state_dict)
+        state = run.load_state(start)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+    spec = teacher_ck.spec
+    T = len(grid.t)
+    log_sum, log_n = 0.0, 0
+    for step in range(max(start, first), last):
+        step_generator(gen, cfg.seed, 0, step)
+        idx_rows, images = next(batches)
+        x0 = images.to(device).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+        ids = torch.as_tensor(idx_rows)
+        cond = {name: v[ids].to(device) for name, v in cond_all.items()}
+        cond = drop_conditions(cond, spec, cond_drop, gen)
+        i = torch.randint(0, T, (x0.shape[0],), generator=gen, device=device).cpu()  # (B,) stage-grid indices
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        abar = _bcast(grid.abar[i], device)
+        z = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # z_t
+        x_target, _ = teacher_target(teacher, t_sched, grid, z, i, cond)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = student(z, grid.t[i].to(device), cond)
+        loss = student_loss(out.float(), x_target, z, abar, cfg.prediction_type)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        lr_used = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        ema.update(student)
+        done = step + 1
+        log_sum += float(loss.detach())
+        log_n += 1
+        bar.update(1)
+        bar.set_postfix(stage=f"{2 * n}->{n}", loss=f"{float(loss.detach()):.4f}")
+        if done % cfg.log_every == 0 or done == last:
+            loss_v = log_sum / log_n
+            if not math.isfinite(loss_v):
+                raise MediFastError(f"the distillation loss became {loss_v} at step {done}; lower --lr")
+            run.log({"step": done, "loss": loss_v, "lr": lr_used, "steps_per_s": "", "elapsed_s": round(time.perf_counter() - t0, 2)})
+            log_sum, log_n = 0.0, 0
+        if done % cfg.checkpoint_every == 0 or done == last:
+            prov = {"trainer": "medi-fast distill", "method": "progressive distillation (Salimans & Ho 2022)",
+                    "stage_steps": n, "teacher": str(teacher_path), "teacher_hash": teacher_ck.hash, "step": done,
+                    "cond_drop": cond_drop, **source, "config": {**asdict(cfg), "cond_drop": cond_drop}}
+            ck = ckpt_io.from_model(student, s_sched, preset=teacher_ck.preset, ema_model=ema.model, provenance=prov)
+            path = ckpt_io.save(ck, run.checkpoint_path(done))
+            run.save_state(path, {"step": done, "checkpoint": path.name, "optimizer": opt.state_dict(),
+                                  "scheduler": sched.state_dict(), "ema": ema.state_dict(), "rng": rng_state()})
+            run.prune(2)
+    # The stage's result: EMA weights as the model (what the next teacher and users run).  Written after
+    # the loop, so a run killed between its last checkpoint and this file writes it on --resume.
+    prov = {"trainer": "medi-fast distill", "method": "progressive distillation (Salimans & Ho 2022)",
+            "stage_steps": n, "teacher": str(teacher_path), "teacher_hash": teacher_ck.hash, "step": last,
+            "cond_drop": cond_drop, **source, "config": {**asdict(cfg), "cond_drop": cond_drop}}
+    ckpt_io.save(ckpt_io.from_model(ema.model, s_sched, preset=teacher_ck.preset, provenance=prov), stage_file)
+    return stage_file
+
