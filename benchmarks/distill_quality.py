@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-per-combo", type=int, default=24)
     ap.add_argument("--probe-repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--setting", help="the demo setting of --index (default: its demo_config.json's, else the demo's default)")
     args = ap.parse_args(argv)
     steps = sorted(int(s) for s in args.steps.split(","))
 
@@ -101,8 +102,13 @@ def main(argv=None) -> int:
     students = stage_students(student)
 
     from medi_fast.data.pack import read_pack
-    from medi_fast.demo.stages import DemoConfig, evaluate, measure_site_fidelity
+    import json
 
+    from medi_fast.demo.stages import DEFAULT_SETTING, DemoConfig, evaluate, measure_site_fidelity
+
+    recorded = Path(args.index).parent / "demo_config.json"
+    setting = args.setting or (json.loads(recorded.read_text())["setting"] if recorded.exists() else DEFAULT_SETTING)
+    cfg = DemoConfig(probe_repeats=args.probe_repeats, seed=args.seed, setting=setting)
     index = pd.read_parquet(args.index)
     pack = Path(args.pack) if args.pack else Path(args.index).parent / "pack"
     real = np.ascontiguousarray(read_pack(pack)[1].transpose(0, 2, 3, 1))  # (N, R, R, 3), index order
@@ -111,9 +117,9 @@ def main(argv=None) -> int:
     classes = list(spec["class"].vocab.names)
     sites = [s for s in spec["tss"].vocab.names if s != "Unknown"]
     combos = pd.DataFrame([(c, s, args.n_per_combo) for c in classes for s in sites], columns=["class", "tss", "count"])
-    if args.n_per_combo * len(sites) < DemoConfig.k:
-        raise SystemExit(f"--n-per-combo {args.n_per_combo} gives fewer than the probe's {DemoConfig.k} patches per class; "
-                         f"use at least {-(-DemoConfig.k // len(sites))}")
+    if args.n_per_combo * len(sites) < cfg.probe_k:
+        raise SystemExit(f"--n-per-combo {args.n_per_combo} gives fewer than the probe's {cfg.probe_k} patches per class; "
+                         f"use at least {-(-cfg.probe_k // len(sites))}")
     plan = plans.from_counts(spec, combos, args.seed)
     meta = pd.DataFrame({"class": plan.rows["class"].to_numpy(), "tissue_source_site": plan.rows["tss"].to_numpy()})
 
@@ -130,13 +136,13 @@ def main(argv=None) -> int:
         secs = time.perf_counter() - t
         name = f"{model} {sampler}-{k}"
         synthetic[name] = (meta, images)
-        site = measure_site_fidelity(index, real, (meta, images))
+        site = measure_site_fidelity(cfg, index, real, (meta, images))
         rows.append({"model": model, "sampler": sampler, "steps": k, "unet_calls": k, "s": secs,
                      "site_slope": site.slope, "site_corr": site.correlation, "shipped": model == "student",
                      "path": path})
         print(f"{name:28s} {secs:7.1f} s  site slope {site.slope:.3f}", flush=True)
 
-    result = evaluate(DemoConfig(probe_repeats=args.probe_repeats, seed=args.seed), index, real, synthetic)
+    result = evaluate(cfg, index, real, synthetic)
     dist = result["fid"].groupby("model", sort=False)["distance"].mean()
     probe = result["probe"].set_index("arm")
     for r in rows:
@@ -158,7 +164,7 @@ def main(argv=None) -> int:
         print(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['dist']:.3f} | {r['dist_vs_ddim100']:.3f} | "
               f"{r['site_slope']:.3f} | {r['probe']:.3f} ± {r['probe_sem']:.3f} | {r['s']:.1f} |")
     print("fewest student steps within 5 % of DDIM-100:", fewest)
-    extra = {"teacher": args.teacher, "student": str(student), "n_images": len(plan), "distill_seconds": distill_s,
+    extra = {"teacher": args.teacher, "student": str(student), "setting": setting, "n_images": len(plan), "distill_seconds": distill_s,
              "distill": {"teacher_steps": args.teacher_steps, "iters_per_stage": args.iters_per_stage,
                          "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay},
              "fewest_student_steps_within_5pct": fewest,

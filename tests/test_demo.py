@@ -264,3 +264,23 @@ def test_bad_seed_and_setting_options_fail_in_one_line_before_output(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_distill_stage_adds_the_students_arm(tmp_path):
+    """demo --distill: the MeDi model is distilled (a tiny schedule here), the student generates with its
+    own steps through ONNX Runtime, and its samples are a fourth arm of the probe and the distances."""
+    out = tmp_path / "out"
+    cfg = replace(toy(out), distill=True, distill_steps=2, distill_teacher_steps=4, distill_iters=2)
+    run_demo(cfg)
+    manifest = pd.read_csv(out / "synthetic" / "medi-student" / "manifest.csv", dtype=str, keep_default_na=False)
+    assert set(manifest["steps"]) == {"2"} and set(manifest["sampler"]) == {"ddim"}  # its own steps, not the demo's
+    assert (out / "runs" / "medi-student-2.pt").is_file()
+    md = (out / "report.md").read_text()
+    assert "| MeDi-2-step |" in md and "distilled" in md
+    rec = json.loads((out / "results.json").read_text())
+    assert set(rec["probe"]) == {"no-synthetic", "CLS", "MeDi", "MeDi-2-step"}
+
+
+def test_distill_option_reaches_the_config():
+    assert DemoConfig.from_options("o", distill=True).distill and not DemoConfig.from_options("o").distill

@@ -22,8 +22,10 @@ def _seed_list(ctx, param, value):
               help="Run once per seed (e.g. 0,1,2) into OUT/seed-S and report mean and spread over the seeds.")
 @click.option("--setting", default=None, help="The demo's cohort and probe setting (default: ring4; two-class: the "
                                               "first, easier setting).")
+@click.option("--distill", is_flag=True, help="Also distil the MeDi model into a 4-step student (progressive "
+                                               "distillation, a few more minutes) and add its samples to the report.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous demo run in OUT (OUT must otherwise be new or empty).")
-def demo(out, quick, train_steps, seed, seeds, setting, overwrite):
+def demo(out, quick, train_steps, seed, seeds, setting, distill, overwrite):
     """Run MeDi end to end on synthetic H&E data: data, CLS + MeDi training, ONNX export, generation with
     ONNX Runtime, evaluation (FID-style distance, linear probe, shortcut meter) -> OUT/report.html."""
     from ..demo import DEFAULT_SETTING, DemoConfig, run_demo, run_seeds
@@ -38,6 +40,6 @@ def demo(out, quick, train_steps, seed, seeds, setting, overwrite):
     for s in seeds or [seed]:
         check_seed(s, "--seeds" if seeds is not None else "--seed")
     cfg = DemoConfig.from_options(out, quick=quick, seed=seed, train_steps=train_steps,
-                                  setting=DEFAULT_SETTING if setting is None else setting)
+                                  setting=DEFAULT_SETTING if setting is None else setting, distill=distill)
     path = run_seeds(cfg, seeds, overwrite=overwrite) if seeds is not None else run_demo(cfg, overwrite=overwrite)
     click.echo(f"report: {path}")

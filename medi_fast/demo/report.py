@@ -36,6 +36,22 @@ def probe_table(summary: pd.DataFrame) -> pd.DataFrame:
                          for _, r in summary.iterrows()])
 
 
+def student_line(cfg, results: dict, cells: pd.DataFrame) -> list[str]:
+    """The headline's line for the distilled student of `demo --distill` (none without it)."""
+    if not getattr(cfg, "distill", False) or "site_student" not in results:
+        return []
+    name = f"MeDi-{cfg.distill_steps}-step"
+    p = results["probe"].set_index("arm")
+    site = results["site_student"]
+    return [f"Distilled student ({name}: the MeDi model distilled from DDIM-{cfg.distill_teacher_steps} to "
+            f"{cfg.distill_steps} DDIM steps, {cfg.distill_iters} iterations per stage; "
+            f"{cfg.sample_steps / cfg.distill_steps:.1f}x fewer UNet calls than the demo's DDIM-{cfg.sample_steps}): "
+            f"probe {p.loc[name, 'tss_balanced_accuracy_mean']:.3f} ± {p.loc[name, 'tss_balanced_accuracy_sem']:.3f} "
+            f"(MeDi {p.loc['MeDi', 'tss_balanced_accuracy_mean']:.3f}); FID-style distance per cell "
+            f"{cells[name].mean():.1f} (MeDi {cells['MeDi'].mean():.1f}); stain slope {site.slope:.2f} "
+            f"(MeDi {results['site'].slope:.2f}). benchmarks/distill_quality.py measures longer distillations."]
+
+
 def site_table(fidelity) -> pd.DataFrame:
     t = fidelity.table
     out = pd.DataFrame({"class": t["class"], "site": t["site"], "real patches": t["real_patches"]})
@@ -83,7 +99,7 @@ def _sections(cfg, index, results, timing, total) -> dict:
             f"FID-style distance to the real patches of each trained class x site cell (lower is closer): MeDi "
             f"{cells['MeDi'].mean():.1f}, CLS {cells['CLS'].mean():.1f} on average; MeDi closer in {closer} of "
             f"{len(cells)} cells. Per class, with every site pooled: "
-            + ", ".join(f"{m} {fid.loc['mean', m]:.1f}" for m in fid.columns) + "."],
+            + ", ".join(f"{m} {fid.loc['mean', m]:.1f}" for m in fid.columns) + "."] + student_line(cfg, results, cells),
         "features": ("Features are the `colour-texture` statistics (48-d, no weights; not UNI, not Inception): the "
                      "distance below is FID-style, not FID, and the probe reads stain and texture statistics."),
         "setup": (f"Setting `{spec.name}`: {spec.summary}. Probe: k = {cfg.probe_k} real patches per class from "

@@ -17,6 +17,7 @@ from .stages import DemoConfig
 # What a demo run writes under OUT (removed by overwrite=True, and nothing else is).
 OUTPUTS = ("data", "pack", "runs", "engines", "synthetic", "figures", "index.parquet", "train.csv", "test.csv",
            "report.md", "report.html", "demo_config.json", "results.json", "seeds.json")
+STUDENT = "MeDi-{steps}-step"  # the distilled student's arm in the report (--distill)
 SEED_DIR = re.compile(r"seed-\d+")  # one run per seed of `--seeds` (run_seeds)
 
 
@@ -87,11 +88,23 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
     for name in ("CLS", "MeDi"):
         with timer(f"generate {name} (ort-cpu, DDIM-{cfg.sample_steps})"):
             synthetic[name] = stages.generate(cfg, onnx[name], out, name.lower(), cls_only=(name == "CLS"))
+    if cfg.distill:
+        student = STUDENT.format(steps=cfg.distill_steps)
+        _log(f"4/6 distilling MeDi into a {cfg.distill_steps}-step student (DDIM-{cfg.distill_teacher_steps} -> "
+             f"{cfg.distill_steps}, {cfg.distill_iters} iterations per stage)")
+        with timer(f"distil MeDi -> {student}"):
+            path = stages.distill_model(cfg, ckpts["MeDi"], out)
+        with timer(f"export {student} to ONNX"):
+            onnx[student] = stages.export_model(path, out, "medi-student")
+        with timer(f"generate {student} (ort-cpu, its own steps)"):
+            synthetic[student] = stages.generate(cfg, onnx[student], out, "medi-student", cls_only=False)
     _log("5/6 evaluating (colour-texture features: FID-style distance, linear probe, shortcut meter, site colours)")
     with timer("evaluate"):
         real_images = stages._real(out)
         results = stages.evaluate(cfg, index, real_images, synthetic)
         results["site"] = stages.measure_site_fidelity(cfg, index, real_images, synthetic["MeDi"])
+        if cfg.distill:
+            results["site_student"] = stages.measure_site_fidelity(cfg, index, real_images, synthetic[student])
     _log("6/6 writing the report")
     with timer("report"):
         path = write_report(out, cfg, index, real_images, synthetic, results, timer.rows, started=t_all)

@@ -104,6 +104,13 @@ class DemoConfig:
     seed: int = 0
     # Set by quick(): the report then says at the top that its numbers are not the demo's result.
     quick: bool = False
+    # --distill: progressive distillation of the MeDi model (medi_fast.training.distill) from DDIM-16 to
+    # a few-step student, whose samples join the report as a fourth arm.  The short schedule fits the
+    # demo's CPU budget; benchmarks/distill_quality.py measures what it costs in quality.
+    distill: bool = False
+    distill_steps: int = 4
+    distill_teacher_steps: int = 16
+    distill_iters: int = 40
 
     def __post_init__(self):
         setting(self.setting)  # an unknown name fails here, before any output
@@ -124,11 +131,13 @@ class DemoConfig:
 
     @classmethod
     def from_options(cls, out: str = "demo_out", quick: bool = False, seed: int = 0,
-                     train_steps: int | None = None, setting: str = DEFAULT_SETTING) -> "DemoConfig":
+                     train_steps: int | None = None, setting: str = DEFAULT_SETTING,
+                     distill: bool = False) -> "DemoConfig":
         """The configuration `medi-fast demo` runs for its command-line options."""
         if train_steps is not None and train_steps < 1:
             raise MediFastError(f"--train-steps {train_steps} is not a number of steps; pass 1 or more")
-        cfg = cls.quick_run(out, setting=setting) if quick else cls(out=out, setting=setting)
+        kw = {"setting": setting, "distill": distill}
+        cfg = cls.quick_run(out, **kw) if quick else cls(out=out, **kw)
         return replace(cfg, seed=seed, **({"train_steps": train_steps} if train_steps else {}))
 
 
@@ -173,11 +182,23 @@ def export_model(ckpt_path: Path, out: Path, name: str) -> Path:
     return export_onnx(checkpoint.load(ckpt_path), out / "engines" / name / "model.onnx", ExportConfig())
 
 
+def distill_model(cfg: DemoConfig, teacher: Path, out: Path) -> Path:
+    """The MeDi model distilled to a cfg.distill_steps-step student (progressive distillation on the
+    demo's pack and training split); returns the student checkpoint."""
+    from ..training.distill import distill
+
+    return distill(teacher=str(teacher), steps=cfg.distill_steps, teacher_steps=cfg.distill_teacher_steps,
+                   out=str(out / "runs" / f"medi-student-{cfg.distill_steps}.pt"), data=str(out / "pack"),
+                   split=str(out / "train.csv"), iters_per_stage=cfg.distill_iters, batch_size=cfg.batch_size,
+                   lr=5e-4, ema_decay=cfg.ema_decay, seed=cfg.seed, device="cpu", progress=True)
+
+
 def generate(cfg: DemoConfig, onnx_path: Path, out: Path, name: str, cls_only: bool) -> tuple[pd.DataFrame, np.ndarray]:
-    """Generate with ONNX Runtime into out/synthetic/<name>; returns (manifest rows, images)."""
+    """Generate with ONNX Runtime into out/synthetic/<name>; returns (manifest rows, images).  A distilled
+    student samples with its own sampler and steps."""
     from .. import backends
     from .. import plan as plans
-    from ..generate import GenerateConfig, Generator
+    from ..generate import GenerateConfig, Generator, for_model
 
     info = backends.open_model(onnx_path)
     classes, sites = cfg.spec.classes, cfg.spec.sites
@@ -189,7 +210,7 @@ def generate(cfg: DemoConfig, onnx_path: Path, out: Path, name: str, cls_only: b
     plan = plans.from_counts(info.spec, combos, cfg.seed)
     images = []
     gen = Generator(info, backends.create("ort-cpu", info),
-                    GenerateConfig(steps=cfg.sample_steps, batch_size=cfg.sample_batch),
+                    for_model(GenerateConfig(steps=cfg.sample_steps, batch_size=cfg.sample_batch), info),
                     sinks=[lambda im, rows: images.append(im.copy())])
     gen.run(plan, out / "synthetic" / name)
     manifest = pd.read_csv(out / "synthetic" / name / "manifest.csv", dtype=str, keep_default_na=False)
