@@ -26,10 +26,19 @@ from medi_fast.demo import DEFAULT_SETTING, SETTINGS, DemoConfig, run_demo  # no
 from medi_fast.demo.seeds import ARMS, aggregate, write_seeds_report  # noqa: E402
 
 
+def same_run(recorded: dict, cfg: DemoConfig) -> bool:
+    """Did the recorded run have this configuration?  A setting added to DemoConfig after the run was
+    recorded counts as the same when it has its default value (the run could not have differed)."""
+    want = json.loads(json.dumps(asdict(cfg)))
+    default = json.loads(json.dumps(asdict(DemoConfig())))
+    return (all(k in want and want[k] == v for k, v in recorded.items())
+            and all(want[k] == default[k] for k in want if k not in recorded))
+
+
 def run_one(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     res, conf = out / "results.json", out / "demo_config.json"
-    if res.exists() and conf.exists() and json.loads(conf.read_text()) == json.loads(json.dumps(asdict(cfg))):
+    if res.exists() and conf.exists() and same_run(json.loads(conf.read_text()), cfg):
         print(f"== reusing {out}", flush=True)
         return json.loads(res.read_text())
     print(f"== demo --setting {cfg.setting} --seed {cfg.seed} -> {out}", flush=True)
