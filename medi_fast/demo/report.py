@@ -73,6 +73,7 @@ def _sections(cfg, index, results, timing, total) -> dict:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     spec = cfg.spec
     sites, unseen = spec.sites, spec.unseen
+    full_bits = round(float(np.log2(len(spec.classes))), 2)
     cells = results["fid_cells"].pivot_table(index=["class", "site"], columns="model", values="distance")
     closer = int((cells["MeDi"] < cells["CLS"]).sum())
     cell_table = cells.reset_index()
@@ -87,13 +88,14 @@ def _sections(cfg, index, results, timing, total) -> dict:
                 f"{cfg.train_steps} steps at {cfg.resolution} px on the CPU, exported to ONNX, sampled with ONNX "
                 f"Runtime (DDIM-{cfg.sample_steps}), and a linear probe trained with and without their samples. "
                 f"Seed {cfg.seed}; took {total / 60:.1f} min."),
-        "beat": beat, "verdict": text,
+        "beat": beat, "verdict": text, "full_bits": full_bits,
         "headline": [
             f"Linear probe on unseen sites, TSS-averaged balanced accuracy: "
             + ", ".join(f"{a} {p.loc[a, 'tss_balanced_accuracy_mean']:.3f} ± {p.loc[a, 'tss_balanced_accuracy_sem']:.3f}"
                         for a in p.index) + f" ({int(p['runs'].iloc[0])} runs each).",
             f"Class-site mutual information of the probe's real pool: {bits['real']:.2f} bits, "
-            f"{bits['real+MeDi']:.2f} bits with the MeDi samples added (1 bit: the site gives the class away).",
+            f"{bits['real+MeDi']:.2f} bits with the MeDi samples added ({full_bits:g} bits = log2 of {len(spec.classes)} "
+            "classes: the site gives the class away).",
             f"Site stain: MeDi's per-site colour follows the real one with correlation {site.correlation:.2f} and "
             f"slope {site.slope:.2f} (1 = the full difference between sites).",
             f"FID-style distance to the real patches of each trained class x site cell (lower is closer): MeDi "
@@ -157,7 +159,8 @@ def _markdown(s: dict, rel: dict) -> str:
            f"Per trained class x site cell. {s['cells_text']}\n\n{s['colour_text']}\n\n" + s["fid_cells"].to_markdown(index=False, floatfmt=".1f")
            + "\n\nPer class, every site pooled:\n\n" + s["fid"].to_markdown(floatfmt=".3f") + "\n",
            "## Shortcut meter\n\nClass-site mutual information of the probe's real pool (the patches its k per class "
-           "are drawn from), before and after adding the MeDi samples; 1 bit = the site gives the class away.\n\n"
+           f"are drawn from), before and after adding the MeDi samples; {s['full_bits']:g} bits (log2 of the number of "
+           "classes) = the site gives the class away.\n\n"
            + s["mi"].to_markdown(index=False, floatfmt=".3f") + "\n",
            f"## Data coverage (patches per class x site)\n\n![coverage]({rel['coverage']})\n",
            "## Timings\n\n" + s["timing"].to_markdown(index=False, floatfmt=".1f") + f"\n\n![timings]({rel['timings']})\n",
@@ -203,7 +206,8 @@ dotted: chance.</figcaption></figure>{{ tables.probe }}</details>
 lower is closer. Per trained class x site cell: {{ s.cells_text }}</p><p>{{ s.colour_text }}</p>{{ tables.fid_cells }}
 <p>Per class, every site pooled:</p>{{ tables.fid }}</details>
 <details><summary>Shortcut meter</summary><p>Class-site mutual information of the probe's real pool, before and
-after adding the MeDi samples; 1 bit = the site gives the class away.</p>{{ tables.mi }}</details>
+after adding the MeDi samples; {{ s.full_bits }} bits (log2 of the number of classes) = the site gives the class
+away.</p>{{ tables.mi }}</details>
 <details><summary>Data coverage</summary><figure><img src="{{ img.coverage }}" alt="patches per class x site">
 </figure></details>
 <details><summary>Timings</summary><figure><img src="{{ img.timings }}" alt="seconds per stage"></figure>

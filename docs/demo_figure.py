@@ -1,0 +1,46 @@
+"""The README's demo picture (docs/demo.png) from a demo run's own figures: its real patches above its
+MeDi samples, each under a one-line caption.
+
+    python docs/demo_figure.py demo_out [--out docs/demo.png]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("demo_out", type=Path)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "demo.png")
+    args = ap.parse_args()
+    fig = args.demo_out / "figures"
+    parts = [("real patches (training cohort S1-S4; S5, S6: the probe's unseen test sites)", fig / "real.png"),
+             ("MeDi samples, DDIM on ONNX Runtime (red: class x site never seen in training)", fig / "medi.png")]
+    for _, p in parts:
+        if not p.is_file():
+            raise SystemExit(f"{p} is missing; pass the folder of a finished `medi-fast demo` run")
+    images = [Image.open(p).convert("RGB") for _, p in parts]
+    head = 26
+    canvas = Image.new("RGB", (max(i.width for i in images), sum(i.height + head for i in images)), "white")
+    draw, y = ImageDraw.Draw(canvas), 0
+    for (caption, _), img in zip(parts, images):
+        draw.text((8, y + 5), caption, fill="black", font=_font(15))
+        canvas.paste(img, (0, y + head))
+        y += img.height + head
+    canvas.quantize(256).save(args.out, optimize=True)  # a doc picture: 256 colours keep it small
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
