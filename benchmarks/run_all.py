@@ -226,7 +226,9 @@ def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
             head.append(f"* The demo (setting `{name}`, {s['n']} seeds): linear-probe TSS-averaged balanced accuracy "
                         + ", ".join(f"{a} **{st[a]['mean']:.3f} ± {st[a]['sd']:.3f}**" for a in arms)
                         + f" (mean ± SD over seeds); MeDi - CLS {st['MeDi - CLS']['mean']:+.3f} (range "
-                        f"{st['MeDi - CLS']['min']:+.3f} to {st['MeDi - CLS']['max']:+.3f}).")
+                        f"{st['MeDi - CLS']['min']:+.3f} to {st['MeDi - CLS']['max']:+.3f}): MeDi and CLS "
+                        + ("separated" if s["medi_over_cls"] else "**not** separated") + " by more than the spread "
+                        "over seeds, CLS and real data alone " + ("separated." if s["cls_over_real"] else "**not** separated."))
     md = ["## The demo over seeds", "", _provenance(ds), "",
           f"`medi-fast demo --setting S --seed N` for seeds {', '.join(map(str, ds['seeds']))}; each seed renders its "
           "own cohort, trains both models and draws its own probe runs. Accuracy: the linear probe's TSS-averaged "
@@ -234,7 +236,8 @@ def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
           "over seeds do not overlap. Cell distance: the FID-style colour-texture distance of each model's "
           "patches to the real patches of each trained class x site cell (CLS: a draw of its class), mean over "
           "cells and seeds. Stain slope: how much of the real difference between sites MeDi's patches reproduce "
-          "(1 = all).", "", _table(rows), ""]
+          "(1 = all). Minutes per run: each run's wall time as it recorded it (results.json); runs made side by side "
+          "or on a loaded machine take longer than alone.", "", _table(rows), ""]
     for name, s in ds["settings"].items():
         md += [f"`{name}`: {s['summary']}; k = {s['k']}.", ""]
     if ds.get("quick"):
