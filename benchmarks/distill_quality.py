@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         r["speedup_wall_vs_ddim100"] = base["s"] / r["s"]
     ok = [r["steps"] for r in rows if r["model"] == "student" and r["dist"] <= (1 + TOLERANCE) * base["dist"]]
     fewest = min(ok) if ok else None
-    print(f"\n| model | sampler | steps | dist | dist / DDIM-100 | site slope | probe TSS-bal-acc | s |")
+    print("\n| model | sampler | steps | dist | dist / DDIM-100 | site slope | probe TSS-bal-acc | s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['dist']:.3f} | {r['dist_vs_ddim100']:.3f} | "

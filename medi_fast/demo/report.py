@@ -90,7 +90,7 @@ def _sections(cfg, index, results, timing, total) -> dict:
                 f"Seed {cfg.seed}; took {total / 60:.1f} min."),
         "beat": beat, "verdict": text, "full_bits": full_bits,
         "headline": [
-            f"Linear probe on unseen sites, TSS-averaged balanced accuracy: "
+            "Linear probe on unseen sites, TSS-averaged balanced accuracy: "
             + ", ".join(f"{a} {p.loc[a, 'tss_balanced_accuracy_mean']:.3f} ± {p.loc[a, 'tss_balanced_accuracy_sem']:.3f}"
                         for a in p.index) + f" ({int(p['runs'].iloc[0])} runs each).",
             f"Class-site mutual information of the probe's real pool: {bits['real']:.2f} bits, "

@@ -102,7 +102,7 @@ def write_seeds_report(out: Path, cfg, records: list[dict]) -> Path:
     atomic_write_text(out / "report.md", md)
     import html
 
-    page = (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>medi-fast demo report: seeds"
+    page = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>medi-fast demo report: seeds"
             "</title><style>body{font-family:system-ui,sans-serif;max-width:1320px;margin:1.5em auto;padding:0 1.5em}"
             "table{border-collapse:collapse}th,td{padding:3px 10px;border-bottom:1px solid #e5e5e5;text-align:right}"
             ".warn{background:#fff4e5;border:2px solid #e69500;padding:.6em;font-weight:bold}</style></head><body>"
