@@ -284,3 +284,12 @@ def test_distill_stage_adds_the_students_arm(tmp_path):
 
 def test_distill_option_reaches_the_config():
     assert DemoConfig.from_options("o", distill=True).distill and not DemoConfig.from_options("o").distill
+
+
+def test_a_seed_from_medi_fast_toml_is_not_a_conflict_with_seeds(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "medi-fast.toml").write_text("[demo]\nseed = 3\n")
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "o"), "--seeds", "5"])
+    err = capsys.readouterr().err
+    assert "two or more different seeds" in err and "--seed and --seeds" not in err

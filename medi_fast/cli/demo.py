@@ -23,7 +23,7 @@ def _seed_list(ctx, param, value):
 @click.option("--setting", default=None, help="The demo's cohort and probe setting (default: ring4; two-class: the "
                                               "first, easier setting).")
 @click.option("--distill", is_flag=True, help="Also distil the MeDi model into a 4-step student (progressive "
-                                               "distillation, a few more minutes) and add its samples to the report.")
+                                               "distillation) and add its samples to the report.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous demo run in OUT (OUT must otherwise be new or empty).")
 def demo(out, quick, train_steps, seed, seeds, setting, distill, overwrite):
     """Run MeDi end to end on synthetic H&E data: data, CLS + MeDi training, ONNX export, generation with
@@ -35,7 +35,8 @@ def demo(out, quick, train_steps, seed, seeds, setting, distill, overwrite):
     from ..errors import check_seed
 
     ctx = click.get_current_context()
-    if seeds is not None and ctx.get_parameter_source("seed") is not click.core.ParameterSource.DEFAULT:
+    given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    if seeds is not None and ctx.get_parameter_source("seed") in given:  # a medi-fast.toml default is not "given"
         raise click.UsageError("--seed and --seeds both given; use --seed S for one run or --seeds 0,1,2 for several")
     for s in seeds or [seed]:
         check_seed(s, "--seeds" if seeds is not None else "--seed")
