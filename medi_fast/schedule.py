@@ -94,6 +94,16 @@ class Schedule:
         abar = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, 1, 1, 1)  # (B,1,1,1)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet learns to output at x_t = add_noise(x0, noise, t), as diffusers' training scripts:
+        the noise (epsilon), v = alpha eps - sigma x0 (v_prediction) or x0 itself (sample)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x0
+        abar = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, 1, 1, 1)  # (B,1,1,1)
+        return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+
     def to_dict(self) -> dict:
         d = asdict(self)
         for key in ("solver_spacing", "default_steps", "default_sampler"):

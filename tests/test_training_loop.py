@@ -88,6 +88,24 @@ def test_cls_only_uniform_sampling(pack, tmp_path):
     assert ckpt_io.load(out / "checkpoints" / "step-00000004.pt").spec.cls_only
 
 
+def test_v_prediction_trains_against_v_and_is_recorded(pack, tmp_path):
+    runs = {}
+    for kind in ("epsilon", "v_prediction"):
+        assert _train(pack[0], tmp_path / kind, "--grid-every", "0", "--prediction-type", kind) == 0
+        runs[kind] = ckpt_io.load(tmp_path / kind / "checkpoints" / "step-00000004.pt")
+        assert runs[kind].schedule.prediction_type == kind
+        assert TrainConfig.read(tmp_path / kind / "config.json").prediction_type == kind
+    # same seed, weights, rows, t and noise: only the target differs, so the first step's loss does
+    first = {k: float(read_metrics(tmp_path / k / "metrics.csv")[0]["loss"]) for k in runs}
+    assert first["epsilon"] != pytest.approx(first["v_prediction"], rel=1e-3)
+    # the checkpoint samples through the converting samplers
+    ck = runs["v_prediction"]
+    with torch.no_grad():
+        x = ddim(ck.build(), torch.randn(2, 3, 16, 16), ck.schedule.timesteps(3), ck.schedule,
+                 ck.spec.encode({"class": "LUAD", "tss": "S1"}, 2))
+    assert torch.isfinite(x).all()
+
+
 def test_user_errors(pack, tmp_path, capsys):
     pack_dir, df = pack
     out = tmp_path / "e"
@@ -106,6 +124,8 @@ def test_user_errors(pack, tmp_path, capsys):
     assert "--batch-size must be >= 1" in err
     err = _fail(["__train__", pack_dir, out, "--precision", "fp16"], capsys)
     assert "fp16 needs a CUDA GPU" in err
+    err = _fail(["__train__", pack_dir, out, "--prediction-type", "v"], capsys)
+    assert "--prediction-type must be one of epsilon, v_prediction, sample, got 'v'" in err
     err = _fail(["train", "--config", str(tmp_path / "missing.json"), "--out", str(out)], capsys)
     assert "cannot read training config" in err
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from medi_fast.errors import MediFastError, check_seed, suggest
+from medi_fast.schedule import PREDICTION_TYPES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAMPLING = ("class", "combination", "uniform")
@@ -26,6 +27,10 @@ class TrainConfig:
     # The published architecture and resolution.
     preset: str = "medi-128"
     resolution: int | None = None  # None: the preset's resolution
+    # What the UNet predicts.  epsilon is published; v_prediction (v = alpha eps - sigma x0) weights the
+    # clean-image error at high noise as much as at low noise, where epsilon barely does: short runs
+    # then learn the stain colour that sampling fixes in its first steps (docs/training.md).
+    prediction_type: str = "epsilon"
     # Published: batch 64, lr 1e-4, 800k steps.
     batch_size: int = 64
     lr: float = 1e-4
@@ -98,6 +103,8 @@ class TrainConfig:
         need(0.0 <= self.cond_drop < 1.0, f"--cond-drop must be in [0, 1), got {self.cond_drop}")
         need(0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        need(self.prediction_type in PREDICTION_TYPES, f"--prediction-type must be one of "
+             f"{', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}")
         need(self.sampling in SAMPLING, f"--sampling must be one of {', '.join(SAMPLING)}, got {self.sampling!r}")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         need(1 <= self.grid_steps <= 1000, f"--grid-steps must be in 1..1000, got {self.grid_steps}")

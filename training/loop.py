@@ -4,6 +4,10 @@
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps          (Schedule.add_noise)
     loss = || eps - eps_theta(x_t, t, c) ||^2                (mean over pixels and batch)
 
+With --prediction-type v_prediction the target is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0
+(Salimans & Ho 2022), with sample it is x_0 (Schedule.training_target); the checkpoint's schedule
+records which, and every sampler converts the output accordingly.
+
 AdamW, warm-up + cosine LR, gradient clipping, EMA, optional autocast / channels_last / compile,
 gradient accumulation and DDP.  Randomness that shapes the loss (which rows, t, eps, dropout) is a
 pure function of (seed, rank, step), so a resumed run repeats the uninterrupted run exactly.
@@ -122,7 +126,7 @@ def _train(cfg: TrainConfig, dataset, device: torch.device, d: distributed.Dist)
     table = ds.table
     spec = build_spec(table, attrs, preset.d_t)
     run = RunDir(cfg.out, main=d.main)
-    schedule = Schedule()
+    schedule = Schedule(prediction_type=cfg.prediction_type)
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -209,8 +213,8 @@ def _train(cfg: TrainConfig, dataset, device: torch.device, d: distributed.Dist)
                             else contextlib.nullcontext())
                     with sync:
                         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                            eps = fwd(x_t, t, cond)
-                        loss = F.mse_loss(eps.float(), noise)
+                            out = fwd(x_t, t, cond)
+                        loss = F.mse_loss(out.float(), schedule.training_target(x0, noise, t))
                         scaler.scale(loss / cfg.grad_accum).backward()
                     step_loss += loss.detach() / cfg.grad_accum
                 scaler.unscale_(opt)

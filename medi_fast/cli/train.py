@@ -21,6 +21,8 @@ HELP = {
                  "column; 'age' is continuous.",
     "preset": "Model preset: tiny-32, small-64, medi-128 (the published UNet).",
     "resolution": "Training resolution in px (default: the preset's).",
+    "prediction-type": "What the UNet predicts: epsilon (published), v_prediction (learns the stain colour at "
+                       "high noise in short runs) or sample (x0).",
     "batch-size": "Images per GPU per micro-batch. Effective batch = batch-size x GPUs x grad-accum.",
     "lr": "Peak learning rate (AdamW).",
     "steps": "Optimiser steps in total.",
