@@ -8,10 +8,12 @@ with that of up to n real patches of that combination from the index, with the m
 demo` reports (`medi_fast.eval.site_fidelity`: site effect = a combination's mean minus its class's
 mean over its trained sites, per channel; correlation and slope of generated on real effects, 1.0 =
 the full stain difference between sites is reproduced, 0 = the site is ignored), plus the table,
-including the combinations absent from training (generated only).  Writes benchmarks/results/site_fidelity.json.
+including the combinations absent from training (generated only).  Writes benchmarks/results/site_fidelity.json
+(--results-name NAME: NAME.json).
 
 --noise-levels 999,900,600,300 also asks where colour gets lost: for each trained combination, real patches
-are noised to level t and the model estimates the clean image (x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t));
+are noised to level t and the model estimates the clean image (for an epsilon model
+x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t); v and x0 models as the samplers convert them);
 the slope of the estimates' per-combination mean colour on the real one (centred over combinations, all
 channels) is the share of the colour differences between combinations the model knows at that noise
 level.  At t = 999 nothing of the patch survives the noise, so a well-trained model predicts each
@@ -42,6 +44,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--noise-levels", default="", help="e.g. 999,900,600,300: the clean-image estimate's colour there")
+    ap.add_argument("--results-name", default="site_fidelity",
+                    help="write benchmarks/results/NAME.json (to keep the measures of several checkpoints)")
     args = ap.parse_args()
 
     pipe = medi_fast.load(args.checkpoint, backend="torch", steps=args.steps, batch_size=64)
@@ -71,7 +75,7 @@ def main() -> int:
     for row in by_noise:
         print(f"noise level t={row['t']}: the clean-image estimate carries {row['slope']:.2f} of the colour "
               f"differences between combinations (correlation {row['correlation']:.2f})")
-    path = write_results("site_fidelity", df.to_dict("records"),
+    path = write_results(args.results_name, df.to_dict("records"),
                          {"checkpoint": args.checkpoint, "correlation": corr, "slope": slope,
                           "mean_abs_effect_generated": g, "mean_abs_effect_real": r,
                           "colour_spread_generated": res.colour_spread_generated,
@@ -86,6 +90,7 @@ def x0_colour_by_noise(checkpoint_path, real, labels, levels, seed) -> list[dict
     import torch
 
     from medi_fast import checkpoint
+    from medi_fast.schedule import split_output
 
     ck = checkpoint.load(checkpoint_path)
     model = ck.build(ema=True).eval()
@@ -105,8 +110,8 @@ def x0_colour_by_noise(checkpoint_path, real, labels, levels, seed) -> list[dict
             cond = ck.spec.encode({"class": [c] * len(x0), "tss": [s] * len(x0)})
             xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=gen)
             with torch.no_grad():
-                eps = model(xt, torch.full((len(x0),), t), cond)
-            x0_hat = ((xt - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+                out = model(xt, torch.full((len(x0),), t), cond)
+            x0_hat = split_output(ck.schedule.prediction_type, out, xt, a.sqrt(), (1 - a).sqrt())[0].clamp(-1, 1)
             est.append(x0_hat.mean((0, 2, 3)).numpy()), ref.append(x0.mean((0, 2, 3)).numpy())
         est, ref = np.array(est), np.array(ref)
         e, r = (est - est.mean(0)).ravel(), (ref - ref.mean(0)).ravel()

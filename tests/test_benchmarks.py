@@ -87,21 +87,29 @@ def test_gpu_script_dry_run_and_its_report_section(tmp_path):
 
 
 def test_demo_seeds_aggregates_and_resumes_from_finished_runs(tmp_path):
-    """demo_seeds.py reuses a run whose results.json matches the configuration (an interrupted benchmark
-    resumes without rerunning), aggregates per setting, and run_all puts the table in RESULTS.md."""
+    """demo_seeds.py reuses a run whose results.json matches the variant's configuration (an interrupted
+    benchmark resumes without rerunning; a run recorded before a field existed counts with the value it had),
+    aggregates per variant, and run_all puts the table in RESULTS.md."""
+    import importlib.util
     from dataclasses import asdict, replace
 
+    spec = importlib.util.spec_from_file_location("demo_seeds", BENCH / "demo_seeds.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     from medi_fast.demo import DemoConfig
 
+    assert bench.variant_config(bench.SHIPPED) == DemoConfig()  # the shipped variant is the demo's default
     work = tmp_path / "work"
+    name = "ring4-epsilon-1to1"
     accs = {0: (0.60, 0.70, 0.80), 1: (0.64, 0.71, 0.86)}
     for seed, (real, cls, medi) in accs.items():
-        cfg = replace(DemoConfig.from_options(setting="ring4"), out=str(work / "ring4" / f"seed-{seed}"), seed=seed)
+        cfg = replace(bench.variant_config(name), out=str(work / name / f"seed-{seed}"), seed=seed)
         d = Path(cfg.out)
         d.mkdir(parents=True)
         recorded = asdict(cfg)
-        if seed == 1:  # recorded before a setting was added: the new setting at its default is the same run
-            recorded.pop("distill")
+        if seed == 1:  # recorded before these fields existed: epsilon at 1:1, distill at its default
+            for key in ("distill", "prediction_type", "probe_ratio"):
+                recorded.pop(key)
         (d / "demo_config.json").write_text(json.dumps(recorded))
         (d / "results.json").write_text(json.dumps({
             "seed": seed, "setting": "ring4", "quick": False, "seconds": 540.0,
@@ -109,16 +117,19 @@ def test_demo_seeds_aggregates_and_resumes_from_finished_runs(tmp_path):
                       for a, v in (("no-synthetic", real), ("CLS", cls), ("MeDi", medi))},
             "fid_class_mean": {"CLS": 1.0, "MeDi": 2.0}, "fid_cell_mean": {"CLS": 60.0, "MeDi": 50.0},
             "cells_medi_closer": 5, "cells": 8, "site_correlation": 0.8, "site_slope": 0.4}))
-    out = _run("demo_seeds.py", "--settings", "ring4", "--seeds", "0,1", "--work", str(work), out=tmp_path)
+    out = _run("demo_seeds.py", "--variants", name, "--seeds", "0,1", "--work", str(work), out=tmp_path)
     assert out.count("== reusing") == 2  # nothing was rerun
     ds = json.loads((tmp_path / "demo_seeds.json").read_text())
     rows = {r["measure"]: r for r in ds["rows"]}
     assert rows["MeDi"]["mean"] == pytest.approx(0.83) and rows["MeDi"]["sd"] == pytest.approx(0.0424, abs=1e-4)
-    assert rows["MeDi - CLS"]["min"] == pytest.approx(0.10) and all(r["shipped"] for r in ds["rows"])
-    assert (work / "ring4" / "report.md").read_text().count("mean ± SD (2 seeds)") == 1
+    assert rows["MeDi - CLS"]["min"] == pytest.approx(0.10) and not any(r["shipped"] for r in ds["rows"])
+    v = ds["variants"][name]
+    assert (v["prediction_type"], v["probe_ratio"], v["k"], v["reevaluated"]) == ("epsilon", 1.0, 10, False)
+    assert (work / name / "report.md").read_text().count("mean ± SD (2 seeds)") == 1
     _run("run_all.py", "--report-only", out=tmp_path)
     md = (tmp_path / "RESULTS.md").read_text()
-    assert "## The demo over seeds" in md and "0.830 ± 0.042" in md and "ring4 (the demo's default)" in md
+    assert "## The demo over seeds" in md and "0.830 ± 0.042" in md and f"| {name} " in md
+    assert "| epsilon " in md and "k 10, 1:1" in md
 
 
 def test_clean_image_colour_by_noise_level_is_exact_where_the_noise_is_negligible(tmp_path):
@@ -145,3 +156,50 @@ def test_clean_image_colour_by_noise_level_is_exact_where_the_noise_is_negligibl
     rows = {r["t"]: r for r in mod.x0_colour_by_noise(ck, real, labels, [0, 999], seed=0)}
     assert rows[0]["slope"] == pytest.approx(1.0, abs=0.02) and rows[0]["correlation"] > 0.999
     assert abs(rows[999]["slope"] - 1.0) > 0.5
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_clean_image_estimate_follows_the_models_prediction_type(tmp_path, monkeypatch, prediction_type):
+    """An oracle that knows each cell's colour, answering in the checkpoint's parameterisation, gives slope 1
+    at every noise level: the estimate converts v and x0 outputs as the samplers do."""
+    import importlib.util
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from medi_fast import checkpoint
+    from medi_fast.schedule import Schedule
+
+    spec = importlib.util.spec_from_file_location("site_fidelity_bench2", BENCH / "site_fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(BENCH))
+    from _common import random_checkpoint
+
+    _, path = random_checkpoint("tiny-32", tmp_path, ["LUAD", "LUSC"], ["S1", "S2"])
+    real_ck = checkpoint.load(path)
+    sched = Schedule(prediction_type=prediction_type)
+    abar = sched.alphas_cumprod
+    colours = {(c, s): torch.tensor(np.random.default_rng(i).uniform(-0.6, 0.6, 3), dtype=torch.float32)
+               for i, (c, s) in enumerate([("LUAD", "S1"), ("LUAD", "S2"), ("LUSC", "S1"), ("LUSC", "S2")])}
+    names = {a.name: list(a.vocab.names) for a in real_ck.spec.attributes}
+
+    def oracle(x, t, cond):
+        x0 = torch.stack([colours[(names["class"][int(ci)], names["tss"][int(si)])]
+                          for ci, si in zip(cond["class"], cond["tss"])]).view(-1, 3, 1, 1).expand_as(x)
+        a, s = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
+        eps = (x - a * x0) / s
+        return {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[prediction_type]
+
+    fake = SimpleNamespace(schedule=replace(real_ck.schedule, prediction_type=prediction_type), spec=real_ck.spec,
+                           build=lambda ema=True: SimpleNamespace(eval=lambda: oracle))
+    monkeypatch.setattr(checkpoint, "load", lambda p: fake)
+    real, labels = [], []
+    for cell, col in colours.items():
+        img = ((col.numpy() + 1) * 127.5).round().astype(np.uint8)
+        real += [np.broadcast_to(img, (16, 16, 3)).copy() for _ in range(2)]
+        labels += [cell] * 2
+    rows = mod.x0_colour_by_noise(path, real, labels, [999, 500], seed=0)
+    assert all(r["slope"] == pytest.approx(1.0, abs=0.02) for r in rows), rows
