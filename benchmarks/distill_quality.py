@@ -117,9 +117,10 @@ def main(argv=None) -> int:
     classes = list(spec["class"].vocab.names)
     sites = [s for s in spec["tss"].vocab.names if s != "Unknown"]
     combos = pd.DataFrame([(c, s, args.n_per_combo) for c in classes for s in sites], columns=["class", "tss", "count"])
-    if args.n_per_combo * len(sites) < cfg.probe_k:
-        raise SystemExit(f"--n-per-combo {args.n_per_combo} gives fewer than the probe's {cfg.probe_k} patches per class; "
-                         f"use at least {-(-cfg.probe_k // len(sites))}")
+    need = round(cfg.probe_ratio * cfg.probe_k)  # synthetic patches per class in one probe run
+    if args.n_per_combo * len(sites) < need:
+        raise SystemExit(f"--n-per-combo {args.n_per_combo} gives fewer than the probe's {need} synthetic patches per "
+                         f"class; use at least {-(-need // len(sites))}")
     plan = plans.from_counts(spec, combos, args.seed)
     meta = pd.DataFrame({"class": plan.rows["class"].to_numpy(), "tissue_source_site": plan.rows["tss"].to_numpy()})
 

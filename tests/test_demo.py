@@ -23,7 +23,7 @@ from medi_fast.errors import MediFastError
 def toy(out) -> DemoConfig:
     return DemoConfig(out=str(out), n_per_combo=10, n_test_per_combo=6, render_resolution=32, preset="tiny-32",
                       train_steps=2, batch_size=4, sample_steps=2, sample_batch=16, n_synthetic_per_combo=3, k=4,
-                      probe_repeats=1)
+                      probe_ratio=2.0, probe_repeats=1)
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,7 @@ def test_seed_aggregate_is_mean_and_sd_and_separation_needs_both():
 def test_cell_labels_give_cls_disjoint_draws_of_medis_cell_size():
     from medi_fast.demo.stages import cell_labels
 
-    cfg = DemoConfig(n_synthetic_per_combo=5)
+    cfg = DemoConfig(n_synthetic_per_combo=5, probe_ratio=1.0)
     spec = cfg.spec
     n = 5 * len(spec.sites)
     cls_meta = pd.DataFrame({"class": np.repeat(spec.classes, n), "tissue_source_site": "none"})
@@ -293,3 +293,48 @@ def test_a_seed_from_medi_fast_toml_is_not_a_conflict_with_seeds(tmp_path, capsy
         main(["demo", "--out", str(tmp_path / "o"), "--seeds", "5"])
     err = capsys.readouterr().err
     assert "two or more different seeds" in err and "--seed and --seeds" not in err
+
+
+def test_reevaluate_reads_back_the_run_exactly_and_changes_only_the_evaluation(demo_run, tmp_path):
+    from medi_fast.demo.run import reevaluate
+
+    out, _ = demo_run
+    first = json.loads((out / "results.json").read_text())
+    # the same settings, read back from disk: the numbers the run computed from its patches in memory
+    again = json.loads(reevaluate(replace(toy(tmp_path / "same")), out).parent.joinpath("results.json").read_text())
+    assert again["probe"] == first["probe"] and again["fid_cell_mean"] == first["fid_cell_mean"]
+    assert again["reevaluated_from"] == str(out) and again["seconds"] == first["seconds"]
+    # another probe ratio: the same patches, more of them in each probe run
+    other = reevaluate(replace(toy(tmp_path / "ratio"), probe_ratio=1.0), out).parent
+    assert json.loads((other / "demo_config.json").read_text())["probe_ratio"] == 1.0
+    assert json.loads((other / "results.json").read_text())["fid_cell_mean"] == first["fid_cell_mean"]
+    assert (other / "report.html").stat().st_size > 0 and not (other / "runs").exists()
+    # anything that shapes the models or patches needs a new run
+    with pytest.raises(MediFastError, match="made with other settings"):
+        reevaluate(replace(toy(tmp_path / "steps"), train_steps=3), out)
+    with pytest.raises(MediFastError, match="into itself"):
+        reevaluate(toy(out), out)
+    with pytest.raises(MediFastError, match="no finished demo run"):
+        reevaluate(toy(tmp_path / "x"), tmp_path / "nothing")
+
+
+def test_same_config_reads_fields_older_runs_did_not_record():
+    from dataclasses import asdict
+
+    from medi_fast.demo.run import same_config
+
+    cfg = DemoConfig(out="a")
+    recorded = json.loads(json.dumps(asdict(cfg)))
+    assert same_config(recorded, replace(cfg, out="b"))  # where it was written is no setting
+    old = {k: v for k, v in recorded.items() if k not in ("prediction_type", "probe_ratio", "distill")}
+    # a run recorded before prediction_type and probe_ratio existed was epsilon at 1:1; distill had its default
+    assert not same_config(old, cfg)
+    assert same_config(old, replace(cfg, prediction_type="epsilon", probe_ratio=1.0))
+    assert same_config(old, replace(cfg, prediction_type="epsilon"), ignore=("probe_ratio",))
+    assert not same_config({**recorded, "future_field": 1}, cfg)
+
+
+def test_a_probe_larger_than_the_synthetic_set_is_refused_up_front(tmp_path):
+    with pytest.raises(MediFastError, match="probe draws 16 synthetic patches per class but the demo makes 12"):
+        replace(toy(tmp_path / "o"), probe_ratio=4.0)
+    assert not (tmp_path / "o").exists()

@@ -61,7 +61,7 @@ def site_table(fidelity) -> pd.DataFrame:
     return out
 
 
-def _sections(cfg, index, results, timing, total) -> dict:
+def _sections(cfg, index, results, timing, total, source=None) -> dict:
     """Every piece of text and every table, shared by the Markdown and the HTML report."""
     beat, text = verdict(results["probe"])
     fid = results["fid"].pivot(index="class", columns="model", values="distance")
@@ -85,9 +85,12 @@ def _sections(cfg, index, results, timing, total) -> dict:
         "ran": (f"medi-fast {__version__}, {when}: a synthetic H&E cohort (setting `{spec.name}`: classes "
                 f"{', '.join(spec.classes)}; "
                 f"{len(index)} real patches), `{cfg.preset}` UNets (class-only CLS and class + site MeDi) trained "
-                f"{cfg.train_steps} steps at {cfg.resolution} px on the CPU, exported to ONNX, sampled with ONNX "
-                f"Runtime (DDIM-{cfg.sample_steps}), and a linear probe trained with and without their samples. "
-                f"Seed {cfg.seed}; took {total / 60:.1f} min."),
+                f"{cfg.train_steps} steps at {cfg.resolution} px on the CPU ({cfg.prediction_type} prediction), "
+                f"exported to ONNX, sampled with ONNX Runtime (DDIM-{cfg.sample_steps}), and a linear probe trained "
+                f"with and without their samples. Seed {cfg.seed}; "
+                + (f"took {total / 60:.1f} min." if source is None else
+                   f"these are the models and patches of the run in {source}, evaluated again here "
+                   f"({total / 60:.1f} min).")),
         "beat": beat, "verdict": text, "full_bits": full_bits,
         "headline": [
             "Linear probe on unseen sites, TSS-averaged balanced accuracy: "
@@ -106,7 +109,7 @@ def _sections(cfg, index, results, timing, total) -> dict:
                      "distance below is FID-style, not FID, and the probe reads stain and texture statistics."),
         "setup": (f"Setting `{spec.name}`: {spec.summary}. Probe: k = {cfg.probe_k} real patches per class from "
                   f"those sites (the stain gives the class away), tested on unseen sites {', '.join(spec.test_sites)}; "
-                  f"synthetic:real 1:1 (MeDi: every class x site of {', '.join(sites)}, including the "
+                  f"synthetic:real {cfg.probe_ratio:g}:1 (MeDi: every class x site of {', '.join(sites)}, including the "
                   f"{len(unseen)} combinations never seen in training, "
                   f"{', '.join(f'{c}@{s}' for c, s in unseen[:4])}{', ...' if len(unseen) > 4 else ''}; "
                   "CLS: class only, so its stains follow the cohort's class-site confound)."),
@@ -238,8 +241,9 @@ def _html(s: dict, pics: dict) -> str:
 
 
 def write_report(out: Path, cfg, index: pd.DataFrame, real_images: np.ndarray, synthetic: dict, results: dict,
-                 timings, started: float) -> Path:
-    """Draw the figures under out/figures and write report.md and report.html; returns report.html."""
+                 timings, started: float, source: Path | None = None) -> Path:
+    """Draw the figures under out/figures and write report.md and report.html; returns report.html.
+    `source`: the run whose patches were evaluated again (`run.reevaluate`), if not this one."""
     from ..data.report import coverage_matrix, plot_coverage
 
     fig = out / "figures"
@@ -252,7 +256,7 @@ def write_report(out: Path, cfg, index: pd.DataFrame, real_images: np.ndarray, s
     total = time.perf_counter() - started
     timing = pd.DataFrame(list(timings) + [("total", total)], columns=["stage", "seconds"])
     pics["timings"] = figures.timings_chart(list(timings), total, fig / "timings.png")
-    s = _sections(cfg, index, results, timing, total)
+    s = _sections(cfg, index, results, timing, total, source)
     rel = {k: Path(v).relative_to(out).as_posix() for k, v in pics.items()}
     atomic_write_text(out / "report.md", _markdown(s, rel))
     atomic_write_text(out / "report.html", _html(s, pics))

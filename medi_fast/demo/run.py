@@ -9,6 +9,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import pandas as pd
+
 from ..errors import MediFastError
 from ..io import ensure_dir
 from . import stages
@@ -67,8 +69,6 @@ def prepare_out(out: Path, overwrite: bool) -> Path:
 
 def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
     """Run every stage; returns the path of report.html."""
-    from .report import write_report
-
     out = prepare_out(Path(cfg.out), overwrite)
     timer = Timer()
     t_all = time.perf_counter()
@@ -98,21 +98,77 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
             onnx[student] = stages.export_model(path, out, "medi-student")
         with timer(f"generate {student} (ort-cpu, its own steps)"):
             synthetic[student] = stages.generate(cfg, onnx[student], out, "medi-student", cls_only=False)
+    return _evaluate_and_report(cfg, out, out, index, synthetic, timer, t_all)
+
+
+def _evaluate_and_report(cfg: DemoConfig, out: Path, run: Path, index, synthetic: dict, timer: Timer,
+                         t_all: float, extra: dict | None = None) -> Path:
+    """Stages 5 and 6 on the cohort and synthetic patches of the run in `run`, into `out`."""
+    from .report import write_report
+
+    student = STUDENT.format(steps=cfg.distill_steps)
     _log("5/6 evaluating (colour-texture features: FID-style distance, linear probe, shortcut meter, site colours)")
     with timer("evaluate"):
-        real_images = stages._real(out)
+        real_images = stages._real(run)
         results = stages.evaluate(cfg, index, real_images, synthetic)
         results["site"] = stages.measure_site_fidelity(cfg, index, real_images, synthetic["MeDi"])
         if cfg.distill:
             results["site_student"] = stages.measure_site_fidelity(cfg, index, real_images, synthetic[student])
     _log("6/6 writing the report")
     with timer("report"):
-        path = write_report(out, cfg, index, real_images, synthetic, results, timer.rows, started=t_all)
+        path = write_report(out, cfg, index, real_images, synthetic, results, timer.rows, started=t_all,
+                            source=None if run == out else run)
     (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    (out / "results.json").write_text(json.dumps(summary_record(cfg, results, time.perf_counter() - t_all), indent=2)
-                                      + "\n")
+    record = summary_record(cfg, results, time.perf_counter() - t_all)
+    if extra is not None:  # the run's cost is its source's; this process only evaluated
+        record = {**record, "reevaluate_seconds": record["seconds"], **extra}
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     _log(f"done in {(time.perf_counter() - t_all) / 60:.1f} min: {path}")
     return path
+
+
+# DemoConfig fields that change only the evaluation: a run that differs from a finished one in these alone
+# is evaluated again from that run's cohort and synthetic patches (`reevaluate`) instead of being retrained.
+EVALUATION_FIELDS = ("k", "probe_ratio", "probe_repeats")
+# Fields added to DemoConfig after runs were recorded, with the value those runs had.  A field missing from
+# a recorded config and not listed here had its current default.
+RECORDED_BEFORE = {"prediction_type": "epsilon", "probe_ratio": 1.0}
+
+
+def same_config(recorded: dict, cfg: DemoConfig, ignore: tuple[str, ...] = ()) -> bool:
+    """Did the run recorded as `recorded` (its demo_config.json) have configuration `cfg`, up to the fields
+    in `ignore`?  Where the run was written is not part of its configuration."""
+    want = json.loads(json.dumps(asdict(cfg)))
+    default = json.loads(json.dumps(asdict(DemoConfig())))
+    had = {k: recorded.get(k, RECORDED_BEFORE.get(k, default[k])) for k in want}
+    unknown = set(recorded) - set(want)
+    return not unknown and all(had[k] == want[k] for k in want if k not in ("out", *ignore))
+
+
+def reevaluate(cfg: DemoConfig, source, overwrite: bool = False) -> Path:
+    """Evaluate a finished demo run again with cfg's evaluation settings (EVALUATION_FIELDS), from its
+    cohort and synthetic patches on disk, into cfg.out; returns report.html.  The source run must have
+    been made with cfg's every other setting."""
+    source = Path(source)
+    conf = source / "demo_config.json"
+    if not (conf.is_file() and (source / "results.json").is_file()):
+        raise MediFastError(f"{source} holds no finished demo run (no demo_config.json and results.json); "
+                            "run `medi-fast demo` there first")
+    recorded = json.loads(conf.read_text())
+    if not same_config(recorded, cfg, ignore=EVALUATION_FIELDS):
+        raise MediFastError(f"the demo run in {source} was made with other settings than these, beyond "
+                            f"{', '.join(EVALUATION_FIELDS)}; run the demo afresh")
+    if Path(cfg.out).resolve() == source.resolve():
+        raise MediFastError(f"re-evaluating {source} into itself would replace the run it reads; choose another out")
+    out = prepare_out(Path(cfg.out), overwrite)
+    t_all = time.perf_counter()
+    index = pd.read_parquet(source / "index.parquet")
+    names = [("CLS", "cls"), ("MeDi", "medi")] + ([(STUDENT.format(steps=cfg.distill_steps), "medi-student")]
+                                                  if cfg.distill else [])
+    synthetic = {arm: stages.load_synthetic(source / "synthetic" / d) for arm, d in names}
+    seconds = json.loads((source / "results.json").read_text())["seconds"]
+    return _evaluate_and_report(cfg, out, source, index, synthetic, Timer(), t_all,
+                                extra={"reevaluated_from": str(source), "seconds": seconds})
 
 
 def summary_record(cfg: DemoConfig, results: dict, seconds: float) -> dict:

@@ -94,13 +94,18 @@ class DemoConfig:
     batch_size: int = 16
     lr: float = 2e-3
     ema_decay: float = 0.99
+    # What both models predict (TrainConfig.prediction_type).
+    prediction_type: str = "v_prediction"
     # Sampling: DDIM with fewer steps than the published 100 (on the demo model DDIM reaches DDIM-100's
     # colour-texture distance within 5 % at 8 steps: benchmarks/solver_quality.py).
     sample_steps: int = 15
     sample_batch: int = 64
     n_synthetic_per_combo: int = 40
-    # Probe: k real patches per class (None: the setting's), 1:1 synthetic, repeated over site pairs and seeds.
+    # Probe: k real patches per class (None: the setting's), repeated over site pairs and seeds.
     k: int | None = None
+    # Synthetic patches per real one in the probe.  4: as many as k per cohort site of a class, so MeDi's
+    # fill-in shows the probe each class at every site; at the paper's 1:1 it is 2-3 patches per site.
+    probe_ratio: float = 4.0
     probe_repeats: int = 5
     seed: int = 0
     # Set by quick(): the report then says at the top that its numbers are not the demo's result.
@@ -114,7 +119,15 @@ class DemoConfig:
     distill_iters: int = 40
 
     def __post_init__(self):
-        setting(self.setting)  # an unknown name fails here, before any output
+        spec = setting(self.setting)  # an unknown name fails here, before any output
+        k = spec.k if self.k is None else self.k
+        draw, made = round(self.probe_ratio * k), self.n_synthetic_per_combo * len(spec.sites)
+        if not self.probe_ratio > 0:
+            raise MediFastError(f"the probe ratio must be > 0 synthetic patches per real one, got {self.probe_ratio}")
+        if draw > made:
+            raise MediFastError(f"the probe draws {draw} synthetic patches per class but the demo makes {made}; "
+                                f"lower the probe ratio ({self.probe_ratio:g}) or k ({k}), or make more per "
+                                "class and site")
 
     @property
     def spec(self) -> Setting:
@@ -169,7 +182,7 @@ def train_model(cfg: DemoConfig, out: Path, name: str, condition: str) -> Path:
     from ..training.loop import train
 
     tc = TrainConfig(data=str(out / "pack"), split=str(out / "train.csv"), condition=condition, preset=cfg.preset,
-                     resolution=cfg.resolution, batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.train_steps,
+                     prediction_type=cfg.prediction_type, resolution=cfg.resolution, batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.train_steps,
                      out=str(out / "runs" / name), warmup=25, ema_decay=cfg.ema_decay, workers=0, seed=cfg.seed,
                      checkpoint_every=cfg.train_steps, keep_last=1, log_every=25, grid_every=0, device="cpu")
     result = train(tc)
@@ -218,6 +231,17 @@ def generate(cfg: DemoConfig, onnx_path: Path, out: Path, name: str, cls_only: b
     if "tissue_source_site" not in manifest.columns:
         manifest["tissue_source_site"] = "none"
     return manifest, np.concatenate(images)
+
+
+def load_synthetic(folder: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """A finished generation's (manifest rows, images) read back from folder, as `generate` returned them."""
+    from PIL import Image
+
+    manifest = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
+    if "tissue_source_site" not in manifest.columns:
+        manifest["tissue_source_site"] = "none"
+    images = np.stack([np.asarray(Image.open(folder / f).convert("RGB")) for f in manifest["file"]])
+    return manifest, images
 
 
 def _real(out: Path) -> np.ndarray:
@@ -292,7 +316,7 @@ def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synt
     meta = index[["class", "tissue_source_site"]].reset_index(drop=True)
     runs = []
     for rep in range(cfg.probe_repeats):
-        pc = ProbeConfig(k=cfg.probe_k, ratio=1.0, one_site_per_class=True, max_runs=None, seed=cfg.seed + rep)
+        pc = ProbeConfig(k=cfg.probe_k, ratio=cfg.probe_ratio, one_site_per_class=True, max_runs=None, seed=cfg.seed + rep)
         r = run_probe((meta[pool].reset_index(drop=True), z(x_real[pool])),
                       (meta[test].reset_index(drop=True), z(x_real[test])),
                       {n: (m[["class", "tissue_source_site"]], x) for n, (m, x) in syn.items()},
