@@ -1,46 +1,79 @@
-"""The demo's result over seeds, per setting: is MeDi ahead of CLS, and CLS of real data alone, by more
+"""The demo's result over seeds, per variant: is MeDi ahead of CLS, and CLS of real data alone, by more
 than the spread over seeds, and away from the ceiling?
 
-    python benchmarks/demo_seeds.py [--settings ring4,two-class] [--seeds 0,1,2] [--work .bench-tmp/demo_seeds]
+    python benchmarks/demo_seeds.py [--variants ring4,ring4-1to1,...] [--seeds 0,1,2] [--work .bench-tmp/demo_seeds]
 
-Runs `medi-fast demo --setting S --seed N` (the library's `run_demo`, the full configuration) for every
-setting and seed into WORK/<setting>/seed-<N>; a run whose results.json is already there with the same
-configuration is reused, so an interrupted benchmark resumes.  Per setting it writes WORK/<setting>/report.md
-(the `--seeds` report) and, for all settings, benchmarks/results/demo_seeds.json: per (setting, arm) the mean,
-SD and range over seeds of the TSS-averaged balanced accuracy, the gaps, the per-cell FID-style distances,
-MeDi's stain slope and the minutes per run.  `shipped` marks the demo's default setting.  Each full run
-takes about 10 minutes on 2 cores.
+A variant is a demo setting with some DemoConfig fields changed (VARIANTS): the demo's default and the
+variants it was chosen over.  Each (variant, seed) is `medi-fast demo --setting S --seed N` (the library's
+`run_demo`, the full configuration) into WORK/<variant>/seed-<N>, except that
+
+* a run whose results.json is already there with the same configuration is reused (an interrupted
+  benchmark resumes), and
+* a variant that differs from a finished run under WORK only in how the probe is evaluated (k, probe
+  ratio, repeats) is evaluated again from that run's cohort and synthetic patches (`reevaluate`): the same
+  models and patches, no retraining.  Its minutes are the source run's.
+
+Per variant it writes WORK/<variant>/report.md (the `--seeds` report) and, for all variants,
+benchmarks/results/demo_seeds.json: per (variant, arm) the mean, SD and range over seeds of the TSS-averaged
+balanced accuracy, the gaps, the per-cell FID-style distances, MeDi's stain slope and the minutes per run.
+`shipped` marks the demo's default.  Each full run takes 10-13 minutes on 2 cores.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
-from medi_fast.demo import DEFAULT_SETTING, SETTINGS, DemoConfig, run_demo  # noqa: E402
+from medi_fast.demo import DemoConfig, run_demo  # noqa: E402
+from medi_fast.demo.run import EVALUATION_FIELDS, reevaluate, same_config  # noqa: E402
 from medi_fast.demo.seeds import ARMS, aggregate, write_seeds_report  # noqa: E402
+from medi_fast.demo.stages import SETTINGS  # noqa: E402
+
+# name: (setting, DemoConfig fields changed from the demo's defaults).  The first is the demo's default.
+VARIANTS = {
+    "ring4": ("ring4", {}),
+    "ring4-1to1": ("ring4", {"probe_ratio": 1.0}),
+    "ring4-epsilon": ("ring4", {"prediction_type": "epsilon"}),
+    "ring4-epsilon-1to1": ("ring4", {"prediction_type": "epsilon", "probe_ratio": 1.0}),
+    "two-class-epsilon-1to1": ("two-class", {"prediction_type": "epsilon", "probe_ratio": 1.0}),
+}
+SHIPPED = next(iter(VARIANTS))
 
 
-def same_run(recorded: dict, cfg: DemoConfig) -> bool:
-    """Did the recorded run have this configuration?  A setting added to DemoConfig after the run was
-    recorded counts as the same when it has its default value (the run could not have differed)."""
-    want = json.loads(json.dumps(asdict(cfg)))
-    default = json.loads(json.dumps(asdict(DemoConfig())))
-    return (all(k in want and want[k] == v for k, v in recorded.items())
-            and all(want[k] == default[k] for k in want if k not in recorded))
+def variant_config(name: str, quick: bool = False) -> DemoConfig:
+    setting, changes = VARIANTS[name]
+    return replace(DemoConfig.from_options(quick=quick, setting=setting), **changes)
 
 
-def run_one(cfg: DemoConfig) -> dict:
+def describe(cfg: DemoConfig) -> str:
+    return (f"setting `{cfg.setting}`, {cfg.prediction_type} models, probe k = {cfg.probe_k} real + "
+            f"{cfg.probe_ratio:g}:1 synthetic per class")
+
+
+def _finished(path: Path) -> dict | None:
+    conf, res = path / "demo_config.json", path / "results.json"
+    return json.loads(conf.read_text()) if conf.is_file() and res.is_file() else None
+
+
+def run_one(cfg: DemoConfig, work: Path) -> dict:
     out = Path(cfg.out)
-    res, conf = out / "results.json", out / "demo_config.json"
-    if res.exists() and conf.exists() and same_run(json.loads(conf.read_text()), cfg):
+    res = out / "results.json"
+    recorded = _finished(out)
+    if recorded is not None and same_config(recorded, cfg):
         print(f"== reusing {out}", flush=True)
         return json.loads(res.read_text())
+    for source in sorted(work.glob(f"*/{out.name}")):
+        rec = _finished(source) if source.resolve() != out.resolve() else None
+        if (rec is not None and same_config(rec, cfg, ignore=EVALUATION_FIELDS)
+                and "reevaluated_from" not in json.loads((source / "results.json").read_text())):
+            print(f"== re-evaluating {source} -> {out}", flush=True)
+            reevaluate(cfg, source, overwrite=True)
+            return json.loads(res.read_text())
     print(f"== demo --setting {cfg.setting} --seed {cfg.seed} -> {out}", flush=True)
     run_demo(cfg, overwrite=True)
     return json.loads(res.read_text())
@@ -48,27 +81,34 @@ def run_one(cfg: DemoConfig) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated demo settings")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--work", default=".bench-tmp/demo_seeds", help="where the demo runs go (reused when present)")
     ap.add_argument("--quick", action="store_true", help="--quick demo runs (a smoke test of this script)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    rows, per_setting = [], {}
-    for name in settings:
-        base = DemoConfig.from_options(quick=args.quick, setting=name)
-        records = [run_one(replace(base, out=str(Path(args.work) / name / f"seed-{s}"), seed=s)) for s in seeds]
-        write_seeds_report(Path(args.work) / name, base, records)
+    names = [s.strip() for s in args.variants.split(",") if s.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    work = Path(args.work)
+    rows, per_variant = [], {}
+    for name in names:
+        base = variant_config(name, args.quick)
+        records = [run_one(replace(base, out=str(work / name / f"seed-{s}"), seed=s), work) for s in seeds]
+        write_seeds_report(work / name, base, records)
         agg = aggregate(records)
-        per_setting[name] = {**agg, "records": records, "k": base.probe_k, "summary": SETTINGS[name].summary}
+        per_variant[name] = {**agg, "records": records, "k": base.probe_k, "setting": base.setting,
+                             "prediction_type": base.prediction_type, "probe_ratio": base.probe_ratio,
+                             "description": describe(base), "summary": SETTINGS[base.setting].summary,
+                             "reevaluated": any("reevaluated_from" in r for r in records)}
         st = agg["stats"]
         for col in (*ARMS, "MeDi - CLS", "CLS - no-synthetic", "cell distance MeDi", "cell distance CLS",
                     "stain slope", "minutes"):
-            rows.append({"setting": name, "shipped": name == DEFAULT_SETTING, "measure": col,
+            rows.append({"variant": name, "setting": base.setting, "shipped": name == SHIPPED, "measure": col,
                          "seeds": len(seeds), **{k: round(v, 4) for k, v in st[col].items()}})
         print(f"== {name}: " + ", ".join(f"{a} {st[a]['mean']:.3f} ± {st[a]['sd']:.3f}" for a in ARMS), flush=True)
-    write_results("demo_seeds", rows, extra={"seeds": seeds, "quick": args.quick, "settings": per_setting})
+    write_results("demo_seeds", rows, extra={"seeds": seeds, "quick": args.quick, "variants": per_variant})
     return 0
 
 

@@ -206,14 +206,15 @@ def gpu_sections() -> list[str]:
 
 
 def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
-    """The demo over seeds (benchmarks/demo_seeds.py): (summary lines, section lines)."""
+    """The demo over seeds, per variant (benchmarks/demo_seeds.py): (summary lines, section lines)."""
     arms = ("no-synthetic", "CLS", "MeDi")
     rows, head = [], []
-    for name, s in ds["settings"].items():
+    for name, s in ds["variants"].items():
         st = s["stats"]
-        shipped = any(r["shipped"] for r in ds["rows"] if r["setting"] == name)
+        shipped = any(r["shipped"] for r in ds["rows"] if r["variant"] == name)
         sep = ("yes" if s["medi_over_cls"] else "no") + " / " + ("yes" if s["cls_over_real"] else "no")
-        rows.append({"setting": name + (" (the demo's default)" if shipped else ""), "k": s["k"],
+        rows.append({"variant": name + (" (the demo's default)" if shipped else ""),
+                     "models": s["prediction_type"], "probe": f"k {s['k']}, {s['probe_ratio']:g}:1",
                      **{a: f"{st[a]['mean']:.3f} ± {st[a]['sd']:.3f}" for a in arms},
                      "MeDi - CLS (range)": f"{st['MeDi - CLS']['mean']:+.3f} ({st['MeDi - CLS']['min']:+.3f} to "
                                            f"{st['MeDi - CLS']['max']:+.3f})",
@@ -223,23 +224,27 @@ def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
                      "stain slope": f"{st['stain slope']['mean']:.2f} ± {st['stain slope']['sd']:.2f}",
                      "minutes per run": f"{st['minutes']['mean']:.1f}"})
         if shipped:
-            head.append(f"* The demo (setting `{name}`, {s['n']} seeds): linear-probe TSS-averaged balanced accuracy "
-                        + ", ".join(f"{a} **{st[a]['mean']:.3f} ± {st[a]['sd']:.3f}**" for a in arms)
+            head.append(f"* The demo ({s['description']}; {s['n']} seeds): linear-probe TSS-averaged balanced "
+                        "accuracy " + ", ".join(f"{a} **{st[a]['mean']:.3f} ± {st[a]['sd']:.3f}**" for a in arms)
                         + f" (mean ± SD over seeds); MeDi - CLS {st['MeDi - CLS']['mean']:+.3f} (range "
                         f"{st['MeDi - CLS']['min']:+.3f} to {st['MeDi - CLS']['max']:+.3f}): MeDi and CLS "
                         + ("separated" if s["medi_over_cls"] else "**not** separated") + " by more than the spread "
                         "over seeds, CLS and real data alone " + ("separated." if s["cls_over_real"] else "**not** separated."))
     md = ["## The demo over seeds", "", _provenance(ds), "",
-          f"`medi-fast demo --setting S --seed N` for seeds {', '.join(map(str, ds['seeds']))}; each seed renders its "
-          "own cohort, trains both models and draws its own probe runs. Accuracy: the linear probe's TSS-averaged "
-          "balanced accuracy on the unseen test sites, mean ± SD over seeds. *Separated*: the mean ± SD intervals "
-          "over seeds do not overlap. Cell distance: the FID-style colour-texture distance of each model's "
-          "patches to the real patches of each trained class x site cell (CLS: a draw of its class), mean over "
-          "cells and seeds. Stain slope: how much of the real difference between sites MeDi's patches reproduce "
-          "(1 = all). Minutes per run: each run's wall time as it recorded it (results.json); runs made side by side "
-          "or on a loaded machine take longer than alone.", "", _table(rows), ""]
-    for name, s in ds["settings"].items():
-        md += [f"`{name}`: {s['summary']}; k = {s['k']}.", ""]
+          f"`medi-fast demo --setting S --seed N` for seeds {', '.join(map(str, ds['seeds']))}, per variant of the "
+          "demo: its default and the variants it was chosen over. Each seed renders its own cohort, trains both "
+          "models and draws its own probe runs; variants that differ only in the probe are evaluated on the same "
+          "runs' patches. Accuracy: the linear probe's TSS-averaged balanced accuracy on the unseen test sites, "
+          "mean ± SD over seeds. *Separated*: the mean ± SD intervals over seeds do not overlap. Models: what "
+          "both UNets predict (epsilon or v). Probe: k real patches per class and synthetic:real. Cell distance: "
+          "the FID-style colour-texture distance of each model's patches to the real patches of each trained "
+          "class x site cell (CLS: a draw of its class), mean over cells and seeds. Stain slope: how much of the "
+          "real difference between sites MeDi's patches reproduce (1 = all). Minutes per run: each training "
+          "run's wall time as it recorded it (results.json); runs made side by side or on a loaded machine take "
+          "longer than alone.", "", _table(rows), ""]
+    for name in dict.fromkeys(s["setting"] for s in ds["variants"].values()):
+        k = next(s for s in ds["variants"].values() if s["setting"] == name)
+        md += [f"`{name}`: {k['summary']}.", ""]
     if ds.get("quick"):
         md += ["These are --quick runs (undertrained models): a smoke test of the script, not the demo's result.", ""]
     return head, md
