@@ -53,7 +53,7 @@ SETTINGS = {
     # Four classes on a ring of four sites, each class at two neighbouring sites.  A CLS sample's stain
     # still says which two sites, hence which class pair, it came from; MeDi's fill-in spreads every class
     # over all four.  Over seeds (benchmarks/demo_seeds.py, RESULTS.md) it takes the probe off the ceiling
-    # that two-class sits at; it does not yet separate MeDi from CLS by more than the spread.
+    # that two-class sits at; MeDi leads CLS in most seeds, but not by more than the spread over seeds.
     "ring4": Setting(
         "ring4", ("LUAD", "LUSC", "KIRC", "DLBC"),
         {"LUAD": ("S1", "S2"), "LUSC": ("S2", "S3"), "KIRC": ("S3", "S4"), "DLBC": ("S4", "S1")},
@@ -61,7 +61,7 @@ SETTINGS = {
         "four classes on a ring of four sites (LUAD at S1-S2, LUSC at S2-S3, KIRC at S3-S4, DLBC at S4 and S1); "
         "the probe takes each class from a site of its own (LUAD S1, LUSC S2, KIRC S3, DLBC S4)"),
     # The first demo setting, kept for comparison: two classes sharing half the sites.  Over seeds its
-    # probe sits at the ceiling with any synthetic data (RESULTS.md).
+    # probe sat at the ceiling with any synthetic data (epsilon models, RESULTS.md).
     "two-class": Setting(
         "two-class", ("LUAD", "LUSC"), {"LUAD": ("S1", "S2", "S3"), "LUSC": ("S2", "S3", "S4")},
         {"LUAD": ("S1", "S2"), "LUSC": ("S3", "S4")}, ("S5", "S6"), 20,
