@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,6 +56,11 @@ def variant_config(name: str, quick: bool = False) -> DemoConfig:
 def describe(cfg: DemoConfig) -> str:
     return (f"setting `{cfg.setting}`, {cfg.prediction_type} models, probe k = {cfg.probe_k} real + "
             f"{cfg.probe_ratio:g}:1 synthetic per class")
+
+
+def same_models(a: DemoConfig, b: DemoConfig) -> bool:
+    """Do a and b train the same models and make the same patches (they may probe them differently)?"""
+    return replace(a, **{f: getattr(b, f) for f in EVALUATION_FIELDS}) == b
 
 
 def _finished(path: Path) -> dict | None:
@@ -101,8 +106,7 @@ def main() -> int:
     rows, per_variant = [], {}
     for name in names:
         base = variant_config(name, args.quick)
-        own = (default_seeds if same_config(json.loads(json.dumps(asdict(base))), variant_config(SHIPPED, args.quick),
-                                            ignore=EVALUATION_FIELDS) else seeds)
+        own = default_seeds if same_models(base, variant_config(SHIPPED, args.quick)) else seeds
         records = [run_one(replace(base, out=str(work / name / f"seed-{s}"), seed=s), work) for s in own]
         write_seeds_report(work / name, base, records)
         agg = aggregate(records)

@@ -22,6 +22,7 @@ teacher's DDIM-100, and measures, with the demo's own evaluation (medi_fast.demo
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -80,8 +81,6 @@ def main(argv=None) -> int:
             distill_s = float(pd.read_csv(metrics)["elapsed_s"].iloc[-1])
         config = metrics.with_name("config.json")
         if config.is_file():  # report the settings that student was distilled with, not this script's defaults
-            import json
-
             c = json.loads(config.read_text())
             args.teacher_steps = c.get("resolved_teacher_steps", args.teacher_steps)
             args.iters_per_stage, args.batch_size = c["iters_per_stage"], c["batch_size"]
@@ -102,8 +101,6 @@ def main(argv=None) -> int:
     students = stage_students(student)
 
     from medi_fast.data.pack import read_pack
-    import json
-
     from medi_fast.demo.stages import DEFAULT_SETTING, DemoConfig, evaluate, measure_site_fidelity
 
     recorded = Path(args.index).parent / "demo_config.json"

@@ -99,6 +99,9 @@ def test_demo_seeds_aggregates_and_resumes_from_finished_runs(tmp_path):
     from medi_fast.demo import DemoConfig
 
     assert bench.variant_config(bench.SHIPPED) == DemoConfig()  # the shipped variant is the demo's default
+    # probe-only variants share the default's models (and its extra seeds); other models do not
+    assert bench.same_models(bench.variant_config("ring4-1to1"), DemoConfig())
+    assert not bench.same_models(bench.variant_config("ring4-epsilon"), DemoConfig())
     work = tmp_path / "work"
     name = "ring4-epsilon-1to1"
     accs = {0: (0.60, 0.70, 0.80), 1: (0.64, 0.71, 0.86)}

@@ -301,7 +301,7 @@ def test_reevaluate_reads_back_the_run_exactly_and_changes_only_the_evaluation(d
     out, _ = demo_run
     first = json.loads((out / "results.json").read_text())
     # the same settings, read back from disk: the numbers the run computed from its patches in memory
-    again = json.loads(reevaluate(replace(toy(tmp_path / "same")), out).parent.joinpath("results.json").read_text())
+    again = json.loads(reevaluate(toy(tmp_path / "same"), out).parent.joinpath("results.json").read_text())
     assert again["probe"] == first["probe"] and again["fid_cell_mean"] == first["fid_cell_mean"]
     assert again["reevaluated_from"] == str(out) and again["seconds"] == first["seconds"]
     # another probe ratio: the same patches, more of them in each probe run

@@ -40,7 +40,7 @@ def student_line(cfg, results: dict, cells: pd.DataFrame) -> list[str]:
     """The headline's line for the distilled student of `demo --distill` (none without it)."""
     if not getattr(cfg, "distill", False) or "site_student" not in results:
         return []
-    name = f"MeDi-{cfg.distill_steps}-step"
+    name = cfg.student_arm
     p = results["probe"].set_index("arm")
     site = results["site_student"]
     return [f"Distilled student ({name}: the MeDi model distilled from DDIM-{cfg.distill_teacher_steps} to "
@@ -118,15 +118,12 @@ def _sections(cfg, index, results, timing, total, source=None) -> dict:
                        "reproduces the cohort's class-site mixture; MeDi also renders the combinations absent from "
                        "training, which have no real counterpart in the pool."),
         "colour_text": (f"MeDi's patches are closer to their cell than CLS's in {closer} of {len(cells)} trained cells. "
-                        f"Their colours are washed out: the trained cells' mean colours lie "
-                        f"{site.colour_spread_generated:.1f} grey levels from their common mean in the MeDi patches, "
-                        f"{site.colour_spread_real:.1f} in the real ones. Models trained for {cfg.train_steps} steps "
-                        "have learned the texture of each class but not yet the full colour of each class and site "
-                        "(benchmarks/site_fidelity.py --noise-levels shows where: the model's estimate of the clean "
-                        "image at high noise)." if site.colour_spread_generated < 0.5 * site.colour_spread_real else
-                        f"MeDi's patches are closer to their cell than CLS's in {closer} of {len(cells)} trained cells; "
-                        f"the trained cells' mean colours lie {site.colour_spread_generated:.1f} grey levels from their "
-                        f"common mean in the MeDi patches, {site.colour_spread_real:.1f} in the real ones."),
+                        f"The trained cells' mean colours lie {site.colour_spread_generated:.1f} grey levels from their "
+                        f"common mean in the MeDi patches, {site.colour_spread_real:.1f} in the real ones"
+                        + (f": washed out. Models trained for {cfg.train_steps} steps have learned the texture of each "
+                           "class but not yet the full colour of each class and site (benchmarks/site_fidelity.py "
+                           "--noise-levels shows where: the model's estimate of the clean image at high noise)."
+                           if site.colour_spread_generated < 0.5 * site.colour_spread_real else ".")),
         "fid_cells": cell_table,
         "probe": probe_table(results["probe"]),
         "fid": fid,

@@ -19,7 +19,6 @@ from .stages import DemoConfig
 # What a demo run writes under OUT (removed by overwrite=True, and nothing else is).
 OUTPUTS = ("data", "pack", "runs", "engines", "synthetic", "figures", "index.parquet", "train.csv", "test.csv",
            "report.md", "report.html", "demo_config.json", "results.json", "seeds.json")
-STUDENT = "MeDi-{steps}-step"  # the distilled student's arm in the report (--distill)
 SEED_DIR = re.compile(r"seed-\d+")  # one run per seed of `--seeds` (run_seeds)
 
 
@@ -89,7 +88,7 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
         with timer(f"generate {name} (ort-cpu, DDIM-{cfg.sample_steps})"):
             synthetic[name] = stages.generate(cfg, onnx[name], out, name.lower(), cls_only=(name == "CLS"))
     if cfg.distill:
-        student = STUDENT.format(steps=cfg.distill_steps)
+        student = cfg.student_arm
         _log(f"4/6 distilling MeDi into a {cfg.distill_steps}-step student (DDIM-{cfg.distill_teacher_steps} -> "
              f"{cfg.distill_steps}, {cfg.distill_iters} iterations per stage)")
         with timer(f"distil MeDi -> {student}"):
@@ -106,7 +105,7 @@ def _evaluate_and_report(cfg: DemoConfig, out: Path, run: Path, index, synthetic
     """Stages 5 and 6 on the cohort and synthetic patches of the run in `run`, into `out`."""
     from .report import write_report
 
-    student = STUDENT.format(steps=cfg.distill_steps)
+    student = cfg.student_arm
     _log("5/6 evaluating (colour-texture features: FID-style distance, linear probe, shortcut meter, site colours)")
     with timer("evaluate"):
         real_images = stages._real(run)
@@ -163,7 +162,7 @@ def reevaluate(cfg: DemoConfig, source, overwrite: bool = False) -> Path:
     out = prepare_out(Path(cfg.out), overwrite)
     t_all = time.perf_counter()
     index = pd.read_parquet(source / "index.parquet")
-    names = [("CLS", "cls"), ("MeDi", "medi")] + ([(STUDENT.format(steps=cfg.distill_steps), "medi-student")]
+    names = [("CLS", "cls"), ("MeDi", "medi")] + ([(cfg.student_arm, "medi-student")]
                                                   if cfg.distill else [])
     synthetic = {arm: stages.load_synthetic(source / "synthetic" / d) for arm, d in names}
     seconds = json.loads((source / "results.json").read_text())["seconds"]

@@ -134,6 +134,11 @@ class DemoConfig:
         return SETTINGS[self.setting]
 
     @property
+    def student_arm(self) -> str:
+        """The distilled student's arm in the report (--distill)."""
+        return f"MeDi-{self.distill_steps}-step"
+
+    @property
     def probe_k(self) -> int:
         return self.spec.k if self.k is None else self.k
 
