@@ -91,31 +91,32 @@ def test_demo_seeds_aggregates_and_resumes_from_finished_runs(tmp_path):
     benchmark resumes without rerunning; a run recorded before a field existed counts with the value it had),
     aggregates per variant, and run_all puts the table in RESULTS.md."""
     import importlib.util
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
     spec = importlib.util.spec_from_file_location("demo_seeds", BENCH / "demo_seeds.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     from medi_fast.demo import DemoConfig
+    from medi_fast.demo.run import recorded_config
 
     assert bench.variant_config(bench.SHIPPED) == DemoConfig()  # the shipped variant is the demo's default
     # probe-only variants share the default's models (and its extra seeds); other models do not
     assert bench.same_models(bench.variant_config("ring4-1to1"), DemoConfig())
     assert not bench.same_models(bench.variant_config("ring4-epsilon"), DemoConfig())
     work = tmp_path / "work"
-    name = "ring4-epsilon-1to1"
+    name = "two-class-epsilon-1to1"
     accs = {0: (0.60, 0.70, 0.80), 1: (0.64, 0.71, 0.86)}
     for seed, (real, cls, medi) in accs.items():
         cfg = replace(bench.variant_config(name), out=str(work / name / f"seed-{seed}"), seed=seed)
         d = Path(cfg.out)
         d.mkdir(parents=True)
-        recorded = asdict(cfg)
-        if seed == 1:  # recorded before these fields existed: epsilon at 1:1, distill at its default
-            for key in ("distill", "prediction_type", "probe_ratio"):
+        recorded = recorded_config(cfg)
+        if seed == 1:  # recorded before these were: epsilon at 1:1, distill at its default, tested on S5, S6
+            for key in ("distill", "prediction_type", "probe_ratio", "test_sites"):
                 recorded.pop(key)
         (d / "demo_config.json").write_text(json.dumps(recorded))
         (d / "results.json").write_text(json.dumps({
-            "seed": seed, "setting": "ring4", "quick": False, "seconds": 540.0,
+            "seed": seed, "setting": "two-class", "quick": False, "seconds": 540.0,
             "probe": {a: {"tss_bacc": v, "tss_bacc_sem": 0.01, "runs": 5}
                       for a, v in (("no-synthetic", real), ("CLS", cls), ("MeDi", medi))},
             "fid_class_mean": {"CLS": 1.0, "MeDi": 2.0}, "fid_cell_mean": {"CLS": 60.0, "MeDi": 50.0},
@@ -127,12 +128,12 @@ def test_demo_seeds_aggregates_and_resumes_from_finished_runs(tmp_path):
     assert rows["MeDi"]["mean"] == pytest.approx(0.83) and rows["MeDi"]["sd"] == pytest.approx(0.0424, abs=1e-4)
     assert rows["MeDi - CLS"]["min"] == pytest.approx(0.10) and not any(r["shipped"] for r in ds["rows"])
     v = ds["variants"][name]
-    assert (v["prediction_type"], v["probe_ratio"], v["k"], v["reevaluated"]) == ("epsilon", 1.0, 10, False)
+    assert (v["prediction_type"], v["probe_ratio"], v["k"], v["reevaluated"]) == ("epsilon", 1.0, 20, False)
     assert (work / name / "report.md").read_text().count("mean ± SD (2 seeds)") == 1
     _run("run_all.py", "--report-only", out=tmp_path)
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## The demo over seeds" in md and "0.830 ± 0.042" in md and f"| {name} " in md
-    assert "| epsilon " in md and "k 10, 1:1" in md
+    assert "| epsilon " in md and "k 20, 1:1" in md
 
 
 def test_clean_image_colour_by_noise_level_is_exact_where_the_noise_is_negligible(tmp_path):

@@ -63,7 +63,14 @@ def test_report_and_outputs(demo_run):
         assert np.array_equal(real[i], load_patch(index["path"].iloc[i], 32))
     # No training site of the probe's test sites leaks into the diffusion training split.
     train = pd.read_csv(out / "train.csv", dtype=str)
-    assert not set(train["tissue_source_site"]) & {"S5", "S6"}
+    assert not set(train["tissue_source_site"]) & set(spec.test_sites) and len(spec.test_sites) == 8
+    # Every test site has every class, and each arm's TSS-averaged accuracy is the mean of its per-site ones.
+    test = pd.read_csv(out / "test.csv", dtype=str)
+    assert test.groupby("tissue_source_site")["gt_class"].nunique().to_dict() == {s: 4 for s in spec.test_sites}
+    res = json.loads((out / "results.json").read_text())
+    for arm, by_site in res["probe_sites"].items():
+        assert list(by_site) == list(spec.test_sites)
+        assert np.mean(list(by_site.values())) == pytest.approx(res["probe"][arm]["tss_bacc"], abs=1e-12)
 
 
 def test_out_must_be_new_or_overwritten(demo_run, tmp_path, capsys):
@@ -319,19 +326,23 @@ def test_reevaluate_reads_back_the_run_exactly_and_changes_only_the_evaluation(d
 
 
 def test_same_config_reads_fields_older_runs_did_not_record():
-    from dataclasses import asdict
+    from medi_fast.demo.run import recorded_config, same_config
 
-    from medi_fast.demo.run import same_config
-
-    cfg = DemoConfig(out="a")
-    recorded = json.loads(json.dumps(asdict(cfg)))
+    cfg = DemoConfig(out="a", setting="two-class")
+    recorded = recorded_config(cfg)
+    assert recorded["test_sites"] == ["S5", "S6"]
     assert same_config(recorded, replace(cfg, out="b"))  # where it was written is no setting
-    old = {k: v for k, v in recorded.items() if k not in ("prediction_type", "probe_ratio", "distill")}
-    # a run recorded before prediction_type and probe_ratio existed was epsilon at 1:1; distill had its default
+    old = {k: v for k, v in recorded.items() if k not in ("prediction_type", "probe_ratio", "distill", "test_sites")}
+    # a run recorded before these fields existed was epsilon at 1:1, tested on S5 and S6; distill had its default
     assert not same_config(old, cfg)
     assert same_config(old, replace(cfg, prediction_type="epsilon", probe_ratio=1.0))
     assert same_config(old, replace(cfg, prediction_type="epsilon"), ignore=("probe_ratio",))
     assert not same_config({**recorded, "future_field": 1}, cfg)
+    # ring4 is tested on eight sites now: a ring4 run recorded on two is another configuration
+    ring4 = DemoConfig(out="a", prediction_type="epsilon", probe_ratio=1.0)
+    assert len(recorded_config(ring4)["test_sites"]) == 8
+    assert same_config(recorded_config(ring4), ring4)
+    assert not same_config({k: v for k, v in recorded_config(ring4).items() if k != "test_sites"}, ring4)
 
 
 def test_a_probe_larger_than_the_synthetic_set_is_refused_up_front(tmp_path):

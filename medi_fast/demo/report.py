@@ -78,6 +78,9 @@ def _sections(cfg, index, results, timing, total, source=None) -> dict:
     closer = int((cells["MeDi"] < cells["CLS"]).sum())
     cell_table = cells.reset_index()
     cell_table.loc[len(cell_table)] = ["mean", "", *cells.mean().to_numpy()]
+    by_site = results["probe_sites"]
+    ahead = int((by_site.loc["MeDi"] > by_site.loc["CLS"]).sum())
+    cls_ahead = int((by_site.loc["CLS"] > by_site.loc["no-synthetic"]).sum()) if "no-synthetic" in by_site.index else 0
     return {
         "quick": (f"This is a --quick smoke run: its models are undertrained ({cfg.train_steps} training steps, "
                   "smaller data) and its numbers are not the demo's result. Run `medi-fast demo` without --quick "
@@ -126,6 +129,12 @@ def _sections(cfg, index, results, timing, total, source=None) -> dict:
                            if site.colour_spread_generated < 0.5 * site.colour_spread_real else ".")),
         "fid_cells": cell_table,
         "probe": probe_table(results["probe"]),
+        "probe_sites": by_site.reset_index().rename(columns={"arm": "Training data"}),
+        "probe_sites_text": (f"Balanced accuracy per unseen test site (mean over the probe runs; their mean is the "
+                             f"TSS-averaged accuracy): MeDi above CLS at {ahead} of {by_site.shape[1]} sites"
+                             + (f", CLS above no-synthetic at {cls_ahead}" if "no-synthetic" in by_site.index else "")
+                             + ". Each site is a stain shift of its own, so the sites disagree; their mean is the "
+                             "result."),
         "fid": fid,
         "mi": mi,
         "site": site_table(site),
@@ -149,7 +158,8 @@ def _markdown(s: dict, rel: dict) -> str:
     md += [f"{s['ran']}\n", f"**{s['verdict']}**\n", "\n".join(f"- {h}" for h in s["headline"]) + "\n",
            f"{s['features']}\n\n{s['setup']}\n",
            "## Linear probe (Table-1 style, mean ± SEM over runs)\n\n" + to_markdown(s["probe_summary"])
-           + f"\n![probe]({rel['probe']})\n",
+           + f"\n![probe]({rel['probe']})\n\n{s['probe_sites_text']}\n\n"
+           + s["probe_sites"].to_markdown(index=False, floatfmt=".3f") + "\n",
            f"## Samples (classes x sites, {figures.PER_SIDE ** 2} per cell)\n\nReal:\n\n![real]({rel['real']})\n\n"
            f"MeDi (red: combinations absent from training):\n\n![medi]({rel['medi']})\n\n"
            f"CLS (no site control):\n\n![cls]({rel['cls']})\n",
@@ -193,7 +203,8 @@ img{max-width:100%} img.pixels{image-rendering:pixelated;max-width:none}
 </div>
 <details open><summary>Linear probe</summary>
 <figure><img src="{{ img.probe }}" alt="probe accuracy per training set"><figcaption>Mean ± SEM over runs;
-dotted: chance.</figcaption></figure>{{ tables.probe }}</details>
+dotted: chance.</figcaption></figure>{{ tables.probe }}<p>{{ s.probe_sites_text }}</p>
+<div class="scroll">{{ tables.probe_sites }}</div></details>
 <details open><summary>Samples ({{ per_cell }} per class x site)</summary>
 <h3>Real</h3><div class="scroll"><img class="pixels" src="{{ img.real }}" alt="real patches"></div>
 <h3>MeDi (outlined in red: combinations absent from training)</h3>
@@ -227,7 +238,8 @@ def _html(s: dict, pics: dict) -> str:
     def data_uri(path):
         return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
-    tables = {"probe": table(s["probe"], index=False), "fid": table(s["fid"]),
+    tables = {"probe": table(s["probe"], index=False), "probe_sites": table(s["probe_sites"], index=False),
+              "fid": table(s["fid"]),
               "fid_cells": s["fid_cells"].to_html(float_format=lambda v: f"{v:.1f}", border=0, index=False), "mi": table(s["mi"], index=False),
               "site": table(s["site"], index=False),
               "timing": s["timing"].to_html(float_format=lambda v: f"{v:.1f}", border=0, index=False),

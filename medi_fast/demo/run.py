@@ -117,7 +117,7 @@ def _evaluate_and_report(cfg: DemoConfig, out: Path, run: Path, index, synthetic
     with timer("report"):
         path = write_report(out, cfg, index, real_images, synthetic, results, timer.rows, started=t_all,
                             source=None if run == out else run)
-    (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    (out / "demo_config.json").write_text(json.dumps(recorded_config(cfg), indent=2) + "\n")
     record = summary_record(cfg, results, time.perf_counter() - t_all)
     if extra is not None:  # the run's cost is its source's; this process only evaluated
         record = {**record, "reevaluate_seconds": record["seconds"], **extra}
@@ -129,16 +129,23 @@ def _evaluate_and_report(cfg: DemoConfig, out: Path, run: Path, index, synthetic
 # DemoConfig fields that change only the evaluation: a run that differs from a finished one in these alone
 # is evaluated again from that run's cohort and synthetic patches (`reevaluate`) instead of being retrained.
 EVALUATION_FIELDS = ("k", "probe_ratio", "probe_repeats")
-# Fields added to DemoConfig after runs were recorded, with the value those runs had.  A field missing from
-# a recorded config and not listed here had its current default.
-RECORDED_BEFORE = {"prediction_type": "epsilon", "probe_ratio": 1.0}
+# Fields added to the recorded configuration after runs were recorded, with the value those runs had.  A
+# field missing from a recorded config and not listed here had its current default.  (Every setting's test
+# sites were S5, S6 until ring4 got eight.)
+RECORDED_BEFORE = {"prediction_type": "epsilon", "probe_ratio": 1.0, "test_sites": ["S5", "S6"]}
+
+
+def recorded_config(cfg: DemoConfig) -> dict:
+    """What demo_config.json records: the DemoConfig, and the setting's test sites (a setting's definition
+    may change between versions; its name alone would not tell the runs apart)."""
+    return json.loads(json.dumps({**asdict(cfg), "test_sites": list(cfg.spec.test_sites)}))
 
 
 def same_config(recorded: dict, cfg: DemoConfig, ignore: tuple[str, ...] = ()) -> bool:
     """Did the run recorded as `recorded` (its demo_config.json) have configuration `cfg`, up to the fields
     in `ignore`?  Where the run was written is not part of its configuration."""
-    want = json.loads(json.dumps(asdict(cfg)))
-    default = json.loads(json.dumps(asdict(DemoConfig())))
+    want = recorded_config(cfg)
+    default = recorded_config(DemoConfig())
     had = {k: recorded.get(k, RECORDED_BEFORE.get(k, default[k])) for k in want}
     unknown = set(recorded) - set(want)
     return not unknown and all(had[k] == want[k] for k in want if k not in ("out", *ignore))
@@ -180,6 +187,8 @@ def summary_record(cfg: DemoConfig, results: dict, seconds: float) -> dict:
             "probe": {a: {"tss_bacc": float(probe.loc[a, "tss_balanced_accuracy_mean"]),
                           "tss_bacc_sem": float(probe.loc[a, "tss_balanced_accuracy_sem"]),
                           "runs": int(probe.loc[a, "runs"])} for a in probe.index},
+            # per arm and test site, the balanced accuracy (mean over the probe runs)
+            "probe_sites": {a: {s: float(v) for s, v in row.items()} for a, row in results["probe_sites"].iterrows()},
             "fid_class_mean": {m: float(v) for m, v in results["fid"].groupby("model")["distance"].mean().items()},
             "fid_cell_mean": {m: float(cells[m].mean()) for m in cells.columns},
             "cells_medi_closer": int((cells["MeDi"] < cells["CLS"]).sum()), "cells": int(len(cells)),

@@ -26,6 +26,8 @@ TASKS = {"nsclc": ("LUAD", "LUSC"), "rcc": ("KIRC", "KIRP", "KICH"), "uterine": 
 SITE = "tissue_source_site"
 METRICS = ("balanced_accuracy", "tss_balanced_accuracy", "mcc")
 NO_SYNTHETIC = "no-synthetic"
+# run_probe's per-test-site balanced accuracy columns: "bacc@" + site code.
+SITE_PREFIX = "bacc@"
 
 
 @dataclass(frozen=True)
@@ -58,23 +60,39 @@ def resolve_task(task: str) -> list[str]:
     return classes
 
 
-def tss_balanced_accuracy(y_true, y_pred, sites) -> float:
-    """Mean over sites of (mean recall over the classes present at that site)."""
+def site_balanced_accuracy(y_true, y_pred, sites) -> dict[str, float]:
+    """Per site: the mean recall over the classes present at that site."""
     y_true, y_pred, sites = map(np.asarray, (y_true, y_pred, sites))
-    per_site = []
+    out = {}
     for s in np.unique(sites):
         m = sites == s
-        recalls = [np.mean(y_pred[m & (y_true == c)] == c) for c in np.unique(y_true[m])]
-        per_site.append(np.mean(recalls))
-    return float(np.mean(per_site))
+        out[str(s)] = float(np.mean([np.mean(y_pred[m & (y_true == c)] == c) for c in np.unique(y_true[m])]))
+    return out
+
+
+def tss_balanced_accuracy(y_true, y_pred, sites) -> float:
+    """Mean over sites of (mean recall over the classes present at that site)."""
+    return float(np.mean(list(site_balanced_accuracy(y_true, y_pred, sites).values())))
 
 
 def score(y_true, y_pred, sites) -> dict[str, float]:
+    """METRICS, then each test site's balanced accuracy as ``SITE_PREFIX + site`` (their mean is the
+    TSS-averaged one)."""
     from sklearn.metrics import balanced_accuracy_score, matthews_corrcoef
 
+    by_site = site_balanced_accuracy(y_true, y_pred, sites)
     return {"balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-            "tss_balanced_accuracy": tss_balanced_accuracy(y_true, y_pred, sites),
-            "mcc": float(matthews_corrcoef(y_true, y_pred))}
+            "tss_balanced_accuracy": float(np.mean(list(by_site.values()))),
+            "mcc": float(matthews_corrcoef(y_true, y_pred)),
+            **{SITE_PREFIX + s: v for s, v in by_site.items()}}
+
+
+def per_site(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per arm (rows, first-seen order) and test site (columns): the balanced accuracy, mean over runs."""
+    cols = [c for c in runs.columns if c.startswith(SITE_PREFIX)]
+    t = runs.groupby("arm", sort=False)[cols].mean()
+    t.columns = [c[len(SITE_PREFIX):] for c in cols]
+    return t
 
 
 def site_combinations(meta: pd.DataFrame, classes, cfg: ProbeConfig) -> list[dict[str, tuple[str, ...]]]:
