@@ -1,14 +1,17 @@
-"""The README's demo picture (docs/demo.png) from a demo run's own figures: its real patches above its
-MeDi samples, each under a one-line caption.
+"""The README's demo picture (docs/demo.png) from a demo run's own figures: its real patches (the cohort's
+sites and the first two test sites) above its MeDi samples, each under a one-line caption.
 
     python docs/demo_figure.py demo_out [--out docs/demo.png]
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from medi_fast.demo.stages import SETTINGS
 
 
 def _font(size: int):
@@ -24,12 +27,22 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "demo.png")
     args = ap.parse_args()
     fig = args.demo_out / "figures"
-    parts = [("real patches (training cohort S1-S4; S5, S6: the probe's unseen test sites)", fig / "real.png"),
+    conf = args.demo_out / "demo_config.json"
+    parts = [(None, fig / "real.png"),
              ("MeDi samples, DDIM on ONNX Runtime (red: class x site never seen in training)", fig / "medi.png")]
-    for _, p in parts:
+    for p in (conf, *(p for _, p in parts)):
         if not p.is_file():
             raise SystemExit(f"{p} is missing; pass the folder of a finished `medi-fast demo` run")
-    images = [Image.open(p).convert("RGB") for _, p in parts]
+    spec = SETTINGS[json.loads(conf.read_text())["setting"]]
+    cohort, tests = spec.sites, spec.test_sites
+    real, medi = (Image.open(p).convert("RGB") for _, p in parts)
+    # Both grids share the label margin and the column pitch; the real one has the test sites after the cohort's.
+    pitch = (real.width - medi.width) // len(tests)
+    shown = tests[:2]
+    real = real.crop((0, 0, medi.width + len(shown) * pitch, real.height))
+    parts[0] = (f"real patches (training cohort {cohort[0]}-{cohort[-1]}; {', '.join(shown)}: two of the probe's "
+                f"{len(tests)} unseen test sites)", None)
+    images = [real, medi]
     head = 26
     canvas = Image.new("RGB", (max(i.width for i in images), sum(i.height + head for i in images)), "white")
     draw, y = ImageDraw.Draw(canvas), 0

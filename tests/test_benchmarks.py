@@ -103,6 +103,11 @@ def test_demo_seeds_aggregates_and_resumes_from_finished_runs(tmp_path):
     # probe-only variants share the default's models (and its extra seeds); other models do not
     assert bench.same_models(bench.variant_config("ring4-1to1"), DemoConfig())
     assert not bench.same_models(bench.variant_config("ring4-epsilon"), DemoConfig())
+    # a variant scored on fewer test sites: the mean of those sites' accuracies, the rest of the record as it was
+    rec = {"seed": 0, "probe": {"MeDi": {"tss_bacc": 0.9, "runs": 5}},
+           "probe_sites": {"MeDi": {"S5": 0.7, "S6": 1.0, "S7": 1.0}}}
+    two = bench.scored_on(rec, ["S5", "S6"])
+    assert two["probe"]["MeDi"] == {"tss_bacc": pytest.approx(0.85), "runs": 5} and rec["probe"]["MeDi"]["tss_bacc"] == 0.9
     work = tmp_path / "work"
     name = "two-class-epsilon-1to1"
     accs = {0: (0.60, 0.70, 0.80), 1: (0.64, 0.71, 0.86)}

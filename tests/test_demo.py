@@ -206,6 +206,13 @@ def test_seed_aggregate_is_mean_and_sd_and_separation_needs_both():
     assert agg["stats"]["MeDi - CLS"]["min"] == pytest.approx(0.10)
     assert agg["medi_over_cls"] and agg["cls_over_real"] and agg["n"] == 3
     assert verdict(agg).startswith("MeDi beat CLS by more than the spread over seeds")
+    assert agg["order"] == ["MeDi", "CLS", "no-synthetic"] and "Order: MeDi > CLS > no-synthetic (every arm" in verdict(agg)
+    # CLS below real data alone, within the spread of MeDi: the order says which steps are separated.
+    below = aggregate([_record(0, 0.84, 0.82, 0.88), _record(1, 0.85, 0.83, 0.90), _record(2, 0.84, 0.83, 0.89)])
+    assert below["medi_over_cls"] and not below["cls_over_real"]
+    assert "Order: MeDi > no-synthetic > CLS (every arm" in verdict(below)
+    tie = aggregate([_record(0, 0.84, 0.83, 0.88), _record(1, 0.85, 0.86, 0.90), _record(2, 0.84, 0.83, 0.89)])
+    assert "Order: MeDi > no-synthetic ≈ CLS (≈: not separated" in verdict(tie)
     # Ahead in every seed but inside the spread: said so, not claimed as separated.
     close = aggregate([_record(0, 0.5, 0.70, 0.71), _record(1, 0.5, 0.80, 0.81), _record(2, 0.5, 0.60, 0.62)])
     assert not close["medi_over_cls"] and close["medi_over_cls_every_seed"]

@@ -5,8 +5,8 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score
 
 from medi_fast.errors import MediFastError
-from medi_fast.eval.probe import (NO_SYNTHETIC, ProbeConfig, resolve_task, run_probe, site_combinations, summarise,
-                                  to_markdown, tss_balanced_accuracy)
+from medi_fast.eval.probe import (NO_SYNTHETIC, ProbeConfig, per_site, resolve_task, run_probe, site_balanced_accuracy,
+                                  site_combinations, summarise, to_markdown, tss_balanced_accuracy)
 
 CLASSES = ["LUAD", "LUSC"]
 
@@ -94,6 +94,21 @@ def test_tss_balanced_accuracy_by_hand():
     assert tss_balanced_accuracy(y, p, s) == pytest.approx((0.75 + 1 / 3) / 2)
     # one site: equals balanced accuracy
     assert tss_balanced_accuracy(y, p, np.zeros(7)) == pytest.approx(balanced_accuracy_score(y, p))
+    assert site_balanced_accuracy(y, p, s) == pytest.approx({"1": 0.75, "2": 1 / 3})
+
+
+def test_runs_carry_each_test_sites_accuracy_and_their_mean_is_the_tss_average(shortcut_world):
+    train, test, syn = shortcut_world
+    runs = run_probe(train, test, syn, CLASSES, ProbeConfig(k=10, ratio=1.0, one_site_per_class=True, max_runs=3))
+    sites = sorted(test[0]["tissue_source_site"].unique())
+    cols = [f"bacc@{s}" for s in sites]
+    assert np.allclose(runs[cols].mean(axis=1), runs["tss_balanced_accuracy"])
+    t = per_site(runs)
+    assert list(t.index) == [NO_SYNTHETIC, "CLS", "MeDi"] and list(t.columns) == sites
+    assert t.loc["MeDi", sites[0]] == pytest.approx(runs.loc[runs["arm"] == "MeDi", cols[0]].mean())
+    # the per-site means average to the summary's TSS-averaged mean
+    s = summarise(runs).set_index("arm")["tss_balanced_accuracy_mean"]
+    assert np.allclose(t.mean(axis=1), s.loc[t.index])
 
 
 def test_tasks():

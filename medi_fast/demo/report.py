@@ -14,6 +14,10 @@ from ..io import atomic_write_text
 from . import figures
 
 
+# Two arms whose balanced accuracies at a test site differ by no more than this are level there.
+LEVEL = 0.005
+
+
 def verdict(probe: pd.DataFrame) -> tuple[bool, str]:
     """Did MeDi beat CLS on the TSS-averaged balanced accuracy, beyond the standard errors?"""
     r = probe.set_index("arm")
@@ -79,8 +83,11 @@ def _sections(cfg, index, results, timing, total, source=None) -> dict:
     cell_table = cells.reset_index()
     cell_table.loc[len(cell_table)] = ["mean", "", *cells.mean().to_numpy()]
     by_site = results["probe_sites"]
-    ahead = int((by_site.loc["MeDi"] > by_site.loc["CLS"]).sum())
-    cls_ahead = int((by_site.loc["CLS"] > by_site.loc["no-synthetic"]).sum()) if "no-synthetic" in by_site.index else 0
+
+    def compare(a, b):  # "ahead at N, behind at M, level at L": level = within LEVEL of each other
+        d = by_site.loc[a] - by_site.loc[b]
+        return (f"{a} ahead of {b} at {int((d > LEVEL).sum())}, behind at {int((d < -LEVEL).sum())}, level at "
+                f"{int((d.abs() <= LEVEL).sum())}")
     return {
         "quick": (f"This is a --quick smoke run: its models are undertrained ({cfg.train_steps} training steps, "
                   "smaller data) and its numbers are not the demo's result. Run `medi-fast demo` without --quick "
@@ -131,10 +138,9 @@ def _sections(cfg, index, results, timing, total, source=None) -> dict:
         "probe": probe_table(results["probe"]),
         "probe_sites": by_site.reset_index().rename(columns={"arm": "Training data"}),
         "probe_sites_text": (f"Balanced accuracy per unseen test site (mean over the probe runs; their mean is the "
-                             f"TSS-averaged accuracy): MeDi above CLS at {ahead} of {by_site.shape[1]} sites"
-                             + (f", CLS above no-synthetic at {cls_ahead}" if "no-synthetic" in by_site.index else "")
-                             + ". Each site is a stain shift of its own, so the sites disagree; their mean is the "
-                             "result."),
+                             f"TSS-averaged accuracy). Of {by_site.shape[1]} sites: {compare('MeDi', 'CLS')}; "
+                             f"{compare('CLS', 'no-synthetic')} (level: within {LEVEL:g}). Each site is a stain "
+                             "shift of its own, so the sites disagree; their mean is the result."),
         "fid": fid,
         "mi": mi,
         "site": site_table(site),

@@ -49,10 +49,21 @@ def aggregate(records: list[dict]) -> dict:
     def separated(hi, lo):
         return stats[hi]["mean"] - stats[hi]["sd"] > stats[lo]["mean"] + stats[lo]["sd"]
 
+    ranked = sorted(ARMS, key=lambda a: -stats[a]["mean"])
     return {"seeds": [int(s) for s in t["seed"]], "n": len(t), "stats": stats,
             "medi_over_cls": separated("MeDi", "CLS"), "cls_over_real": separated("CLS", "no-synthetic"),
             "medi_over_cls_every_seed": bool((t["MeDi - CLS"] > 0).all()),
-            "cls_over_real_every_seed": bool((t["CLS - no-synthetic"] > 0).all())}
+            "cls_over_real_every_seed": bool((t["CLS - no-synthetic"] > 0).all()),
+            # the arms from best to worst mean, and whether each is separated from the next
+            "order": ranked, "order_separated": [separated(a, b) for a, b in zip(ranked, ranked[1:])]}
+
+
+def order_text(agg: dict) -> str:
+    """The arms from best to worst, '>' where the next is separated by more than the spread, '≈' where not."""
+    out = agg["order"][0]
+    for arm, sep in zip(agg["order"][1:], agg["order_separated"]):
+        out += (" > " if sep else " ≈ ") + arm
+    return out
 
 
 def verdict(agg: dict) -> str:
@@ -65,8 +76,11 @@ def verdict(agg: dict) -> str:
         head = "MeDi beat CLS in every seed, but by less than the spread over seeds"
     else:
         head = "MeDi did not beat CLS in every seed"
+    sep = all(agg["order_separated"])
     return (f"{head}: TSS-averaged balanced accuracy (mean ± SD over {agg['n']} seeds) {arms}; MeDi - CLS "
-            f"{gap['mean']:+.3f} ± {gap['sd']:.3f} (range {gap['min']:+.3f} to {gap['max']:+.3f}).")
+            f"{gap['mean']:+.3f} ± {gap['sd']:.3f} (range {gap['min']:+.3f} to {gap['max']:+.3f}). Order: "
+            f"{order_text(agg)} ({'every arm separated from the next' if sep else '≈: not separated'} by more than "
+            "the spread over seeds).")
 
 
 def write_seeds_report(out: Path, cfg, records: list[dict]) -> Path:

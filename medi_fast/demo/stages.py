@@ -9,7 +9,8 @@ Each setting is the paper's downstream experiment in miniature:
   classifier can read the stain instead of the tissue;
 * augmentation: MeDi fills in every class x site combination of the cohort, CLS adds the same number
   of class-conditional patches (whose stains still follow the cohort's class-site confound); the probe
-  is tested on two sites nobody has seen.
+  is tested on sites nobody has seen (eight in ring4, each a stain shift of its own), and scored per
+  site and averaged over them.
 
 Features are the `colour-texture` statistics of `medi_fast.eval.features` (no weights, no download):
 stain colour carries the site, texture the class, which is what the shortcut is made of.
