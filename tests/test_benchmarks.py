@@ -102,7 +102,8 @@ def test_demo_seeds_aggregates_and_resumes_from_finished_runs(tmp_path):
     assert bench.variant_config(bench.SHIPPED) == DemoConfig()  # the shipped variant is the demo's default
     # probe-only variants share the default's models (and its extra seeds); other models do not
     assert bench.same_models(bench.variant_config("ring4-1to1"), DemoConfig())
-    assert not bench.same_models(bench.variant_config("ring4-epsilon"), DemoConfig())
+    assert not bench.same_models(bench.variant_config("two-class-epsilon-1to1"), DemoConfig())
+    assert not bench.same_models(replace(DemoConfig(), prediction_type="epsilon"), DemoConfig())
     # a variant scored on fewer test sites: the mean of those sites' accuracies, the rest of the record as it was
     rec = {"seed": 0, "probe": {"MeDi": {"tss_bacc": 0.9, "runs": 5}},
            "probe_sites": {"MeDi": {"S5": 0.7, "S6": 1.0, "S7": 1.0}}}
