@@ -214,7 +214,7 @@ def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
     for name, s in ds["variants"].items():
         st = s["stats"]
         shipped = any(r["shipped"] for r in ds["rows"] if r["variant"] == name)
-        sites = s.get("test_sites", ["S5", "S6"])  # every variant was tested on S5, S6 before ring4 got eight
+        sites = s["test_sites"]
         rows.append({"variant": name + (" (the demo's default)" if shipped else ""),
                      "models": s["prediction_type"], "probe": f"k {s['k']}, {s['probe_ratio']:g}:1",
                      "test sites": f"{len(sites)} ({sites[0]}-{sites[-1]})" if len(sites) > 2 else ", ".join(sites),
@@ -222,7 +222,7 @@ def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
                      **{a: f"{st[a]['mean']:.3f} ± {st[a]['sd']:.3f}" for a in arms},
                      "MeDi - CLS (range)": f"{st['MeDi - CLS']['mean']:+.3f} ({st['MeDi - CLS']['min']:+.3f} to "
                                            f"{st['MeDi - CLS']['max']:+.3f})",
-                     "order (>: separated, ≈: not)": order_text(s) if "order" in s else "",
+                     "order (>: separated, ≈: not)": order_text(s),
                      "cell distance MeDi / CLS": f"{st['cell distance MeDi']['mean']:.1f} / "
                                                  f"{st['cell distance CLS']['mean']:.1f}",
                      "stain slope": f"{st['stain slope']['mean']:.2f} ± {st['stain slope']['sd']:.2f}",
