@@ -191,17 +191,29 @@ def gpu_sections() -> list[str]:
     for path in sorted(RESULTS.glob("gpu-*.json")):
         g = json.loads(path.read_text())
         title = f"## GPU: {g['gpu']}" if not g.get("dry_run") else "## GPU script dry run (CPU; not GPU figures)"
-        rate = g.get("matmul", {})
+        rates = ", ".join(f"{k} {v:.3g}" for k, v in g.get("matmul", {}).items() if isinstance(v, (int, float)))
+        rows = g["rows"]
+        ok = [r for r in rows if r.get("status") == "ok"]
         md += [title, "", _provenance(g), "",
-               f"{rate.get('dtype', '?')} matmul on this device: {rate.get('tflops', float('nan')):.3g} TFLOP/s "
-               "(the device's own rate, measured in the same run).", "",
-               _table([r for r in g["rows"] if r.get("status") == "ok"],
-                      ["preset", "backend", "solver", "steps", "batch", "seconds", "images_per_s"]), ""]
-        absent = [f"{r['backend']} ({r['status']})" for r in g["rows"] if r.get("status") != "ok"]
-        if absent:
-            md += ["Not measured: " + "; ".join(absent) + ".", ""]
-        if g.get("memory"):
-            md += [_table(g["memory"]), ""]
+               f"Matmul TFLOP/s of this device, measured in the same run (TF32 off unless named): {rates}. "
+               "Errors are against fp32 eager with TF32 off, same inputs; images after DDIM-10 from the same noise; "
+               "`extrapolated_from_steps`: the solvers' images/s from a timed DDIM segment of that many steps.", "",
+               _table([r for r in ok if r["section"] == "inference"],
+                      ["preset", "path", "solver", "steps", "batch", "images_per_s", "vs_fp32_eager",
+                       "fraction_of_matmul_rate", "eps_rel_err", "image_max_levels", "first_call_s",
+                       "torch_peak_gib", "device_used_gib", "extrapolated_from_steps"]), ""]
+        training = [r for r in ok if r["section"] == "training"]
+        if training:
+            md += ["Training step (training/step.py, AdamW, one fixed batch):", "",
+                   _table(training, ["preset", "precision", "batch", "steps_per_s", "images_per_s", "first_loss",
+                                     "last_loss", "torch_peak_gib"]), ""]
+        for r in (r for r in ok if r["section"] == "ddp"):
+            md += [f"DDP: a one-rank {r['backend']} process group with the DistributedDataParallel wrapper; its "
+                   f"parameter change differs from the unwrapped step by {r['param_change_rel']:.2g} (relative).", ""]
+        missing = [f"{r['section']} {r.get('preset', '')} {r.get('path') or r.get('precision') or r.get('backend', '')} "
+                   f"({r['status']})" for r in rows if r.get("status") != "ok"]
+        if missing:
+            md += ["Not measured: " + "; ".join(m.replace("  ", " ") for m in missing) + ".", ""]
     return md
 
 

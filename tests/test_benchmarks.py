@@ -72,18 +72,73 @@ def test_data_throughput_alternates_readers(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_script_dry_run_and_its_report_section(tmp_path):
-    """benchmarks/gpu.py end to end on CPU (tiny preset, CPU backends), then run_all's report shows it."""
+    """benchmarks/gpu.py end to end on CPU (tiny preset, CPU paths, training and a one-rank gloo DDP
+    step), then run_all's report shows it."""
     out = _run("gpu.py", "--dry-run", "--repeats", "1", out=tmp_path)
     assert "gpu-dry-run.json" in out
     g = json.loads((tmp_path / "gpu-dry-run.json").read_text())
-    assert g["dry_run"] is True and g["matmul"]["tflops"] > 0 and g["command"].startswith("python benchmarks/gpu.py")
-    ok = [r for r in g["rows"] if r["status"] == "ok"]
-    assert {r["backend"] for r in ok} == {"torch", "ort-cpu"}
-    assert {r["solver"] for r in ok} == {"ddim", "dpmpp-2m-clip", "unipc-clip"}
-    assert all(r["images_per_s"] > 0 and r["batch"] == 2 for r in ok)
+    assert g["dry_run"] is True and g["matmul"]["fp32"] > 0 and g["command"].startswith("python benchmarks/gpu.py")
+    inference = [r for r in g["rows"] if r["section"] == "inference"]
+    assert all(r["status"] == "ok" for r in inference), [r["status"] for r in inference]
+    assert {r["path"] for r in inference} == {"fp32", "tf32", "ort-cpu"}
+    assert {r["solver"] for r in inference} == {"ddim", "dpmpp-2m-clip", "unipc-clip"}
+    assert all(r["images_per_s"] > 0 and r["batch"] == 2 and r["finite"] for r in inference)
+    by_path = {r["path"]: r for r in inference if r["solver"] == "ddim"}
+    # on a CPU the TF32 switch changes nothing: the same numbers as the fp32 reference, exactly
+    assert by_path["tf32"]["eps_rel_err"] == 0.0 and by_path["tf32"]["image_max_levels"] == 0
+    # ONNX Runtime against torch: an eps error at float32 rounding, images within a grey level or two
+    assert 0 < by_path["ort-cpu"]["eps_rel_err"] < 1e-4 and by_path["ort-cpu"]["image_max_levels"] <= 2
+    assert by_path["fp32"]["vs_fp32_eager"] == 1.0
+    training = {r["precision"]: r for r in g["rows"] if r["section"] == "training"}
+    assert set(training) == {"fp32", "bf16"} and all(r["status"] == "ok" and r["finite"] for r in training.values())
+    (ddp,) = [r for r in g["rows"] if r["section"] == "ddp"]
+    assert ddp["status"] == "ok" and ddp["backend"] == "gloo" and ddp["param_change_rel"] < 1e-5
     _run("run_all.py", "--report-only", out=tmp_path)
     md = (tmp_path / "RESULTS.md").read_text()
-    assert "## GPU script dry run (CPU; not GPU figures)" in md and "| ort-cpu" in md
+    assert "## GPU script dry run (CPU; not GPU figures)" in md and "| ort-cpu" in md and "steps_per_s" in md
+
+
+def _gpu_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", BENCH / "gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_script_records_a_failing_path_and_goes_on(tmp_path, monkeypatch):
+    """One path that raises is a FAIL row with its error; the other paths, training and DDP still run,
+    and the JSON is there."""
+    gpu = _gpu_script()
+    real_open = gpu.open_path
+
+    def broken(p, files, work):
+        if p.name == "tf32":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nsecond line")
+        return real_open(p, files, work)
+
+    monkeypatch.setattr(gpu, "open_path", broken)
+    out = tmp_path / "g.json"
+    assert gpu.main(["--dry-run", "--repeats", "1", "--paths", "fp32,tf32", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    tf32 = [r for r in rows if r.get("path") == "tf32"]
+    assert tf32 == [{**tf32[0], "status": "FAIL RuntimeError: CUDA error: an illegal memory access was encountered"}]
+    assert {r["solver"] for r in rows if r.get("path") == "fp32"} == {"ddim", "dpmpp-2m-clip", "unipc-clip"}
+    assert {r["section"] for r in rows} == {"inference", "training", "ddp"}
+
+
+def test_gpu_script_within_its_budget_skips_and_says_so(tmp_path):
+    """A budget too small for anything: every step is recorded as skipped with the time left, and the
+    matmul rates and the JSON are there (a first run cut short still leaves its record)."""
+    gpu = _gpu_script()
+    out = tmp_path / "g.json"
+    assert gpu.main(["--dry-run", "--budget-s", "0", "--json", str(out)]) == 0
+    g = json.loads(out.read_text())
+    assert g["matmul"]["fp32"] > 0 and g["rows"]
+    assert all(r["status"].startswith("skipped: ") for r in g["rows"]), [r["status"] for r in g["rows"]]
+    assert {r["section"] for r in g["rows"]} == {"inference", "training", "ddp"}
 
 
 def test_demo_seeds_aggregates_and_resumes_from_finished_runs(tmp_path):
