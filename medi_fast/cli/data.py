@@ -163,13 +163,13 @@ def pack_cmd(index, resolution, out, split_csv, workers, overwrite):
     """Resize every patch once into a uint8 memmap (N, 3, R, R) + labels.parquet + pack.json."""
     import time
 
-    from ..data.dataset import _filter_split
+    from ..data.dataset import rows_in_split
     from ..data.index import read_index
     from ..data.pack import pack_index
 
     df = read_index(index)
     if split_csv is not None:
-        df = df.iloc[_filter_split(df, split_csv)]
+        df = df.iloc[rows_in_split(df, split_csv)]
     t0 = time.perf_counter()
     pack_index(df, resolution, out, overwrite=overwrite, workers=workers, progress=True)
     dt = time.perf_counter() - t0
