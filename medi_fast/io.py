@@ -68,8 +68,8 @@ def atomic_files(*paths):
         tmp.mkdir()
         yield tmp
         replace_together([(tmp / p.name, p) for p in paths if (tmp / p.name).exists()])
-    except OSError as e:
-        raise os_error(e, paths[0]) from None
+    except OSError as e:  # the files are written together, so the message names their folder
+        raise os_error(e, paths[0].parent) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

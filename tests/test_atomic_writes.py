@@ -90,3 +90,14 @@ def test_an_unwritable_timing_cache_does_not_fail_the_build(tmp_path):
     (tmp_path / "file").write_text("")
     assert not save_timing_cache(Timing(), tmp_path / "file" / "timing.cache")  # its folder is a file
 
+
+
+def test_atomic_files_reports_a_full_disk_in_one_line_naming_the_folder(tmp_path):
+    import errno
+
+    with pytest.raises(MediFastError) as e:
+        with atomic_files(tmp_path / "model.onnx.data", tmp_path / "model.onnx"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(e.value) == (f"disk full while writing {tmp_path}; free space or choose another --out, then rerun "
+                            f"the same command to resume")
+    assert list(tmp_path.iterdir()) == []
