@@ -57,15 +57,14 @@ def write_results(name: str, rows: list[dict], extra: dict | None = None, timing
         unmarked = [r for r in rows if not isinstance(r.get("shipped"), bool)]
         if unmarked:
             raise ValueError(f"{name}: {len(unmarked)} row(s) without a 'shipped' true/false field")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    from medi_fast.io import atomic_write_text
+
     path = RESULTS / f"{name}.json"
     script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "?"
     payload = {"name": name, "machine": machine_info(),
                "command": " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]]), "rows": rows,
                **({"timing": timing.describe()} if timing is not None else {}), **(extra or {})}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
     return path
 
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from medi_fast.errors import MediFastError
+from medi_fast.io import atomic_dir
 
 ENGINE_NAME = "model.engine"
 KEY_FILE = "key.json"
@@ -99,16 +98,10 @@ class EngineCache:
                                 f"wait for it, or remove {self.root / (key + '.lock')} if it died") from None
 
     def _build(self, key: str, fields: dict, build: Callable[[Path], object]) -> Path:
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
-        try:
+        # overwrite: an existing entry is incomplete or mismatched (lookup missed it), and we hold the key's lock
+        with atomic_dir(self.entry(key), overwrite=True) as staging:
             build(staging / ENGINE_NAME)
             if not (staging / ENGINE_NAME).is_file():
                 raise MediFastError(f"the engine builder wrote no {ENGINE_NAME}; report this with the model file")
             (staging / KEY_FILE).write_text(json.dumps(fields, sort_keys=True, indent=2, default=str))
-            final = self.entry(key)
-            if final.exists():  # an incomplete or mismatched entry (we hold the key's lock)
-                shutil.rmtree(final)
-            os.replace(staging, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return final / ENGINE_NAME
+        return self.entry(key) / ENGINE_NAME

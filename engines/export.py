@@ -11,9 +11,6 @@ clean graph (GroupNorm as InstanceNormalization + affine, constants folded) with
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +22,7 @@ from medi_fast.backends import onnx_info
 from medi_fast.backends.contract import BatchRange, IOContract
 from medi_fast.checkpoint import Checkpoint
 from medi_fast.errors import MediFastError
+from medi_fast.io import atomic_files, replace_together
 
 # ONNX protobufs cannot exceed 2 GiB; above this the weights go to a side file.
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2
@@ -181,9 +179,7 @@ def export_onnx(ckpt: Checkpoint, out_path, config: ExportConfig = ExportConfig(
     contract = IOContract.from_spec(ckpt.spec, ckpt.resolution, config.batch)
     wrapper = FoldedDenoiser(model).eval()
     args = example_inputs(contract, ckpt.spec, config.trace_batch)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".medi-tmp-export-", dir=out_path.parent))
-    try:
+    with atomic_files(out_path.with_name(out_path.name + ".data"), out_path) as tmpdir:
         raw = tmpdir / "raw.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
@@ -197,11 +193,8 @@ def export_onnx(ckpt: Checkpoint, out_path, config: ExportConfig = ExportConfig(
             provenance={**ckpt.provenance, "export": {"opset": config.opset, "torch": torch.__version__,
                                                       "onnx": onnx.__version__, "ema": config.ema}})
         set_metadata(graph, meta)
-        staged = tmpdir / out_path.name
-        save_checked(graph, staged, config.external_data_threshold)
-        return move_into_place(staged, out_path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        save_checked(graph, tmpdir / out_path.name, config.external_data_threshold)
+    return out_path
 
 
 def set_metadata(graph, meta: dict[str, str]) -> None:
@@ -244,7 +237,6 @@ def save_checked(graph, path: Path, external_data_threshold: int = PROTOBUF_LIMI
 def move_into_place(staged: Path, out_path: Path) -> Path:
     """Data file first, then the graph, so a reader never sees a graph without its weights."""
     data = staged.with_name(staged.name + ".data")
-    if data.exists():
-        os.replace(data, out_path.with_name(out_path.name + ".data"))
-    os.replace(staged, out_path)
+    pairs = [(data, out_path.with_name(out_path.name + ".data"))] if data.exists() else []
+    replace_together(pairs + [(staged, out_path)])
     return out_path

@@ -14,7 +14,6 @@ ONNX graph and matched to TensorRT layers by ONNX node name, with precision cons
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from medi_fast.backends import onnx_info
 from medi_fast.backends.contract import IOContract
 from medi_fast.backends.tensorrt_backend import SIDECAR_FORMAT, sidecar_path
 from medi_fast.errors import MediFastError
-from medi_fast.io import atomic_write_bytes
+from medi_fast.io import atomic_files, atomic_write_bytes, atomic_write_text
 
 from .fp16 import fp32_node_names
 from .gate import STAGES
@@ -119,19 +118,11 @@ def write_engine(engine_path: Path, engine: bytes, sidecar: dict) -> Path:
     renames, so an interrupted build never leaves a new engine beside an old or missing sidecar
     that would describe it wrongly (an engine without a sidecar is refused with the rebuild command).
     """
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
     side = sidecar_path(engine_path)
-    tmp_engine = engine_path.with_name(f".{engine_path.name}.tmp-{os.getpid()}")
-    tmp_side = side.with_name(f".{side.name}.tmp-{os.getpid()}")
-    try:
-        tmp_engine.write_bytes(engine)
-        tmp_side.write_text(json.dumps(sidecar, indent=2))
-        side.unlink(missing_ok=True)  # never an old sidecar beside the new engine
-        os.replace(tmp_engine, engine_path)
-        os.replace(tmp_side, side)
-    finally:
-        tmp_engine.unlink(missing_ok=True)
-        tmp_side.unlink(missing_ok=True)
+    # atomic_files removes the old sidecar before the new engine lands: never an old sidecar beside it
+    with atomic_files(engine_path, side) as tmp:
+        (tmp / engine_path.name).write_bytes(engine)
+        (tmp / side.name).write_text(json.dumps(sidecar, indent=2))
     return engine_path
 
 
@@ -165,7 +156,6 @@ def gated_build(engine_path: Path, onnx_path: Path, build_stage, stages) -> Path
     """Build stage by stage (``build_stage(stage)`` writes engine + sidecar) until the engine passes
     the gate against the fp32 graph on ONNX Runtime CPU; record the stage in the sidecar."""
     from medi_fast import backends
-    from medi_fast.io import atomic_write_text
 
     from .gate import fp16_gate
 
@@ -248,10 +238,17 @@ def _build_once(onnx_path: Path, engine_path: Path, config: BuildConfig, extra_f
     write_engine(engine_path, bytes(serialized), sidecar)
     timing = bc.get_timing_cache()
     if timing is not None:
-        try:  # a cache: losing it costs build time on the next build, never correctness
-            atomic_write_bytes(cache_path, bytes(timing.serialize()))
-        except OSError:
-            pass
+        save_timing_cache(timing, cache_path)
+
+
+def save_timing_cache(timing, path: Path) -> bool:
+    """Write a builder's timing cache at ``path``; False where it cannot be written.  A cache: losing it
+    costs build time on the next build, never correctness, so it never fails the build."""
+    try:
+        atomic_write_bytes(path, bytes(timing.serialize()))
+    except MediFastError:  # how the atomic write reports a full disk or a permission error
+        return False
+    return True
 
 
 def cached_engine(onnx_path, cache_dir=None, config: BuildConfig = BuildConfig()) -> Path:

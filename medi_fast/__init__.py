@@ -1,7 +1,6 @@
 """medi-fast: metadata-guided diffusion (MeDi) for computational pathology, made fast."""
 from .errors import MediFastError
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["MediFastError", "__version__", "load"]
 

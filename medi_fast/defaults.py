@@ -7,9 +7,9 @@ The model, first match wins (``medi-fast info`` prints the result and its source
 3. ``model = "PATH"`` in ``medi-fast.toml`` in the current directory (relative to that file);
 4. the last ``medi-fast export`` run in the current directory (recorded in ``.medi-fast/last-export.json``).
 
-A model path may be an export directory: the file used is the fastest this machine can run
-(:func:`pick_export_file`).  ``medi-fast.toml`` may also hold option defaults per command, e.g.
-``[generate] steps = 50``; command-line options override them.
+A model path may be an export directory: the file used is the fastest this machine can run, which
+is backend knowledge (:func:`medi_fast.backends.pick_export_file`).  ``medi-fast.toml`` may also hold
+option defaults per command, e.g. ``[generate] steps = 50``; command-line options override them.
 """
 from __future__ import annotations
 
@@ -25,9 +25,6 @@ ENV_MODEL = "MEDI_FAST_MODEL"
 CONFIG_FILE = "medi-fast.toml"
 STATE_DIR = ".medi-fast"
 LAST_EXPORT = "last-export.json"
-# Files of an export directory, in the order they are preferred when their backend is available here.
-EXPORT_FILES = (("model.engine", ("tensorrt",)), ("model.fp16.onnx", ("ort-trt", "ort-cuda")),
-                ("model.onnx", None))
 
 HOW_TO_GIVE = (f"give one with --model PATH (a checkpoint, .onnx, .engine or export directory), set {ENV_MODEL}, "
                f"put model = \"PATH\" in {CONFIG_FILE}, or run `medi-fast export CKPT` here first")
@@ -141,39 +138,3 @@ def require_model(explicit=None, cwd=None) -> ModelChoice:
     if not choice.path.exists():
         raise MediFastError(f"model {choice.path} (from {choice.source}) does not exist; {HOW_TO_GIVE}")
     return choice
-
-
-def export_candidates(directory) -> list[tuple[Path, str | None, str]]:
-    """Each model file of an export directory with the backend that would run it here (or None) and why."""
-    from . import backends
-
-    out = []
-    for name, wanted in EXPORT_FILES:
-        path = Path(directory) / name
-        if not path.is_file():
-            continue
-        kind = "tensorrt" if path.suffix == ".engine" else "onnx"
-        names = [n for n in backends.available(kind) if wanted is None or n in wanted]
-        if wanted is not None and not names:
-            out.append((path, None, f"needs {' or '.join(wanted)}, not available here"))
-        elif not names:
-            out.append((path, None, "no backend available here"))
-        else:
-            out.append((path, names[0], ""))
-    return out
-
-
-def pick_export_file(directory) -> Path:
-    """The fastest file of an export directory that this machine can run (engine > fp16 on GPU > fp32)."""
-    candidates = export_candidates(directory)
-    for path, backend, _ in candidates:
-        if backend is not None:
-            return path
-    found = ", ".join(p.name for p, _, _ in candidates) or "no model files"
-    raise MediFastError(f"no file of export directory {directory} runs here ({found}); "
-                        f"re-export with `medi-fast export CKPT --out {directory}`")
-
-
-def is_export_dir(path) -> bool:
-    path = Path(path)
-    return path.is_dir() and any((path / name).is_file() for name, _ in EXPORT_FILES)

@@ -57,18 +57,15 @@ def from_exception(e: BaseException) -> MediFastError | None:
         return MediFastError(f"an input file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
     if isinstance(e, MemoryError):
         return MediFastError("not enough memory for this input; use a smaller --batch-size or --n")
-    try:
-        import pandas as pd
-    except ImportError:  # pragma: no cover - pandas is a dependency
-        pd = None
-    if pd is not None and isinstance(e, pd.errors.EmptyDataError):
+    # pandas and torch are imported here, not at the top: every command imports this module, and
+    # `medi-fast --help` must not pay for them.
+    import pandas as pd
+    import torch
+
+    if isinstance(e, pd.errors.EmptyDataError):
         return MediFastError("an input table is empty (no columns); check the path or re-create the file")
-    if pd is not None and isinstance(e, pd.errors.ParserError):
+    if isinstance(e, pd.errors.ParserError):
         return MediFastError(f"an input CSV is malformed ({one_line(e)[:160]}); fix the file")
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return None
     if isinstance(e, torch.OutOfMemoryError):
         return MediFastError("the device ran out of memory; use a smaller --batch-size")
     return None

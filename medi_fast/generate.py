@@ -21,7 +21,6 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
 from .backends import ModelInfo, sampling_threads
 from .conditioning import column_for
 from .errors import MediFastError
@@ -29,6 +28,7 @@ from .guidance import classifier_free
 from .io import atomic_write_text, clean_tmp, ensure_dir
 from .plan import Plan
 from .samplers import get_sampler, sampler_entry, timesteps_for
+from .version import __version__
 from .writers import make_writer
 
 

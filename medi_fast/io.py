@@ -1,9 +1,16 @@
-"""Atomic writes: every output appears whole or not at all."""
+"""Atomic writes: every output appears whole or not at all.
+
+The one home of temp-file-and-rename: a file (:func:`atomic_path`, :func:`atomic_write_bytes`,
+:func:`atomic_write_text`), files that belong together (:func:`atomic_files`) and a directory
+(:func:`atomic_dir`).  Temporary names start with :data:`TMP_MARK` and sit beside their destination
+(a rename is atomic only within one file system); :func:`clean_tmp` removes those a killed run left.
+"""
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -41,6 +48,84 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+@contextlib.contextmanager
+def atomic_files(*paths):
+    """Yield a temporary directory beside ``paths``, files of one directory that belong together (a graph and
+    its external weights, an engine and its sidecar); the caller writes each under its own name there.
+
+    On success the files written are moved into place by :func:`replace_together` in the order given; on
+    failure nothing is replaced.  The temporary directory (and anything else written in it) is removed
+    either way.
+    """
+    paths = [Path(p) for p in paths]
+    if len({p.parent for p in paths}) != 1:
+        raise ValueError(f"atomic_files takes files of one directory, got {[str(p) for p in paths]}")
+    ensure_dir(paths[0].parent)
+    tmp = tmp_name(paths[0])
+    try:
+        tmp.mkdir()
+        yield tmp
+        replace_together([(tmp / p.name, p) for p in paths if (tmp / p.name).exists()])
+    except OSError as e:  # the files are written together, so the message names their folder
+        raise os_error(e, paths[0].parent) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_together(pairs) -> None:
+    """Rename each staged file of ``pairs`` ``(staged, destination)`` onto its destination, in order.
+
+    The destinations after the first are removed before the first rename: while this runs a reader finds the
+    old set, or one with a file missing (which it refuses), but never a new file beside an old partner.
+    """
+    pairs = [(Path(a), Path(b)) for a, b in pairs]
+    for _, dest in pairs[1:]:
+        dest.unlink(missing_ok=True)
+    for staged, dest in pairs:
+        os.replace(staged, dest)
+
+
+@contextlib.contextmanager
+def atomic_dir(path, *, overwrite: bool = False):
+    """Yield an empty temporary directory beside ``path``; on success it replaces ``path``.
+
+    An existing non-empty ``path`` is an error unless ``overwrite`` (then it is replaced whole, only
+    after the new one is complete).  On any failure the temporary directory is removed.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MediFastError(f"{path} exists and is not a directory; choose another --out")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise MediFastError(f"{path} already exists and is not empty; pass --overwrite or choose another --out")
+    ensure_dir(path.parent)
+    tmp = tmp_name(path)
+    try:
+        tmp.mkdir()
+        yield tmp
+        old = None
+        if path.exists():
+            old = tmp_name(path)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise os_error(e, path) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def refuse_existing(paths, *, overwrite: bool) -> None:
+    """An existing output file is an error unless ``overwrite`` (checked before any work is done)."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            raise MediFastError(f"output {p} is a directory; give a file name for --out")
+        if p.exists() and not overwrite:
+            raise MediFastError(f"{p} already exists; pass --overwrite to replace it, or choose another --out")
 
 
 def ensure_dir(path) -> Path:

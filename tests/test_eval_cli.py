@@ -109,14 +109,14 @@ def embeddings(sets):
 
 
 def test_embed_writes_one_file_with_metadata(embeddings):
-    from medi_fast.eval.uni import load_embeddings
+    from medi_fast.eval.embeddings import load_embeddings
 
     meta, emb = load_embeddings(embeddings["medi"])
     assert emb.shape == (16, 48) and {"path", "class", "tissue_source_site", "seed"} <= set(meta.columns)
 
 
 def test_embed_with_a_small_random_vit(sets, capsys, tmp_path):
-    from medi_fast.eval.uni import load_embeddings
+    from medi_fast.eval.embeddings import load_embeddings
 
     code, _, err = run(["embed", "--images", sets["test"], "--encoder", "vit_tiny_patch16_224", "--random-init",
                         "--image-size", "32", "--out", tmp_path / "e.npz", "--quiet"], capsys)

@@ -194,7 +194,7 @@ def small_registry(monkeypatch):
 def test_embed_prints_the_licence_once_and_probe_takes_the_embeddings(name, small_registry, tmp_path, capsys):
     from medi_fast.cli import main
     from medi_fast.data.synth import render_patches
-    from medi_fast.eval.uni import load_embeddings
+    from medi_fast.eval.embeddings import load_embeddings
 
     sets = {}
     for split, pairs in (("train", [("LUAD", "S1"), ("LUSC", "S2")]), ("test", [("LUAD", "S2"), ("LUSC", "S1")])):

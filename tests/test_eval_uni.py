@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from medi_fast.errors import MediFastError
-from medi_fast.eval.uni import (IMAGENET_MEAN, IMAGENET_STD, UNIEncoder, create_encoder, load_embeddings,
-                                save_embeddings)
+from medi_fast.eval.embeddings import load_embeddings, save_embeddings
+from medi_fast.eval.encoders import IMAGENET_MEAN, IMAGENET_STD, UNIEncoder, create_encoder
 
 ENC = "vit_tiny_patch16_224"
 

@@ -120,18 +120,18 @@ def test_export_directory_picks_what_runs_here(tmp_path, monkeypatch):
     for name in ("model.onnx", "model.fp16.onnx", "model.engine"):
         (tmp_path / name).write_bytes(b"x")
     monkeypatch.setattr(backends, "available", lambda kind=None: ["ort-cpu"] if kind == "onnx" else [])
-    assert defaults.pick_export_file(tmp_path) == tmp_path / "model.onnx"
+    assert backends.pick_export_file(tmp_path) == tmp_path / "model.onnx"
     monkeypatch.setattr(backends, "available",
                         lambda kind=None: ["ort-cuda", "ort-cpu"] if kind == "onnx" else [])
-    assert defaults.pick_export_file(tmp_path) == tmp_path / "model.fp16.onnx"
+    assert backends.pick_export_file(tmp_path) == tmp_path / "model.fp16.onnx"
     monkeypatch.setattr(backends, "available",
                         lambda kind=None: ["tensorrt"] if kind == "tensorrt" else ["ort-cuda"])
-    assert defaults.pick_export_file(tmp_path) == tmp_path / "model.engine"
+    assert backends.pick_export_file(tmp_path) == tmp_path / "model.engine"
     (tmp_path / "model.onnx").unlink()
     (tmp_path / "model.fp16.onnx").unlink()
     monkeypatch.setattr(backends, "available", lambda kind=None: [])
     with pytest.raises(MediFastError, match="no file of export directory .* runs here"):
-        defaults.pick_export_file(tmp_path)
+        backends.pick_export_file(tmp_path)
 
 
 def test_default_out_dir_uses_canonical_names(tiny_ckpt):

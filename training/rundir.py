@@ -2,7 +2,7 @@
 
     out/config.json                  the resolved TrainConfig
     out/metrics.csv                  step, loss, lr, grad_norm, steps_per_s, images_per_s, elapsed_s
-    out/tensorboard/                 the same scalars (when tensorboard is installed)
+    out/tensorboard/                 the same scalars (tensorboard --logdir out/tensorboard)
     out/samples/step-00001000.png    sample grids (rows classes x columns sites)
     out/checkpoints/step-00001000.pt        a medi-fast checkpoint (model + EMA), for `medi-fast generate`
     out/checkpoints/step-00001000.state.pt  the trainer's resume state for that checkpoint
@@ -99,12 +99,9 @@ class RunDir:
         w.writeheader()
         w.writerows(rows)
         atomic_write_text(self.metrics_path, buf.getvalue())
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.root / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
-        except ImportError:  # tensorboard is optional at run time
-            self._tb = None
+        self._tb = SummaryWriter(str(self.root / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, row: dict) -> None:
         if not self.main:

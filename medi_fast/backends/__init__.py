@@ -106,8 +106,6 @@ def open_model(path) -> ModelInfo:
     """Read a model file's description (conditioning, schedule, hash) and check it can be used."""
     path = Path(path)
     if path.is_dir():
-        from ..defaults import is_export_dir, pick_export_file
-
         if is_export_dir(path):  # an export directory: the fastest file this machine runs
             path = pick_export_file(path)
         else:
@@ -128,6 +126,45 @@ def open_model(path) -> ModelInfo:
 def available(kind: str | None = None) -> list[str]:
     return [n for n, e in sorted(BACKENDS.items(), key=lambda kv: -kv[1].rank)
             if (kind is None or kind in e.kinds) and e.availability()[0]]
+
+
+# Files of an export directory, in the order they are preferred when their backend is available here.
+EXPORT_FILES = (("model.engine", ("tensorrt",)), ("model.fp16.onnx", ("ort-trt", "ort-cuda")),
+                ("model.onnx", None))
+
+
+def is_export_dir(path) -> bool:
+    path = Path(path)
+    return path.is_dir() and any((path / name).is_file() for name, _ in EXPORT_FILES)
+
+
+def export_candidates(directory) -> list[tuple[Path, str | None, str]]:
+    """Each model file of an export directory with the backend that would run it here (or None) and why."""
+    out = []
+    for name, wanted in EXPORT_FILES:
+        path = Path(directory) / name
+        if not path.is_file():
+            continue
+        kind = "tensorrt" if path.suffix == ".engine" else "onnx"
+        names = [n for n in available(kind) if wanted is None or n in wanted]
+        if wanted is not None and not names:
+            out.append((path, None, f"needs {' or '.join(wanted)}, not available here"))
+        elif not names:
+            out.append((path, None, "no backend available here"))
+        else:
+            out.append((path, names[0], ""))
+    return out
+
+
+def pick_export_file(directory) -> Path:
+    """The fastest file of an export directory that this machine can run (engine > fp16 on GPU > fp32)."""
+    candidates = export_candidates(directory)
+    for path, backend, _ in candidates:
+        if backend is not None:
+            return path
+    found = ", ".join(p.name for p, _, _ in candidates) or "no model files"
+    raise MediFastError(f"no file of export directory {directory} runs here ({found}); "
+                        f"re-export with `medi-fast export CKPT --out {directory}`")
 
 
 def resolve(name: str, info: ModelInfo) -> str:

@@ -295,7 +295,7 @@ def list_backends(model):
     """List runtime backends and whether each is available here, then which files of MODEL (an
     export directory; default: the default model) would run here and with which backend."""
     from .. import backends
-    from ..defaults import choose_model, export_candidates, is_export_dir
+    from ..defaults import choose_model
 
     if model is not None and not model.exists():
         raise MediFastError(f"model {model} does not exist; check the path, or run `medi-fast backends` alone")
@@ -307,8 +307,8 @@ def list_backends(model):
     if choice is None or not choice.path.exists():
         return
     click.echo(f"\nmodel {choice.describe()}")
-    if is_export_dir(choice.path):
-        rows = export_candidates(choice.path)
+    if backends.is_export_dir(choice.path):
+        rows = backends.export_candidates(choice.path)
         first = next((p for p, b, _ in rows if b is not None), None)
         for path, backend, why in rows:
             mark = "  <- used" if path == first else ""

@@ -31,9 +31,8 @@ def _problems_path(index_out: Path) -> Path:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 def index_cmd(root, metadata, out, strict, verify, workers, overwrite):
     """Index ROOT/<cancer type>/<slide_submitter_id>/*.jpg joined with clinical metadata (one row per patch)."""
-    from ..data.atomic import refuse_existing
     from ..data.index import build_index_with_problems, write_index
-    from ..io import atomic_path
+    from ..io import atomic_path, refuse_existing
 
     refuse_existing([out], overwrite=overwrite)
 
@@ -91,9 +90,9 @@ def report_cmd(index, out, unit):
 @click.option("--overwrite", is_flag=True, help="Replace an existing split in --out.")
 def split_cmd(metadata, strategy, seed, frac, by, out, overwrite):
     """Split clinical records into train/holdout with whole subpopulations held out; check leakage."""
-    from ..data.atomic import refuse_existing
     from ..data.clinical import read_csv_str
     from ..data.split import split_metadata, write_split
+    from ..io import refuse_existing
 
     if out.exists() and not out.is_dir():
         raise MediFastError(f"--out {out} is a file; give a folder for train.csv, holdout.csv, summary.json")
@@ -163,13 +162,13 @@ def pack_cmd(index, resolution, out, split_csv, workers, overwrite):
     """Resize every patch once into a uint8 memmap (N, 3, R, R) + labels.parquet + pack.json."""
     import time
 
-    from ..data.dataset import _filter_split
+    from ..data.dataset import rows_in_split
     from ..data.index import read_index
     from ..data.pack import pack_index
 
     df = read_index(index)
     if split_csv is not None:
-        df = df.iloc[_filter_split(df, split_csv)]
+        df = df.iloc[rows_in_split(df, split_csv)]
     t0 = time.perf_counter()
     pack_index(df, resolution, out, overwrite=overwrite, workers=workers, progress=True)
     dt = time.perf_counter() - t0

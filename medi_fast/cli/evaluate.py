@@ -80,7 +80,7 @@ def fid(real, fake, per, features, inception_weights, batch_size, resolution, de
 @click.option("--quiet", is_flag=True, help="No progress output (the licence line is still printed).")
 def embed(images, out, extractor, weights, encoder, random_init, image_size, batch_size, resolution, device, quiet):
     """Embed images (UNI by default) into ONE file with their metadata columns."""
-    from ..eval.uni import embed_images
+    from ..eval.embed import embed_images
 
     if (encoder or image_size != 224) and extractor != "uni":
         raise MediFastError(f"--encoder/--image-size apply to --extractor uni only (got --extractor {extractor}); "

@@ -65,7 +65,9 @@ class PatchDataset(Dataset):
         return self.table[column].tolist()
 
 
-def _filter_split(table: pd.DataFrame, split_csv) -> np.ndarray:
+def rows_in_split(table: pd.DataFrame, split_csv) -> np.ndarray:
+    """Positions of the rows of ``table`` whose slide is listed in ``split_csv`` (a train.csv/holdout.csv
+    written by `medi-fast data split`); refused when the split names none of them."""
     split = read_csv_str(split_csv)
     if "slide_submitter_id" not in split.columns:
         raise MediFastError(f"{split_csv} has no column 'slide_submitter_id'; pass a train.csv/holdout.csv written "
@@ -94,14 +96,14 @@ def open_dataset(path, split_csv=None, resolution: int | None = None) -> PatchDa
                                 f"`medi-fast data pack ... --resolution {resolution}` or open the index instead")
         rows = np.arange(len(table))
         if split_csv is not None:
-            rows = _filter_split(table, split_csv)
+            rows = rows_in_split(table, split_csv)
             table = table.iloc[rows]
         return PatchDataset(table, meta["resolution"], images=images, rows=rows, source="pack")
     if not path.exists():
         raise MediFastError(f"{path} does not exist; pass an index .parquet or a pack directory")
     table = read_index(path)
     if split_csv is not None:
-        table = table.iloc[_filter_split(table, split_csv)]
+        table = table.iloc[rows_in_split(table, split_csv)]
     if resolution is None:
         w = int(table["width"].iloc[0]) if "width" in table.columns else -1
         resolution = w if w > 0 else load_patch(table["path"].iloc[0]).shape[0]

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import MediFastError
-from .atomic import atomic_dir
+from ..io import atomic_dir
 from .imageio import load_patch
 from .index import read_index
 

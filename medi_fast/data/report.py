@@ -1,5 +1,5 @@
 """Dataset report: counts, the class x TSS coverage matrix (CSV + heatmap PNG, like the paper's dataset
-figure) and race/gender bars.  Matplotlib runs headless (Agg)."""
+figure) and race/gender bars."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +9,7 @@ import pandas as pd
 
 from ..errors import MediFastError
 from ..io import atomic_path, atomic_write_text, ensure_dir
+from ..plotting import pyplot, save_png
 
 UNITS = ("patches", "slides")
 
@@ -56,18 +57,9 @@ def counts_text(c: dict) -> str:
     return "\n".join(lines)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display on CI or clusters
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_coverage(cov: pd.DataFrame, path, unit: str = "patches") -> Path:
     """Heatmap of the coverage matrix (log colour scale; white = combination absent)."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.colors import LogNorm
 
     h, w = cov.shape
@@ -84,12 +76,12 @@ def plot_coverage(cov: pd.DataFrame, path, unit: str = "patches") -> Path:
     ax.set_title(f"{unit} per (class, TSS); {int((data > 0).sum())} of {h * w} combinations present")
     fig.colorbar(im, ax=ax, label=unit, fraction=0.03, pad=0.01)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_demographics(table: pd.DataFrame, path) -> Path:
     """Bars of slides per race and per gender."""
-    plt = _plt()
+    plt = pyplot()
     slides = table.drop_duplicates("slide_submitter_id")
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, col in zip(axes, ("race", "gender")):
@@ -100,16 +92,7 @@ def plot_demographics(table: pd.DataFrame, path) -> Path:
         ax.set_title(f"slides per {col}")
         ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
-    return _save(fig, path)
-
-
-def _save(fig, path) -> Path:
-    plt = _plt()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def write_report(table: pd.DataFrame, out_dir, unit: str = "patches", problems: pd.DataFrame | None = None) -> dict:

@@ -389,7 +389,7 @@ def render_dataset(config: SynthConfig, out_dir, *, overwrite: bool = False, bat
     """
     import pandas as pd
 
-    from .atomic import atomic_dir
+    from ..io import atomic_dir
 
     out_dir = Path(out_dir)
     rows = []

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from ..data.report import _plt, _save
 from ..eval.site_fidelity import CHANNELS
+from ..plotting import pyplot, save_png
 
 PER_SIDE = 3   # a cell shows PER_SIDE x PER_SIDE patches
 GAP = 2        # px between patches of a cell
@@ -99,7 +99,7 @@ def sample_grids(fig: Path, index: pd.DataFrame, real: np.ndarray, synthetic: di
 def probe_chart(summary: pd.DataFrame, path: Path, chance: float = 0.5) -> Path:
     """Balanced and TSS-averaged balanced accuracy per arm, mean with SEM error bars, values written on;
     ``chance``: 1 / the number of classes."""
-    plt = _plt()
+    plt = pyplot()
     metrics = (("balanced_accuracy", "balanced accuracy"), ("tss_balanced_accuracy", "TSS-averaged balanced accuracy"))
     arms = list(summary["arm"])
     width = 0.8 / len(arms)
@@ -120,13 +120,13 @@ def probe_chart(summary: pd.DataFrame, path: Path, chance: float = 0.5) -> Path:
     ax.set_ylabel("linear probe, unseen test sites")
     ax.legend(loc="lower center", ncol=len(arms) + 1, fontsize=8, bbox_to_anchor=(0.5, -0.32), frameon=False)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def site_chart(fidelity, path: Path) -> Path:
     """Left: per-site stain effect, generated vs real (one point per trained class x site x channel).
     Right: the mean colour of each class x site, real next to generated (never-seen ones: generated only)."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     fig, (ax, sw) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [1.2, 1]})
@@ -165,11 +165,11 @@ def site_chart(fidelity, path: Path) -> Path:
         s.set_visible(False)
     sw.set_title("mean colour per class x site", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def timings_chart(timings: list[tuple[str, float]], total: float, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     names, secs = [n for n, _ in timings][::-1], [s for _, s in timings][::-1]
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(names) + 1.2))
     ax.barh(names, secs, color="#4a7fb5")
@@ -180,4 +180,4 @@ def timings_chart(timings: list[tuple[str, float]], total: float, path: Path) ->
     ax.set_title(f"total {total / 60:.1f} min", fontsize=9)
     ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -271,3 +271,23 @@ def custom_spec(timm_name: str, image_size: int = 224) -> EncoderSpec:
     kw = dict(img_size=image_size, dynamic_img_size=True, init_values=1e-5) if timm_name.startswith("vit_") else {}
     return replace(ENCODERS["uni"], name=timm_name, timm_name=timm_name, timm_kwargs=kw, input_size=image_size,
                    dim=0, hf_repo="local", licence="the licence of the weights you pass", sources=())
+
+
+UNI_ENCODER = "vit_large_patch16_224"
+
+
+def create_encoder(encoder: str = UNI_ENCODER, image_size: int = 224):
+    """The timm model, randomly initialised: UNI's card settings (LayerScale 1e-5, no head, dynamic image size)
+    on ``encoder`` (any timm name)."""
+    return build_model(custom_spec(encoder, image_size))
+
+
+def UNIEncoder(weights=None, encoder: str | None = None, device=None, batch_size: int = 64, image_size: int = 224,
+               random_init: bool = False, seed: int = 0) -> Encoder:
+    """The ``uni`` registry encoder, or UNI's recipe on another timm architecture (``encoder``,
+    ``image_size``: tests use ``vit_tiny_patch16_224`` at 32 px).  (The MeDi reference code fed [-1, 1]
+    diffusion outputs straight into UNI; that shifts every embedding, so the card's transform is used.)"""
+    if (encoder or UNI_ENCODER) == UNI_ENCODER and image_size == 224:
+        return Encoder("uni", weights=weights, device=device, batch_size=batch_size, random_init=random_init, seed=seed)
+    return Encoder(spec=custom_spec(encoder or UNI_ENCODER, image_size), weights=weights, device=device,
+                   batch_size=batch_size, random_init=random_init, seed=seed)

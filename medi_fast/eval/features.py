@@ -80,7 +80,7 @@ def get_extractor(name: str, *, weights=None, device=None, batch_size: int = 50,
     if name == "colour-texture":
         return ColourTexture()
     if name == "uni" and (encoder or image_size != 224):
-        from .uni import UNIEncoder
+        from .encoders import UNIEncoder
 
         return UNIEncoder(weights=weights, encoder=encoder, device=device, batch_size=batch_size,
                           image_size=image_size, random_init=random_init)

@@ -203,23 +203,16 @@ def to_markdown(summary: pd.DataFrame, title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _embeddings(x):
-    """An embeddings file (from `medi-fast embed`) or an already loaded (metadata, embeddings) pair."""
-    if isinstance(x, tuple):
-        return x
-    from .uni import load_embeddings
-
-    return load_embeddings(x)
-
-
 def probe_table(real_train, real_test, synthetic: dict, task: str,
                 cfg: ProbeConfig = ProbeConfig()) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """The paper's Table 1 from embeddings of any encoder (``medi-fast probe``): real training pool, real
     test set and ``{name: synthetic}`` (files or (metadata, embeddings) pairs), ``task`` as
     :func:`resolve_task` takes it.  Returns (summary, every run, Table-1-style markdown)."""
+    from .embeddings import as_embeddings
+
     classes = resolve_task(task)
-    syn = {name: _embeddings(x) for name, x in synthetic.items()}
-    runs = run_probe(_embeddings(real_train), _embeddings(real_test), syn, classes, cfg)
+    syn = {name: as_embeddings(x) for name, x in synthetic.items()}
+    runs = run_probe(as_embeddings(real_train), as_embeddings(real_test), syn, classes, cfg)
     summary = summarise(runs)
     title = (f"{task}: {', '.join(classes)}; k={cfg.k} real/class, synthetic:real {cfg.ratio:g}:1, "
              f"{'one site per class' if cfg.one_site_per_class else 'all training sites'}")

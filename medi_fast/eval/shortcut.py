@@ -93,12 +93,12 @@ def shortcut_report(embeddings, synthetic: dict | None = None, folds: int = 5, m
     """``medi-fast shortcut``: (site predictability per class of the real set and of each synthetic set,
     class-site mutual information before and after adding each synthetic set).  ``embeddings`` and the
     ``synthetic`` values are embeddings files or (metadata, embeddings) pairs."""
-    from .probe import _embeddings
+    from .embeddings import as_embeddings
 
     if folds < 2:
         raise MediFastError("--folds must be >= 2")
-    meta, emb = _embeddings(embeddings)
-    sets = {"real": (meta, emb)} | {n: _embeddings(x) for n, x in (synthetic or {}).items()}
+    meta, emb = as_embeddings(embeddings)
+    sets = {"real": (meta, emb)} | {n: as_embeddings(x) for n, x in (synthetic or {}).items()}
     pred = pd.concat([site_predictability(m, e, folds, min_per_site, seed).assign(embeddings=n)
                       for n, (m, e) in sets.items()], ignore_index=True)
     mi = mi_report(meta, {n: m for n, (m, _) in sets.items() if n != "real"})
