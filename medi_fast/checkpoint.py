@@ -25,6 +25,7 @@ from .conditioning import ConditionSpec
 from .errors import MediFastError
 from .io import atomic_path
 from .schedule import Schedule
+from .vocab import UnsafeName
 
 FORMAT = "medi-fast-checkpoint"
 VERSION = 1
@@ -180,6 +181,9 @@ def load(path, *, verify: bool = True) -> Checkpoint:
         ckpt = Checkpoint(ConditionSpec.from_dict(header["condition_spec"]), dict(header["unet_config"]),
                           Schedule.from_dict(header["schedule"]), sd, ema, header.get("preset", ""),
                           dict(header.get("provenance", {})), header.get("hash", ""), path)
+    except UnsafeName as e:  # a name that would lead generate's files out of their folder
+        raise MediFastError(f"checkpoint {path} is corrupt or unsafe: its {e.problem}; re-create it rather than "
+                            f"use it") from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise MediFastError(f"checkpoint {path} has an incomplete header (missing {e}); re-create it") from None
     if verify:
