@@ -337,7 +337,7 @@ def check_unet_config(data, source, *, fix: str = RECOPY, strict: bool = False) 
     for key in data:
         if key not in params:
             if strict:
-                raise MediFastError(f"{source}: {key!r} is not a UNet2DModel option; {fix}")
+                raise MediFastError(f"{source}: {key!r} is not a UNet2DModel option the import takes; {fix}")
             continue
         args = set(typing.get_args(params[key].annotation)) or {params[key].annotation}
         optional = type(None) in args
