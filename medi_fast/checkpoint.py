@@ -25,6 +25,7 @@ from .conditioning import ConditionSpec
 from .errors import MediFastError
 from .io import atomic_path
 from .schedule import Schedule
+from .vocab import UnsafeName
 
 FORMAT = "medi-fast-checkpoint"
 VERSION = 1
@@ -107,16 +108,54 @@ def save(ckpt: Checkpoint, path) -> Path:
             obj = {**header, "state_dict": ckpt.state_dict}
             if ckpt.ema_state_dict is not None:
                 obj["ema_state_dict"] = ckpt.ema_state_dict
-            torch.save(obj, tmp)
+            with open(tmp, "wb") as f:
+                sink = _WriteErrors(f)
+                try:
+                    torch.save(obj, sink)
+                except RuntimeError:
+                    if sink.error is None:
+                        raise
+                    raise sink.error from None
         else:
+            from safetensors import SafetensorError
             from safetensors.torch import save_file
 
             tensors = {"model." + k: v.contiguous() for k, v in ckpt.state_dict.items()}
             if ckpt.ema_state_dict is not None:
                 tensors.update({"ema." + k: v.contiguous() for k, v in ckpt.ema_state_dict.items()})
-            save_file(tensors, str(tmp), metadata={"medi_fast": json.dumps(header)})
+            try:
+                save_file(tensors, str(tmp), metadata={"medi_fast": json.dumps(header)})
+            except SafetensorError as e:
+                raise _os_error_in(e) from None
     ckpt.path = path
     return path
+
+
+class _WriteErrors:
+    """A file for torch.save that keeps the OSError of a failed write: torch's zip writer reports
+    any failed write (a full disk included) as a RuntimeError about positions, which names no cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _os_error_in(e: Exception) -> Exception:
+    """safetensors reports a failed write as "... I/O error: ... (os error N)": the OSError it was."""
+    import os
+    import re
+
+    m = re.search(r"os error (\d+)\)", str(e))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else e
 
 
 def _first_line(e: BaseException) -> str:
@@ -180,6 +219,9 @@ def load(path, *, verify: bool = True) -> Checkpoint:
         ckpt = Checkpoint(ConditionSpec.from_dict(header["condition_spec"]), dict(header["unet_config"]),
                           Schedule.from_dict(header["schedule"]), sd, ema, header.get("preset", ""),
                           dict(header.get("provenance", {})), header.get("hash", ""), path)
+    except UnsafeName as e:  # a name that would lead generate's files out of their folder
+        raise MediFastError(f"checkpoint {path} is corrupt or unsafe: its {e.problem}; re-create it rather than "
+                            f"use it") from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise MediFastError(f"checkpoint {path} has an incomplete header (missing {e}); re-create it") from None
     if verify:

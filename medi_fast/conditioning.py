@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import MediFastError
-from .vocab import Vocabulary
+from .vocab import Vocabulary, check_name
 
 MODES = ("concat", "additive", "linear")
 CATEGORICAL = "categorical"
@@ -41,6 +41,7 @@ class Attribute:
     encoding: str = REFERENCE
 
     def __post_init__(self):
+        check_name(self.name, "attribute name", attribute=True)  # names output folders and model table keys
         if self.kind not in (CATEGORICAL, CONTINUOUS):
             raise MediFastError(f"attribute {self.name!r}: kind must be categorical or continuous, got {self.kind!r}")
         if self.kind == CATEGORICAL and self.vocab is None:

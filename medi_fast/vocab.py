@@ -3,6 +3,11 @@
 Codes are strings: the tissue source site "05" is not the integer 5.  Lookups accept what users
 type for a cancer type (``LUAD``, ``TCGA-LUAD``, ``Lung_adenocarcinoma``) and fail with the
 closest valid names.
+
+Every name is also a path component: ``generate`` files images under
+``OUT/<class>/<value>/<class>_<value>..._<index>.png``, so a vocabulary refuses names that could
+leave that folder or that a file system cannot hold (``check_name``), wherever it is built: from
+options, from a reference run's mapping files, or from a model file read from disk.
 """
 from __future__ import annotations
 
@@ -48,6 +53,52 @@ TCGA_PROJECTS: dict[str, str] = {
 }
 
 
+# Longer than any TCGA value (the longest, a site of resection, has 74 characters), short enough that
+# a file name made of a class and a few values stays under the usual 255-byte limit.
+MAX_NAME_LENGTH = 128
+
+
+class UnsafeName(MediFastError):
+    """A name that cannot be a single path component.  ``problem`` says why, without the fix, so a
+    loader can say which file holds it."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(f"{problem}; {fix}")
+        self.problem = problem
+
+
+def name_problem(name: str, *, attribute: bool = False) -> str | None:
+    """Why ``name`` cannot name a folder or file (None when it can).
+
+    Attribute names are also keys of the model's embedding tables, which cannot hold a ".".
+    """
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not text"
+    if not name.strip():
+        return "is empty"
+    if name in (".", ".."):
+        return "is a relative path component"
+    if "/" in name or "\\" in name:
+        return "contains a path separator (/ or \\)"
+    if not name.isprintable():
+        return "contains a control or non-printable character"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"is {len(name)} characters long (at most {MAX_NAME_LENGTH})"
+    if attribute and "." in name:
+        return "contains a '.'"
+    return None
+
+
+def check_name(name, what: str, *, attribute: bool = False,
+               fix: str = "use letters, digits, spaces, - and _") -> str:
+    """``name`` if it is a safe single path component, else UnsafeName naming ``what`` it is."""
+    problem = name_problem(name, attribute=attribute)
+    if problem is not None:
+        shown = repr(name) if len(str(name)) <= 40 else repr(str(name)[:40]) + "..."
+        raise UnsafeName(f"{what} {shown} {problem}", fix)
+    return name
+
+
 def _key(name: str) -> str:
     return str(name).strip().lower().replace("-", "_").replace(" ", "_")
 
@@ -82,6 +133,9 @@ class Vocabulary:
 
     def __post_init__(self):
         object.__setattr__(self, "names", tuple(str(n) for n in self.names))
+        check_name(self.name, "attribute name", attribute=True)
+        for n in self.names:
+            check_name(n, f"{self.name} value")
         if len(set(self.names)) != len(self.names):
             dup = sorted({n for n in self.names if self.names.count(n) > 1})
             raise MediFastError(f"vocabulary {self.name!r} has duplicate names {dup}; give each value once")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -43,6 +44,20 @@ class FolderWriter:
     def __init__(self, out: Path, attributes, fmt: str = "png", quality: int = 95):
         self.out, self.attributes, self.fmt, self.quality = Path(out), tuple(attributes), fmt, quality
         self.ext = "png" if fmt == "png" else "jpg"
+        self._root = os.path.realpath(self.out)
+
+    def path(self, row) -> Path:
+        """Where ``row``'s image goes; refused unless it resolves inside the output directory.
+
+        Vocabularies refuse names that are not single path components; this second guard keeps a
+        model file that slipped past them (or a symbolic link inside the output) from writing elsewhere.
+        """
+        path = self.out / self.relpath(row)
+        if os.path.commonpath([self._root, os.path.realpath(path)]) != self._root:
+            raise MediFastError(f"refusing to write {path}: it resolves outside the output directory {self.out} "
+                                f"(the model's names or a link inside {self.out} lead there); use a model with safe "
+                                f"names and an output directory without such links")
+        return path
 
     def relpath(self, row) -> str:
         vals = [_safe(row[a]) for a in self.attributes]
@@ -51,16 +66,16 @@ class FolderWriter:
 
     def pending(self, rows: pd.DataFrame) -> np.ndarray:
         """Boolean mask of rows whose file does not exist yet."""
-        return np.array([not (self.out / self.relpath(r)).exists() for _, r in rows.iterrows()], dtype=bool)
+        return np.array([not self.path(r).exists() for _, r in rows.iterrows()], dtype=bool)
 
     def write(self, images: np.ndarray, rows: pd.DataFrame) -> None:
         for img, (_, row) in zip(images, rows.iterrows()):
             data = encode(img, self.fmt, self.quality)
-            with atomic_path(self.out / self.relpath(row)) as tmp:
+            with atomic_path(self.path(row)) as tmp:
                 tmp.write_bytes(data)
 
     def read(self, rows: pd.DataFrame) -> np.ndarray:
-        return np.stack([np.asarray(Image.open(self.out / self.relpath(r)).convert("RGB")) for _, r in rows.iterrows()])
+        return np.stack([np.asarray(Image.open(self.path(r)).convert("RGB")) for _, r in rows.iterrows()])
 
     def files(self, rows: pd.DataFrame) -> list[str]:
         return [self.relpath(r) for _, r in rows.iterrows()]

@@ -1,4 +1,5 @@
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +69,39 @@ def test_missing_truncated_corrupt_and_unsafe_files_are_refused(tmp_path):
     torch.save({"a": torch.zeros(1)}, tmp_path / "foreign.pt")
     with pytest.raises(MediFastError, match="not a medi-fast checkpoint"):
         checkpoint.load(tmp_path / "foreign.pt")
+
+
+def _unsafe_model(monkeypatch):
+    """A model whose tss vocabulary holds '..', as a file edited by hand (or by an attacker) would carry
+    it; the content hash is no signature, so such a file can carry a matching one."""
+    import medi_fast.conditioning
+    import medi_fast.vocab
+
+    with monkeypatch.context() as m:
+        for module in (medi_fast.vocab, medi_fast.conditioning):
+            m.setattr(module, "check_name", lambda name, *a, **k: name, raising=False)
+        torch.manual_seed(0)
+        return build_model("tiny-32", classes=["LUAD", "LUSC"], metadata={"tss": ["..", "44"]})
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_stored_vocabulary_that_is_not_safe_is_refused_as_corrupt_or_unsafe(tmp_path, monkeypatch, suffix):
+    bad = checkpoint.save(checkpoint.from_model(_unsafe_model(monkeypatch), Schedule()), tmp_path / f"bad{suffix}")
+    with pytest.raises(MediFastError, match=rf"checkpoint {bad} is corrupt or unsafe: its tss value '\.\.' is a "
+                                            rf"relative path component; re-create it"):
+        checkpoint.load(bad)
+
+
+def test_an_onnx_header_with_an_unsafe_vocabulary_is_refused(monkeypatch):
+    from medi_fast.backends.contract import IOContract
+    from medi_fast.backends.onnx_info import metadata, parse_metadata
+
+    model = _model()
+    props = metadata(model.spec, Schedule(), preset="tiny-32", checkpoint_hash="0" * 16, resolution=32,
+                     contract=IOContract.from_spec(model.spec, 32), precision="fp32", unet_config={}, provenance={})
+    assert parse_metadata(props, Path("m.onnx")).spec == model.spec
+    unsafe = _unsafe_model(monkeypatch).spec
+    props = metadata(unsafe, Schedule(), preset="tiny-32", checkpoint_hash="0" * 16, resolution=32,
+                     contract=IOContract.from_spec(unsafe, 32), precision="fp32", unet_config={}, provenance={})
+    with pytest.raises(MediFastError, match=r"m.onnx is corrupt or unsafe: its tss value '\.\.' is a relative path"):
+        parse_metadata(props, Path("m.onnx"))

@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +84,67 @@ def test_presets_build_with_the_same_unet_for_cls_and_medi(preset):
 def test_resolution_must_fit_the_preset():
     with pytest.raises(MediFastError, match="not divisible"):
         build_model("small-64", classes=["A"], resolution=36)
+
+
+UNSAFE = {"": "is empty", " ": "is empty", ".": "relative path component", "..": "relative path component",
+          "a/b": "path separator", "..\\x": "path separator", "a\x00b": "control", "a\nb": "control",
+          "x" * 129: "129 characters long"}
+
+
+@pytest.mark.parametrize("name", list(UNSAFE), ids=["empty", "blank", "dot", "dotdot", "slash", "backslash", "nul",
+                                                     "newline", "long"])
+def test_names_that_are_not_one_path_component_are_refused_wherever_a_vocabulary_is_built(name):
+    from medi_fast.vocab import UnsafeName
+
+    with pytest.raises(UnsafeName, match=f"tss value .* {UNSAFE[name]}"):
+        Vocabulary("tss", ("05", name))
+    with pytest.raises(UnsafeName, match=UNSAFE[name]):
+        Vocabulary.from_dict({"name": "class", "names": [name, "LUAD"]})
+    with pytest.raises(UnsafeName, match=f"attribute name .* {UNSAFE[name]}"):
+        ConditionSpec.build(128, ["A"], {name: ["1"]})
+    with pytest.raises(UnsafeName, match=f"attribute name .* {UNSAFE[name]}"):
+        ConditionSpec.build(128, ["A"], {name: None})  # a continuous attribute has no vocabulary to check it
+
+
+def test_attribute_names_cannot_hold_a_dot():
+    from medi_fast.vocab import UnsafeName
+
+    # the value may (an ICD code), the attribute name may not: it keys the model's embedding tables
+    assert Vocabulary("icd_10_code", ("C50.919",)).names == ("C50.919",)
+    with pytest.raises(UnsafeName, match=r"attribute name 'a\.b' contains a '\.'"):
+        ConditionSpec.build(128, ["A"], {"a.b": ["1"]})
+
+
+TCGA_CSV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tcga_ut_slide_metadata.csv"
+
+
+@pytest.mark.skipif(not TCGA_CSV.is_file(), reason="../shared/data/tcga_ut_slide_metadata.csv is absent")
+def test_every_real_tcga_name_is_a_safe_name():
+    import pandas as pd
+
+    table = pd.read_csv(TCGA_CSV, dtype=str)
+    for column in ("project_id", "tissue_source_site", "gender", "race", "ethnicity", "age_at_index"):
+        v = Vocabulary.from_values(column, table[column].fillna("Unknown"))
+        assert len(v) == table[column].fillna("Unknown").str.strip().nunique()
+    assert Vocabulary("race", ("BLACK OR AFRICAN AMERICAN", "white")).id("BLACK OR AFRICAN AMERICAN") == 0
+    classes = Vocabulary("class", tuple(TCGA_PROJECTS.values()), tcga_aliases=True)
+    assert classes.id("TCGA-LUAD") == classes.id("LUAD") == classes.names.index("Lung_adenocarcinoma")
+    assert Vocabulary("tss", ("05", "3B")).id("05") == 0
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--classes", "..,LUSC"], "--classes value '..' is a relative path component"),
+    (["--classes", "LUAD,LUSC", "--tss", "..,05"], "--tss value '..' is a relative path component"),
+    (["--classes", "LUAD", "--meta", "..=a,b"], "--meta name '..' is a relative path component"),
+    (["--classes", "LUAD", "--meta", "race=white,a\\b"], "--meta race value 'a\\\\b' contains a path separator"),
+    (["--classes", "LUAD", "--meta", "site.code=a,b"], "--meta name 'site.code' contains a '.'"),
+])
+def test_init_checkpoint_refuses_unsafe_names_in_one_line(tmp_path, capsys, args, expected):
+    from medi_fast.cli import main
+
+    out = tmp_path / "m.pt"
+    with pytest.raises(SystemExit) as e:
+        main(["init-checkpoint", *args, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("medi-fast: error: ") and expected in err[0], err
+    assert not list(tmp_path.iterdir())

@@ -267,3 +267,47 @@ def test_overlapping_loops_in_two_threads_restore_the_thread_count_once_both_end
         assert torch.get_num_threads() == 2  # both done: the count from before the first one
     finally:
         torch.set_num_threads(before)
+
+
+def test_writer_refuses_a_path_that_resolves_outside_out(tmp_path):
+    from medi_fast.writers import FolderWriter
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    writer = FolderWriter(out, ("class", "tss"))
+    image = np.zeros((1, 8, 8, 3), dtype=np.uint8)
+    inside = pd.DataFrame({"class": ["LUAD"], "tss": ["05"], "index": [0]})
+    writer.write(image, inside)
+    assert (out / "LUAD" / "05" / "LUAD_05_00000000.png").is_file()
+    # names that climb out of --out (a model file that slipped past its vocabulary check)
+    climbing = pd.DataFrame({"class": [".."], "tss": [".."], "index": [1]})
+    for call in (lambda: writer.pending(climbing), lambda: writer.write(image, climbing)):
+        with pytest.raises(MediFastError, match="resolves outside the output directory"):
+            call()
+    # a link inside --out that points elsewhere
+    (out / "LUSC").symlink_to(elsewhere, target_is_directory=True)
+    linked = pd.DataFrame({"class": ["LUSC"], "tss": ["05"], "index": [2]})
+    with pytest.raises(MediFastError, match="resolves outside the output directory"):
+        writer.write(image, linked)
+    assert not list(elsewhere.iterdir()) and not list(tmp_path.glob("*.png"))
+
+
+def test_generate_refuses_a_model_whose_names_lead_outside_out_path(tmp_path, capsys, monkeypatch):
+    import medi_fast.conditioning
+    import medi_fast.vocab
+    from medi_fast import checkpoint
+    from medi_fast.cli import main
+    from medi_fast.model import build_model
+    from medi_fast.schedule import Schedule
+
+    with monkeypatch.context() as m:  # a file made elsewhere: its hash matches, its names climb out
+        for module in (medi_fast.vocab, medi_fast.conditioning):
+            m.setattr(module, "check_name", lambda name, *a, **k: name, raising=False)
+        model = build_model("tiny-32", classes=["..", "LUSC"], metadata={"tss": ["..", "05"]})
+        bad = checkpoint.save(checkpoint.from_model(model, Schedule()), tmp_path / "bad.pt")
+    out = tmp_path / "a" / "b"
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(bad), "--class", "..", "--tss", "..", "--n", "1", "--steps", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "is corrupt or unsafe: its class value '..'" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]

@@ -323,3 +323,177 @@ def test_checkpoints_from_before_the_reference_encoding_keep_theirs():
     assert new["encoding"] == "reference" and Attribute.from_dict(new).encoding == "reference"
     assert "solver_spacing" not in Schedule().to_dict()
     assert Schedule.from_dict(Schedule(solver_spacing="leading").to_dict()).solver_spacing == "leading"
+
+
+def _edit(run, tmp_path, name: str, change) -> Path:
+    """A copy of ``run`` with the JSON file ``name`` changed: ``change(obj)`` edits it in place, or
+    returns the file's new text."""
+    copy = tmp_path / f"run_{len(list(tmp_path.glob('run_*')))}"
+    shutil.copytree(run, copy)
+    path = copy / name
+    obj = json.loads(path.read_text())
+    text = change(obj)
+    path.write_text(text if isinstance(text, str) else json.dumps(obj))
+    return copy
+
+
+def _set(key, value):
+    def change(obj):
+        obj[key] = value
+    return change
+
+
+def _raw(key, literal: str):
+    """Set ``key`` to a JSON literal that json.dumps would not write (1e400, a 5000-digit number)."""
+    def change(obj):
+        obj[key] = "@@"
+        return json.dumps(obj).replace('"@@"', literal)
+    return change
+
+
+SCHED, EMA_CONFIG = "scheduler_config.json", "checkpoint-20/ema_model/config.json"
+FILE_VALUES = {  # (file, change, what the one line must say)
+    "timesteps-1e400": (SCHED, _raw("num_train_timesteps", "1e400"),
+                        "scheduler_config.json: num_train_timesteps must be a whole number in 1..100000, got inf"),
+    "timesteps-5000-digits": (SCHED, _raw("num_train_timesteps", "9" * 5000),
+                              "scheduler_config.json: num_train_timesteps must be a whole number in 1..100000"),
+    "timesteps-10^12": (SCHED, _set("num_train_timesteps", 10**12),
+                        "num_train_timesteps must be a whole number in 1..100000, got 1000000000000"),
+    "timesteps-negative": (SCHED, _set("num_train_timesteps", -5), "num_train_timesteps must be a whole number"),
+    "beta-text": (SCHED, _set("beta_start", "abc"), "scheduler_config.json: beta_start must be a number in 0..1, got 'abc'"),
+    "clip-text": (SCHED, _set("clip_sample", "abc"), "scheduler_config.json: clip_sample must be true or false"),
+    "v-prediction": (SCHED, _set("prediction_type", "v_prediction"), "scheduler_config.json uses prediction_type "
+                     "'v_prediction'; import-medi maps the reference's epsilon-prediction runs only"),
+    "sched-nested": (SCHED, lambda obj: "[" * 100_000 + "]" * 100_000, "scheduler_config.json nests deeper"),
+    "resolution-0": (EMA_CONFIG, _set("sample_size", 0), "config.json: sample_size must be a whole number in 1..4096, got 0"),
+    "resolution-negative": (EMA_CONFIG, _set("sample_size", -16), "sample_size must be a whole number in 1..4096, got -16"),
+    "resolution-odd": (EMA_CONFIG, _set("sample_size", 17), "resolution (sample_size) 17 does not fit 2 levels"),
+    "ema-text": (EMA_CONFIG, _set("norm_eps", "abc"), "config.json: norm_eps must be a number"),
+    "ema-channels": (EMA_CONFIG, _set("block_out_channels", "abc"), "config.json: block_out_channels must be a list"),
+    "ema-1e400": (EMA_CONFIG, _raw("layers_per_block", "1e400"), "config.json: layers_per_block must be a whole number"),
+    "ema-step": (EMA_CONFIG, _set("optimization_step", "abc"), "config.json: optimization_step must be a whole number"),
+    "ema-positional": (EMA_CONFIG, _set("positional_domains", ["../age_p"]), "positional domain '../age_p' contains a path"),
+    "ema-nested": (EMA_CONFIG, lambda obj: "{\"a\": " * 100_000 + "1" + "}" * 100_000, "config.json nests deeper"),
+    "class-bool-index": ("cancer_type_mapping.json", lambda obj: obj.update({k: bool(i) if i < 2 else i for k, i in obj.items()}),
+                         "cancer_type_mapping.json: the index of class 'Kidney_renal_clear_cell_carcinoma' must be a whole number, got False"),
+    "class-dotdot": ("cancer_type_mapping.json", lambda obj: obj.update({"..": obj.pop("Lung_adenocarcinoma")}),
+                     "cancer_type_mapping.json: class '..' is a relative path component, so it cannot name generated "
+                     "files; rename it in that file (the index, not the name, selects the weights)"),
+    "class-long-name": ("cancer_type_mapping.json", lambda obj: obj.update({"x" * 100_000: obj.pop("Lung_adenocarcinoma")}),
+                        "is 100000 characters long (at most 128)"),
+    "site-dotdot": ("domain_value_mapping.json", lambda obj: obj["tissue_source_site"].update(
+        {"..": obj["tissue_source_site"].pop("05")}), "domain_value_mapping.json: tissue_source_site value '..' is a relative"),
+    "site-slash": ("domain_value_mapping.json", lambda obj: obj["gender"].update({"a/b": obj["gender"].pop("male")}),
+                   "gender value 'a/b' contains a path separator"),
+}
+
+
+@pytest.mark.parametrize("case", list(FILE_VALUES))
+def test_values_read_from_the_run_are_checked_like_options(runs, tmp_path, capsys, case):
+    name, change, expected = FILE_VALUES[case]
+    run = _edit(runs[("concat", False)][0], tmp_path, name, change)
+    out = tmp_path / "o.pt"
+    _fails(["import-medi", str(run), "--out", str(out)], capsys, expected)
+    assert not out.exists() and not list(tmp_path.glob(".medi-tmp-*"))
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--unet-config", "[1,2]"], "--unet-config must be a JSON object, got list"),
+    (["--unet-config", '{"layers_per_block": "abc"}'], "--unet-config: layers_per_block must be a whole number"),
+    (["--unet-config", '{"sample_size": 1e400}'], "--unet-config: sample_size must be a whole number in 1..4096, got inf"),
+    (["--unet-config", '{"bogus": 1}'], "--unet-config: 'bogus' is not a UNet2DModel option"),
+    (["--unet-config", "[" * 100_000], "--unet-config nests deeper"),
+    (["--resolution", "0"], "--resolution must be a whole number in 1..4096, got 0"),
+    (["--resolution", "-16"], "--resolution must be a whole number in 1..4096, got -16"),
+    (["--resolution", "25"], "--resolution): resolution (sample_size) 25 does not fit 2 levels (a multiple of 2 is "
+                             "needed)"),
+    (["--condition", "tss,tss"], "--condition tss,tss names tissue_source_site more than once; give each domain once"),
+    (["--condition", "tss,gender,tissue_source_site"], "names tissue_source_site more than once"),
+])
+def test_options_are_checked_before_anything_is_written(runs, tmp_path, capsys, args, expected):
+    out = tmp_path / "o.pt"
+    _fails(["import-medi", str(runs[("concat", False)][0]), "--out", str(out), *args], capsys, expected)
+    assert not out.exists()
+
+
+def test_duplicate_condition_is_not_suggested_as_the_fix(runs, tmp_path, capsys):
+    _fails(["import-medi", str(runs[("concat", False)][0]), "--out", str(tmp_path / "o.pt"), "--condition", "tss,tss"],
+           capsys, "names tissue_source_site more than once")
+    assert main(["import-medi", str(runs[("concat", False)][0]), "--out", str(tmp_path / "o.pt"),
+                 "--condition", "tss,gender"]) == 0
+
+
+def test_an_existing_out_is_replaced_only_with_overwrite(runs, tmp_path, capsys):
+    run, out = runs[("concat", False)][0], tmp_path / "o.pt"
+    out.write_bytes(b"an earlier result")
+    _fails(["import-medi", str(run), "--out", str(out)], capsys, f"--out {out} already exists; pass --overwrite")
+    assert out.read_bytes() == b"an earlier result"
+    assert main(["import-medi", str(run), "--out", str(out), "--overwrite"]) == 0
+    assert ckpt_io.load(out).spec.names == ["class", "tss", "gender"]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_full_disk_while_saving_gives_one_line_and_leaves_nothing(runs, tmp_path, capsys, monkeypatch, suffix):
+    """ENOSPC on the checkpoint's own file: each write past the first 4 KiB fails as a full disk does."""
+    import builtins
+    import errno
+
+    import safetensors.torch
+
+    real_open, real_save_file = builtins.open, safetensors.torch.save_file
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            if self.written + len(data) > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def full_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return FullDisk(f) if "w" in mode and str(file).endswith(f"-o{suffix}") else f
+
+    def full_save_file(tensors, filename, metadata=None):  # safetensors writes from Rust: its error for ENOSPC
+        from safetensors import SafetensorError
+
+        real_open(filename, "wb").write(b"\0" * 4096)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_save_file)
+    out = tmp_path / f"o{suffix}"
+    _fails(["import-medi", str(runs[("concat", False)][0]), "--out", str(out)], capsys, f"disk full while writing {out}")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failed_write_of_a_real_file_gives_one_line(runs, tmp_path):
+    """A real write error (the file-size limit, EFBIG), not a simulated one: torch's writer reports it as a
+    RuntimeError about positions, which used to end in a traceback."""
+    import os
+    import resource
+    import signal
+    import subprocess
+
+    def limit():  # inherited by the child: writes past 64 KiB fail, without the signal that would kill it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+
+    out = tmp_path / "o.pt"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "medi_fast.cli", "import-medi", str(runs[("concat", False)][0]),
+                        "--out", str(out)], capture_output=True, text=True, preexec_fn=limit, env=env, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"medi-fast: error: cannot write {out}"), r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".medi-tmp-*"))

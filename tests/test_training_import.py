@@ -119,7 +119,13 @@ def test_import_errors(tmp_path, metadata_csv, capsys):
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(weights))
     short = tmp_path / "short.csv"
     pd.read_csv(metadata_csv, dtype=str).iloc[:2].to_csv(short, index=False)
+    climbing = tmp_path / "climbing.csv"
+    table = pd.read_csv(metadata_csv, dtype=str)
+    table["tissue_source_site"] = table["tissue_source_site"].replace("05", "../05")
+    table.to_csv(climbing, index=False)
     cases = [(["--condition", "gender"], "domain embeddings for ['tissue_source_site'] but --condition says"),
+             (["--condition", "tissue_source_site", "--metadata", str(climbing)],
+              f"--metadata {climbing}: tissue_source_site value '../05' contains a path separator"),
              (["--condition", "tissue_source_site", "--metadata", str(short)], "pass the metadata CSV the reference"),
              (["--condition", "tissue_source_site", "--mode", "linear"], "--mode linear but the run is a concat model"),
              ]

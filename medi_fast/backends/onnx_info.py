@@ -24,6 +24,7 @@ from pathlib import Path
 from ..conditioning import ConditionSpec
 from ..errors import MediFastError
 from ..schedule import Schedule
+from ..vocab import UnsafeName
 from . import ModelInfo
 from .contract import IOContract
 
@@ -60,6 +61,9 @@ def parse_metadata(props: dict[str, str], path: Path, kind: str = "onnx") -> Mod
         return ModelInfo(Path(path), kind, spec, schedule, int(props[PREFIX + "resolution"]),
                          props.get(PREFIX + "preset", ""), props[PREFIX + "checkpoint_hash"], provenance,
                          contract=contract, extra=extra)
+    except UnsafeName as e:  # a name that would lead generate's files out of their folder
+        raise MediFastError(f"{path} is corrupt or unsafe: its {e.problem}; re-export it from a trusted checkpoint "
+                            f"rather than use it") from None
     except (KeyError, ValueError, TypeError) as e:
         raise MediFastError(f"{path} has incomplete medi_fast metadata ({e}); re-export it with `medi-fast export`") from None
 

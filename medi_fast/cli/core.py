@@ -224,22 +224,26 @@ def init_checkpoint(preset, classes, tss, meta, age, cls_only, resolution, seed,
     from .. import checkpoint
     from ..model import build_model
     from ..schedule import Schedule
-    from ..vocab import canonical_class
+    from ..vocab import canonical_class, check_name
 
     from ..errors import check_seed
 
     check_seed(seed)
-    values = parse_list(classes) + parse_list(tss or "") + [x for m in meta for x in parse_list(m.partition("=")[2])]
-    for name in values + [m.partition("=")[0] for m in meta]:
-        if any(ch in name for ch in '/\\') or not name.isprintable():  # values name output folders and files
-            raise MediFastError(f"vocabulary value {name!r} cannot name files (no / or \\); use letters, digits, - and _")
+    # names become output folders and files: refused here with the option that gave them
+    for option, text in (("--classes", classes), ("--tss", tss or "")):
+        for name in parse_list(text):
+            check_name(name, f"{option} value")
+    for item in meta:
+        if "=" not in item:
+            raise MediFastError(f"--meta {item!r} must look like NAME=V1,V2")
+        check_name(item.partition("=")[0].strip(), "--meta name", attribute=True)
+        for name in parse_list(item.partition("=")[2]):
+            check_name(name, f"--meta {item.partition('=')[0].strip()} value")
     metadata = {}
     if not cls_only:
         if tss:
             metadata["tss"] = parse_list(tss)
         for item in meta:
-            if "=" not in item:
-                raise MediFastError(f"--meta {item!r} must look like NAME=V1,V2")
             k, v = item.split("=", 1)
             metadata[k.strip()] = parse_list(v)
         if age:

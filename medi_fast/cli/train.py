@@ -6,13 +6,11 @@ dashes), so the CLI and the config file can never drift apart.
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from pathlib import Path
 
 import click
 
-from ..errors import MediFastError
 
 HELP = {
     "data": "Training data: an index (parquet) or a pack built with `medi-fast data`.",
@@ -121,21 +119,18 @@ def train(config_file, **options):
               help="UNet2DModel config as JSON (a file or a string) overriding what is read or inferred.")
 @click.option("--null", "null_fill", type=click.Choice(["mean", "zeros"]), default="mean", show_default=True,
               help="How to fill our extra null-id row of each table (the reference has none).")
-def import_medi(source, out, ema, weights, condition, metadata, mode, class_column, resolution, unet_config, null_fill):
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (it is replaced whole, or not at all).")
+def import_medi(source, out, ema, weights, condition, metadata, mode, class_column, resolution, unet_config, null_fill,
+                overwrite):
     """Convert a reference MeDi run (RUN/, RUN/checkpoint-N/ or a weights file) into a medi-fast checkpoint."""
     from ..training.import_medi import import_run
+    from ..training.medi_run import unet_config_option
     from ..vocab import parse_list
 
-    cfg = None
-    if unet_config:
-        text = Path(unet_config).read_text() if Path(unet_config).is_file() else unet_config
-        try:
-            cfg = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MediFastError(f"--unet-config is not valid JSON ({e}); pass a JSON object or a file") from None
-    ck = import_run(source, out=out, ema=ema, weights=weights,
+    ck = import_run(source, out=out, overwrite=overwrite, ema=ema, weights=weights,
                     condition=parse_list(condition) if condition is not None else None, metadata_csv=metadata,
-                    mode=mode, class_column=class_column, resolution=resolution, unet_config=cfg, null_fill=null_fill)
+                    mode=mode, class_column=class_column, resolution=resolution,
+                    unet_config=unet_config_option(unet_config) if unet_config else None, null_fill=null_fill)
     src = ck.provenance["imported_from"]
     for note in src["notes"]:
         click.echo(f"note: {note}", err=True)
