@@ -339,6 +339,11 @@ def plan_cmd(strategy, model, sites_from, classes, n, n_per_combo, k, seed, out)
     if strategy != "ood" and _given("seed"):
         raise MediFastError(f"--seed only changes an ood plan's site draw; a {strategy} plan file does not depend "
                             f"on it (generate's --seed seeds the images); drop it")
+    from ..defaults import check_config_output
+    from ..io import check_output_file
+
+    check_config_output("out", out)
+    check_output_file(out, "--out")
     info = backends.open_model(_model_choice(None, model).path)
     p = plans.build(info.spec, plan=strategy, n=n, seed=seed, sites_from=sites_from, classes=parse_list(classes or ""),
                     n_per_combo=n_per_combo, k=k)
