@@ -86,6 +86,9 @@ def from_counts(spec: ConditionSpec, combos: pd.DataFrame, seed: int) -> Plan:
     missing = [n for n in spec.names if n not in combos.columns]
     if "class" in missing:
         raise MediFastError("the plan has no 'class' column; give one class per row")
+    if combos["class"].map(lambda v: v is None or (isinstance(v, float) and math.isnan(v)) or v == "").any():
+        raise MediFastError("a row of the plan has no class; give one class per row (metadata may be empty: "
+                            "'unknown')")
     try:
         counts = np.array([int(c) for c in combos["count"]], dtype=np.int64)
     except (TypeError, ValueError, OverflowError):

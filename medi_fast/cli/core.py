@@ -176,6 +176,8 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
     denoiser = backends.create(backend, info, **opts)
     generator = Generator(info, denoiser, cfg, sinks=sinks, progress=not quiet)
     generator.check(len(the_plan.shard(*shard_)) if shard_[1] > 1 else len(the_plan))  # before any output
+    if out is not None:
+        generator.check_run_dir(out, the_plan, shard_)
     used = info.path if info.path == choice.path else f"{info.path} of {choice.path}"
     click.echo(f"model {used} (from {choice.source}), hash {info.model_hash}, backend {denoiser.name}", err=True)
     if out is not None:
