@@ -30,6 +30,9 @@ SEED_BITS = 63
 
 def derive_seeds(base_seed: int, indices) -> np.ndarray:
     """splitmix64(base_seed, index) -> 63-bit per-sample seeds (a pure function of both)."""
+    from .errors import check_seed
+
+    check_seed(base_seed, bits=SEED_BITS)  # every caller (plan strategies, the Python API) passes here
     idx = np.asarray(indices, dtype=np.uint64)
     with np.errstate(over="ignore"):
         z = (np.uint64(int(base_seed) & _MASK64) * np.uint64(0x9E3779B97F4A7C15)) ^ (idx + np.uint64(0x632BE59BD9B4E019))
@@ -303,7 +306,7 @@ def build(spec: ConditionSpec, *, plan: str | None = None, values: Mapping[str, 
     """
     from .errors import check_seed
 
-    check_seed(seed, bits=SEED_BITS)
+    check_seed(seed, bits=SEED_BITS)  # before any file is read (derive_seeds checks it again)
     values = dict(values or {})
     if k is not None and plan != "ood":
         raise MediFastError("--k applies to --plan ood only; drop it or add --plan ood")

@@ -119,6 +119,8 @@ LEGIT: dict[tuple[str, str], set[str]] = {
     ("train", "warmup"): {"zero", "huge"},  # >= 1: a number of steps
     ("generate", "batch_size"): {"huge", "enormous"},  # capped by the plan: --n 2 makes batches of 2
     ("generate", "classes"): {"empty-string"}, ("plan", "classes"): {"empty-string"},  # empty: the model's
+    ("generate", "shard"): {"empty-string"},  # empty: the whole plan, as without --shard
+    ("generate", "guidance"): {"huge"},  # no upper bound, as in diffusers: a large scale saturates the images
     ("train", "grid_every"): {"zero", "huge", "enormous"},
     ("export", "parity_steps"): {"zero"}, ("export", "optimization_level"): {"zero"},
     # free-form labels: any text names a site, a class list is checked against the model

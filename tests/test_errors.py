@@ -234,6 +234,10 @@ def test_largest_seed_is_taken_and_differs_from_zero(tiny_ckpt):
     assert top != build(spec, values={"class": "LUAD"}, n=3, seed=0).rows["seed"].tolist()
     with pytest.raises(MediFastError, match=r"--seed must be in 0\.\.9223372036854775807"):
         build(spec, values={"class": "LUAD"}, n=3, seed=2**63)
+    from medi_fast.plan import single
+
+    with pytest.raises(MediFastError, match=r"--seed must be in 0\.\."):  # the Python API's path
+        single(spec, {"class": "LUAD"}, 3, seed=2**64)
 
 
 @pytest.mark.parametrize("argv, match", [
