@@ -350,6 +350,9 @@ def test_toml_output_never_replaces_an_existing_file(tiny_ckpt, capsys):
     # named on the command line, the same file is replaced: the user asked for it
     assert main(["plan", "fill-missing", "--model", str(tiny_ckpt), "--sites-from", "sites.csv", "--out", "p.csv"]) == 0
     assert Path("p.csv").read_text().startswith("class,tss,count")
+    Path("medi-fast.toml").write_text('[shortcut]\nout-csv = "p.csv"\n')  # any command's output file
+    assert "p.csv exists and is named by medi-fast.toml ([shortcut] out-csv)" in _fails(
+        ["shortcut", "--embeddings", "e.parquet"], capsys)
 
 
 def test_closed_stdout_exits_quietly(tiny_ckpt):

@@ -18,13 +18,16 @@ def _write_csv(df, path: Path | None) -> None:
         atomic_write_text(path, df.to_csv(index=False))
 
 
-def _check_outputs(*options) -> None:
-    """Refuse every unwritable output path (``(option, path)``; None: not asked for) before any work."""
+def _check_outputs(*options, suffixes: tuple[str, ...] = ()) -> None:
+    """Refuse every unwritable output path (``(option, path)``; None: not asked for) before any work,
+    and one that medi-fast.toml names when it exists already."""
+    from ..defaults import check_config_output
     from ..io import check_output_file
 
     for option, path in options:
         if path is not None:
-            check_output_file(path, option)
+            check_config_output(option.lstrip("-").replace("-", "_"), path)
+            check_output_file(path, option, suffixes)
 
 
 def _named_sets(values) -> dict[str, Path]:
@@ -61,6 +64,7 @@ def fid(real, fake, per, features, inception_weights, batch_size, resolution, de
     from ..eval.fid import compute_fid
 
     _check_outputs(("--out-csv", out_csv))
+    _check_outputs(("--save-real-stats", save_real_stats), ("--save-fake-stats", save_fake_stats), suffixes=(".npz",))
     per = None if per.lower() == "none" else per
     table = compute_fid(real, fake, per=per, features=features, weights=inception_weights, device=device,
                         batch_size=batch_size, resolution=resolution, save_real_stats=save_real_stats,
@@ -91,9 +95,8 @@ def fid(real, fake, per, features, inception_weights, batch_size, resolution, de
 def embed(images, out, extractor, weights, encoder, random_init, image_size, batch_size, resolution, device, quiet):
     """Embed images (UNI by default) into ONE file with their metadata columns."""
     from ..eval.uni import embed_images
-    from ..io import check_output_file
 
-    check_output_file(out, "--out", (".parquet", ".npz"))
+    _check_outputs(("--out", out), suffixes=(".parquet", ".npz"))
     if (encoder or image_size != 224) and extractor != "uni":
         raise MediFastError(f"--encoder/--image-size apply to --extractor uni only (got --extractor {extractor}); "
                             f"drop them: {extractor} uses its model card's architecture and size")
