@@ -72,9 +72,10 @@ def project_config(cwd=None) -> dict:
 def command_defaults(commands: dict, cwd=None, all_commands=()) -> dict:
     """click ``default_map`` from the tables of ``medi-fast.toml``.
 
-    ``commands``: {command name: list of its option names (python form)}.  Keys use the option's
-    spelling (``batch-size``); unknown tables and keys fail with the closest valid name (among
-    ``all_commands`` for tables).
+    ``commands``: {command name: list of its click parameters (or only their python names)}.  Keys use
+    the option's spelling (``batch-size``); unknown tables and keys fail with the closest valid name
+    (among ``all_commands`` for tables); given parameters, values are checked by their type
+    (:func:`check_config_value`).
     """
     config = project_config(cwd)
     out: dict[str, dict] = {}

@@ -116,7 +116,7 @@ def check_output_file(path, option: str, suffixes: tuple[str, ...] = ()) -> Path
         raise MediFastError(f"{option} {path} is a directory; give a file name")
     if suffixes and path.suffix not in suffixes:
         raise MediFastError(f"{option} {path} must end in {' or '.join(suffixes)}")
-    check_writable_dir(path.parent if str(path.parent) else ".", option)
+    check_writable_dir(path.parent, option)
     return path
 
 
@@ -148,6 +148,10 @@ def claim_output_dir(path, *, overwrite: bool, marker: str, names, command: str,
     check_writable_dir(full.parent, option)
     if full.parent.is_dir():
         for stale in full.parent.glob(f"{TMP_MARK}*-{full.name}"):
-            if len(stale.name) == len(TMP_MARK) + 9 + len(full.name):  # tmp_name's 8 hex digits and '-'
-                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else _unlink(stale)
+            if len(stale.name) != len(TMP_MARK) + 9 + len(full.name):  # tmp_name's 8 hex digits and '-'
+                continue
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                _unlink(stale)
     return path

@@ -393,9 +393,8 @@ def render_dataset(config: SynthConfig, out_dir, *, overwrite: bool = False, bat
     """
     import pandas as pd
 
-    from .atomic import atomic_dir
-
     from ..io import claim_output_dir
+    from .atomic import atomic_dir
 
     out_dir = Path(out_dir)
     folders = {TCGA_PROJECTS.get(c, c) for c in CLASSES}
