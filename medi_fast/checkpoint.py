@@ -164,6 +164,39 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:120] if lines else type(e).__name__
 
 
+# Pickle instructions that import or call a Python object: a file that uses them is not plain data.
+_CODE_OPS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "REDUCE", "EXT1", "EXT2", "EXT4"}
+
+
+def builds_objects(path) -> bool:
+    """Whether ``path`` holds a well-formed pickle (a raw one, torch's legacy format of several in a
+    row, or the ``data.pkl`` of torch's zip format) that imports or calls Python objects.  The stream
+    is only disassembled (``pickletools``), never run; a pickle that does not parse to its end does
+    not count, so a corrupt file is not called unsafe."""
+    import io
+    import pickletools
+    import zipfile
+
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return False
+    stream, found = io.BytesIO(data), False
+    while stream.tell() < len(data):
+        try:
+            ops = {op.name for op, _, _ in pickletools.genops(stream)}
+        except Exception:  # noqa: BLE001 - garbage raises whatever the disassembler trips on
+            break
+        found |= bool(ops & _CODE_OPS)
+    return found
+
+
 def _read(path: Path) -> tuple[dict, dict, dict | None]:
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
@@ -190,10 +223,15 @@ def _read(path: Path) -> tuple[dict, dict, dict | None]:
             warnings.simplefilter("ignore")
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "global" in str(e).lower():  # a class or function reference: loading it would run code
-            raise MediFastError(f"refusing {path}: it needs arbitrary unpickling, which can run code; "
-                                f"only medi-fast checkpoints (plain dicts of tensors) are loaded") from None
-        raise MediFastError(f"checkpoint {path} is truncated or corrupt ({_first_line(e)}); re-copy it") from None
+        # torch's safe unpickler refuses a pickle that imports or calls Python objects (loading it would
+        # run code) and garbage alike; only the first is "unsafe" rather than "corrupt".
+        if "global" in str(e).lower() or builds_objects(path):
+            raise MediFastError(f"refusing {path}: it is not a plain-data checkpoint (it holds pickled objects, "
+                                f"and loading them could run code), so it will not be loaded; give a medi-fast "
+                                f"checkpoint (plain dicts of tensors) or convert reference weights with "
+                                f"`medi-fast import-medi`") from None
+        why = "not a pickle torch reads" if "weights only load failed" in str(e).lower() else _first_line(e)
+        raise MediFastError(f"checkpoint {path} is truncated or corrupt ({why}); re-copy it") from None
     except (RuntimeError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
         # torch.load on garbage raises any of these, some with an empty message.
         raise MediFastError(f"checkpoint {path} is truncated or corrupt ({_first_line(e)}); re-copy it") from None

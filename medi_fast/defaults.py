@@ -69,9 +69,10 @@ def project_config(cwd=None) -> dict:
 def command_defaults(commands: dict, cwd=None, all_commands=()) -> dict:
     """click ``default_map`` from the tables of ``medi-fast.toml``.
 
-    ``commands``: {command name: list of its option names (python form)}.  Keys use the option's
-    spelling (``batch-size``); unknown tables and keys fail with the closest valid name (among
-    ``all_commands`` for tables).
+    ``commands``: {command name: list of its click parameters (or only their python names)}.  Keys use
+    the option's spelling (``batch-size``); unknown tables and keys fail with the closest valid name
+    (among ``all_commands`` for tables); given parameters, values are checked by their type
+    (:func:`check_config_value`).
     """
     config = project_config(cwd)
     out: dict[str, dict] = {}
@@ -83,15 +84,61 @@ def command_defaults(commands: dict, cwd=None, all_commands=()) -> dict:
         if table not in commands or not isinstance(values, dict):
             raise MediFastError(f"{CONFIG_FILE}: unknown table or key {table!r}{suggest(table, [*commands, *all_commands, 'model'])}; "
                                 f"use model = \"PATH\" and [command] tables such as [generate]")
-        names = commands[table]
-        for key in values:
+        params = {getattr(p, "name", p): p for p in commands[table]}
+        names = list(params)
+        for key, value in values.items():
             name = key.replace("-", "_")
             if name not in names or name == "model":
                 valid = [n.replace("_", "-") for n in names if n != "model"]
                 raise MediFastError(f"{CONFIG_FILE}: [{table}] has no option {key!r}{suggest(key, valid)}"
                                     + ("; set the model at the top level" if name == "model" else ""))
+            if not isinstance(params[name], str):
+                check_config_value(table, key, value, params[name])
         out[table] = {k.replace("-", "_"): v for k, v in values.items()}
     return out
+
+
+def check_config_value(table: str, key: str, value, param) -> None:
+    """Refuse a ``medi-fast.toml`` value that the option ``param`` (a click parameter) would refuse on
+    the command line.  click converts ``default_map`` values itself, but only as far as Python's
+    ``int()``/``float()`` go: a TOML array or table for a one-value option ends in a TypeError, and
+    ``true`` or ``2.5`` for a count would silently become 1 or 2."""
+    import click
+
+    where = f"{CONFIG_FILE}: [{table}] {key} = {value!r}"
+    if getattr(param, "is_flag", False):
+        if not isinstance(value, bool):
+            raise MediFastError(f"{where}: {key} is a flag; write {key} = true or false")
+        return
+    many = getattr(param, "multiple", False) or param.nargs != 1
+    if many and not isinstance(value, list):
+        raise MediFastError(f"{where}: {key} takes several values; write a list, e.g. {key} = [{value!r}]")
+    for v in (value if many else [value]):
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            kind = "a list" if isinstance(v, list) else "a table" if isinstance(v, dict) else type(v).__name__
+            raise MediFastError(f"{where}: {key} takes one {param.type.name} value, not {kind}; fix the entry")
+        if isinstance(param.type, click.types.IntParamType) and isinstance(v, float):
+            raise MediFastError(f"{where}: {key} takes a whole number; fix the entry")
+        try:
+            param.type.convert(v, param, None)
+        except click.BadParameter as e:
+            raise MediFastError(f"{where}: {' '.join(e.message.split()).rstrip('.')}; fix the entry") from None
+
+
+def check_config_output(name: str, path) -> None:
+    """An output file named in ``medi-fast.toml`` (not on the command line) must not exist yet: the
+    entry applies to every run, so it would silently replace the file each time, whoever wrote it.
+    ``name``: the option's parameter name in the running command."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT_MAP:
+        return
+    if path is not None and Path(path).exists():
+        option = name.replace("_", "-")
+        raise MediFastError(f"{path} exists and is named by {CONFIG_FILE} ([{ctx.info_name}] {option}); an output "
+                            f"set there never replaces a file: give it on the command line to replace it, or "
+                            f"remove the file")
 
 
 def record_export(out_dir, cwd=None) -> Path:

@@ -207,20 +207,34 @@ class Generator:
             device = getattr(self.denoiser, "device", "cpu")
             check_batch(min(self.cfg.batch_size, n_images), per_image, device)
 
+    def _run_record(self, plan: Plan, shard: tuple[int, int]) -> dict:
+        return {"model_hash": self.info.model_hash, "plan_digest": plan.digest(), "shards": shard[1],
+                "config": {k: v for k, v in asdict(self.cfg).items() if k not in ("batch_size", "workers")}}
+
+    def check_run_dir(self, out, plan: Plan, shard: tuple[int, int] = (0, 1)) -> None:
+        """Refuse an output directory whose ``run.json`` records another run, or cannot be read (its
+        images could not be shown to belong to this run).  Reads only: callers check before printing."""
+        path = Path(out) / "run.json"
+        if not path.exists():
+            return
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+            old = None
+        if not isinstance(old, dict):  # written atomically: only a hand edit or another tool damages it
+            raise MediFastError(f"{path} is not a medi-fast run record, so {out} cannot be resumed; delete {out} "
+                                f"to start over, or choose a new --out")
+        record = self._run_record(plan, shard)
+        if {k: old.get(k) for k in record} != record:
+            diff = [k for k in record if old.get(k) != record[k]]
+            raise MediFastError(f"{out} holds a run made with different {', '.join(diff)}; rerun the original "
+                                f"command to resume it, or choose a new --out")
+
     def _check_run_dir(self, out: Path, plan: Plan, shard: tuple[int, int]) -> None:
-        record = {"model_hash": self.info.model_hash, "plan_digest": plan.digest(), "shards": shard[1],
-                  "config": {k: v for k, v in asdict(self.cfg).items() if k not in ("batch_size", "workers")}}
-        path = out / "run.json"
-        if path.exists():
-            try:
-                old = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                old = None
-            if old is not None and {k: old.get(k) for k in record} != record:
-                diff = [k for k in record if old.get(k) != record[k]]
-                raise MediFastError(f"{out} holds a run made with different {', '.join(diff)}; rerun the original "
-                                    f"command to resume it, or choose a new --out")
-        atomic_write_text(path, json.dumps({**record, "medi_fast": __version__, "model": str(self.info.path)}, indent=2))
+        self.check_run_dir(out, plan, shard)
+        record = self._run_record(plan, shard)
+        atomic_write_text(out / "run.json",
+                          json.dumps({**record, "medi_fast": __version__, "model": str(self.info.path)}, indent=2))
 
     def run(self, plan: Plan, out=None, shard: tuple[int, int] = (0, 1)) -> dict:
         """Generate ``plan`` (shard ``i`` of ``n``) into ``out`` (None: sinks only).  Returns stats."""

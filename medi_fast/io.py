@@ -173,19 +173,70 @@ def require_file(path, what: str, fix: str = "check the path") -> Path:
     return path
 
 
-def check_writable_dir(path) -> Path:
+def check_writable_dir(path, option: str = "--out") -> Path:
     """Refuse an output directory that could not be created or written, without creating it (a
-    refused command leaves nothing behind)."""
+    refused command leaves nothing behind).  ``option`` names the option the path came from."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise MediFastError(f"output {path} is a file, not a directory; choose another --out")
+        raise MediFastError(f"output {path} is a file, not a directory; choose another {option}")
     probe = path
     while not probe.exists():
         if probe.parent == probe:
             break
         probe = probe.parent
     if not probe.is_dir():
-        raise MediFastError(f"cannot create {path}: {probe} is a file; choose another --out")
+        raise MediFastError(f"cannot create {path}: {probe} is a file; choose another {option}")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise MediFastError(f"output directory {probe} is not writable; choose another --out or fix its permissions")
+        raise MediFastError(f"output directory {probe} is not writable; choose another {option} or fix its "
+                            f"permissions")
+    return path
+
+
+def check_output_file(path, option: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """Refuse an output file path before any work is done (nothing is created): a directory, a name
+    without one of ``suffixes`` (when given), or a folder that could not be created or written.
+    ``option`` names the option the path came from, so the message says which one to change."""
+    path = Path(path)
+    if path.is_dir():
+        raise MediFastError(f"{option} {path} is a directory; give a file name")
+    if suffixes and path.suffix not in suffixes:
+        raise MediFastError(f"{option} {path} must end in {' or '.join(suffixes)}")
+    check_writable_dir(path.parent, option)
+    return path
+
+
+def claim_output_dir(path, *, overwrite: bool, marker: str, names, command: str, option: str = "--out") -> Path:
+    """Check an output directory that a command builds whole and renames into place, before any work.
+
+    It must be new or empty; with ``overwrite`` it may also be an earlier output of the same command:
+    it holds ``marker`` and nothing but ``names`` (``names(entry_name) -> bool``), so replacing it
+    never deletes a file of the user.  The current directory and its parents are refused (replacing
+    them would pull the directory out from under the shell).  Temporaries that an interrupted run of
+    the same output left beside it (:func:`tmp_name`) are removed."""
+    import shutil
+
+    path = Path(path)
+    full = Path(os.path.abspath(path))
+    real, cwd = Path(os.path.realpath(path)), Path(os.path.realpath(Path.cwd()))
+    if real == cwd or real in cwd.parents:
+        raise MediFastError(f"{option} {path} is the current directory or one of its parents; give a new folder")
+    if full.exists() and not full.is_dir():
+        raise MediFastError(f"{option} {path} is a file, not a directory; choose another {option}")
+    present = sorted(p.name for p in full.iterdir()) if full.is_dir() else []
+    if present and not overwrite:
+        raise MediFastError(f"{path} already exists and is not empty; pass --overwrite or choose another {option}")
+    foreign = [n for n in present if not names(n)]
+    if present and (marker not in present or foreign):
+        what = ", ".join(foreign[:3]) if marker in present else f"no {marker}"
+        raise MediFastError(f"{path} is not an earlier `{command}` output ({what}); --overwrite replaces only "
+                            f"that; choose another {option}")
+    check_writable_dir(full.parent, option)
+    if full.parent.is_dir():
+        for stale in full.parent.glob(f"{TMP_MARK}*-{full.name}"):
+            if len(stale.name) != len(TMP_MARK) + 9 + len(full.name):  # tmp_name's 8 hex digits and '-'
+                continue
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                _unlink(stale)
     return path

@@ -24,10 +24,15 @@ COUNT_COLUMNS = ("count", "n")
 STRATEGIES = ("match-train", "fill-missing", "ood")
 
 _MASK64 = (1 << 64) - 1
+# Base seeds are 0 .. 2**63-1: derive_seeds would fold larger or negative ones onto these (2**64 is 0).
+SEED_BITS = 63
 
 
 def derive_seeds(base_seed: int, indices) -> np.ndarray:
     """splitmix64(base_seed, index) -> 63-bit per-sample seeds (a pure function of both)."""
+    from .errors import check_seed
+
+    check_seed(base_seed, bits=SEED_BITS)  # every caller (plan strategies, the Python API) passes here
     idx = np.asarray(indices, dtype=np.uint64)
     with np.errstate(over="ignore"):
         z = (np.uint64(int(base_seed) & _MASK64) * np.uint64(0x9E3779B97F4A7C15)) ^ (idx + np.uint64(0x632BE59BD9B4E019))
@@ -84,6 +89,9 @@ def from_counts(spec: ConditionSpec, combos: pd.DataFrame, seed: int) -> Plan:
     missing = [n for n in spec.names if n not in combos.columns]
     if "class" in missing:
         raise MediFastError("the plan has no 'class' column; give one class per row")
+    if combos["class"].map(lambda v: v is None or (isinstance(v, float) and math.isnan(v)) or v == "").any():
+        raise MediFastError("a row of the plan has no class; give one class per row (metadata may be empty: "
+                            "'unknown')")
     try:
         counts = np.array([int(c) for c in combos["count"]], dtype=np.int64)
     except (TypeError, ValueError, OverflowError):
@@ -141,6 +149,9 @@ def read_combinations(path, spec: ConditionSpec) -> pd.DataFrame:
         df["count"] = df[count_col].astype(int)
     except ValueError:
         raise MediFastError(f"plan file {path}: column {count_col!r} must hold whole numbers") from None
+    except OverflowError:
+        raise MediFastError(f"plan file {path}: a count in column {count_col!r} is too large (at most 2**63-1, "
+                            f"and the plan must fit in memory); give smaller counts") from None
     extra = [c for c in df.columns if c not in spec.names and c not in COUNT_COLUMNS]
     if extra:
         raise MediFastError(f"plan file {path} has columns {extra} the model is not conditioned on; "
@@ -275,6 +286,16 @@ def ood(spec: ConditionSpec, classes: Sequence[str], sites_from, k: int, n_per_c
     return from_counts(spec, grid, seed)
 
 
+def unique_classes(spec: ConditionSpec, classes: Sequence[str]) -> list[str]:
+    """``--classes`` in the model's spelling; a class named twice (also as ``LUAD`` and ``TCGA-LUAD``)
+    is refused rather than given twice its combinations."""
+    names = _canonical(spec, "class", list(classes))
+    twice = [c for i, c in enumerate(names) if c in names[:i]]
+    if twice:
+        raise MediFastError(f"--classes names {twice[0]!r} twice; give each class once")
+    return names
+
+
 def build(spec: ConditionSpec, *, plan: str | None = None, values: Mapping[str, object] | None = None,
           n: int | None = None, seed: int = 0, sites_from=None, classes: Sequence[str] = (),
           n_per_combo: int | None = None, k: int | None = None) -> Plan:
@@ -283,6 +304,9 @@ def build(spec: ConditionSpec, *, plan: str | None = None, values: Mapping[str, 
     ``plan``: None (one combination: ``values`` with at least ``class``), a strategy name from
     :data:`STRATEGIES`, or the path of a plan CSV.
     """
+    from .errors import check_seed
+
+    check_seed(seed, bits=SEED_BITS)  # before any file is read (derive_seeds checks it again)
     values = dict(values or {})
     if k is not None and plan != "ood":
         raise MediFastError("--k applies to --plan ood only; drop it or add --plan ood")
@@ -306,10 +330,11 @@ def build(spec: ConditionSpec, *, plan: str | None = None, values: Mapping[str, 
         raise MediFastError(f"--plan {plan} needs --sites-from {what}")
     if plan == "match-train":
         return match_train(spec, sites_from, n, seed)
+    per_combo = n_per_combo if n_per_combo is not None else (n or 1)
     if plan == "fill-missing":
-        return fill_missing(spec, list(classes), sites_from, n_per_combo or n or 1, seed)
+        return fill_missing(spec, unique_classes(spec, classes), sites_from, per_combo, seed)
     if plan == "ood":
-        return ood(spec, list(classes), sites_from, k, n_per_combo or n or 1, seed)
+        return ood(spec, unique_classes(spec, classes), sites_from, k, per_combo, seed)
     if n is not None:
         raise MediFastError("--n does not apply to a plan CSV (its count column says how many)")
     return from_csv(spec, plan, seed)

@@ -47,7 +47,7 @@ def test_bad_checkpoints(capsys, tiny_ckpt, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     _fails(capsys, ["generate", tmp_path / "junk.pt", "--class", "LUAD", "--out", tmp_path / "o"], "corrupt")
     torch.save({"m": torch.nn.Linear(1, 1)}, tmp_path / "evil.pt")
-    _fails(capsys, ["info", tmp_path / "evil.pt"], "arbitrary unpickling")
+    _fails(capsys, ["info", tmp_path / "evil.pt"], "is not a plain-data checkpoint")
     assert not (tmp_path / "o").exists()
 
 

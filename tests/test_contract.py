@@ -98,11 +98,11 @@ NUMBERS = {"zero": "0", "negative": "-1", "huge": str(10**12), "enormous": str(1
 NAMES = {"unknown": "nonexistent-xyz", "empty-string": "", "garbage": "%%,//,=="}
 
 # (command, parameter) -> kinds of value that are valid input there (documented meaning, not a hole).
-_SEEDS = {"zero", "negative", "huge", "enormous"}
+_SEEDS = {"zero", "huge"}
 LEGIT: dict[tuple[str, str], set[str]] = {
-    # generate derives per-image seeds from any integer (mod 2**64); a split's shuffle takes any integer
+    # generate's per-image seeds, a split's shuffle and the probe's draws take 0 .. 2**63-1
     ("generate", "seed"): _SEEDS, ("data split", "seed"): _SEEDS, ("probe", "seed"): _SEEDS,
-    ("shortcut", "seed"): _SEEDS,
+    ("shortcut", "seed"): {"zero"},  # scikit-learn's random_state: 0 .. 2**32-1
     # numpy- and torch-seeded commands take 0 .. 2**32-1
     ("init-checkpoint", "seed"): {"zero"}, ("data synth", "seed"): {"zero"}, ("data synth", "appearance_seed"): {"zero"},
     ("train", "seed"): {"zero"}, ("demo", "seed"): {"zero"},
@@ -119,6 +119,8 @@ LEGIT: dict[tuple[str, str], set[str]] = {
     ("train", "warmup"): {"zero", "huge"},  # >= 1: a number of steps
     ("generate", "batch_size"): {"huge", "enormous"},  # capped by the plan: --n 2 makes batches of 2
     ("generate", "classes"): {"empty-string"}, ("plan", "classes"): {"empty-string"},  # empty: the model's
+    ("generate", "shard"): {"empty-string"},  # empty: the whole plan, as without --shard
+    ("generate", "guidance"): {"huge"},  # no upper bound, as in diffusers: a large scale saturates the images
     ("train", "grid_every"): {"zero", "huge", "enormous"},
     ("export", "parity_steps"): {"zero"}, ("export", "optimization_level"): {"zero"},
     # free-form labels: any text names a site, a class list is checked against the model
@@ -321,12 +323,13 @@ def test_bad_input_one_line_exit_2(path, fx, capsys):
     drive()
 
 
-def build_argv(path, picks, suffix, fx) -> list[str]:
+def build_argv(path, picks, suffix, fx, skip=frozenset()) -> list[str]:
+    """``skip``: parameters left off the command line (a medi-fast.toml entry gives them)."""
     work = Path(tempfile.mkdtemp(dir=Path.cwd()))
     cmd = command_of(path)
     chosen = {p.name: bad_value(p, fam, suffix, fx, work) for p, fam in picks}
     for p in cmd.params:
-        if p.required and p.name not in chosen:
+        if p.required and p.name not in chosen and p.name not in skip:
             v = valid_value(path, p, fx, work)
             chosen[p.name] = v if v is not None else bad_value(p, FAMILIES[kind_of(p)][0], suffix, fx, work)
     for name, value in CHEAP.get(path, {}).items():
@@ -335,6 +338,7 @@ def build_argv(path, picks, suffix, fx) -> list[str]:
         chosen["out"] = str(work / "result")  # outputs of an accepted run land in the watched folder
     if path == ("generate",) and "class_" not in chosen and "plan" not in chosen:
         chosen["class_"] = "LUAD"
+    chosen = {k: v for k, v in chosen.items() if k not in skip}
     argv = list(path)
     for p in cmd.params:
         if p.name not in chosen:
@@ -344,3 +348,168 @@ def build_argv(path, picks, suffix, fx) -> list[str]:
         else:
             argv += [p.opts[0], chosen[p.name]]
     return argv
+
+
+# --- Values read from files are inputs too: medi-fast.toml entries, plan CSVs, run directories' JSON.
+
+# Values only a TOML entry can carry; each is wrong for every option (a flag takes true/false only).
+TOML_ONLY = {"list": "[1, 2]", "table": "{ a = 1 }", "bool": "true", "fraction": "2.5", "word": '"yes"'}
+
+
+def toml_families(p: click.Parameter) -> list[str]:
+    kind = kind_of(p)
+    if kind == "flag":
+        return ["list", "table", "word"]
+    own = ["list", "table", "bool"] + (["fraction"] if kind == "int" else [])
+    if getattr(p, "multiple", False):
+        own.remove("list")  # a list is what a repeatable option takes
+    return FAMILIES[kind] + own
+
+
+def toml_candidates(path: tuple[str, ...]) -> list[tuple[click.Parameter, str]]:
+    """(option, family) pairs that are invalid as ``[command] option = VALUE`` in medi-fast.toml."""
+    cmd = command_of(path)
+    out = []
+    for p in cmd.params:
+        if not isinstance(p, click.Option) or p.name in (None, "help") or getattr(p, "hidden", False):
+            continue
+        legit = LEGIT.get((" ".join(path), p.name), set())
+        out += [(p, f) for f in toml_families(p) if f not in legit]
+    return out
+
+
+def toml_literal(p: click.Parameter, family: str, suffix: str, fx: Fixtures, work: Path) -> str:
+    import json
+
+    if family in TOML_ONLY:
+        return TOML_ONLY[family]
+    text = bad_value(p, family, suffix, fx, work)
+    if kind_of(p) == "int":
+        return text if abs(int(text)) < 2**63 else f"{float(text):e}"  # TOML integers are 64-bit
+    if kind_of(p) == "float":
+        return {"nan": "nan", "inf": "inf"}.get(text, repr(float(text)))
+    value = json.dumps(text)  # a TOML basic string
+    return f"[{value}]" if getattr(p, "multiple", False) else value
+
+
+# Top-level commands only: medi-fast.toml has one table per command (`[generate]`), none for subcommands.
+TOML_PATHS = [p for p in PATHS if len(p) == 1 and toml_candidates(p)]
+
+
+@pytest.mark.parametrize("path", TOML_PATHS, ids=[" ".join(p) for p in TOML_PATHS])
+def test_bad_toml_value_one_line_exit_2(path, fx, capsys):
+    """The same contract when the bad value is an entry of ./medi-fast.toml instead of an option."""
+    cands = toml_candidates(path)
+
+    @settings(max_examples=max(MAX_EXAMPLES // 2, len(cands) // 6), deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(data=st.data())
+    def drive(data):
+        p, family = data.draw(st.sampled_from(cands), label="bad (option, kind) in medi-fast.toml")
+        suffix = data.draw(st.sampled_from(SUFFIXES), label="suffix")
+        work = Path(tempfile.mkdtemp(dir=Path.cwd()))
+        config = Path.cwd() / "medi-fast.toml"
+        config.write_text(f"[{path[0]}]\n{p.name.replace('_', '-')} = {toml_literal(p, family, suffix, fx, work)}\n")
+        try:
+            run_contract(build_argv(path, [], suffix, fx, skip={p.name}), capsys, [Path.cwd(), fx.root, fx.ckpt.parent])
+        finally:
+            config.unlink()
+
+    drive()
+
+
+# A plan CSV's rows (generate --plan FILE): every cell a user can get wrong.  The tiny checkpoint takes
+# class (LUAD, LUSC) and tss (05, 44, 49).
+PLAN_CSVS = {
+    "count-negative": "class,tss,count\nLUAD,05,-1\n",
+    "count-zero": "class,tss,count\nLUAD,05,0\nLUSC,44,0\n",
+    "count-fraction": "class,tss,count\nLUAD,05,1.5\n",
+    "count-nan": "class,tss,count\nLUAD,05,nan\n",
+    "count-empty": "class,tss,count\nLUAD,05,\n",
+    "count-word": "class,tss,count\nLUAD,05,many\n",
+    "count-trillion": f"class,tss,count\nLUAD,05,{10**12}\n",
+    "count-past-int64": f"class,tss,count\nLUAD,05,{10**21}\n",
+    "class-unknown": "class,tss,count\nnonexistent-xyz,05,1\n",
+    "class-empty": "class,tss,count\n,05,1\n",
+    "class-path": "class,tss,count\n../../escape,05,1\n",
+    "tss-unknown": "class,tss,count\nLUAD,99,1\n",
+    "tss-path": "class,tss,count\nLUAD,/etc/passwd,1\n",
+    "no-count-column": "class,tss\nLUAD,05\n",
+    "no-class-column": "tss,count\n05,1\n",
+    "extra-column": "class,tss,count,race\nLUAD,05,1,x\n",
+    "header-only": "class,tss,count\n",
+    "ragged": "class,tss,count\nLUAD,05,1,7,8\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLAN_CSVS))
+def test_bad_plan_csv_one_line_exit_2(case, fx, capsys):
+    plan = fx.root / "plans" / f"{case}.csv"
+    plan.parent.mkdir(exist_ok=True)
+    plan.write_text(PLAN_CSVS[case])
+    work = Path(tempfile.mkdtemp(dir=Path.cwd()))
+    run_contract(["generate", str(fx.ckpt), "--plan", str(plan), "--steps", "2", "--out", str(work / "result")],
+                 capsys, [Path.cwd(), fx.root, fx.ckpt.parent])
+
+
+# A run directory's JSON: generate's OUT/run.json (what a resumed run must match) and a training run's
+# config.json (`train --config`, and `train --resume` reads it from OUT).
+JSON_VALUES = {"zero": 0, "negative": -1, "huge": 10**12, "enormous": 10**30, "nan": float("nan"), "inf": float("inf"),
+               "unknown": "nonexistent-xyz", "empty-string": "", "garbage": "%%,//,==", "missing": "/nonexistent/x.pt",
+               "list": [1, 2], "table": {"a": 1}, "bool": True, "null": None}
+
+
+@pytest.mark.parametrize("content", ["[]", "\"x\"", "3", "{\"model_hash\": [1]}", "{truncated", ""],
+                         ids=["list", "string", "number", "field-a-list", "truncated", "empty"])
+def test_bad_generate_run_json_one_line_exit_2(content, fx, capsys):
+    """An output directory whose run.json was damaged: its images cannot be shown to belong to this run."""
+    out = Path(tempfile.mkdtemp(dir=Path.cwd())) / "result"
+    out.mkdir()
+    (out / "run.json").write_text(content)
+    run_contract(["generate", str(fx.ckpt), "--class", "LUAD", "--n", "2", "--steps", "2", "--out", str(out)],
+                 capsys, [Path.cwd(), fx.root, fx.ckpt.parent])
+
+
+def train_config_candidates() -> list[tuple[str, str]]:
+    """(field, family): each field of a training config with the bad values its option gets on the command
+    line (minus LEGIT), and the JSON values no option can take (a list, a table, true, null)."""
+    from dataclasses import fields
+
+    from medi_fast.training.config import TrainConfig
+
+    options = {p.name: p for p in command_of(("train",)).params}
+    out = []
+    for f in fields(TrainConfig):
+        p = options.get(f.name)
+        kind = kind_of(p) if p is not None else "name"
+        own = [x for x in FAMILIES[kind] if x in JSON_VALUES] + ["list", "table"]
+        own += [] if kind == "flag" else ["bool"]
+        own += [] if "None" in str(f.type) else ["null"]
+        legit = LEGIT.get(("train", f.name), set()) | ({"unknown"} if f.name == "out" else set())  # a new run folder
+        out += [(f.name, x) for x in own if x not in legit]
+    return out
+
+
+def test_bad_train_config_json_one_line_exit_2(fx, capsys):
+    """`train --config RUN/config.json` with one field damaged: refused like the same option."""
+    import json
+
+    from medi_fast.training.config import TrainConfig
+
+    cands = train_config_candidates()
+
+    @settings(max_examples=max(MAX_EXAMPLES, len(cands) // 6), deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(pick=st.sampled_from(cands))
+    def drive(pick):
+        name, family = pick
+        work = Path(tempfile.mkdtemp(dir=Path.cwd()))
+        cheap = {k: v for k, v in CHEAP[("train",)].items() if k != "data"}
+        base = TrainConfig.from_dict({"data": str(fx.parquet), "out": str(work / "run"),
+                                      **{k: (int(v) if v.isdigit() else v) for k, v in cheap.items()}}).to_dict()
+        config = fx.root / "configs" / f"{name}-{family}.json"
+        config.parent.mkdir(exist_ok=True)
+        config.write_text(json.dumps({**base, name: JSON_VALUES[family]}))  # NaN as Python's json writes it
+        run_contract(["train", "--config", str(config)], capsys, [Path.cwd(), fx.root, fx.ckpt.parent])
+
+    drive()

@@ -17,6 +17,22 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAMPLING = ("class", "combination", "uniform")
 
 
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _check_type(name: str, annotation: str, value) -> None:
+    """``value`` of field ``name`` against its annotation (``int``, ``float``, ``str | None``...)."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return
+    if any(isinstance(value, _TYPES[k]) and (k == "bool" or not isinstance(value, bool)) for k in kinds if k in _TYPES):
+        return
+    want = " or ".join("null" if k == "None" else {"str": "a string", "int": "a whole number", "float": "a number",
+                                                   "bool": "true or false"}.get(k, k) for k in kinds)
+    raise MediFastError(f"training option {name!r} must be {want}, got {value!r}; fix the config file or give "
+                        f"--{name.replace('_', '-')} on the command line")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # Data: an index or pack from `medi-fast data`, optionally restricted to a split CSV.
@@ -132,6 +148,9 @@ class TrainConfig:
         for key in d:
             if key not in known:
                 raise MediFastError(f"unknown training option {key!r}{suggest(key, known)}; see `medi-fast train --help`")
+        for f in fields(cls):  # a config file's values are checked like the options' (click types those)
+            if f.name in d:
+                _check_type(f.name, str(f.type), d[f.name])
         return cls(**d)
 
     def write(self, path) -> Path:

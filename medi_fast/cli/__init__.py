@@ -3,7 +3,9 @@ it only when it is invoked, so ``medi-fast --help`` stays fast and one broken ex
 the rest.  Every MediFastError ends in one line on stderr and exit code 2, with no traceback."""
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import sys
 
 import click
@@ -64,7 +66,7 @@ def cli(ctx):
     for name in tables:
         command = ctx.command.get_command(ctx, name)
         if command is not None:
-            params[name] = [p.name for p in command.params if p.name]
+            params[name] = [p for p in command.params if p.name]  # parameters: values are checked by type
     ctx.default_map = defaults.command_defaults(params, all_commands=COMMANDS) or None
 
 
@@ -96,6 +98,12 @@ def main(argv=None) -> int:
         if e.exit_code:
             sys.exit(e.exit_code)
         return 0
+    except BrokenPipeError:
+        # The reader of stdout has gone (`medi-fast info | head -1`): stop quietly as other CLI tools
+        # do.  stdout is pointed at /dev/null so that the interpreter's final flush does not fail too.
+        with contextlib.suppress(OSError, ValueError):  # ValueError: a stdout without a descriptor
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, the status of a tool that the signal stopped
     except (KeyboardInterrupt, click.exceptions.Abort):
         _fail("medi-fast: interrupted; rerun the same command to resume", 130)
     except click.ClickException as e:

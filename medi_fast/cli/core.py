@@ -176,6 +176,8 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
     denoiser = backends.create(backend, info, **opts)
     generator = Generator(info, denoiser, cfg, sinks=sinks, progress=not quiet)
     generator.check(len(the_plan.shard(*shard_)) if shard_[1] > 1 else len(the_plan))  # before any output
+    if out is not None:
+        generator.check_run_dir(out, the_plan, shard_)
     used = info.path if info.path == choice.path else f"{info.path} of {choice.path}"
     click.echo(f"model {used} (from {choice.source}), hash {info.model_hash}, backend {denoiser.name}", err=True)
     if out is not None:
@@ -343,6 +345,11 @@ def plan_cmd(strategy, model, sites_from, classes, n, n_per_combo, k, seed, out)
     if strategy != "ood" and _given("seed"):
         raise MediFastError(f"--seed only changes an ood plan's site draw; a {strategy} plan file does not depend "
                             f"on it (generate's --seed seeds the images); drop it")
+    from ..defaults import check_config_output
+    from ..io import check_output_file
+
+    check_config_output("out", out)
+    check_output_file(out, "--out")
     info = backends.open_model(_model_choice(None, model).path)
     p = plans.build(info.spec, plan=strategy, n=n, seed=seed, sites_from=sites_from, classes=parse_list(classes or ""),
                     n_per_combo=n_per_combo, k=k)

@@ -21,6 +21,12 @@ def doctor(check, model, json_path, no_training):
     from ..errors import MediFastError
     from ..io import atomic_write_text
 
+    if json_path is not None:
+        from ..defaults import check_config_output
+        from ..io import check_output_file
+
+        check_config_output("json_path", json_path)
+        check_output_file(json_path, "--json")
     if model is not None and not check:
         raise MediFastError("--model is checked by the self-test only; add --check")
     if model is not None:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import MediFastError
+from ..errors import MediFastError, check_seed
 from ..eval.features import EXTRACTORS
 
 _PATH = click.Path(path_type=Path)
@@ -16,6 +16,18 @@ def _write_csv(df, path: Path | None) -> None:
         from ..io import atomic_write_text
 
         atomic_write_text(path, df.to_csv(index=False))
+
+
+def _check_outputs(*options, suffixes: tuple[str, ...] = ()) -> None:
+    """Refuse every unwritable output path (``(option, path)``; None: not asked for) before any work,
+    and one that medi-fast.toml names when it exists already."""
+    from ..defaults import check_config_output
+    from ..io import check_output_file
+
+    for option, path in options:
+        if path is not None:
+            check_config_output(option.lstrip("-").replace("-", "_"), path)
+            check_output_file(path, option, suffixes)
 
 
 def _named_sets(values) -> dict[str, Path]:
@@ -51,6 +63,8 @@ def fid(real, fake, per, features, inception_weights, batch_size, resolution, de
     """FID between real and generated images, per class and averaged (the paper's figure)."""
     from ..eval.fid import compute_fid
 
+    _check_outputs(("--out-csv", out_csv))
+    _check_outputs(("--save-real-stats", save_real_stats), ("--save-fake-stats", save_fake_stats), suffixes=(".npz",))
     per = None if per.lower() == "none" else per
     table = compute_fid(real, fake, per=per, features=features, weights=inception_weights, device=device,
                         batch_size=batch_size, resolution=resolution, save_real_stats=save_real_stats,
@@ -82,6 +96,7 @@ def embed(images, out, extractor, weights, encoder, random_init, image_size, bat
     """Embed images (UNI by default) into ONE file with their metadata columns."""
     from ..eval.embed import embed_images
 
+    _check_outputs(("--out", out), suffixes=(".parquet", ".npz"))
     if (encoder or image_size != 224) and extractor != "uni":
         raise MediFastError(f"--encoder/--image-size apply to --extractor uni only (got --extractor {extractor}); "
                             f"drop them: {extractor} uses its model card's architecture and size")
@@ -113,8 +128,9 @@ def probe(real_train, real_test, synthetic, task, k, ratio, one_site_per_class, 
     from ..eval.probe import ProbeConfig, probe_table
     from ..io import atomic_write_text
 
-    if k < 1 or ratio < 0 or max_runs < 0:
-        raise MediFastError("--k must be >= 1, --ratio >= 0 and --max-runs >= 0")
+    if max_runs < 0:
+        raise MediFastError(f"--max-runs must be >= 0 (0: every site combination), got {max_runs}")
+    _check_outputs(("--out-md", out_md), ("--out-csv", out_csv), ("--runs-csv", runs_csv))
     cfg = ProbeConfig(k=k, ratio=ratio, one_site_per_class=one_site_per_class, max_runs=max_runs or None,
                       seed=seed, C=c)
     summary, runs, md = probe_table(real_train, real_test, _named_sets(synthetic), task, cfg)
@@ -138,6 +154,8 @@ def shortcut(embeddings, synthetic, folds, min_per_site, seed, out_csv):
 
     from ..eval.shortcut import shortcut_report
 
+    check_seed(seed)  # scikit-learn's random_state takes 0 .. 2**32-1
+    _check_outputs(("--out-csv", out_csv))
     pred, mi = shortcut_report(embeddings, _named_sets(synthetic), folds, min_per_site, seed)
     fmt = lambda v: f"{v:.3f}"  # noqa: E731
     click.echo("Site predictability within each class (cross-validated balanced accuracy vs chance):")

@@ -68,7 +68,10 @@ class PatchDataset(Dataset):
 def rows_in_split(table: pd.DataFrame, split_csv) -> np.ndarray:
     """Positions of the rows of ``table`` whose slide is listed in ``split_csv`` (a train.csv/holdout.csv
     written by `medi-fast data split`); refused when the split names none of them."""
-    split = read_csv_str(split_csv)
+    from ..io import require_file
+
+    split = read_csv_str(require_file(split_csv, "--split file", "give a train.csv/holdout.csv written by "
+                                                                 "`medi-fast data split`"))
     if "slide_submitter_id" not in split.columns:
         raise MediFastError(f"{split_csv} has no column 'slide_submitter_id'; pass a train.csv/holdout.csv written "
                             f"by `medi-fast data split`")

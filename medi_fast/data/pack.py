@@ -19,13 +19,14 @@ import numpy as np
 import pandas as pd
 
 from ..errors import MediFastError
-from ..io import atomic_dir
+from ..io import atomic_dir, claim_output_dir
 from .imageio import load_patch
 from .index import read_index
 
 FORMAT = "medi-fast-pack"
 VERSION = 1
 LAYOUT = "NCHW"
+PACK_FILES = ("images.u8", "labels.parquet", "pack.json")  # everything a pack directory holds
 
 
 def pack_index(index, resolution: int, out_dir, *, overwrite: bool = False, workers: int | None = None,
@@ -42,6 +43,8 @@ def pack_index(index, resolution: int, out_dir, *, overwrite: bool = False, work
         raise MediFastError(f"resolution {resolution} is out of range; use 8..2048 (e.g. 128)")
     r = int(resolution)
     n = len(df)
+    claim_output_dir(out_dir, overwrite=overwrite, marker="pack.json", names=PACK_FILES.__contains__,
+                     command="medi-fast data pack")
     paths = df["path"].tolist()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         arr = np.memmap(tmp / "images.u8", dtype=np.uint8, mode="w+", shape=(n, 3, r, r))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import MediFastError
+from ..errors import MediFastError, check_seed
 from .clinical import SPLIT_KEY_MISSING, UNKNOWN, check_columns
 
 STRATEGIES = ("published", "random")
@@ -62,6 +62,7 @@ def split_metadata(df: pd.DataFrame, strategy: str = "published", seed: int = 0,
     if strategy == "published" and (frac != 0.7 or by != "combo"):
         raise MediFastError("the published protocol is fixed (frac 0.7, by combo); use --strategy random to change "
                             "--frac or --by")
+    check_seed(seed, bits=63)  # numpy refuses negative seeds; 63 bits as generate's --seed
     if not 0.0 < frac < 1.0:
         raise MediFastError(f"--frac {frac} must be strictly between 0 and 1 (the train share of keys)")
     check_columns(df, SPLIT_COLUMNS, "metadata")

@@ -102,6 +102,10 @@ class SynthConfig:
         if unknown:
             raise MediFastError(f"synthetic class {unknown[0]!r} is not available; choose from {', '.join(CLASSES)}")
         sites = tuple(str(s).strip().upper() for s in self.sites)
+        for what, names in (("--classes", classes), ("site list", sites)):
+            twice = [v for i, v in enumerate(names) if v in names[:i]]
+            if twice:  # the same combination twice would render it twice under one slide name
+                raise MediFastError(f"{what} names {twice[0]!r} twice; give each once")
         bad = [s for s in sites if len(s) != 2 or not s.isalnum()]
         if bad:
             raise MediFastError(f"site code {bad[0]!r} is not two letters/digits (a TCGA TSS code such as 'S1')")
@@ -389,9 +393,13 @@ def render_dataset(config: SynthConfig, out_dir, *, overwrite: bool = False, bat
     """
     import pandas as pd
 
-    from ..io import atomic_dir
+    from ..io import atomic_dir, claim_output_dir
 
     out_dir = Path(out_dir)
+    folders = {TCGA_PROJECTS.get(c, c) for c in CLASSES}
+    claim_output_dir(out_dir, overwrite=overwrite, marker="synth.json",
+                     names=lambda name: name in folders or name in ("clinical.csv", "synth.json"),
+                     command="medi-fast data synth")
     rows = []
     next_participant: dict[str, int] = {}
     # JPEG encoding and file writes (which release the GIL) overlap with rendering the next batch

@@ -158,6 +158,9 @@ def load_stats(path) -> tuple[dict, str]:
 def fid_table(real: dict, fake: dict) -> pd.DataFrame:
     """Per-group FID for every group in both, plus ``mean`` (the paper's per-class average) and
     ``all`` (every image pooled)."""
+    for side, stats in (("real", real), ("generated", fake)):
+        if ALL not in stats:  # features_to_stats leaves out groups of one image
+            raise MediFastError(f"the {side} set has fewer than 2 images; FID needs at least 2 images per set")
     rows = []
     for g in sorted(set(real) & set(fake) - {ALL}):
         (m1, s1, n1), (m2, s2, n2) = real[g], fake[g]
@@ -273,19 +276,21 @@ def _source_stats(source, labels, ex: _Extractor, per, batch_size, resolution, s
 def _check_sources(sources, saves, ex: _Extractor) -> None:
     """Refuse a missing set, an unreadable one, a missing extractor or an unwritable save path before
     any statistics are computed (and before any progress is printed)."""
-    from ..io import check_writable_dir, require_file
+    from ..io import check_output_file, require_file
     from .images import read_image_table
 
+    for option, save in zip(("--save-real-stats", "--save-fake-stats"), saves):
+        if save is not None:
+            check_output_file(save, option, (".npz",))
     for source in sources:
         if isinstance(source, (str, Path)):
             if Path(source).suffix == ".npz":
                 require_file(source, "statistics file", "give the .npz written by --save-real-stats/--save-fake-stats")
             else:
-                read_image_table(source)
+                n = len(read_image_table(source))
+                if n < 2:  # one image has no covariance
+                    raise MediFastError(f"{source} holds {n} image(s); FID needs at least 2 images per set")
                 ex.get()
-    for save in saves:
-        if save is not None:
-            check_writable_dir(Path(save).parent)
 
 
 def compute_fid(real, fake, *, per: str | None = "class", real_labels=None, fake_labels=None,
@@ -313,7 +318,9 @@ def compute_fid(real, fake, *, per: str | None = "class", real_labels=None, fake
         real_labels = fake_labels = None
     r = _source_stats(real, real_labels, ex, per, batch_size, resolution, save_real_stats, progress)
     f = _source_stats(fake, fake_labels, ex, per, batch_size, resolution, save_fake_stats, progress)
-    return fid_table(r, f) if per else fid_table({ALL: r[ALL]}, {ALL: f[ALL]})
+    if per is None:
+        r, f = ({k: v for k, v in side.items() if k == ALL} for side in (r, f))
+    return fid_table(r, f)
 
 
 def frechet_distance(a, b) -> float:

@@ -41,6 +41,19 @@ class ProbeConfig:
     C: float = 1.0  # sklearn's default inverse L2 strength; the paper does not tune it
     max_iter: int = 2000  # lbfgs converges well within this on 1024-d UNI embeddings
 
+    def __post_init__(self):
+        from ..errors import check_seed
+
+        if int(self.k) < 1:
+            raise MediFastError(f"--k must be >= 1 real patch per class, got {self.k}")
+        if not (math.isfinite(self.ratio) and self.ratio >= 0):
+            raise MediFastError(f"--ratio must be a finite number >= 0 (synthetic:real per class), got {self.ratio}")
+        if self.max_runs is not None and int(self.max_runs) < 1:
+            raise MediFastError(f"--max-runs must be >= 1 (or 0 on the command line: all), got {self.max_runs}")
+        if not (math.isfinite(self.C) and self.C > 0):
+            raise MediFastError(f"--C must be a finite number > 0 (the inverse regularisation strength), got {self.C}")
+        check_seed(self.seed, bits=63)  # numpy refuses negative seeds; 63 bits as generate's --seed
+
 
 def resolve_task(task: str) -> list[str]:
     """``nsclc|rcc|uterine`` or a comma-separated list of classes (at least two)."""
@@ -54,6 +67,9 @@ def resolve_task(task: str) -> list[str]:
             classes.append(canonical_class(c))
         except Exception:
             classes.append(c)
+    twice = [c for i, c in enumerate(classes) if c in classes[:i]]
+    if twice:
+        raise MediFastError(f"--task names {twice[0]!r} twice; give each class once")
     if len(classes) < 2:
         raise MediFastError(f"--task {task!r} names fewer than two classes{suggest(task, TASKS)}; use nsclc, rcc, "
                             f"uterine or CLASS1,CLASS2,...")
@@ -152,6 +168,11 @@ def run_probe(train, test, synthetic: dict, classes, cfg: ProbeConfig = ProbeCon
         for col in ("class", SITE):
             if col not in meta.columns:
                 raise MediFastError(f"{name} embeddings have no {col!r} column; embed an index or manifest that has it")
+    width = tr_x.shape[1:]
+    for name, x in [("real-test", te_x)] + [(f"synthetic ({n})", x) for n, (_, x) in synthetic.items()]:
+        if x.shape[1:] != width or len(width) != 1:
+            raise MediFastError(f"{name} embeddings have shape {tuple(x.shape[1:])} per patch but real-train ones "
+                                f"{tuple(width)}; embed every set with `medi-fast embed` and the same --extractor")
     keep = te_meta["class"].isin(classes).to_numpy()
     if not keep.any():
         raise MediFastError(f"the real test set has none of the classes {', '.join(classes)}; check --task")
