@@ -107,7 +107,8 @@ def save(ckpt: Checkpoint, path) -> Path:
             obj = {**header, "state_dict": ckpt.state_dict}
             if ckpt.ema_state_dict is not None:
                 obj["ema_state_dict"] = ckpt.ema_state_dict
-            torch.save(obj, tmp)
+            with open(tmp, "wb") as f:  # a full disk: OSError here; torch.save(obj, name) raises RuntimeError
+                torch.save(obj, f)
         else:
             from safetensors.torch import save_file
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -128,10 +129,24 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """Options by name, each checked for its type first (a config file may hold anything)."""
+        if not isinstance(d, dict):
+            raise MediFastError(f"training options must be a JSON object of option names and values, not a "
+                                f"{type(d).__name__}; fix the file or pass options directly")
+        hints = typing.get_type_hints(cls)
         known = {f.name for f in fields(cls)}
-        for key in d:
+        for key, value in d.items():
             if key not in known:
                 raise MediFastError(f"unknown training option {key!r}{suggest(key, known)}; see `medi-fast train --help`")
+            kinds = tuple(k for k in typing.get_args(hints[key]) or (hints[key],))
+            ok = any(value is None if k is type(None) else
+                     isinstance(value, bool) if k is bool else
+                     isinstance(value, (int, float)) and not isinstance(value, bool) if k is float else
+                     isinstance(value, k) and not isinstance(value, bool) for k in kinds)
+            if not ok:
+                want = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+                raise MediFastError(f"training option {key!r} must be {want}, got {value!r}; fix the file or pass "
+                                    f"--{key.replace('_', '-')} directly")
         return cls(**d)
 
     def write(self, path) -> Path:
@@ -143,6 +158,8 @@ class TrainConfig:
     @classmethod
     def read(cls, path) -> "TrainConfig":
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise MediFastError(f"cannot read training config {path} ({e}); fix the file or pass options directly") from None
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+            raise MediFastError(f"cannot read training config {path} ({type(e).__name__}: {e}); fix the file or "
+                                f"pass options directly") from None
+        return cls.from_dict(d)
