@@ -385,3 +385,17 @@ def test_interrupt_says_to_resume(monkeypatch, capsys):
         main(["distill", "teacher.pt", "--out", "s.pt"])
     assert e.value.code == 130
     assert capsys.readouterr().err == "medi-fast: interrupted; rerun with --resume to continue\n"
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("cond_drop", "lots", "records a conditioning dropout that is not in [0, 1) ('lots')"),
+    ("cond_drop", 1.5, "records a conditioning dropout that is not in [0, 1) (1.5)"),
+    ("data", 7, "records a data that is not a path (7); pass --data")])
+def test_a_teacher_provenance_is_checked_like_the_options(teacher, tmp_path, capsys, field, value, expected):
+    """The teacher's header supplies the data and the dropout when no option does: checked like them."""
+    ck = ckpt_io.load(teacher)
+    ck.provenance = {**ck.provenance, field: value}
+    bad = ckpt_io.save(ck, tmp_path / "bad.pt")
+    line = _fail(["distill", bad, "--out", tmp_path / "s.pt", *ONE_STAGE, "--device", "cpu", "--quiet"], capsys)
+    assert f"{bad} {expected}" in line
+    assert not (tmp_path / "s.distill").exists() and not (tmp_path / "s.pt").exists()

@@ -186,10 +186,20 @@ def student_loss(out: torch.Tensor, x_target: torch.Tensor, z: torch.Tensor, aba
 
 
 def _teacher_record(ck) -> dict:
+    """The teacher's training data, split and conditioning dropout from its provenance, each checked
+    like the option it stands in for (a checkpoint's header may hold anything)."""
     prov = ck.provenance or {}
     config = prov.get("config") if isinstance(prov.get("config"), dict) else {}
-    return {"data": prov.get("data") or config.get("data"), "split": prov.get("split") or config.get("split"),
-            "cond_drop": float(prov.get("cond_drop", config.get("cond_drop", 0.0)) or 0.0)}
+    record = {"data": prov.get("data") or config.get("data"), "split": prov.get("split") or config.get("split"),
+              "cond_drop": prov.get("cond_drop", config.get("cond_drop", 0.0)) or 0.0}
+    for key in ("data", "split"):
+        if record[key] is not None and not isinstance(record[key], str):
+            raise MediFastError(f"{ck.path} records a {key} that is not a path ({record[key]!r}); pass --{key}")
+    drop = record["cond_drop"]
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop < 1.0:
+        raise MediFastError(f"{ck.path} records a conditioning dropout that is not in [0, 1) ({drop!r}); its "
+                            f"header is damaged: re-create the teacher checkpoint")
+    return {**record, "cond_drop": float(drop)}
 
 
 def _load_teacher(cfg: DistillConfig):
