@@ -9,8 +9,9 @@ With --prediction-type v_prediction the target is v = sqrt(abar_t) eps - sqrt(1 
 records which, and every sampler converts the output accordingly.
 
 AdamW, warm-up + cosine LR, gradient clipping, EMA, optional autocast / channels_last / compile,
-gradient accumulation and DDP.  Randomness that shapes the loss (which rows, t, eps, dropout) is a
-pure function of (seed, rank, step), so a resumed run repeats the uninterrupted run exactly.
+gradient accumulation and DDP; the optimiser step and its resume state are ``step.TrainStep``, shared
+with the distiller.  Randomness that shapes the loss (which rows, t, eps, dropout) is a pure function
+of (seed, rank, step), so a resumed run repeats the uninterrupted run exactly.
 """
 from __future__ import annotations
 
