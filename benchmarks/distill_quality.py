@@ -91,7 +91,8 @@ def main(argv=None) -> int:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
         student = work / f"student-{steps[0]}.pt"
-        resume = student.with_name(student.stem + ".distill").is_dir()
+        # --resume needs a checkpoint to continue from; a run killed before its first one starts afresh
+        resume = any((student.with_name(student.stem + ".distill") / "checkpoints").glob("step-*.state.pt"))
         if not student.exists():
             distill(teacher=args.teacher, steps=steps[0], teacher_steps=args.teacher_steps, out=str(student),
                     split=args.split, iters_per_stage=args.iters_per_stage, batch_size=args.batch_size, lr=args.lr,

@@ -10,8 +10,9 @@ The self-test (``run_checks``), on a small random model (or ``model=FILE``):
   NaN; a DDIM-10 run from the same x_T), then timed on a short DDIM run (images/s).  Backends that
   are not available are listed with the reason.
 - training: a few SGD steps of the same model in each precision the device offers (fp32,
-  channels_last, bf16/fp16 autocast with the loss scaler, torch.compile on CUDA), compared with CPU
-  fp32 on the same batch and seed (first-step loss, parameter change).
+  channels_last, bf16/fp16 autocast with the loss scaler, torch.compile on CUDA), taken by the
+  trainer's own ``training.step.TrainStep``, compared with CPU fp32 on the same batch and seed
+  (first-step loss, parameter change).
 
 Each row has a bound; a row over its bound is ``FAIL`` and ``failures()`` lists it.  This is an
 orchestrator (like the demo): it may import the engines and training code, lazily.
@@ -216,6 +217,7 @@ def _train_steps(device: torch.device, variant: str, steps: int = 3, seed: int =
     from .backends import bf16_native
     from .model import build_model
     from .schedule import Schedule
+    from .training.step import TrainStep
 
     torch.manual_seed(seed)
     model = build_model("tiny-32", classes=["LUAD", "LUSC", "BRCA"], metadata={"tss": ["05", "44"], "age": None})
@@ -230,8 +232,9 @@ def _train_steps(device: torch.device, variant: str, steps: int = 3, seed: int =
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "compiled": torch.bfloat16}.get(variant)
     if variant == "compiled" and not bf16_native(device):
         amp = torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    # the trainer's own step (autocast, loss scaler, optimiser step), without clipping: plain SGD steps
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.05), device_type=device.type, amp=amp,
+                     forward=forward)
     g = torch.Generator().manual_seed(seed + 1)
     x0 = torch.rand(8, 3, 32, 32, generator=g) * 2 - 1
     noise = torch.randn(8, 3, 32, 32, generator=g)
@@ -249,12 +252,10 @@ def _train_steps(device: torch.device, variant: str, steps: int = 3, seed: int =
         cond = {k: v[part] for k, v in cond.items()}
     first = None
     for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = torch.nn.functional.mse_loss(forward(x_t, t, cond).float(), noise)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        step.zero_grad()
+        loss = torch.nn.functional.mse_loss(step.forward(x_t, t, cond).float(), noise)
+        step.backward(loss)
+        step.step()
         first = float(loss.detach()) if first is None else first
     after = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
     return first, after - before

@@ -3,6 +3,7 @@
 export -> generate with its own steps, ort-cpu), and the one-line refusals."""
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -265,3 +266,136 @@ def test_results_section_states_the_fewest_student_steps(tmp_path):
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## Distilled students" in md
     assert "Fewest student steps within 5 % of DDIM-100's distance: 4** (1.03x its distance): 25x fewer UNet calls" in md
+
+
+def _files(root) -> dict:
+    """Every file under root with its size and modification time: what a refused command must not change."""
+    from pathlib import Path
+
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(root).rglob("*") if p.is_file()}
+
+
+ONE_STAGE = ("--steps", "1", "--teacher-steps", "2")
+
+
+def _resume_args(teacher, out, *extra) -> list:
+    """`_distill`'s one-stage run again, with --resume."""
+    return ["distill", teacher, "--out", out, "--batch-size", "2", "--iters-per-stage", "2", "--device", "cpu",
+            "--quiet", *ONE_STAGE, "--resume", *extra]
+
+
+@pytest.fixture
+def finished(teacher, tmp_path):
+    """(teacher copy, student, run directory) of a finished one-stage distillation in tmp_path."""
+    import shutil
+
+    t, out = tmp_path / "teacher.pt", tmp_path / "s.pt"
+    shutil.copy(teacher, t)
+    assert _distill(t, out, *ONE_STAGE) == 0
+    return t, out, tmp_path / "s.distill"
+
+
+def _refused(args, capsys) -> str:
+    """The one error line of a refused `distill` call, after checking that it wrote nothing."""
+    from pathlib import Path
+
+    before = _files(Path.cwd())
+    line = _fail(args, capsys)
+    assert _files(Path.cwd()) == before
+    return line
+
+
+def test_resume_with_nothing_to_resume_is_refused(teacher, tmp_path, capsys):
+    out = tmp_path / "s.pt"
+    line = _fail(_resume_args(teacher, out), capsys)
+    assert "has no complete checkpoint to resume from; drop --resume" in line
+    assert not (tmp_path / "s.distill").exists() and not out.exists()
+
+
+def test_resume_with_other_options_is_refused_naming_them(finished, tmp_path, capsys):
+    import shutil
+
+    t, out, run = finished
+    pack = ckpt_io.load(t).provenance["config"]["data"]
+    shutil.copytree(pack, tmp_path / "pack-copy")
+    for extra, expected in ((("--lr", "0.5"), "--lr 0.0001 (now 0.5)"),
+                            (("--ema-decay", "0.5"), "--ema-decay 0.999 (now 0.5)"),
+                            (("--data", tmp_path / "pack-copy"), f"--data '{pack}' (now '{tmp_path / 'pack-copy'}')")):
+        line = _refused(_resume_args(t, out, *extra), capsys)
+        assert line.startswith(f"medi-fast: error: --resume: {run} was started with {expected}")
+        assert line.endswith("; resume with the original options or choose another --out")
+
+
+@pytest.mark.parametrize("text, expected", [("{not json", "config.json is corrupt (JSONDecodeError)"),
+                                            ("[1, 2]", "config.json holds a JSON list, not a run's options")])
+def test_resume_with_a_corrupt_config_is_refused(finished, capsys, text, expected):
+    t, out, run = finished
+    (run / "config.json").write_text(text)
+    line = _refused(_resume_args(t, out), capsys)
+    assert expected in line
+
+
+def test_resume_with_a_replaced_teacher_is_refused(finished, capsys):
+    t, out, run = finished
+    ck = ckpt_io.load(t)  # another model under the teacher's name
+    ck.state_dict = {k: v + 0.01 if v.is_floating_point() else v for k, v in ck.state_dict.items()}
+    ck.ema_state_dict = {k: v + 0.01 if v.is_floating_point() else v for k, v in ck.ema_state_dict.items()}
+    ckpt_io.save(ck, t)
+    line = _refused(_resume_args(t, out), capsys)
+    assert f"the teacher {t} is not the checkpoint {run} was started from (content hash {ck.hash}" in line
+
+
+def test_full_disk_while_saving_is_one_line_and_leaves_nothing_partial(teacher, tmp_path, capsys, monkeypatch):
+    import errno
+    import io
+
+    real_save = torch.save
+
+    class FullDisk(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_disk(obj, f, *args, **kwargs):
+        """torch.save onto a full disk: given a file name, torch's own writer fails with this RuntimeError;
+        given a file object, its write raises OSError(ENOSPC)."""
+        if isinstance(f, (str, os.PathLike)):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real_save(obj, FullDisk(), *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "s.pt"
+    line = _fail(["distill", teacher, "--out", out, "--steps", "1", "--teacher-steps", "2", "--batch-size", "2",
+                  "--iters-per-stage", "2", "--device", "cpu", "--quiet"], capsys)
+    assert line.startswith("medi-fast: error: disk full while writing ") and "step-00000002.pt" in line
+    assert not out.exists()
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file() and (p.suffix == ".pt" or ".medi-tmp-" in p.name)] == []
+
+
+def test_interrupt_says_to_resume(monkeypatch, capsys):
+    from medi_fast.training import distill as mod
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "distill", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "teacher.pt", "--out", "s.pt"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "medi-fast: interrupted; rerun with --resume to continue\n"
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("cond_drop", "lots", "records a conditioning dropout that is not in [0, 1) ('lots')"),
+    ("cond_drop", 1.5, "records a conditioning dropout that is not in [0, 1) (1.5)"),
+    ("data", 7, "records a data that is not a path (7); pass --data")])
+def test_a_teacher_provenance_is_checked_like_the_options(teacher, tmp_path, capsys, field, value, expected):
+    """The teacher's header supplies the data and the dropout when no option does: checked like them."""
+    ck = ckpt_io.load(teacher)
+    ck.provenance = {**ck.provenance, field: value}
+    bad = ckpt_io.save(ck, tmp_path / "bad.pt")
+    line = _fail(["distill", bad, "--out", tmp_path / "s.pt", *ONE_STAGE, "--device", "cpu", "--quiet"], capsys)
+    assert f"{bad} {expected}" in line
+    assert not (tmp_path / "s.distill").exists() and not (tmp_path / "s.pt").exists()

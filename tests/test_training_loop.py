@@ -200,3 +200,57 @@ def test_compile_and_bf16_follow_the_fp32_eager_run(pack, tmp_path):
     assert np.abs(bf16 - eager).max() > 0  # bf16 really ran in reduced precision
     ck = ckpt_io.load(tmp_path / "compiled" / "checkpoints" / "best.pt")  # no "_orig_mod." prefixes
     ck.build()
+
+
+def _files(root) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def finished_run(pack, tmp_path):
+    out = tmp_path / "r"
+    assert _train(pack[0], out, "--grid-every", "0", "--condition", "class") == 0
+    return out
+
+
+def test_resume_with_other_options_is_refused_naming_them(pack, finished_run, tmp_path, capsys):
+    """`--out DIR --resume` reads DIR/config.json; an option given beside it that changes what the run
+    computes is refused (a new --lr under the restored optimiser state is another run), nothing written."""
+    import shutil
+
+    out = finished_run
+    shutil.copytree(pack[0], tmp_path / "pack-copy")
+    before = _files(tmp_path)
+    for extra, expected in ((("--lr", "0.5"), "--lr 0.001 (now 0.5)"),
+                            (("--ema-decay", "0.5"), "--ema-decay 0.9999 (now 0.5)"),
+                            (("--data", str(tmp_path / "pack-copy")),
+                             f"--data '{pack[0]}' (now '{tmp_path / 'pack-copy'}')")):
+        err = _fail(["train", "--out", str(out), "--resume", "--steps", "6", *extra], capsys)
+        assert err == (f"medi-fast: error: --resume: {out} was started with {expected}; resume with the original "
+                       f"options or choose another --out")
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[]", "training options must be a JSON object of option names and values, not a list"),
+    ('{"lr": "fast"}', "training option 'lr' must be a number, got 'fast'; fix the config file or give --lr on the command line"),
+    ("{not json", "cannot read training config")])
+def test_resume_with_a_corrupt_config_is_refused(finished_run, capsys, text, expected):
+    (finished_run / "config.json").write_text(text)
+    before = _files(finished_run)
+    assert expected in _fail(["train", "--out", str(finished_run), "--resume"], capsys)
+    assert _files(finished_run) == before
+
+
+def test_interrupt_says_to_resume(monkeypatch, capsys):
+    from medi_fast.training import loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", "x", "--out", "run"])
+    assert e.value.code == 130
+    # plain rerunning is refused ("already holds a run"): the hint names --resume
+    assert capsys.readouterr().err == "medi-fast: interrupted; rerun with --resume to continue\n"

@@ -12,7 +12,7 @@ from medi_fast.training.config import TrainConfig
 from medi_fast.training.data import build_spec, condition_table, drop_conditions
 from medi_fast.training.ema import EMA
 from medi_fast.training.lr import warmup_cosine
-from medi_fast.training.loop import rng_state, set_rng_state
+from medi_fast.training.step import rng_state, set_rng_state
 from medi_fast.training.stream import IndexStream, sampling_weights
 
 

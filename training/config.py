@@ -144,8 +144,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """Options by name, each checked for its type first (a config file may hold anything)."""
+        if not isinstance(d, dict):
+            raise MediFastError(f"training options must be a JSON object of option names and values, not a "
+                                f"{type(d).__name__}; fix the file or pass options directly")
         known = {f.name for f in fields(cls)}
-        for key in d:
+        for key, value in d.items():
             if key not in known:
                 raise MediFastError(f"unknown training option {key!r}{suggest(key, known)}; see `medi-fast train --help`")
         for f in fields(cls):  # a config file's values are checked like the options' (click types those)
@@ -162,6 +166,8 @@ class TrainConfig:
     @classmethod
     def read(cls, path) -> "TrainConfig":
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise MediFastError(f"cannot read training config {path} ({e}); fix the file or pass options directly") from None
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+            raise MediFastError(f"cannot read training config {path} ({type(e).__name__}: {e}); fix the file or "
+                                f"pass options directly") from None
+        return cls.from_dict(d)

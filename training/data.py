@@ -83,13 +83,24 @@ def build_spec(table: pd.DataFrame, attributes: list[str], d_t: int) -> Conditio
 
 
 def condition_table(spec: ConditionSpec, table: pd.DataFrame) -> dict[str, torch.Tensor]:
-    """Per-row condition inputs for the whole table: {name: (N,) long ids | float values}."""
+    """Per-row condition inputs for the whole table in ``spec``'s vocabularies: {name: (N,) long ids |
+    float values}.  A table without one of the spec's columns, or with a value its vocabulary lacks (data
+    other than the model was trained on, e.g. when distilling a teacher), is refused."""
     out = {}
     for a in spec.attributes:
-        col = table[column_for(a.name)]
+        name = column_for(a.name)
+        if name not in table.columns:
+            raise MediFastError(f"the data has no column {name!r} that the model is conditioned on; pass the "
+                                f"--data/--split it was trained on")
+        col = table[name]
         if a.vocab is not None:
             index = {n: i for i, n in enumerate(a.vocab.names)}
-            out[a.name] = torch.tensor([index[v] for v in _categorical_values(col)], dtype=torch.long)
+            values = _categorical_values(col)
+            unknown = sorted({v for v in values if v not in index})
+            if unknown:
+                raise MediFastError(f"the data has {a.name} values the model never saw ({', '.join(unknown[:5])}); "
+                                    f"pass the --data/--split it was trained on")
+            out[a.name] = torch.tensor([index[v] for v in values], dtype=torch.long)
         else:
             out[a.name] = torch.tensor(pd.to_numeric(col, errors="coerce").to_numpy(np.float32), dtype=torch.float32)
     return out

@@ -30,9 +30,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +40,14 @@ import torch
 from medi_fast import checkpoint as ckpt_io
 from medi_fast.errors import MediFastError, check_seed
 from medi_fast.io import atomic_write_text, ensure_dir
-from medi_fast.schedule import Schedule, split_output
+from medi_fast.samplers.ddim import ddim_step
+from medi_fast.schedule import Schedule
 
-from .data import drop_conditions, open_training_data, require_rows
+from .data import Batches, condition_table, drop_conditions, open_training_data, require_rows
 from .ema import EMA
-from .loop import autocast_dtype, resolve_device, rng_state, set_rng_state, step_generator
 from .rundir import RunDir
+from .step import (TrainStep, autocast_dtype, check_resume_options, load_resume, read_run_config, resolve_device,
+                   resume_point, seed_everything, step_generator)
 from .stream import IndexStream, sampling_weights
 
 STUDENT_TYPES = ("v_prediction", "sample")
@@ -156,29 +157,19 @@ def _bcast(v: torch.Tensor, device) -> torch.Tensor:
     return v.to(device=device, dtype=torch.float32).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
 
 
-def ddim_step(model, schedule: Schedule, z: torch.Tensor, t: torch.Tensor, abar_t, abar_next, cond) -> torch.Tensor:
-    """One DDIM step (eta 0) of a model from level abar_t (timestep t) to abar_next, per sample, in the
-    paper's form z' = alpha' x^ + (sigma'/sigma)(z - alpha x^), with the model's parameterisation and clipping.
-
-    With x0 clipping this recomputes eps from the clipped x^ (diffusers' ``use_clipped_model_output``):
-    the sampler's default keeps the raw eps, whose mismatch with a clipped x^ near T would be divided by
-    alpha_t'' - (sigma_t''/sigma_t) alpha_t (~1e-3 there) in the target and blow it up."""
-    a, s = abar_t.sqrt(), (1 - abar_t).sqrt()
-    x0, eps = split_output(schedule.prediction_type, model(z, t, cond).float(), z, a, s)
-    if schedule.clip_sample:
-        x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
-        eps = (z - a * x0) / s
-    return abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps
-
-
 @torch.no_grad()
 def teacher_target(teacher, schedule: Schedule, grid: StageGrid, z: torch.Tensor, idx: torch.Tensor, cond):
     """(x~, z_t''): the x0 target that makes one student step from z (at grid.t[idx]) land where two
     teacher DDIM steps land (Algorithm 2).  idx: (B,) stage-grid indices."""
     dev = z.device
     abar, mid, nxt = (_bcast(v[idx], dev) for v in (grid.abar, grid.abar_mid, grid.abar_next))
-    z_mid = ddim_step(teacher, schedule, z, grid.t[idx].to(dev), abar, mid, cond)
-    z_next = ddim_step(teacher, schedule, z_mid, grid.t_mid[idx].to(dev), mid, nxt, cond)
+    # the teacher's own DDIM (its parameterisation, its clipping), eps recomputed from the clipped x^:
+    # with the raw eps, its mismatch with a clipped x^ near T would be divided by
+    # alpha_t'' - (sigma_t''/sigma_t) alpha_t (~1e-3 there) below and blow the target up
+    z_mid = ddim_step(teacher(z, grid.t[idx].to(dev), cond).float(), z, abar, mid, schedule,
+                      use_clipped_model_output=True)
+    z_next = ddim_step(teacher(z_mid, grid.t_mid[idx].to(dev), cond).float(), z_mid, mid, nxt, schedule,
+                       use_clipped_model_output=True)
     ratio = (1 - nxt).sqrt() / (1 - abar).sqrt()  # sigma_t'' / sigma_t
     x_target = (z_next - ratio * z) / (nxt.sqrt() - ratio * abar.sqrt())
     return x_target, z_next
@@ -195,10 +186,20 @@ def student_loss(out: torch.Tensor, x_target: torch.Tensor, z: torch.Tensor, aba
 
 
 def _teacher_record(ck) -> dict:
+    """The teacher's training data, split and conditioning dropout from its provenance, each checked
+    like the option it stands in for (a checkpoint's header may hold anything)."""
     prov = ck.provenance or {}
     config = prov.get("config") if isinstance(prov.get("config"), dict) else {}
-    return {"data": prov.get("data") or config.get("data"), "split": prov.get("split") or config.get("split"),
-            "cond_drop": float(prov.get("cond_drop", config.get("cond_drop", 0.0)) or 0.0)}
+    record = {"data": prov.get("data") or config.get("data"), "split": prov.get("split") or config.get("split"),
+              "cond_drop": prov.get("cond_drop", config.get("cond_drop", 0.0)) or 0.0}
+    for key in ("data", "split"):
+        if record[key] is not None and not isinstance(record[key], str):
+            raise MediFastError(f"{ck.path} records a {key} that is not a path ({record[key]!r}); pass --{key}")
+    drop = record["cond_drop"]
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop < 1.0:
+        raise MediFastError(f"{ck.path} records a conditioning dropout that is not in [0, 1) ({drop!r}); its "
+                            f"header is damaged: re-create the teacher checkpoint")
+    return {**record, "cond_drop": float(drop)}
 
 
 def _load_teacher(cfg: DistillConfig):
@@ -218,30 +219,11 @@ def _load_teacher(cfg: DistillConfig):
     return ck, teacher_steps
 
 
-def _condition_ids(spec, table) -> dict[str, torch.Tensor]:
-    """Per-row condition inputs in the TEACHER's vocabularies; rows with values it never saw are refused."""
-    from medi_fast.conditioning import column_for
-    from medi_fast.data.clinical import normalise_missing
-
-    out = {}
-    for a in spec.attributes:
-        col = column_for(a.name)
-        if col not in table.columns:
-            raise MediFastError(f"the distillation data has no column {col!r} that the teacher is conditioned on; "
-                                f"pass the --data/--split the teacher was trained on")
-        if a.vocab is None:
-            import pandas as pd
-
-            out[a.name] = torch.tensor(pd.to_numeric(table[col], errors="coerce").to_numpy(np.float32))
-            continue
-        index = {n: i for i, n in enumerate(a.vocab.names)}
-        values = normalise_missing(table[col].tolist())
-        unknown = sorted({v for v in values if v not in index})
-        if unknown:
-            raise MediFastError(f"the distillation data has {a.name} values the teacher never saw ({', '.join(unknown[:5])}); "
-                                f"pass the --data/--split the teacher was trained on")
-        out[a.name] = torch.tensor([index[v] for v in values], dtype=torch.long)
-    return out
+# The options that decide what a run computes: --resume with another value is refused, naming it.
+RESUME_FIXED = {"teacher": "TEACHER", "steps": "--steps", "teacher_steps": "--teacher-steps",
+                "batch_size": "--batch-size", "iters_per_stage": "--iters-per-stage", "lr": "--lr",
+                "ema_decay": "--ema-decay", "prediction_type": "--prediction-type", "cond_drop": "--cond-drop",
+                "grad_clip": "--grad-clip", "seed": "--seed", "data": "--data", "split": "--split"}
 
 
 def distill(cfg: DistillConfig | None = None, dataset=None, progress: bool = True, **options) -> Path:
@@ -267,23 +249,22 @@ def distill(cfg: DistillConfig | None = None, dataset=None, progress: bool = Tru
     plan = stage_plan(teacher_steps, cfg.steps)
     check_writable_dir(cfg.run_path)
     run_path = cfg.run_path
-    run = RunDir(run_path, main=False)
-    done = run.complete_steps() if run.ckpt_dir.is_dir() else []
     stages_dir = run_path / "stages"
-    finished = sorted(stages_dir.glob("student-*.pt")) if stages_dir.is_dir() else []
-    if (done or finished) and not cfg.resume:
-        raise MediFastError(f"{run_path} already holds a distillation run; pass --resume to continue it, or choose "
-                            f"another --out")
-    if cfg.resume and run_path.is_dir() and (run_path / "config.json").is_file():
-        old = json.loads((run_path / "config.json").read_text())
-        keys = ("teacher", "steps", "teacher_steps", "batch_size", "iters_per_stage", "prediction_type", "seed")
-        diff = [k for k in keys if old.get(k) != asdict(cfg).get(k)]
-        if diff:
-            raise MediFastError(f"--resume: {run_path} was started with different {', '.join(diff)}; resume with the "
-                                f"original options or choose another --out")
+    start = resume_point(RunDir(run_path, main=False), cfg.resume, "distillation run",
+                         started=stages_dir.is_dir() and any(stages_dir.glob("student-*.pt")))
     record = _teacher_record(teacher_ck)
     data = cfg.data or record["data"]
     split = cfg.split if cfg.data else (cfg.split or record["split"])
+    cond_drop = record["cond_drop"] if cfg.cond_drop is None else cfg.cond_drop
+    resolved = {**asdict(cfg), "teacher_steps": cfg.teacher_steps, "resolved_teacher_steps": teacher_steps,
+                "stages": plan, "data": data, "split": split, "cond_drop": cond_drop, "teacher_hash": teacher_ck.hash}
+    if cfg.resume:
+        recorded = read_run_config(run_path / "config.json")
+        if recorded.get("teacher_hash") != teacher_ck.hash:
+            raise MediFastError(f"--resume: the teacher {cfg.teacher} is not the checkpoint {run_path} was started "
+                                f"from (content hash {teacher_ck.hash}, recorded {recorded.get('teacher_hash')}); "
+                                f"restore that teacher, or choose another --out to start over")
+        check_resume_options(recorded, resolved, RESUME_FIXED, run_path)
     if dataset is None and not data:
         raise MediFastError(f"{cfg.teacher} does not record its training data; pass --data (and --split)")
     ds = dataset if dataset is not None else open_training_data(data, split, teacher_ck.resolution)
@@ -291,8 +272,7 @@ def distill(cfg: DistillConfig | None = None, dataset=None, progress: bool = Tru
     if int(getattr(ds, "resolution", teacher_ck.resolution) or teacher_ck.resolution) != teacher_ck.resolution:
         raise MediFastError(f"the data's patches are {ds.resolution} px but the teacher makes {teacher_ck.resolution} px; "
                             f"pass the pack the teacher was trained on")
-    cond_all = _condition_ids(teacher_ck.spec, ds.table)
-    cond_drop = record["cond_drop"] if cfg.cond_drop is None else cfg.cond_drop
+    cond_all = condition_table(teacher_ck.spec, ds.table)  # in the teacher's vocabularies
     device = resolve_device(cfg.device)
     from medi_fast.resources import activation_bytes, check_batch
 
@@ -301,34 +281,24 @@ def distill(cfg: DistillConfig | None = None, dataset=None, progress: bool = Tru
 
     run = RunDir(run_path, main=True)
     ensure_dir(stages_dir)
-    atomic_write_text(run_path / "config.json", json.dumps({**asdict(cfg), "teacher_steps": cfg.teacher_steps,
-                                                            "resolved_teacher_steps": teacher_steps, "stages": plan,
-                                                            "data": data, "split": split, "cond_drop": cond_drop},
-                                                           indent=2) + "\n")
-    start = done[-1] if (cfg.resume and done) else 0
+    atomic_write_text(run_path / "config.json", json.dumps(resolved, indent=2) + "\n")
     run.start_metrics(start)
-    iters = cfg.iters_per_stage
-    total = iters * len(plan)
     stream = IndexStream(sampling_weights(ds.table, "class"), cfg.batch_size, cfg.seed, 0, 1)
-    from .data import Batches
-
-    batches = iter(Batches(ds, stream, start, 0, False))
-    gen = torch.Generator(device=device)
-    amp = autocast_dtype("auto", device)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=start, unit="it", disable=not progress, dynamic_ncols=True, desc="distill")
+    bar = tqdm(total=cfg.iters_per_stage * len(plan), initial=start, unit="it", disable=not progress,
+               dynamic_ncols=True, desc="distill")
+    distiller = _Distiller(cfg, run, iter(Batches(ds, stream, start, 0, False)), cond_all, cond_drop, device,
+                           autocast_dtype("auto", device), bar, {"data": data, "split": split})
     teacher_path = Path(cfg.teacher)
-    t0 = time.perf_counter()
     try:
         for k, n in enumerate(plan):
-            stage_file = stages_dir / f"student-{n:04d}.pt"
-            if stage_file.is_file() and start >= (k + 1) * iters:
-                teacher_path = stage_file
-                continue
-            teacher_path = _run_stage(cfg, k, n, teacher_path, stage_file, start, run, batches, cond_all,
-                                      cond_drop, gen, device, amp, bar, {"data": data, "split": split}, t0)
-            start = max(start, (k + 1) * iters)
+            stage = Stage(k, n, teacher_path, stages_dir / f"student-{n:04d}.pt", k * cfg.iters_per_stage,
+                          (k + 1) * cfg.iters_per_stage)
+            if not (stage.out.is_file() and start >= stage.last):
+                distiller.run_stage(stage, start)
+                start = max(start, stage.last)
+            teacher_path = stage.out
     finally:
         bar.close()
         run.close()
@@ -337,82 +307,124 @@ def distill(cfg: DistillConfig | None = None, dataset=None, progress: bool = Tru
     return out
 
 
-def _run_stage(cfg, k, n, teacher_path, stage_file, start, run, batches, cond_all, cond_drop, gen, device, amp,
-               bar, source: dict, t0) -> Path:
-    iters = cfg.iters_per_stage
-    first, last = k * iters, (k + 1) * iters
-    teacher_ck = ckpt_io.load(teacher_path)
-    teacher = teacher_ck.build(ema=True).to(device).requires_grad_(False)
-    t_sched = teacher_ck.schedule
-    s_sched = student_schedule(t_sched, cfg.prediction_type, n)
-    grid = StageGrid(t_sched, n)
-    random.seed(cfg.seed + k)
-    np.random.seed(cfg.seed + k)
-    torch.manual_seed(cfg.seed + k)
-    student = copy.deepcopy(teacher).requires_grad_(True).train()
-    ema = EMA(student, cfg.ema_decay)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / iters))  # linear to 0 in the stage
-    if start > first:  # resume inside this stage
-        ck = ckpt_io.load(run.checkpoint_path(start))
-        student.load_state_dict(ck.state_dict)
-        ema.model.load_state_dict(ck.ema_state_dict if ck.ema_state_dict is not None else ck.state_dict)
-        state = run.load_state(start)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        ema.load_state_dict(state["ema"])
-        set_rng_state(state["rng"])
-    spec = teacher_ck.spec
-    T = len(grid.t)
-    log_sum, log_n = 0.0, 0
-    for step in range(max(start, first), last):
-        step_generator(gen, cfg.seed, 0, step)
-        idx_rows, images = next(batches)
+@dataclass(frozen=True)
+class Stage:
+    """One halving: a student of ``steps`` DDIM steps learns from ``teacher`` (2 x steps) in the run's
+    iterations [first, last); its EMA weights become ``out``, the next stage's teacher."""
+
+    index: int
+    steps: int
+    teacher: Path
+    out: Path
+    first: int
+    last: int
+
+
+@dataclass
+class _StageModels:
+    teacher_ck: ckpt_io.Checkpoint
+    teacher: torch.nn.Module
+    teacher_schedule: Schedule
+    student_schedule: Schedule
+    grid: StageGrid
+    student: torch.nn.Module
+    ema: EMA
+    step: TrainStep
+
+
+@dataclass
+class _Distiller:
+    """What every stage shares: the run directory, the data stream and its conditions, the device."""
+
+    cfg: DistillConfig
+    run: RunDir
+    batches: object  # iterator of (row indices, uint8 images), positioned at the run's first iteration
+    cond_all: dict[str, torch.Tensor]
+    cond_drop: float
+    device: torch.device
+    amp: torch.dtype | None
+    bar: object
+    source: dict  # data and split, for the provenance
+    gen: torch.Generator = field(init=False)
+    t0: float = field(init=False)
+
+    def __post_init__(self):
+        self.gen = torch.Generator(device=self.device)
+        self.t0 = time.perf_counter()
+
+    def run_stage(self, stage: Stage, start: int) -> None:
+        m = self.build(stage)
+        if start > stage.first:  # resume inside this stage
+            m.step.restore(*load_resume(self.run, start))
+        log_sum, log_n = 0.0, 0
+        for i in range(max(start, stage.first), stage.last):
+            loss, lr = self.iteration(m, i)
+            done = i + 1
+            log_sum += float(loss)
+            log_n += 1
+            self.bar.update(1)
+            self.bar.set_postfix(stage=f"{2 * stage.steps}->{stage.steps}", loss=f"{float(loss):.4f}")
+            if done % self.cfg.log_every == 0 or done == stage.last:
+                self.log(done, log_sum / log_n, lr)
+                log_sum, log_n = 0.0, 0
+            if done % self.cfg.checkpoint_every == 0 or done == stage.last:
+                self.checkpoint(m, stage, done)
+        # The stage's result: EMA weights as the model (what the next teacher and users run).  Written after
+        # the loop, so a run killed between its last checkpoint and this file writes it on --resume.
+        ckpt_io.save(ckpt_io.from_model(m.ema.model, m.student_schedule, preset=m.teacher_ck.preset,
+                                        provenance=self.provenance(m, stage, stage.last)), stage.out)
+
+    def build(self, stage: Stage) -> _StageModels:
+        """The teacher (frozen, EMA weights) and a student initialised from it, with its optimiser step."""
+        cfg = self.cfg
+        teacher_ck = ckpt_io.load(stage.teacher)
+        teacher = teacher_ck.build(ema=True).to(self.device).requires_grad_(False)
+        t_sched = teacher_ck.schedule
+        seed_everything(cfg.seed + stage.index)
+        student = copy.deepcopy(teacher).requires_grad_(True).train()
+        ema = EMA(student, cfg.ema_decay)
+        opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+        iters = cfg.iters_per_stage
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / iters))  # linear to 0 in the stage
+        step = TrainStep(student, opt, device_type=self.device.type, amp=self.amp, scheduler=sched, ema=ema,
+                         grad_clip=cfg.grad_clip)
+        return _StageModels(teacher_ck, teacher, t_sched, student_schedule(t_sched, cfg.prediction_type, stage.steps),
+                            StageGrid(t_sched, stage.steps), student, ema, step)
+
+    def iteration(self, m: _StageModels, i: int) -> tuple[torch.Tensor, float]:
+        """One optimiser step of the student on one batch; returns (loss, the learning rate used)."""
+        device, gen = self.device, self.gen
+        step_generator(gen, self.cfg.seed, 0, i)
+        idx_rows, images = next(self.batches)
         x0 = images.to(device).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
         ids = torch.as_tensor(idx_rows)
-        cond = {name: v[ids].to(device) for name, v in cond_all.items()}
-        cond = drop_conditions(cond, spec, cond_drop, gen)
-        i = torch.randint(0, T, (x0.shape[0],), generator=gen, device=device).cpu()  # (B,) stage-grid indices
+        cond = {name: v[ids].to(device) for name, v in self.cond_all.items()}
+        cond = drop_conditions(cond, m.teacher_ck.spec, self.cond_drop, gen)
+        idx = torch.randint(0, len(m.grid.t), (x0.shape[0],), generator=gen, device=device).cpu()  # (B,) grid indices
         noise = torch.randn(x0.shape, generator=gen, device=device)
-        abar = _bcast(grid.abar[i], device)
+        abar = _bcast(m.grid.abar[idx], device)
         z = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # z_t
-        x_target, _ = teacher_target(teacher, t_sched, grid, z, i, cond)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = student(z, grid.t[i].to(device), cond)
-        loss = student_loss(out.float(), x_target, z, abar, cfg.prediction_type)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        lr_used = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        ema.update(student)
-        done = step + 1
-        log_sum += float(loss.detach())
-        log_n += 1
-        bar.update(1)
-        bar.set_postfix(stage=f"{2 * n}->{n}", loss=f"{float(loss.detach()):.4f}")
-        if done % cfg.log_every == 0 or done == last:
-            loss_v = log_sum / log_n
-            if not math.isfinite(loss_v):
-                raise MediFastError(f"the distillation loss became {loss_v} at step {done}; lower --lr")
-            run.log({"step": done, "loss": loss_v, "lr": lr_used, "steps_per_s": "", "elapsed_s": round(time.perf_counter() - t0, 2)})
-            log_sum, log_n = 0.0, 0
-        if done % cfg.checkpoint_every == 0 or done == last:
-            prov = {"trainer": "medi-fast distill", "method": "progressive distillation (Salimans & Ho 2022)",
-                    "stage_steps": n, "teacher": str(teacher_path), "teacher_hash": teacher_ck.hash, "step": done,
-                    "cond_drop": cond_drop, **source, "config": {**asdict(cfg), "cond_drop": cond_drop}}
-            ck = ckpt_io.from_model(student, s_sched, preset=teacher_ck.preset, ema_model=ema.model, provenance=prov)
-            path = ckpt_io.save(ck, run.checkpoint_path(done))
-            run.save_state(path, {"step": done, "checkpoint": path.name, "optimizer": opt.state_dict(),
-                                  "scheduler": sched.state_dict(), "ema": ema.state_dict(), "rng": rng_state()})
-            run.prune(2)
-    # The stage's result: EMA weights as the model (what the next teacher and users run).  Written after
-    # the loop, so a run killed between its last checkpoint and this file writes it on --resume.
-    prov = {"trainer": "medi-fast distill", "method": "progressive distillation (Salimans & Ho 2022)",
-            "stage_steps": n, "teacher": str(teacher_path), "teacher_hash": teacher_ck.hash, "step": last,
-            "cond_drop": cond_drop, **source, "config": {**asdict(cfg), "cond_drop": cond_drop}}
-    ckpt_io.save(ckpt_io.from_model(ema.model, s_sched, preset=teacher_ck.preset, provenance=prov), stage_file)
-    return stage_file
+        x_target, _ = teacher_target(m.teacher, m.teacher_schedule, m.grid, z, idx, cond)
+        out = m.step.forward(z, m.grid.t[idx].to(device), cond)
+        loss = student_loss(out.float(), x_target, z, abar, self.cfg.prediction_type)
+        m.step.zero_grad()
+        m.step.backward(loss)
+        return loss.detach(), m.step.step().lr
 
+    def log(self, done: int, loss: float, lr: float) -> None:
+        if not math.isfinite(loss):
+            raise MediFastError(f"the distillation loss became {loss} at step {done}; lower --lr")
+        self.run.log({"step": done, "loss": loss, "lr": lr, "steps_per_s": "",
+                      "elapsed_s": round(time.perf_counter() - self.t0, 2)})
+
+    def provenance(self, m: _StageModels, stage: Stage, done: int) -> dict:
+        return {"trainer": "medi-fast distill", "method": "progressive distillation (Salimans & Ho 2022)",
+                "stage_steps": stage.steps, "teacher": str(stage.teacher), "teacher_hash": m.teacher_ck.hash,
+                "step": done, "cond_drop": self.cond_drop, **self.source,
+                "config": {**asdict(self.cfg), "cond_drop": self.cond_drop}}
+
+    def checkpoint(self, m: _StageModels, stage: Stage, done: int) -> None:
+        ck = ckpt_io.from_model(m.student, m.student_schedule, preset=m.teacher_ck.preset, ema_model=m.ema.model,
+                                provenance=self.provenance(m, stage, done))
+        m.step.save(self.run, done, ck)
+        self.run.prune(2)

@@ -57,8 +57,8 @@ class RunDir:
         return sorted(steps)
 
     def save_state(self, ckpt_path: Path, state: dict) -> None:
-        with atomic_path(self.state_path(ckpt_path)) as tmp:
-            torch.save(state, tmp)
+        with atomic_path(self.state_path(ckpt_path)) as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)  # a full disk: OSError here; torch.save(state, name) raises RuntimeError
 
     def load_state(self, step: int) -> dict:
         path = self.state_path(self.checkpoint_path(step))

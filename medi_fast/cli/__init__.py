@@ -70,6 +70,18 @@ def cli(ctx):
     ctx.default_map = defaults.command_defaults(params, all_commands=COMMANDS) or None
 
 
+# What an interrupted command leaves, said on its one line: a run directory continues only with
+# --resume (without it, train and distill refuse an existing run); generate skips finished images.
+INTERRUPTED = {"train": "rerun with --resume to continue", "distill": "rerun with --resume to continue",
+               "generate": "rerun the same command to resume"}
+
+
+def _interrupted(args: list[str]) -> str:
+    command = next((a for a in args if not a.startswith("-")), None)  # the group itself takes no option values
+    hint = INTERRUPTED.get(command)
+    return f"medi-fast: interrupted; {hint}" if hint else "medi-fast: interrupted"
+
+
 def _fail(message: str, code: int = 2):
     click.echo(one_line(message), err=True)
     sys.exit(code)
@@ -105,7 +117,7 @@ def main(argv=None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)  # 128 + SIGPIPE, the status of a tool that the signal stopped
     except (KeyboardInterrupt, click.exceptions.Abort):
-        _fail("medi-fast: interrupted; rerun the same command to resume", 130)
+        _fail(_interrupted(args), 130)
     except click.ClickException as e:
         _fail(_usage_message(e), 2)
     except MediFastError as e:
