@@ -171,12 +171,16 @@ def example_inputs(contract: IOContract, spec, batch: int, seed: int = 0) -> tup
     return tuple(out)
 
 
-def export_onnx(ckpt: Checkpoint, out_path, config: ExportConfig = ExportConfig()) -> Path:
-    """Write ``out_path`` (.onnx, fp32) atomically, checked and self-describing; returns the path."""
+def export_onnx(ckpt: Checkpoint, out_path, config: ExportConfig = ExportConfig(), *, model=None) -> Path:
+    """Write ``out_path`` (.onnx, fp32) atomically, checked and self-describing; returns the path.
+
+    ``model``: the checkpoint's model already built (with ``config.ema``'s weights), so a caller
+    that also needs it holds one copy of the weights, not two.
+    """
     import onnx
 
     out_path = Path(out_path)
-    model = ckpt.build(ema=config.ema).float().eval()
+    model = (model if model is not None else ckpt.build(ema=config.ema)).float().eval()
     use_constant_scale_attention(model)  # no shape-derived float math in the graph
     contract = IOContract.from_spec(ckpt.spec, ckpt.resolution, config.batch)
     wrapper = FoldedDenoiser(model).eval()

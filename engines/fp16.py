@@ -62,15 +62,38 @@ def matmul_node_names(graph) -> set[str]:
     return {n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.name}
 
 
-def convert_to_fp16(model, extra_fp32: set[str] = frozenset()):
-    """Return an fp16 copy of a float32 ONNX model (see the module docstring for the rule).
+def infer_shapes_light(model, **kwargs):
+    """``onnx.shape_inference.infer_shapes`` without a second copy of the weights.
 
-    ``extra_fp32``: names of further nodes to keep in fp32 (the fp16 gate's fallback stages).
+    Inference serialises the whole model and returns a new one: on medi-128 that is two more copies
+    of 1.6 GB.  Types and dims are all it reads from large initializers, so their bytes are set
+    aside during inference and moved into the result; ``model`` is consumed (left without them).
+    Small initializers (shape constants that inference does read) keep their data.
     """
     import onnx
+
+    stash = {}
+    for init in model.graph.initializer:
+        if len(init.raw_data) > 4096:
+            stash[init.name] = init.raw_data
+            init.ClearField("raw_data")
+    inferred = onnx.shape_inference.infer_shapes(model, **kwargs)
+    for init in inferred.graph.initializer:
+        if init.name in stash:
+            init.raw_data = stash.pop(init.name)
+    return inferred
+
+
+def convert_to_fp16(model, extra_fp32: set[str] = frozenset()):
+    """The fp16 version of a float32 ONNX model (see the module docstring for the rule).
+
+    Converts in place, so the weights are held once: ``model`` is consumed (reload the fp32 graph
+    for another conversion).  ``extra_fp32``: names of further nodes to keep in fp32 (the fp16
+    gate's fallback stages).
+    """
     from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.shape_inference.infer_shapes(model)
+    model = infer_shapes_light(model)
     g = model.graph
     F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
     elem = {}
@@ -160,4 +183,4 @@ def convert_to_fp16(model, extra_fp32: set[str] = frozenset()):
     del g.node[:]
     g.node.extend(new_nodes)
     del g.value_info[:]
-    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    return infer_shapes_light(model, check_type=True, strict_mode=True)

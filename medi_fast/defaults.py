@@ -8,7 +8,9 @@ The model, first match wins (``medi-fast info`` prints the result and its source
 4. the last ``medi-fast export`` run in the current directory (recorded in ``.medi-fast/last-export.json``).
 
 A model path may be an export directory: the file used is the fastest this machine can run
-(:func:`pick_export_file`).  ``medi-fast.toml`` may also hold option defaults per command, e.g.
+(:func:`pick_export_file`), once the directory is known to be a finished export
+(:func:`check_export_dir`) and, for the fp16 graph on a GPU, once it passed the fp16 gate there
+(:func:`fp16_gate_here`).  ``medi-fast.toml`` may also hold option defaults per command, e.g.
 ``[generate] steps = 50``; command-line options override them.
 """
 from __future__ import annotations
@@ -28,6 +30,10 @@ LAST_EXPORT = "last-export.json"
 # Files of an export directory, in the order they are preferred when their backend is available here.
 EXPORT_FILES = (("model.engine", ("tensorrt",)), ("model.fp16.onnx", ("ort-trt", "ort-cuda")),
                 ("model.onnx", None))
+# Written last by `medi-fast export`: a directory without it is an export that did not finish.
+EXPORT_RECORD = "export.json"
+# The fp16 gate's result for an fp16 graph exported without a GPU, written on its first GPU use.
+FP16_GATE_FILE = "fp16_gate.json"
 
 HOW_TO_GIVE = (f"give one with --model PATH (a checkpoint, .onnx, .engine or export directory), set {ENV_MODEL}, "
                f"put model = \"PATH\" in {CONFIG_FILE}, or run `medi-fast export CKPT` here first")
@@ -143,10 +149,88 @@ def require_model(explicit=None, cwd=None) -> ModelChoice:
     return choice
 
 
+def check_export_dir(directory) -> dict:
+    """The export record of a finished export directory; one line refusing any other.
+
+    ``medi-fast export`` removes ``export.json`` before writing a model file and writes it last, so
+    a directory without it was interrupted (killed, out of disk) and may hold a half-written model.
+    """
+    directory = Path(directory)
+    rerun = f"rerun `medi-fast export CKPT --out {directory}`"
+    path = directory / EXPORT_RECORD
+    if not path.is_file():
+        raise MediFastError(f"export directory {directory} is incomplete (no {EXPORT_RECORD}: its export was "
+                            f"interrupted or failed); {rerun}")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        record = None
+    if not isinstance(record, dict):
+        raise MediFastError(f"{path} is corrupt; {rerun}")
+    if record.get("parity_ok") is not True:
+        raise MediFastError(f"export directory {directory} failed its parity check (see its parity.json) and must "
+                            f"not be used; {rerun} after fixing the checkpoint, or report it")
+    return record
+
+
+def fp16_gate_here(directory, backend: str) -> str:
+    """"" when the export directory's fp16 graph may run on ``backend`` (a GPU backend), else why not.
+
+    A graph exported on a machine with a GPU passed the fp16 gate there (``medi_fast.fp16_gate`` in
+    its metadata says ``ok``).  One exported without a GPU is gated here, on its first use: the
+    fp16 graph against the fp32 graph on ``backend`` (accuracy.check_denoiser: relative eps error
+    and NaN/inf over the probe set); the result is kept in ``fp16_gate.json`` per GPU model.
+    """
+    import torch
+
+    from . import backends
+    from .backends import accuracy, onnx_info
+
+    directory = Path(directory)
+    fp16 = directory / "model.fp16.onnx"
+    try:
+        record = json.loads(onnx_info.read_props(fp16).get("medi_fast.fp16_gate", "{}"))
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        raise MediFastError(f"{fp16} has a corrupt fp16 gate record; rerun `medi-fast export CKPT --out {directory}`")
+    if record.get("ok") is True:
+        return ""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else backend
+    saved_path = directory / FP16_GATE_FILE
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else {}
+    except (ValueError, OSError):
+        saved = {}
+    if not (isinstance(saved, dict) and saved.get("gpu") == gpu and isinstance(saved.get("ok"), bool)):
+        info = backends.open_model(directory / "model.onnx")
+        reference = backends.create(backend, info)
+        candidate = backends.create(backend, backends.open_model(fp16))
+        try:
+            check = accuracy.check_denoiser(reference, candidate, info.contract, info.spec)
+        finally:
+            reference.close()
+            candidate.close()
+        saved = {"gpu": gpu, "backend": backend, **check.to_dict()}
+        try:
+            from .io import atomic_write_text
+
+            atomic_write_text(saved_path, json.dumps(saved, indent=2))
+        except MediFastError:  # a read-only export directory (a shared model): gated again next time
+            pass
+    if saved["ok"]:
+        return ""
+    return (f"failed the fp16 gate on {gpu} (relative eps error {saved['rel']:.3g}, bound {saved['rel_bound']:g}, "
+            f"{saved['nonfinite']} NaN/inf); rerun `medi-fast export CKPT --out {directory}` on this machine to pin "
+            f"more layers to fp32")
+
+
 def export_candidates(directory) -> list[tuple[Path, str | None, str]]:
-    """Each model file of an export directory with the backend that would run it here (or None) and why."""
+    """Each model file of a finished export directory with the backend that would run it here (or
+    None) and why."""
     from . import backends
 
+    check_export_dir(directory)
     out = []
     for name, wanted in EXPORT_FILES:
         path = Path(directory) / name
@@ -158,6 +242,8 @@ def export_candidates(directory) -> list[tuple[Path, str | None, str]]:
             out.append((path, None, f"needs {' or '.join(wanted)}, not available here"))
         elif not names:
             out.append((path, None, "no backend available here"))
+        elif name == "model.fp16.onnx" and (why := fp16_gate_here(directory, names[0])):
+            out.append((path, None, why))
         else:
             out.append((path, names[0], ""))
     return out
