@@ -173,36 +173,37 @@ def check_export_dir(directory) -> dict:
     return record
 
 
-def fp16_gate_here(directory, backend: str) -> str:
+def fp16_gate_here(directory, backend: str, record: dict) -> str:
     """"" when the export directory's fp16 graph may run on ``backend`` (a GPU backend), else why not.
 
-    A graph exported on a machine with a GPU passed the fp16 gate there (``medi_fast.fp16_gate`` in
-    its metadata says ``ok``).  One exported without a GPU is gated here, on its first use: the
+    ``record``: the directory's export.json.  A graph exported on a machine with a GPU passed the
+    fp16 gate there (its ``fp16_gate`` says ``ok``; exports from before the key existed were gated
+    when written).  One exported without a GPU (``ok: null``) is gated here, on its first use: the
     fp16 graph against the fp32 graph on ``backend`` (accuracy.check_denoiser: relative eps error
     and NaN/inf over the probe set); the result is kept in ``fp16_gate.json`` per GPU model.
     """
     import torch
 
     from . import backends
-    from .backends import accuracy, onnx_info
+    from .backends import accuracy
 
     directory = Path(directory)
-    fp16 = directory / "model.fp16.onnx"
-    try:
-        record = json.loads(onnx_info.read_props(fp16).get("medi_fast.fp16_gate", "{}"))
-    except ValueError:
-        record = None
-    if not isinstance(record, dict):
-        raise MediFastError(f"{fp16} has a corrupt fp16 gate record; rerun `medi-fast export CKPT --out {directory}`")
-    if record.get("ok") is True:
+    gate = record.get("fp16_gate", {"ok": True})
+    if not isinstance(gate, dict) or gate.get("ok") not in (True, None):
+        raise MediFastError(f"{directory / EXPORT_RECORD} has a corrupt fp16_gate entry; rerun "
+                            f"`medi-fast export CKPT --out {directory}`")
+    if gate["ok"] is True:
         return ""
+    fp16 = directory / "model.fp16.onnx"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else backend
     saved_path = directory / FP16_GATE_FILE
     try:
         saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else {}
     except (ValueError, OSError):
         saved = {}
-    if not (isinstance(saved, dict) and saved.get("gpu") == gpu and isinstance(saved.get("ok"), bool)):
+    numbers = ("rel", "rel_bound", "nonfinite")
+    if not (isinstance(saved, dict) and saved.get("gpu") == gpu and isinstance(saved.get("ok"), bool)
+            and all(type(saved.get(k)) in (int, float) for k in numbers)):  # anything else: gate again
         info = backends.open_model(directory / "model.onnx")
         reference = backends.create(backend, info)
         candidate = backends.create(backend, backends.open_model(fp16))
@@ -230,7 +231,7 @@ def export_candidates(directory) -> list[tuple[Path, str | None, str]]:
     None) and why."""
     from . import backends
 
-    check_export_dir(directory)
+    record = check_export_dir(directory)
     out = []
     for name, wanted in EXPORT_FILES:
         path = Path(directory) / name
@@ -242,7 +243,7 @@ def export_candidates(directory) -> list[tuple[Path, str | None, str]]:
             out.append((path, None, f"needs {' or '.join(wanted)}, not available here"))
         elif not names:
             out.append((path, None, "no backend available here"))
-        elif name == "model.fp16.onnx" and (why := fp16_gate_here(directory, names[0])):
+        elif name == "model.fp16.onnx" and (why := fp16_gate_here(directory, names[0], record)):
             out.append((path, None, why))
         else:
             out.append((path, names[0], ""))

@@ -216,8 +216,7 @@ def test_export_directory_picks_what_runs_here(tmp_path, monkeypatch):
 
     for name in ("model.onnx", "model.fp16.onnx", "model.engine"):
         (tmp_path / name).write_bytes(b"x")
-    (tmp_path / "export.json").write_text('{"parity_ok": true}')
-    monkeypatch.setattr(defaults, "fp16_gate_here", lambda directory, backend: "")  # the order only
+    (tmp_path / "export.json").write_text('{"parity_ok": true}')  # no fp16_gate entry: gated when written
     monkeypatch.setattr(backends, "available", lambda kind=None: ["ort-cpu"] if kind == "onnx" else [])
     assert defaults.pick_export_file(tmp_path) == tmp_path / "model.onnx"
     monkeypatch.setattr(backends, "available",
