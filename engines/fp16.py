@@ -62,33 +62,51 @@ def matmul_node_names(graph) -> set[str]:
     return {n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.name}
 
 
-def infer_shapes_light(model, **kwargs):
-    """``onnx.shape_inference.infer_shapes`` without a second copy of the weights.
+def without_weights(model, min_bytes: int = 4096):
+    """A copy of ``model`` whose large initializers have types and dims but no bytes.
 
-    Inference serialises the whole model and returns a new one: on medi-128 that is two more copies
-    of 1.6 GB.  Types and dims are all it reads from large initializers, so their bytes are set
-    aside during inference and moved into the result; ``model`` is consumed (left without them).
-    Small initializers (shape constants that inference does read) keep their data.
+    ONNX shape inference serialises the whole model and returns a new one: on medi-128 that is two
+    more copies of 1.6 GB (and above 2 GB it cannot serialise at all).  Types and dims are all it
+    reads from large initializers; small ones (shape constants it does read) keep their data.
+    A new message rather than clearing fields in place: protobuf's arena keeps a cleared field's
+    bytes until the whole message is freed.
     """
     import onnx
 
-    stash = {}
-    for init in model.graph.initializer:
-        if len(init.raw_data) > 4096:
-            stash[init.name] = init.raw_data
-            init.ClearField("raw_data")
-    inferred = onnx.shape_inference.infer_shapes(model, **kwargs)
-    for init in inferred.graph.initializer:
-        if init.name in stash:
-            init.raw_data = stash.pop(init.name)
-    return inferred
+    skel = onnx.ModelProto()
+    skel.ir_version = model.ir_version
+    skel.opset_import.extend(model.opset_import)
+    skel.functions.extend(model.functions)
+    g, src = skel.graph, model.graph
+    g.name = src.name
+    for part in ("node", "input", "output", "value_info"):
+        getattr(g, part).extend(getattr(src, part))
+    for init in src.initializer:
+        if init.ByteSize() > min_bytes:
+            t = g.initializer.add()
+            t.name, t.data_type = init.name, init.data_type
+            t.dims.extend(init.dims)
+        else:
+            g.initializer.append(init)
+    return skel
+
+
+def infer_shapes_light(model, **kwargs):
+    """``onnx.shape_inference.infer_shapes`` that puts the inferred value_info into ``model`` itself
+    without copying its weights (:func:`without_weights`); returns ``model``."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(without_weights(model), **kwargs)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
 
 
 def convert_to_fp16(model, extra_fp32: set[str] = frozenset()):
     """The fp16 version of a float32 ONNX model (see the module docstring for the rule).
 
-    Converts in place, so the weights are held once: ``model`` is consumed (reload the fp32 graph
-    for another conversion).  ``extra_fp32``: names of further nodes to keep in fp32 (the fp16
+    Converts in place, so the weights are held once: ``model`` becomes the fp16 graph (reload the
+    fp32 graph for another conversion).  ``extra_fp32``: names of further nodes to keep in fp32 (the fp16
     gate's fallback stages).
     """
     from onnx import TensorProto, helper, numpy_helper
