@@ -83,7 +83,7 @@ def test_export_then_generate_literally(run_cli, tmp_path):
     assert first.startswith(f"model {export_dir / 'model.onnx'} of {export_dir} (from the last export here")
     assert second == "output synth/LUAD_tss-05 (default; --out DIR to change)"
     before = {p.name: p.read_bytes() for p in pngs()}
-    assert ",100," in (out / "manifest.csv").read_text().splitlines()[1]  # DDIM-100, the default
+    assert json.loads((out / "run.json").read_text())["config"]["steps"] == 100  # DDIM-100, the default
 
     proc = _start_cli(*args, cwd=tmp_path)
     assert _wait_for(proc, lambda: len(pngs()) > len(before) + 1), (tmp_path / "cli.err").read_text()
