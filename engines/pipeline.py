@@ -105,7 +105,10 @@ def export_checkpoint(checkpoint, out_dir=None, *, config: ExportConfig = Export
             shutil.rmtree(out_dir, ignore_errors=True)
         else:
             for p in set(out_dir.iterdir()) - before:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
         raise
 
 

@@ -96,10 +96,10 @@ def test_export_of_a_random_checkpoint_passes_and_says_what_was_checked(tmp_path
     """A random checkpoint with the defaults: on a machine without fp16 arithmetic the fp16 graph
     is written marked for its gate on first GPU use, and one line says so."""
     from medi_fast.backends.onnx_info import read_props
-    from medi_fast.engines import gate
+    from medi_fast.engines import gate, pipeline
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(gate, "native_fp16_backend", lambda: None)
+    monkeypatch.setattr(pipeline, "native_fp16_backend", lambda: None)  # a machine without fp16 arithmetic
     code, text = _cli(["export", tiny_ckpt, "--out", tmp_path / "exp"], capsys)
     assert code == 0, text
     line = [ln for ln in text.splitlines() if ln.startswith("fp16 graph ")]
@@ -108,6 +108,21 @@ def test_export_of_a_random_checkpoint_passes_and_says_what_was_checked(tmp_path
     assert record["fp16_gate"] == {"ok": None, "pending": gate.PENDING} and record["parity_ok"]
     assert json.loads(read_props(tmp_path / "exp" / "model.fp16.onnx")["medi_fast.fp16_gate"])["ok"] is None
     assert "DDIM-2 ORT fp32 vs torch (uint8)" in text  # the short sampling run of the default
+
+
+def test_where_fp16_runs_natively_the_export_gates_it(tmp_path, monkeypatch, capsys, tiny_ckpt):
+    """The export-time gate, with ONNX Runtime CPU standing in for the GPU backend."""
+    from medi_fast.engines import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "native_fp16_backend", lambda: "ort-cpu")
+    code, text = _cli(["export", tiny_ckpt, "--out", tmp_path / "exp", "--parity-steps", "0"], capsys)
+    assert code == 0, text
+    line = [ln for ln in text.splitlines() if ln.startswith("fp16 graph ")]
+    assert len(line) == 1 and line[0].startswith("fp16 graph gated on ort-cpu: relative eps error ")
+    assert ", stage default; fp32 ONNX checked against the checkpoint: max eps error " in line[0]
+    gate = json.loads((tmp_path / "exp" / "export.json").read_text())["fp16_gate"]
+    assert gate["ok"] is True and gate["stage"] == "default" and gate["backend"] == "ort-cpu"
 
 
 def test_an_incomplete_export_directory_is_refused(tmp_path, monkeypatch, capsys, tiny_ckpt):
@@ -244,12 +259,12 @@ def test_an_fp16_graph_exported_without_a_gpu_is_gated_on_first_gpu_use(tmp_path
     import torch
 
     from medi_fast import backends, checkpoint
-    from medi_fast.engines import gate
+    from medi_fast.engines import pipeline
     from medi_fast.model import build_model
     from medi_fast.schedule import Schedule
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(gate, "native_fp16_backend", lambda: None)
+    monkeypatch.setattr(pipeline, "native_fp16_backend", lambda: None)  # exported without a GPU
     assert _cli(["export", tiny_ckpt, "--out", tmp_path / "a", "--parity-steps", "0"], capsys)[0] == 0
     torch.manual_seed(11)
     other = build_model("tiny-32", classes=["LUAD", "LUSC"], metadata={"tss": ["05", "44", "49"]})
