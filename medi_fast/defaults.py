@@ -179,8 +179,9 @@ def fp16_gate_here(directory, backend: str, record: dict) -> str:
     ``record``: the directory's export.json.  A graph exported on a machine with a GPU passed the
     fp16 gate there (its ``fp16_gate`` says ``ok``; exports from before the key existed were gated
     when written).  One exported without a GPU (``ok: null``) is gated here, on its first use: the
-    fp16 graph against the fp32 graph on ``backend`` (accuracy.check_denoiser: relative eps error
-    and NaN/inf over the probe set); the result is kept in ``fp16_gate.json`` per GPU model.
+    fp16 graph on ``backend`` against the fp32 graph in fp32 on the GPU (accuracy.check_denoiser:
+    relative eps error and NaN/inf over the probe set); the result is kept in ``fp16_gate.json``
+    per GPU model.
     """
     import torch
 
@@ -205,7 +206,8 @@ def fp16_gate_here(directory, backend: str, record: dict) -> str:
     if not (isinstance(saved, dict) and saved.get("gpu") == gpu and isinstance(saved.get("ok"), bool)
             and all(type(saved.get(k)) in (int, float) for k in numbers)):  # anything else: gate again
         info = backends.open_model(directory / "model.onnx")
-        reference = backends.create(backend, info)
+        # the fp32 graph in fp32: ort-trt would build it as an fp16 engine, and judge fp16 by fp16
+        reference = backends.create("ort-cuda" if "ort-cuda" in backends.available("onnx") else "ort-cpu", info)
         candidate = backends.create(backend, backends.open_model(fp16))
         try:
             check = accuracy.check_denoiser(reference, candidate, info.contract, info.spec)
