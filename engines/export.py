@@ -24,6 +24,8 @@ from medi_fast.checkpoint import Checkpoint
 from medi_fast.errors import MediFastError
 from medi_fast.io import atomic_files, replace_together
 
+from .fp16 import without_weights
+
 # ONNX protobufs cannot exceed 2 GiB; above this the weights go to a side file.
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2
 OPSETS = (17, 18, 19, 20)
@@ -169,12 +171,18 @@ def example_inputs(contract: IOContract, spec, batch: int, seed: int = 0) -> tup
     return tuple(out)
 
 
-def export_onnx(ckpt: Checkpoint, out_path, config: ExportConfig = ExportConfig()) -> Path:
-    """Write ``out_path`` (.onnx, fp32) atomically, checked and self-describing; returns the path."""
+def export_onnx(ckpt: Checkpoint, out_path, config: ExportConfig = ExportConfig(), *, model=None) -> Path:
+    """Write ``out_path`` (.onnx, fp32) atomically, checked and self-describing; returns the path.
+
+    ``model``: the checkpoint's model already built (with ``config.ema``'s weights), so a caller
+    that also needs it builds it once.  Its weights are released once the graph is traced (moved
+    to the meta device): the graph and the model never hold the weights together past the export,
+    and the caller must not use the model afterwards.
+    """
     import onnx
 
     out_path = Path(out_path)
-    model = ckpt.build(ema=config.ema).float().eval()
+    model = (model if model is not None else ckpt.build(ema=config.ema)).float().eval()
     use_constant_scale_attention(model)  # no shape-derived float math in the graph
     contract = IOContract.from_spec(ckpt.spec, ckpt.resolution, config.batch)
     wrapper = FoldedDenoiser(model).eval()
@@ -186,6 +194,9 @@ def export_onnx(ckpt: Checkpoint, out_path, config: ExportConfig = ExportConfig(
             torch.onnx.export(wrapper, args, str(raw), input_names=contract.input_names,
                               output_names=contract.output_names, dynamic_axes=contract.dynamic_axes(),
                               opset_version=config.opset, do_constant_folding=True, dynamo=False)
+        # the graph holds the weights now: release the model's before loading it (see the docstring)
+        model.to("meta")
+        del wrapper, model
         graph = onnx.load(str(raw))  # pulls external data back in if the exporter wrote any
         meta = onnx_info.metadata(
             ckpt.spec, ckpt.schedule, preset=ckpt.preset, checkpoint_hash=ckpt.hash, resolution=ckpt.resolution,
@@ -221,10 +232,7 @@ def save_checked(graph, path: Path, external_data_threshold: int = PROTOBUF_LIMI
         onnx.save_model(graph, str(path))
     try:
         onnx.checker.check_model(str(path), full_check=False)
-        inferred_path = path.with_name(path.stem + ".inferred.onnx")
-        onnx.shape_inference.infer_shapes_path(str(path), str(inferred_path), check_type=True, strict_mode=True)
-        inferred = onnx.load(str(inferred_path), load_external_data=False)
-        inferred_path.unlink()
+        inferred = onnx.shape_inference.infer_shapes(without_weights(graph), check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise MediFastError(f"the exported graph failed the ONNX checker ({str(e).splitlines()[0][:160]}); "
                             f"try --opset 18") from None

@@ -62,15 +62,56 @@ def matmul_node_names(graph) -> set[str]:
     return {n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.name}
 
 
-def convert_to_fp16(model, extra_fp32: set[str] = frozenset()):
-    """Return an fp16 copy of a float32 ONNX model (see the module docstring for the rule).
+def without_weights(model, min_bytes: int = 4096):
+    """A copy of ``model`` whose large initializers have types and dims but no bytes.
 
-    ``extra_fp32``: names of further nodes to keep in fp32 (the fp16 gate's fallback stages).
+    ONNX shape inference serialises the whole model and returns a new one: on medi-128 that is two
+    more copies of 1.6 GB (and above 2 GB it cannot serialise at all).  Types and dims are all it
+    reads from large initializers; small ones (shape constants it does read) keep their data.
+    A new message rather than clearing fields in place: protobuf's arena keeps a cleared field's
+    bytes until the whole message is freed.
     """
     import onnx
+
+    skel = onnx.ModelProto()
+    skel.ir_version = model.ir_version
+    skel.opset_import.extend(model.opset_import)
+    skel.functions.extend(model.functions)
+    g, src = skel.graph, model.graph
+    g.name = src.name
+    for part in ("node", "input", "output", "value_info"):
+        getattr(g, part).extend(getattr(src, part))
+    for init in src.initializer:
+        if init.ByteSize() > min_bytes:
+            t = g.initializer.add()
+            t.name, t.data_type = init.name, init.data_type
+            t.dims.extend(init.dims)
+        else:
+            g.initializer.append(init)
+    return skel
+
+
+def infer_shapes_light(model, **kwargs):
+    """``onnx.shape_inference.infer_shapes`` that puts the inferred value_info into ``model`` itself
+    without copying its weights (:func:`without_weights`); returns ``model``."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(without_weights(model), **kwargs)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
+
+
+def convert_to_fp16(model, extra_fp32: set[str] = frozenset()):
+    """The fp16 version of a float32 ONNX model (see the module docstring for the rule).
+
+    Converts in place, so the weights are held once: ``model`` becomes the fp16 graph (reload the
+    fp32 graph for another conversion).  ``extra_fp32``: names of further nodes to keep in fp32 (the fp16
+    gate's fallback stages).
+    """
     from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.shape_inference.infer_shapes(model)
+    model = infer_shapes_light(model)
     g = model.graph
     F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
     elem = {}
@@ -160,4 +201,4 @@ def convert_to_fp16(model, extra_fp32: set[str] = frozenset()):
     del g.node[:]
     g.node.extend(new_nodes)
     del g.value_info[:]
-    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    return infer_shapes_light(model, check_type=True, strict_mode=True)

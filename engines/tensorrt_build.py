@@ -168,7 +168,7 @@ def gated_build(engine_path: Path, onnx_path: Path, build_stage, stages) -> Path
 
     try:
         result = fp16_gate(reference, candidate, info.contract, info.spec, stages=stages,
-                           what="the built TensorRT engine")
+                           what="the built TensorRT engine", instead="export without it (--no-tensorrt)")
     except MediFastError:
         engine_path.unlink(missing_ok=True)
         sidecar_path(engine_path).unlink(missing_ok=True)

@@ -26,6 +26,7 @@ from .conditioning import column_for
 from .errors import MediFastError
 from .guidance import classifier_free
 from .io import atomic_write_text, clean_tmp, ensure_dir
+from .pixels import to_uint8  # noqa: F401  (medi_fast.generate.to_uint8 for callers)
 from .plan import Plan
 from .samplers import get_sampler, sampler_entry, timesteps_for
 from .version import __version__
@@ -101,12 +102,6 @@ def distilled_warning(info: ModelInfo, cfg: GenerateConfig) -> str | None:
         return None
     return (f"this model was distilled for {made} and runs with {cfg.sampler}-{cfg.steps}; its quality was only "
             f"measured at {made}; drop --steps/--sampler to use it")
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C), rounding as diffusers' pipelines do."""
-    x = (x.float() / 2 + 0.5).clamp(0, 1)
-    return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
 def sample_rows(denoiser, info: ModelInfo, rows: pd.DataFrame, cfg: GenerateConfig) -> np.ndarray:

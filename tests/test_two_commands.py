@@ -1,12 +1,16 @@
 """The two commands users write, exactly as they write them, and the defaults behind them."""
+import errno
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from medi_fast import defaults
+from medi_fast import backends, defaults
 from medi_fast.cli import main
 from medi_fast.errors import MediFastError
 
@@ -21,15 +25,35 @@ def _cli(args, capsys):
     return code, out.out + out.err
 
 
+def _start_cli(*args, cwd):
+    """`medi-fast ARGS` as a background process (stdout/stderr to files in ``cwd``)."""
+    out, err = open(cwd / "cli.out", "w"), open(cwd / "cli.err", "w")
+    return subprocess.Popen([sys.executable, "-m", "medi_fast.cli", *map(str, args)], cwd=cwd, stdout=out, stderr=err)
+
+
+def _wait_for(proc, ready):
+    """Wait until ``ready()`` or the process ends (progress, not a clock, decides); True when ready."""
+    while proc.poll() is None:
+        if ready():
+            return True
+        time.sleep(0.2)
+    return ready()
+
+
+GATE_LINE_CPU = ("fp16 graph written, gated on first GPU use (no GPU here to run fp16 arithmetic); "
+                 "fp32 ONNX checked against the checkpoint: max eps error ")
+
+
 @pytest.mark.slow
 def test_export_then_generate_literally(run_cli, tmp_path):
-    """Fresh directory: init-checkpoint, then the two commands unchanged; output where the first
-    line says; a rerun resumes.  Few steps and a small n come from the project config file."""
+    """Fresh directory, no medi-fast.toml: init-checkpoint as the README writes it, then the two
+    commands exactly as users type them, with every default (a random checkpoint, the default
+    parity and fp16 settings, DDIM-100, --n 10000).  The generation is stopped with Ctrl-C once
+    images appear; the rerun resumes without rewriting them."""
     os.chdir(tmp_path)
     r = run_cli("init-checkpoint", "--preset", "tiny-32", "--classes", "LUAD,LUSC", "--tss", "05,44,49",
                 "--out", "ckpt.pt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    (tmp_path / "medi-fast.toml").write_text("[export]\nparity-steps = 2\n\n[generate]\nsteps = 2\n")
 
     r = run_cli("export", "ckpt.pt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -42,24 +66,113 @@ def test_export_then_generate_literally(run_cli, tmp_path):
     if not (export_dir / "model.engine").exists():  # no TensorRT/GPU here: one line says why
         skipped = [ln for ln in lines if ln.startswith("skipped TensorRT engine: ")]
         assert len(skipped) == 1 and record["skipped"]
+    gate = [ln for ln in lines if ln.startswith("fp16 graph ")]
+    assert len(gate) == 1
+    if record["fp16_gate"]["ok"] is None:  # no GPU here: say what was and was not checked
+        assert gate[0].startswith(GATE_LINE_CPU)
+        assert float(gate[0][len(GATE_LINE_CPU):]) <= 1e-4
 
-    r = run_cli("generate", "--class", "LUAD", "--tss", "05", "--n", "5", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    first, second = r.stderr.splitlines()[:2]
+    args = ("generate", "--class", "LUAD", "--tss", "05", "--n", "10000")
+    out = tmp_path / "synth" / "LUAD_tss-05"
+    pngs = lambda: sorted((out / "LUAD" / "05").glob("*.png"))  # noqa: E731
+    proc = _start_cli(*args, cwd=tmp_path)
+    assert _wait_for(proc, lambda: len(pngs()) >= 2), (tmp_path / "cli.err").read_text()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait() == 130
+    first, second = (tmp_path / "cli.err").read_text().splitlines()[:2]
     assert first.startswith(f"model {export_dir / 'model.onnx'} of {export_dir} (from the last export here")
     assert second == "output synth/LUAD_tss-05 (default; --out DIR to change)"
-    out = tmp_path / "synth" / "LUAD_tss-05"
-    pngs = sorted((out / "LUAD" / "05").glob("*.png"))
-    assert len(pngs) == 5
-    manifest = (out / "manifest.csv").read_text().splitlines()
-    assert len(manifest) == 6 and ",2," in manifest[1]  # header + 5 rows; steps = 2 from the config
-    before = {p.name: p.read_bytes() for p in pngs}
+    before = {p.name: p.read_bytes() for p in pngs()}
+    assert json.loads((out / "run.json").read_text())["config"]["steps"] == 100  # DDIM-100, the default
 
-    pngs[0].unlink()
-    r = run_cli("generate", "--class", "LUAD", "--tss", "05", "--n", "5", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "generated 1 images (4 already done)" in r.stderr
-    assert {p.name: p.read_bytes() for p in sorted((out / "LUAD" / "05").glob("*.png"))} == before
+    proc = _start_cli(*args, cwd=tmp_path)
+    assert _wait_for(proc, lambda: len(pngs()) > len(before) + 1), (tmp_path / "cli.err").read_text()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait() == 130
+    assert {p.name: p.read_bytes() for p in pngs() if p.name in before} == before
+
+
+def test_export_of_a_random_checkpoint_passes_and_says_what_was_checked(tmp_path, monkeypatch, capsys, tiny_ckpt):
+    """A random checkpoint with the defaults: on a machine without fp16 arithmetic the fp16 graph
+    is written marked for its gate on first GPU use, and one line says so."""
+    from medi_fast.backends.onnx_info import read_props
+    from medi_fast.engines import gate, pipeline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "native_fp16_backend", lambda: None)  # a machine without fp16 arithmetic
+    code, text = _cli(["export", tiny_ckpt, "--out", tmp_path / "exp"], capsys)
+    assert code == 0, text
+    line = [ln for ln in text.splitlines() if ln.startswith("fp16 graph ")]
+    assert len(line) == 1 and line[0].startswith(GATE_LINE_CPU) and float(line[0][len(GATE_LINE_CPU):]) <= 1e-4
+    record = json.loads((tmp_path / "exp" / "export.json").read_text())
+    assert record["fp16_gate"] == {"ok": None, "pending": gate.PENDING} and record["parity_ok"]
+    assert json.loads(read_props(tmp_path / "exp" / "model.fp16.onnx")["medi_fast.fp16_gate"])["ok"] is None
+    assert "DDIM-2 ORT fp32 vs torch (uint8)" in text  # the short sampling run of the default
+
+
+def test_where_fp16_runs_natively_the_export_gates_it(tmp_path, monkeypatch, capsys, tiny_ckpt):
+    """The export-time gate, with ONNX Runtime CPU standing in for the GPU backend."""
+    from medi_fast.engines import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "native_fp16_backend", lambda: "ort-cpu")
+    code, text = _cli(["export", tiny_ckpt, "--out", tmp_path / "exp", "--parity-steps", "0"], capsys)
+    assert code == 0, text
+    line = [ln for ln in text.splitlines() if ln.startswith("fp16 graph ")]
+    assert len(line) == 1 and line[0].startswith("fp16 graph gated on ort-cpu: relative eps error ")
+    assert ", stage default; fp32 ONNX checked against the checkpoint: max eps error " in line[0]
+    gate = json.loads((tmp_path / "exp" / "export.json").read_text())["fp16_gate"]
+    assert gate["ok"] is True and gate["stage"] == "default" and gate["backend"] == "ort-cpu"
+
+
+def test_an_incomplete_export_directory_is_refused(tmp_path, monkeypatch, capsys, tiny_ckpt):
+    """A killed export leaves model files without export.json (written last): never used as a model,
+    whether named or the default; a re-export removes the old export.json before writing."""
+    from medi_fast.engines import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    exp = tmp_path / "exp"
+    assert _cli(["export", tiny_ckpt, "--out", exp, "--no-fp16", "--parity-steps", "0"], capsys)[0] == 0
+    (exp / "export.json").unlink()  # what a kill after model.onnx leaves
+    fix = f"medi-fast: error: export directory {exp} is incomplete (no export.json: its export was interrupted or " \
+          f"failed); rerun `medi-fast export CKPT --out {exp}`"
+    for argv in (["generate", exp, "--class", "LUAD", "--n", "2", "--out", tmp_path / "o"],
+                 ["generate", "--class", "LUAD", "--n", "2", "--out", tmp_path / "o"], ["info", exp]):
+        code, text = _cli(argv, capsys)
+        assert code == 2 and text.strip() == fix, text
+    assert not (tmp_path / "o").exists()
+
+    assert _cli(["export", tiny_ckpt, "--out", exp, "--no-fp16", "--parity-steps", "0"], capsys)[0] == 0
+    assert _cli(["info", exp], capsys)[0] == 0
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "compare", interrupted)  # after the new model.onnx is in place
+    assert _cli(["export", tiny_ckpt, "--out", exp, "--no-fp16", "--parity-steps", "0"], capsys)[0] == 130
+    code, text = _cli(["info", exp], capsys)
+    assert code == 2 and text.strip() == fix
+
+
+def test_a_full_disk_export_leaves_nothing(tmp_path, monkeypatch, capsys, tiny_ckpt):
+    import onnx
+
+    real_save = onnx.save_model
+
+    def disk_full(model, f, *a, **k):
+        real_save(model, f, *a, **k)
+        with open(f, "r+b") as fh:  # what a full disk leaves: a truncated file, then ENOSPC
+            fh.truncate(100)
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(onnx, "save_model", disk_full)
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(tiny_ckpt), "--out", str(tmp_path / "exp")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == (f"medi-fast: error: disk full while writing {tmp_path / 'exp'}; free space or "
+                                         "choose another --out, then rerun the same command to resume\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no export directory, no temporary files
 
 
 def test_model_resolution_order(tmp_path, monkeypatch):
@@ -119,6 +232,7 @@ def test_export_directory_picks_what_runs_here(tmp_path, monkeypatch):
 
     for name in ("model.onnx", "model.fp16.onnx", "model.engine"):
         (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "export.json").write_text('{"parity_ok": true}')  # no fp16_gate entry: gated when written
     monkeypatch.setattr(backends, "available", lambda kind=None: ["ort-cpu"] if kind == "onnx" else [])
     assert backends.pick_export_file(tmp_path) == tmp_path / "model.onnx"
     monkeypatch.setattr(backends, "available",
@@ -132,6 +246,49 @@ def test_export_directory_picks_what_runs_here(tmp_path, monkeypatch):
     monkeypatch.setattr(backends, "available", lambda kind=None: [])
     with pytest.raises(MediFastError, match="no file of export directory .* runs here"):
         backends.pick_export_file(tmp_path)
+    (tmp_path / "export.json").write_text('{"parity_ok": false}')
+    with pytest.raises(MediFastError, match="failed its parity check"):
+        backends.pick_export_file(tmp_path)
+
+
+def test_an_fp16_graph_exported_without_a_gpu_is_gated_on_first_gpu_use(tmp_path, monkeypatch, capsys, tiny_ckpt):
+    """A stand-in CUDA backend (ONNX Runtime CPU under the name ort-cuda): the pending fp16 graph is
+    gated on first use and kept in fp16_gate.json; one that does not match its fp32 graph (here:
+    another model's weights) is not used, and `medi-fast backends` says why."""
+    import dataclasses
+
+    import torch
+
+    from medi_fast import backends, checkpoint
+    from medi_fast.engines import pipeline
+    from medi_fast.model import build_model
+    from medi_fast.schedule import Schedule
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "native_fp16_backend", lambda: None)  # exported without a GPU
+    assert _cli(["export", tiny_ckpt, "--out", tmp_path / "a", "--parity-steps", "0"], capsys)[0] == 0
+    torch.manual_seed(11)
+    other = build_model("tiny-32", classes=["LUAD", "LUSC"], metadata={"tss": ["05", "44", "49"]})
+    checkpoint.save(checkpoint.from_model(other, Schedule(), preset="tiny-32"), tmp_path / "other.pt")
+    assert _cli(["export", tmp_path / "other.pt", "--out", tmp_path / "b", "--parity-steps", "0"], capsys)[0] == 0
+    os.replace(tmp_path / "b" / "model.fp16.onnx", tmp_path / "a2.fp16.onnx")
+
+    monkeypatch.setitem(backends.BACKENDS, "ort-cuda", dataclasses.replace(backends.BACKENDS["ort-cpu"], name="ort-cuda"))
+    monkeypatch.setattr(backends, "available", lambda kind=None: ["ort-cuda", "ort-cpu"] if kind == "onnx" else [])
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "get_device_name", lambda *a: "Stand-in GPU")
+        assert backends.pick_export_file(tmp_path / "a") == tmp_path / "a" / "model.fp16.onnx"
+        saved = json.loads((tmp_path / "a" / backends.FP16_GATE_FILE).read_text())
+        assert saved["gpu"] == "Stand-in GPU" and saved["ok"] is True and 0 < saved["rel"] <= 1e-2
+
+        os.replace(tmp_path / "a2.fp16.onnx", tmp_path / "a" / "model.fp16.onnx")
+        (tmp_path / "a" / backends.FP16_GATE_FILE).unlink()
+        assert backends.pick_export_file(tmp_path / "a") == tmp_path / "a" / "model.onnx"
+        assert json.loads((tmp_path / "a" / backends.FP16_GATE_FILE).read_text())["ok"] is False
+    code, text = _cli(["backends", tmp_path / "a"], capsys)
+    assert code == 0 and "model.fp16.onnx    does not run here: failed the fp16 gate on " in text \
+        and "(relative eps error" in text and "model.onnx         runs with ort-cuda  <- used" in text, text
 
 
 def test_default_out_dir_uses_canonical_names(tiny_ckpt):

@@ -11,11 +11,12 @@ wrote.
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-import inspect
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -131,15 +132,94 @@ def available(kind: str | None = None) -> list[str]:
 # Files of an export directory, in the order they are preferred when their backend is available here.
 EXPORT_FILES = (("model.engine", ("tensorrt",)), ("model.fp16.onnx", ("ort-trt", "ort-cuda")),
                 ("model.onnx", None))
+# Written last by `medi-fast export`: a directory without it is an export that did not finish.
+EXPORT_RECORD = "export.json"
+# The fp16 gate's result for an fp16 graph exported without a GPU, written on its first GPU use.
+FP16_GATE_FILE = "fp16_gate.json"
 
 
-def is_export_dir(path) -> bool:
-    path = Path(path)
-    return path.is_dir() and any((path / name).is_file() for name, _ in EXPORT_FILES)
+def check_export_dir(directory) -> dict:
+    """The export record of a finished export directory; one line refusing any other.
+
+    ``medi-fast export`` removes ``export.json`` before writing a model file and writes it last, so
+    a directory without it was interrupted (killed, out of disk) and may hold a half-written model.
+    """
+    directory = Path(directory)
+    rerun = f"rerun `medi-fast export CKPT --out {directory}`"
+    path = directory / EXPORT_RECORD
+    if not path.is_file():
+        raise MediFastError(f"export directory {directory} is incomplete (no {EXPORT_RECORD}: its export was "
+                            f"interrupted or failed); {rerun}")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        record = None
+    if not isinstance(record, dict):
+        raise MediFastError(f"{path} is corrupt; {rerun}")
+    if record.get("parity_ok") is not True:
+        raise MediFastError(f"export directory {directory} failed its parity check (see its parity.json) and must "
+                            f"not be used; {rerun} after fixing the checkpoint, or report it")
+    return record
+
+
+def fp16_gate_here(directory, backend: str, record: dict) -> str:
+    """"" when the export directory's fp16 graph may run on ``backend`` (a GPU backend), else why not.
+
+    ``record``: the directory's export.json.  A graph exported on a machine with a GPU passed the
+    fp16 gate there (its ``fp16_gate`` says ``ok``; exports from before the key existed were gated
+    when written).  One exported without a GPU (``ok: null``) is gated here, on its first use: the
+    fp16 graph on ``backend`` against the fp32 graph in fp32 on the GPU (accuracy.check_denoiser:
+    relative eps error and NaN/inf over the probe set); the result is kept in ``fp16_gate.json``
+    per GPU model.
+    """
+    import torch
+
+    from . import accuracy
+
+    directory = Path(directory)
+    gate = record.get("fp16_gate", {"ok": True})
+    if not isinstance(gate, dict) or gate.get("ok") not in (True, None):
+        raise MediFastError(f"{directory / EXPORT_RECORD} has a corrupt fp16_gate entry; rerun "
+                            f"`medi-fast export CKPT --out {directory}`")
+    if gate["ok"] is True:
+        return ""
+    fp16 = directory / "model.fp16.onnx"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else backend
+    saved_path = directory / FP16_GATE_FILE
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else {}
+    except (ValueError, OSError):
+        saved = {}
+    numbers = ("rel", "rel_bound", "nonfinite")
+    if not (isinstance(saved, dict) and saved.get("gpu") == gpu and isinstance(saved.get("ok"), bool)
+            and all(type(saved.get(k)) in (int, float) for k in numbers)):  # anything else: gate again
+        info = open_model(directory / "model.onnx")
+        # the fp32 graph in fp32: ort-trt would build it as an fp16 engine, and judge fp16 by fp16
+        reference = create("ort-cuda" if "ort-cuda" in available("onnx") else "ort-cpu", info)
+        candidate = create(backend, open_model(fp16))
+        try:
+            check = accuracy.check_denoiser(reference, candidate, info.contract, info.spec)
+        finally:
+            reference.close()
+            candidate.close()
+        saved = {"gpu": gpu, "backend": backend, **check.to_dict()}
+        try:
+            from ..io import atomic_write_text
+
+            atomic_write_text(saved_path, json.dumps(saved, indent=2))
+        except MediFastError:  # a read-only export directory (a shared model): gated again next time
+            pass
+    if saved["ok"]:
+        return ""
+    return (f"failed the fp16 gate on {gpu} (relative eps error {saved['rel']:.3g}, bound {saved['rel_bound']:g}, "
+            f"{saved['nonfinite']} NaN/inf); rerun `medi-fast export CKPT --out {directory}` on this machine to pin "
+            f"more layers to fp32")
 
 
 def export_candidates(directory) -> list[tuple[Path, str | None, str]]:
-    """Each model file of an export directory with the backend that would run it here (or None) and why."""
+    """Each model file of a finished export directory with the backend that would run it here (or
+    None) and why."""
+    record = check_export_dir(directory)
     out = []
     for name, wanted in EXPORT_FILES:
         path = Path(directory) / name
@@ -151,6 +231,8 @@ def export_candidates(directory) -> list[tuple[Path, str | None, str]]:
             out.append((path, None, f"needs {' or '.join(wanted)}, not available here"))
         elif not names:
             out.append((path, None, "no backend available here"))
+        elif name == "model.fp16.onnx" and (why := fp16_gate_here(directory, names[0], record)):
+            out.append((path, None, why))
         else:
             out.append((path, names[0], ""))
     return out
@@ -165,6 +247,11 @@ def pick_export_file(directory) -> Path:
     found = ", ".join(p.name for p, _, _ in candidates) or "no model files"
     raise MediFastError(f"no file of export directory {directory} runs here ({found}); "
                         f"re-export with `medi-fast export CKPT --out {directory}`")
+
+
+def is_export_dir(path) -> bool:
+    path = Path(path)
+    return path.is_dir() and any((path / name).is_file() for name, _ in EXPORT_FILES)
 
 
 def resolve(name: str, info: ModelInfo) -> str:

@@ -12,7 +12,8 @@ import click
               help="Output directory (model.onnx, model.fp16.onnx, model.engine, parity.json, export.json).  "
                    "Default: CKPT_STEM.export/ beside the checkpoint.")
 @click.option("--fp16/--no-fp16", default=True, show_default=True,
-              help="Also write model.fp16.onnx (normalisations and timestep/metadata encodings in fp32).")
+              help="Also write model.fp16.onnx (normalisations and timestep/metadata encodings in fp32), for "
+                   "GPUs: gated against fp32 here when a CUDA GPU is present, otherwise on first GPU use.")
 @click.option("--batch", "batch", default="1,16,64", show_default=True,
               help="MIN,OPT,MAX batch of the engine's optimisation profile (recorded in the graph; used by TensorRT).")
 @click.option("--tensorrt/--no-tensorrt", default=None,
@@ -21,8 +22,8 @@ import click
 @click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset: 18 or 19.")
 @click.option("--optimization-level", default=3, show_default=True, type=click.IntRange(0, 5),
               help="TensorRT builder optimisation level (0 fastest build .. 5 most kernel search).")
-@click.option("--parity-steps", default=10, show_default=True, type=click.IntRange(0, 1000),
-              help="DDIM steps of the whole-run ORT-vs-torch parity check (0 skips it).")
+@click.option("--parity-steps", default=2, show_default=True, type=click.IntRange(0, 1000),
+              help="DDIM steps of the short ORT-vs-torch sampling run, batch 2, reported (0 skips it).")
 @click.option("--no-ema", is_flag=True, help="Export the raw weights instead of the EMA weights.")
 def export(checkpoint: Path, out_dir: Path | None, fp16: bool, batch: str, tensorrt: bool | None, opset: int,
            optimization_level: int, parity_steps: int, no_ema: bool):
