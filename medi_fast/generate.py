@@ -207,7 +207,10 @@ class Generator:
             device = getattr(self.denoiser, "device", "cpu")
             check_batch(min(self.cfg.batch_size, n_images), per_image, device)
 
-    def _check_run_dir(self, out: Path, plan: Plan, shard: tuple[int, int]) -> None:
+    def check_run_dir(self, out: Path, plan: Plan, shard: tuple[int, int] = (0, 1)) -> None:
+        """Claim ``out`` for this run: refuse a directory that holds a run of another model, plan, shard
+        count or sampling config (resuming it would mix two experiments), else (re)write its ``run.json``.
+        ``plan`` is the whole plan, not the shard."""
         record = {"model_hash": self.info.model_hash, "plan_digest": plan.digest(), "shards": shard[1],
                   "config": {k: v for k, v in asdict(self.cfg).items() if k not in ("batch_size", "workers")}}
         path = out / "run.json"
@@ -234,11 +237,11 @@ class Generator:
         if out is not None:
             out = ensure_dir(out)
             clean_tmp(out)
-            self._check_run_dir(out, full_plan, shard)
+            self.check_run_dir(out, full_plan, shard)
             writer = make_writer(out, plan.attributes, cfg.format, cfg.jpeg_quality)
             pending = writer.pending(plan.rows)
         rows = plan.rows
-        units = self._units(rows, pending, writer)
+        units = self.units(rows, pending, writer)
         t0 = time.perf_counter()
         made = 0
         bar = tqdm(total=int(pending.sum()), unit="img", desc="generate", disable=not self.progress,
@@ -247,17 +250,10 @@ class Generator:
         try:
             with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
                 for unit_rows, todo in units:
-                    images = np.empty((len(unit_rows), self.info.resolution, self.info.resolution, 3), np.uint8)
                     new = np.flatnonzero(todo)
-                    for s in range(0, len(new), cfg.batch_size):
-                        sel = new[s:s + cfg.batch_size]
-                        images[sel] = sample_rows(self.denoiser, self.info, unit_rows.iloc[sel], cfg)
-                        bar.update(len(sel))
+                    images = self.sample_unit(unit_rows, todo, writer if self.sinks else None,
+                                              on_batch=bar.update)
                     made += len(new)
-                    if len(new) < len(unit_rows):  # resumed: read finished images back for the sinks
-                        if self.sinks:
-                            old = np.flatnonzero(~todo)
-                            images[old] = writer.read(unit_rows.iloc[old])
                     for sink in self.sinks:
                         sink(images, unit_rows)
                     if writer is not None and len(new):
@@ -273,12 +269,33 @@ class Generator:
                 clean_tmp(out)
         seconds = time.perf_counter() - t0
         if out is not None:
-            self._write_manifest(out, full_plan, shard, writer)
+            self.write_manifest(out, full_plan, shard, writer)
         return {"generated": made, "skipped": int((~pending).sum()), "seconds": seconds,
                 "images_per_s": made / seconds if seconds > 0 else 0.0}
 
-    def _units(self, rows: pd.DataFrame, pending: np.ndarray, writer):
-        """(rows, pending mask) work units: one batch for folders, one whole shard for tar."""
+    def sample_unit(self, rows: pd.DataFrame, todo: np.ndarray, writer=None, on_batch=None) -> np.ndarray:
+        """The images of one work unit, uint8 (len(rows), H, W, 3): its pending rows (``todo``) sampled
+        in batches of ``--batch-size``, in order; with ``writer``, finished rows read back from it (for
+        sinks), else left zero.  ``on_batch(n)`` after each batch."""
+        res = self.info.resolution
+        images = np.zeros((len(rows), res, res, 3), np.uint8)
+        new = np.flatnonzero(todo)
+        for s in range(0, len(new), self.cfg.batch_size):
+            sel = new[s:s + self.cfg.batch_size]
+            images[sel] = sample_rows(self.denoiser, self.info, rows.iloc[sel], self.cfg)
+            if on_batch is not None:
+                on_batch(len(sel))
+        old = np.flatnonzero(~np.asarray(todo, dtype=bool))
+        if writer is not None and len(old):
+            images[old] = writer.read(rows.iloc[old])
+        return images
+
+    def units(self, rows: pd.DataFrame, pending: np.ndarray, writer=None):
+        """The run's work units, in plan order: ``(rows, pending mask)`` pairs, one ``--batch-size`` batch
+        of pending rows for image folders, one whole tar shard for ``--format tar``.  With sinks every
+        row is in a unit (finished images are read back for them).  Each unit is sampled in batches of
+        ``--batch-size`` of its pending rows; a Ray run uses the same units, so each image is computed
+        in the same batch as in a local run."""
         if writer is not None and self.cfg.format == "tar":
             shards = writer.shard_of(rows["index"].to_numpy())
             for k in np.unique(shards):
@@ -292,7 +309,10 @@ class Generator:
             sel = idx[s:s + step]
             yield rows.iloc[sel], pending[sel]
 
-    def _write_manifest(self, out: Path, plan: Plan, shard: tuple[int, int], writer) -> None:
+    def write_manifest(self, out: Path, plan: Plan, shard: tuple[int, int], writer) -> None:
+        """Write ``manifest.csv`` (one row per image of shard ``i`` of ``n`` of the whole ``plan``: file,
+        conditioning, index, seed, sampling settings, model hash) atomically; with shards, each writes its
+        part and the last to finish writes the whole manifest."""
         i, n = shard
         part = plan.shard(i, n) if n > 1 else plan
         df = _manifest(part.rows, writer.files(part.rows), self.info, self.cfg)
@@ -304,3 +324,210 @@ class Generator:
         if all(p.exists() for p in parts):  # the last shard to finish writes the whole manifest
             whole = pd.concat([pd.read_csv(p, dtype=str, keep_default_na=False) for p in parts])
             atomic_write_text(out / "manifest.csv", whole.to_csv(index=False))
+
+
+def check_shard(shard: tuple[int, int], n_images: int) -> None:
+    """Refuse a shard ``I/N`` that is malformed or names more shards than the plan has images (every
+    shard past the plan's size would be empty, and N shard manifests would be waited for)."""
+    i, n = shard
+    if not (n >= 1 and 0 <= i < n):
+        raise MediFastError(f"--shard {i}/{n} is invalid; use I/N with 0 <= I < N")
+    if n > max(n_images, 1):
+        raise MediFastError(f"--shard {i}/{n} cuts a plan of {n_images} image(s) into {n} shards; use at most "
+                            f"{max(n_images, 1)} shards (N <= {max(n_images, 1)})")
+
+
+@dataclass(frozen=True)
+class FIDStats:
+    """Stream FID statistics of the generated images, per class, to ``path`` (``--fid-stats``).
+
+    ``features``: an extractor of ``eval.features.EXTRACTORS`` (Inception for FID); ``weights``: its
+    local weights file; ``device``: where it runs."""
+
+    path: Path
+    features: str = "inception"
+    weights: Path | None = None
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Run the job on Ray (``--ray``): ``address`` of a cluster (``auto``, ``HOST:6379``,
+    ``ray://HOST:10001``; None starts a local instance), a fixed pool of ``workers`` actors (None:
+    autoscale), GPUs and CPUs per actor (None: one GPU where the cluster has GPUs, else CPU actors with
+    as many CPUs as the job's torch threads)."""
+
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float | None = None
+
+    def __post_init__(self):
+        # Checked before Ray is started or joined: a bad number fails in one line, not after a cluster start.
+        if self.address is not None and not str(self.address).strip():
+            raise MediFastError("--ray '' names no cluster; give auto, HOST:6379 or ray://HOST:10001, or --ray "
+                                "alone for a local instance")
+        if self.workers is not None and self.workers <= 0:
+            raise MediFastError(f"--ray-workers must be a positive number of actors, got {self.workers}; drop it "
+                                f"to let the pool scale to the cluster")
+        if self.gpus_per_worker is not None and not (math.isfinite(self.gpus_per_worker)
+                                                     and 0 <= self.gpus_per_worker <= 1024):
+            raise MediFastError(f"--ray-gpus-per-worker must be a number of GPUs >= 0 (0: CPU actors; 0.5: two "
+                                f"actors per GPU), got {self.gpus_per_worker}")
+        if self.cpus_per_worker is not None and not (math.isfinite(self.cpus_per_worker)
+                                                     and 0 < self.cpus_per_worker <= 4096):
+            raise MediFastError(f"cpus_per_worker must be a positive number of CPUs, got {self.cpus_per_worker}")
+
+
+@dataclass(frozen=True)
+class JobStart:
+    """What a job is about to do, handed to ``run_job``'s ``on_start`` once every check has passed and
+    before the first byte is written (the CLI prints it)."""
+
+    info: ModelInfo
+    backend: str  # the backend's name (on Ray: as given; each actor resolves ``auto`` itself)
+    config: GenerateConfig
+    images: int  # in this shard
+    shard: tuple[int, int]
+    out: Path | None
+    on_ray: bool
+    warnings: tuple[str, ...]
+
+
+def run_job(model, plan: Plan, out=None, config: GenerateConfig | None = None, *, backend="auto",
+            backend_options: dict | None = None, shard: tuple[int, int] = (0, 1), fid: FIDStats | None = None,
+            ray: RayOptions | None = None, sinks: Sequence[Callable] = (), progress: bool = True,
+            on_start: Callable[[JobStart], None] | None = None) -> dict:
+    """Run one generation job: ``plan`` (shard ``I/N``) from ``model`` into ``out`` (None: no files)
+    with ``config``, locally or on Ray, optionally streaming FID statistics (``fid``) and images to
+    ``sinks`` (callables ``sink(images, rows)``, local runs only).  The one home of this wiring: the
+    ``generate`` command, the Python API, the demo and ``medi_fast.ray.generate`` call it.
+
+    ``model``: a model file or an opened ``ModelInfo`` (the orchestrator has already resolved what the
+    runtime does not build: e.g. a TensorRT engine from the engine cache).  ``backend``: a name
+    (``auto`` allowed) created with ``backend_options``, or, locally, an already created backend.
+    Every option, the model, the backend and the output directory are checked before the first byte is
+    written; then ``on_start(JobStart)`` is called.  Returns the counts and speed (``generated``,
+    ``skipped``, ``seconds``, ``images_per_s``) and the ``backend`` used.
+
+    On Ray the actors run with this process's torch thread counts and generate the same work units in
+    the same batches, so they write the bytes a local run of the same job writes.
+    """
+    from . import backends
+
+    cfg = config or GenerateConfig()
+    options = dict(backend_options or {})
+    shard = (int(shard[0]), int(shard[1]))
+    check_shard(shard, len(plan))
+    if ray is not None:
+        if shard[1] > 1:
+            raise MediFastError("--shard and --ray do not combine; drop --shard (Ray spreads the plan over its workers)")
+        if sinks:
+            raise MediFastError("sinks run in this process and cannot follow images made on Ray; run locally, "
+                                "or use fid=FIDStats(...) for statistics")
+        if not isinstance(backend, str):
+            raise MediFastError("on Ray each actor creates its own backend: give the backend by name")
+        if out is None and fid is None:
+            raise MediFastError("give --out DIR (images) and/or --fid-stats FILE.npz (statistics only)")
+    info = model if isinstance(model, ModelInfo) else backends.open_model(model)
+    part = plan.shard(*shard) if shard[1] > 1 else plan
+    if out is not None:
+        from .io import check_writable_dir
+
+        out = check_writable_dir(out)  # before any weights are loaded
+    if fid is not None:
+        from .eval.features import EXTRACTORS, get_extractor
+
+        if Path(fid.path).suffix != ".npz":
+            raise MediFastError(f"--fid-stats {fid.path} must end in .npz")
+        if fid.features not in EXTRACTORS:
+            get_extractor(fid.features)  # the usual "unknown feature extractor" error, before any work
+    if ray is not None:
+        from . import ray_generate
+
+        ray_generate.check_backend(backend, info)
+        name = backend
+        threads = (torch.get_num_threads(), torch.get_num_interop_threads())
+        cluster = ray_generate.start(ray, threads[0])  # joins or starts Ray; refuses a cluster no actor fits
+        gen = Generator(info, None, cfg, progress=False)
+        sink = None
+        if fid is not None:
+            from .eval.fid import FIDStatsSink
+
+            # The driver keeps the accumulator and writes the npz; the actors run the extractor.
+            sink = FIDStatsSink(fid.path, per="class", extractor=ray_generate.NamedExtractor(fid.features))
+            gen.sinks = [sink.add]  # every row is then in a unit, as in a local run with a sink
+    else:
+        from .resources import check_device
+
+        check_device(options.get("device"))
+        if isinstance(backend, str):
+            denoiser = backends.create(backends.resolve(backend, info), info, **options)
+        else:
+            denoiser = backend
+        name = getattr(denoiser, "name", type(denoiser).__name__)
+        all_sinks = list(sinks)
+        sink = None
+        if fid is not None:
+            from .eval.features import get_extractor
+            from .eval.fid import FIDStatsSink
+
+            sink = FIDStatsSink(fid.path, per="class",
+                                extractor=get_extractor(fid.features, weights=fid.weights, device=fid.device))
+            all_sinks.append(sink.add)
+        gen = Generator(info, denoiser, cfg, sinks=all_sinks, progress=progress)
+        check_unet_batch(denoiser, min(cfg.batch_size, max(len(part), 1)), cfg.guidance)
+        gen.check(len(part))
+    warnings = tuple(w for w in (guidance_warning(info, cfg.guidance), distilled_warning(info, cfg)) if w)
+    if on_start is not None:
+        on_start(JobStart(info, name, cfg, len(part), shard, Path(out) if out is not None else None, ray is not None,
+                          warnings))
+    if ray is None:
+        stats = gen.run(plan, out, shard)
+    else:
+        stats = _run_on_ray(gen, plan, out, cluster, backend=name, backend_options=options, fid=fid, sink=sink,
+                            threads=threads, progress=progress)
+    if sink is not None:
+        sink.close()
+    return {**stats, "backend": name}
+
+
+def _run_on_ray(gen: Generator, plan: Plan, out, cluster, *, backend: str, backend_options: dict,
+                fid: FIDStats | None, sink, threads: tuple[int, int], progress: bool) -> dict:
+    """The Ray half of ``run_job``: the run directory, units and manifest are this module's (the same
+    as a local run's); ``ray_generate.run_units`` only executes the units on actors."""
+    from . import ray_generate
+    from .writers import make_writer
+
+    cfg = gen.cfg
+    rows = plan.rows.reset_index(drop=True)
+    writer, pending = None, np.ones(len(rows), dtype=bool)
+    if out is not None:
+        out = ensure_dir(out)
+        clean_tmp(out)
+        gen.check_run_dir(out, plan, (0, 1))
+        writer = make_writer(out, plan.attributes, cfg.format, cfg.jpeg_quality)
+        pending = writer.pending(rows)
+    units = list(gen.units(rows, pending, writer))
+    t0 = time.perf_counter()
+    made = 0
+    if units:
+        features = None if fid is None else {"name": fid.features, "device": fid.device,
+                                             "weights": str(fid.weights) if fid.weights else None}
+        try:
+            made = ray_generate.run_units(
+                cluster, units, model=gen.info.path, backend=backend, backend_options=backend_options, config=cfg,
+                out=out, features=features, threads=threads, progress=progress,
+                on_features=None if sink is None else sink.acc.add, total=int(pending.sum()))
+        finally:
+            if out is not None:
+                clean_tmp(out)  # a killed actor's half-written temporary files
+    seconds = time.perf_counter() - t0
+    if out is not None:
+        gen.write_manifest(out, plan, (0, 1), writer)
+        missing = int(writer.pending(rows).sum())
+        if missing:
+            raise MediFastError(f"{missing} planned image(s) are missing from {out} after the Ray run; "
+                                f"rerun the same command to finish them")
+    return {"generated": made, "skipped": int((~pending).sum()), "seconds": seconds,
+            "images_per_s": made / seconds if seconds > 0 else 0.0}
