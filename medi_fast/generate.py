@@ -364,9 +364,11 @@ class RayOptions:
 
     def __post_init__(self):
         # Checked before Ray is started or joined: a bad number fails in one line, not after a cluster start.
-        if self.address is not None and not str(self.address).strip():
-            raise MediFastError("--ray '' names no cluster; give auto, HOST:6379 or ray://HOST:10001, or --ray "
-                                "alone for a local instance")
+        if self.address is not None and self.address != "auto":
+            host, sep, port = str(self.address).removeprefix("ray://").rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise MediFastError(f"--ray {self.address!r} is not a Ray address; give auto, HOST:6379 or "
+                                    f"ray://HOST:10001, or --ray alone for a local instance")
         if self.workers is not None and self.workers <= 0:
             raise MediFastError(f"--ray-workers must be a positive number of actors, got {self.workers}; drop it "
                                 f"to let the pool scale to the cluster")

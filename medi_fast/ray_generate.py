@@ -43,15 +43,12 @@ def require_ray():
 
 
 def check_address(address: str) -> None:
-    """Refuse an address that is malformed or where nothing answers, in seconds: Ray's own client
-    retries an unreachable GCS address until it is killed.  ``auto`` is Ray's to find (it fails at
-    once when no cluster runs on this node)."""
+    """Refuse, in seconds, an address where nothing answers: Ray's own client retries an unreachable
+    GCS address until it is killed.  ``auto`` is Ray's to find (it fails at once when no cluster runs
+    on this node); the address's form was checked with the other options (``RayOptions``)."""
     if address == "auto":
         return
-    hostport = address[len("ray://"):] if address.startswith("ray://") else address
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise MediFastError(f"--ray {address!r} is not a Ray address; {ADDRESS_HINT}")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
     except OSError as e:
@@ -64,10 +61,11 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     """Join the Ray cluster at ``address`` (``auto``: the one ``ray start`` began on this node), or
     start a local instance sized to this machine; a no-op when this process is already connected."""
     ray = require_ray()
+    if address:
+        check_address(address)
     if not ray.is_initialized():
         kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
         if address:
-            check_address(address)
             try:
                 ray.init(address=address, **kwargs)
             except (ValueError, ConnectionError, TimeoutError) as e:
