@@ -482,8 +482,7 @@ def run_job(model, plan: Plan, out=None, config: GenerateConfig | None = None, *
         gen.check(len(part))
     warnings = tuple(w for w in (guidance_warning(info, cfg.guidance), distilled_warning(info, cfg)) if w)
     if on_start is not None:
-        on_start(JobStart(info, name, cfg, len(part), shard, Path(out) if out is not None else None, ray is not None,
-                          warnings))
+        on_start(JobStart(info, name, cfg, len(part), shard, out, ray is not None, warnings))
     if ray is None:
         stats = gen.run(plan, out, shard)
     else:

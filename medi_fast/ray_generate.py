@@ -59,9 +59,11 @@ def check_address(address: str) -> None:
 
 def connect(address: str | None = None, num_cpus: int | None = None):
     """Join the Ray cluster at ``address`` (``auto``: the one ``ray start`` began on this node), or
-    start a local instance sized to this machine; a no-op when this process is already connected."""
+    start a local instance sized to this machine; a no-op when this process is already connected (a
+    given address must still be well formed and answer)."""
     ray = require_ray()
     if address:
+        RayOptions(address=address)  # its form, checked where the other options are
         check_address(address)
     if not ray.is_initialized():
         kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
@@ -141,7 +143,7 @@ def start(options: RayOptions, threads: int) -> Cluster:
     cpus = options.cpus_per_worker
     if cpus is None:
         cpus = 1.0 if gpus else float(max(1, min(threads, most_cpus or 1)))
-    if cpus > max(most_cpus, 0) and (options.cpus_per_worker is not None or most_cpus > 0):
+    if options.cpus_per_worker is not None and cpus > most_cpus:
         raise MediFastError(f"{cpus:g} CPUs per actor: no node of the Ray cluster has that many (the most on one "
                             f"node: {most_cpus:g}); ask for fewer")
     return Cluster(ray, options, float(cpus), float(gpus), dict(totals))

@@ -74,7 +74,7 @@ def test_ray_run_writes_the_bytes_of_a_local_run_and_resumes(local_ray, tiny_ckp
     again = mray.generate(tiny_ckpt, p, tmp_path / "ray", config=cfg, backend="torch", workers=2, progress=False)
     assert again["generated"] == len(lost) and again["skipped"] == 13 - len(lost)
     _same_outputs(tmp_path / "local", tmp_path / "ray")
-    # Nothing left to do: the cluster is not even asked.
+    # Nothing left to do: no actor is started.
     done = mray.generate(tiny_ckpt, p, tmp_path / "ray", config=cfg, backend="torch", progress=False)
     assert done["generated"] == 0 and done["skipped"] == 13
 
