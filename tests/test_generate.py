@@ -288,6 +288,8 @@ def _cli_fails(capsys, args) -> str:
      "--meta tss=05 and --meta tss=44 give tss twice with different values; give it once"),
     (["--tss", "05", "--meta", "class=LUSC"],
      "--class LUAD and --meta class=LUSC give the class twice with different values; give it once"),
+    (["--tss", "05", "--sampler", ""],  # was taken for the default
+     "unknown sampler ''; choose from ddim, dpmpp-2m, unipc, dpmpp-2m-clip, unipc-clip"),
     (["--tss", "05", "--shard", "0/1000000000000"],
      "--shard 0/1000000000000 cuts a plan of 3 image(s) into 1000000000000 shards; use at most 3 shards (N <= 3)"),
 ])

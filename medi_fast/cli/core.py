@@ -131,8 +131,9 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
 
         require_ray()  # a missing extra is said first, in one line
     choice = _model_choice(model, model_opt)
-    cfg = GenerateConfig(steps=100 if steps is None else steps, eta=eta, sampler=sampler or "ddim", guidance=guidance,
-                         batch_size=batch_size, format=fmt, jpeg_quality=jpeg_quality, workers=workers)
+    cfg = GenerateConfig(steps=100 if steps is None else steps, eta=eta, guidance=guidance, batch_size=batch_size,
+                         sampler="ddim" if sampler is None else sampler,  # --sampler '' is an unknown name
+                         format=fmt, jpeg_quality=jpeg_quality, workers=workers)
     shard_ = _parse_shard(shard)
     values = _with_class(class_, _metadata(tss, gender, race, age, meta))
     info = backends.open_model(choice.path)
