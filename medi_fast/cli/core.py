@@ -180,8 +180,6 @@ def _source_of(name: str) -> str:
     source = click.get_current_context().get_parameter_source(name)
     if source is click.core.ParameterSource.DEFAULT_MAP:
         return f"{CONFIG_FILE} [{click.get_current_context().info_name}] {name}"
-    if source is click.core.ParameterSource.ENVIRONMENT:
-        return "environment"
     return f"--{name.replace('_', '-')}"
 
 
