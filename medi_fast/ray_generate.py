@@ -18,6 +18,7 @@ running sums a local run keeps: the statistics equal the single-process ones to 
 """
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 from dataclasses import dataclass
@@ -42,19 +43,25 @@ def require_ray():
     return ray
 
 
-def check_address(address: str) -> None:
+def check_address(address: str | None) -> None:
     """Refuse, in seconds, an address where nothing answers: Ray's own client retries an unreachable
-    GCS address until it is killed.  ``auto`` is Ray's to find (it fails at once when no cluster runs
-    on this node); the address's form was checked with the other options (``RayOptions``)."""
-    if address == "auto":
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
+    GCS address until it is killed.  Without an address (or with ``auto``) Ray joins ``$RAY_ADDRESS``
+    when it is set, so that one is checked; else ``auto`` is Ray's to find (it fails at once when no
+    cluster runs on this node).  A given address's form was checked with the other options."""
+    source = ""
+    if address in (None, "auto"):
+        address, source = os.environ.get("RAY_ADDRESS"), " (from $RAY_ADDRESS)"
+        if not address or address in ("auto", "local"):
+            return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise MediFastError(f"{address!r}{source} is not a Ray address; {ADDRESS_HINT}")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
     except OSError as e:
         why = e.strerror or str(e) or type(e).__name__
-        raise MediFastError(f"cannot join the Ray cluster at {address!r}: nothing answers at {host}:{port} ({why}); "
-                            f"start it with `ray start --head`, or {ADDRESS_HINT}") from None
+        raise MediFastError(f"cannot join the Ray cluster at {address!r}{source}: nothing answers at {host}:{port} "
+                            f"({why}); start it with `ray start --head`, or {ADDRESS_HINT}") from None
 
 
 def connect(address: str | None = None, num_cpus: int | None = None):
@@ -64,7 +71,7 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     ray = require_ray()
     if address:
         RayOptions(address=address)  # its form, checked where the other options are
-        check_address(address)
+    check_address(address)
     if not ray.is_initialized():
         kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
         if address:

@@ -276,15 +276,19 @@ def test_gpus_the_cluster_lacks_are_refused_before_anything_is_written(local_ray
     assert not out.exists()
 
 
-def test_an_unreachable_address_is_refused_at_once(run_cli, tiny_ckpt, tmp_path):
-    """Ray's client retries such an address until it is killed; the command asks the port first."""
-    r = run_cli("generate", tiny_ckpt, "--class", "LUAD", "--tss", "05", "--n", "2", "--out", tmp_path / "o",
-                "--ray", "127.0.0.1:1")
+@pytest.mark.parametrize("given, env, source", [(["--ray", "127.0.0.1:1"], None, ""),
+                                                (["--ray"], "127.0.0.1:1", " (from $RAY_ADDRESS)")])
+def test_an_unreachable_address_is_refused_at_once(run_cli, tiny_ckpt, tmp_path, monkeypatch, given, env, source):
+    """Ray's client retries such an address until it is killed (also the $RAY_ADDRESS that --ray alone
+    joins); the command asks the port first."""
+    if env:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    r = run_cli("generate", tiny_ckpt, "--class", "LUAD", "--tss", "05", "--n", "2", "--out", tmp_path / "o", *given)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "medi-fast: error: cannot join the Ray cluster at '127.0.0.1:1': nothing answers at 127.0.0.1:1 (Connection "
-        "refused); start it with `ray start --head`, or give auto, HOST:6379 or ray://HOST:10001, or --ray alone "
-        "for a local instance"]
+        f"medi-fast: error: cannot join the Ray cluster at '127.0.0.1:1'{source}: nothing answers at 127.0.0.1:1 "
+        "(Connection refused); start it with `ray start --head`, or give auto, HOST:6379 or ray://HOST:10001, or "
+        "--ray alone for a local instance"]
     assert not (tmp_path / "o").exists()
 
 
