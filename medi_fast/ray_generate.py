@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import MediFastError
-from .generate import GenerateConfig, Generator, RayOptions
+from .generate import FIDStats, GenerateConfig, Generator, RayOptions, run_job
 
 INSTALL_HINT = "install it with pip install 'medi-fast[ray]' (or pip install 'ray[data]')"
 ADDRESS_HINT = "give auto, HOST:6379 or ray://HOST:10001, or --ray alone for a local instance"
@@ -286,8 +286,6 @@ def generate(model, plan, out=None, *, config: GenerateConfig | None = None, bac
     ``address``: a Ray cluster (``auto``, ``ray://host:10001``, ...); None starts a local instance
     (or uses the one this process is already connected to).  Returns the run's counts and speed.
     """
-    from .generate import FIDStats, run_job
-
     require_ray()  # before anything is checked or written: the missing extra is the first thing to say
     ray_options = RayOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker,
                              cpus_per_worker=cpus_per_worker)
