@@ -4,6 +4,11 @@ The same plan (tiny-32, torch backend, PNG output into a fresh directory each ru
   * ``local x1``: the single-process Generator on one torch thread (the model opened beforehand), and
   * ``ray xK``: ``medi_fast.ray.generate`` with K one-CPU actors (K = 1, 2) on a local Ray instance
     with 2 CPUs (started once, untimed),
+and, as a user runs them, the commands
+  * ``command``: ``medi-fast generate`` in a fresh process, and
+  * ``command --ray``: ``medi-fast generate --ray``, which also starts its own local Ray instance,
+both with the user's default threads: the small-job overhead of ``--ray`` as a user pays it (and a
+check that the two write the same bytes),
 in alternating rounds (every round runs each candidate once, in turn), so a load change on a shared
 machine hits all candidates alike.  Two figures per candidate:
   * **whole run**: the plan's images / the call's seconds; for Ray this includes starting the actors
@@ -16,13 +21,17 @@ one CPU each; ray x2 / ray x1 its scaling.  Every run's files are checked to be 
 
     python benchmarks/ray_scaling.py                        # 384 images, 10 DDIM steps, 3 rounds
     python benchmarks/ray_scaling.py --n 96 --repeats 1     # quick
+    python benchmarks/ray_scaling.py --n 1000 --steps 2 --candidates command,"command --ray"   # small job
 
 Writes benchmarks/results/ray_scaling.json and prints the table.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import shutil
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -37,7 +46,7 @@ import torch  # noqa: E402
 from medi_fast import backends, plan as plans  # noqa: E402
 from medi_fast.generate import GenerateConfig, Generator  # noqa: E402
 
-CANDIDATES = ("local x1", "ray x1", "ray x2")
+CANDIDATES = ("local x1", "ray x1", "ray x2", "command", "command --ray")
 
 
 def main(argv=None) -> int:
@@ -46,7 +55,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds")
+    ap.add_argument("--candidates", default=",".join(CANDIDATES),
+                    help=f"comma-separated subset of: {', '.join(CANDIDATES)}")
     args = ap.parse_args(argv)
+    chosen = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    if not chosen or set(chosen) - set(CANDIDATES):
+        raise SystemExit(f"--candidates: choose from {', '.join(CANDIDATES)}")
 
     import ray
     from tabulate import tabulate
@@ -66,30 +80,47 @@ def main(argv=None) -> int:
 
         small = plans.Plan(plan.rows.iloc[: args.batch * 2], plan.attributes)  # one unit per actor
 
+        # The user's own environment for the commands: this process's one-thread setting stays here.
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RAY_ADDRESS")}
+        digests = {}
+
+        def command(p, out: Path, on_ray: bool) -> None:
+            argv = [sys.executable, "-m", "medi_fast.cli", "generate", str(ckpt), "--class", "LUAD", "--tss", "05",
+                    "--n", str(len(p)), "--steps", str(args.steps), "--batch-size", str(args.batch), "--backend",
+                    "torch", "--quiet", "--out", str(out)] + (["--ray"] if on_ray else [])
+            r = subprocess.run(argv, env=env, capture_output=True, text=True)
+            if r.returncode:
+                raise SystemExit(f"{' '.join(argv)} failed: {r.stderr.strip().splitlines()[-1:]}")
+
         def run(name: str, p, out: Path) -> tuple[float, float]:
-            k = int(name[-1])
             t0 = time.perf_counter()
-            if name.startswith("local"):
+            if name.startswith("command"):
+                command(p, out, on_ray=name.endswith("--ray"))
+            elif name.startswith("local"):
                 Generator(info, den, cfg, progress=False).run(p, out)
             else:
-                mray.generate(ckpt, p, out, config=cfg, backend="torch", workers=k, cpus_per_worker=1, progress=False)
+                mray.generate(ckpt, p, out, config=cfg, backend="torch", workers=int(name[-1]), cpus_per_worker=1,
+                              progress=False)
             seconds = time.perf_counter() - t0
-            done = sorted(f.stat().st_mtime for f in out.rglob("*.png"))
+            files = sorted(out.rglob("*.png"))
+            done = sorted(f.stat().st_mtime for f in files)
             if len(done) != len(p):
                 raise SystemExit(f"{name}: {len(done)} files for a plan of {len(p)}")
+            digests[name] = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
             shutil.rmtree(out)
             return seconds, (len(done) - args.batch) / max(done[-1] - done[args.batch - 1], 1e-9)
 
-        run("local x1", small, tmp / "warm")  # untimed warm-up
-        run("ray x2", small, tmp / "warm")
-        times = {c: [] for c in CANDIDATES}
-        steady = {c: [] for c in CANDIDATES}
+        for c in chosen:  # untimed warm-up (file caches, the first Ray actors)
+            if not c.startswith("command"):
+                run(c, small, tmp / "warm")
+        times = {c: [] for c in chosen}
+        steady = {c: [] for c in chosen}
         for r in range(args.repeats):
-            for c in CANDIDATES:
+            for c in chosen:
                 t, s = run(c, plan, tmp / "plan")
                 times[c].append(t)
                 steady[c].append(s)
-                print(f"round {r}: {c:<9} {t:.2f} s, steady {s:.2f} images/s", file=sys.stderr, flush=True)
+                print(f"round {r}: {c:<13} {t:.2f} s, steady {s:.2f} images/s", file=sys.stderr, flush=True)
         ray.shutdown()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -100,24 +131,34 @@ def main(argv=None) -> int:
         return statistics.median(tb / ta for ta, tb in zip(times[a], times[b]))
 
     rows = []
-    for c in CANDIDATES:
+    for c in chosen:
         med = statistics.median(times[c])
-        row = {"candidate": c, "workers": int(c[-1]), "n": args.n, "steps": args.steps, "batch": args.batch,
+        row = {"candidate": c, "workers": int(c[-1]) if c[-1].isdigit() else None, "n": args.n, "steps": args.steps, "batch": args.batch,
                "seconds_median": round(med, 3), "images_per_s": round(args.n / med, 2),
                "steady_images_per_s": round(statistics.median(steady[c]), 2),
                "seconds_per_round": [round(t, 3) for t in times[c]],
                "steady_images_per_s_per_round": [round(v, 3) for v in steady[c]]}
-        if c != "local x1":
-            row["ratio_whole_run_vs_local_x1"] = round(ratio(c, "local x1"), 3)
-            row["ratio_steady_vs_local_x1"] = round(ratio(c, "local x1", "steady"), 3)
+        base = "command" if c.startswith("command") else "local x1"
+        if c != base and base in chosen:
+            row[f"ratio_whole_run_vs_{base.replace(' ', '_')}"] = round(ratio(c, base), 3)
+            row[f"ratio_steady_vs_{base.replace(' ', '_')}"] = round(ratio(c, base, "steady"), 3)
         rows.append(row)
-    summary = {"overhead_whole_run_pct_ray_x1": round(100 * (1 - rows[1]["ratio_whole_run_vs_local_x1"]), 1),
-               "overhead_steady_pct_ray_x1": round(100 * (1 - rows[1]["ratio_steady_vs_local_x1"]), 1),
-               "ray_x2_over_ray_x1_whole_run": round(ratio("ray x2", "ray x1"), 3),
-               "ray_x2_over_ray_x1_steady": round(ratio("ray x2", "ray x1", "steady"), 3)}
+    by = {r["candidate"]: r for r in rows}
+    summary = {}
+    if {"local x1", "ray x1"} <= set(chosen):
+        summary["overhead_whole_run_pct_ray_x1"] = round(100 * (1 - by["ray x1"]["ratio_whole_run_vs_local_x1"]), 1)
+        summary["overhead_steady_pct_ray_x1"] = round(100 * (1 - by["ray x1"]["ratio_steady_vs_local_x1"]), 1)
+    if {"ray x1", "ray x2"} <= set(chosen):
+        summary["ray_x2_over_ray_x1_whole_run"] = round(ratio("ray x2", "ray x1"), 3)
+        summary["ray_x2_over_ray_x1_steady"] = round(ratio("ray x2", "ray x1", "steady"), 3)
+    if {"command", "command --ray"} <= set(chosen):
+        summary["small_job_seconds_command"] = by["command"]["seconds_median"]
+        summary["small_job_seconds_command_ray"] = by["command --ray"]["seconds_median"]
+        summary["small_job_ray_over_command_whole_run"] = by["command --ray"]["ratio_whole_run_vs_command"]
+        summary["small_job_same_bytes"] = digests["command"] == digests["command --ray"]
     path = write_results("ray_scaling", rows, {"summary": summary})
     cols = ["candidate", "workers", "images_per_s", "steady_images_per_s", "ratio_whole_run_vs_local_x1",
-            "ratio_steady_vs_local_x1"]
+            "ratio_steady_vs_local_x1", "ratio_whole_run_vs_command", "ratio_steady_vs_command"]
     print(tabulate([[r.get(k, "") for k in cols] for r in rows], headers=cols, tablefmt="github"))
     print("\n" + ", ".join(f"{k} {v}" for k, v in summary.items()) + f"\nwrote {path}")
     return 0

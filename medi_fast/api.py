@@ -17,7 +17,8 @@ import torch
 from . import backends
 from . import plan as plans
 from .conditioning import column_for
-from .generate import GenerateConfig, Generator, for_model, sample_rows
+from .generate import GenerateConfig, for_model, sample_rows
+from .job import run_job
 
 
 class Pipeline:
@@ -58,9 +59,8 @@ class Pipeline:
     def run(self, plan: plans.Plan, progress: bool = False, **overrides) -> np.ndarray:
         """All images of a plan, in plan order -> uint8 (N, H, W, 3)."""
         batches = []
-        gen = Generator(self.info, self.denoiser, self._config(**overrides),
-                        sinks=[lambda images, rows: batches.append(images.copy())], progress=progress)
-        gen.run(plan)
+        run_job(self.info, plan, None, self._config(**overrides), backend=self.denoiser,
+                sinks=[lambda images, rows: batches.append(images.copy())], progress=progress)
         return np.concatenate(batches) if batches else np.empty((0, self.info.resolution, self.info.resolution, 3), np.uint8)
 
     def dataset(self, combos: pd.DataFrame | Mapping, n: int | None = None, seed: int = 0, **overrides) -> "SyntheticPatches":

@@ -225,10 +225,12 @@ class Generator:
             raise MediFastError(f"{out} holds a run made with different {', '.join(diff)}; rerun the original "
                                 f"command to resume it, or choose a new --out")
 
-    def _check_run_dir(self, out: Path, plan: Plan, shard: tuple[int, int]) -> None:
+    def claim_run_dir(self, out, plan: Plan, shard: tuple[int, int] = (0, 1)) -> None:
+        """Claim ``out`` for this run: :meth:`check_run_dir`, then (re)write its ``run.json``.  ``plan`` is
+        the whole plan, not the shard."""
         self.check_run_dir(out, plan, shard)
         record = self._run_record(plan, shard)
-        atomic_write_text(out / "run.json",
+        atomic_write_text(Path(out) / "run.json",
                           json.dumps({**record, "medi_fast": __version__, "model": str(self.info.path)}, indent=2))
 
     def run(self, plan: Plan, out=None, shard: tuple[int, int] = (0, 1)) -> dict:
@@ -243,11 +245,11 @@ class Generator:
         if out is not None:
             out = ensure_dir(out)
             clean_tmp(out)
-            self._check_run_dir(out, full_plan, shard)
+            self.claim_run_dir(out, full_plan, shard)
             writer = make_writer(out, plan.attributes, cfg.format, cfg.jpeg_quality)
             pending = writer.pending(plan.rows)
         rows = plan.rows
-        units = self._units(rows, pending, writer)
+        units = self.units(rows, pending, writer)
         t0 = time.perf_counter()
         made = 0
         bar = tqdm(total=int(pending.sum()), unit="img", desc="generate", disable=not self.progress,
@@ -256,17 +258,10 @@ class Generator:
         try:
             with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
                 for unit_rows, todo in units:
-                    images = np.empty((len(unit_rows), self.info.resolution, self.info.resolution, 3), np.uint8)
                     new = np.flatnonzero(todo)
-                    for s in range(0, len(new), cfg.batch_size):
-                        sel = new[s:s + cfg.batch_size]
-                        images[sel] = sample_rows(self.denoiser, self.info, unit_rows.iloc[sel], cfg)
-                        bar.update(len(sel))
+                    images = self.sample_unit(unit_rows, todo, writer if self.sinks else None,
+                                              on_batch=bar.update)
                     made += len(new)
-                    if len(new) < len(unit_rows):  # resumed: read finished images back for the sinks
-                        if self.sinks:
-                            old = np.flatnonzero(~todo)
-                            images[old] = writer.read(unit_rows.iloc[old])
                     for sink in self.sinks:
                         sink(images, unit_rows)
                     if writer is not None and len(new):
@@ -282,12 +277,33 @@ class Generator:
                 clean_tmp(out)
         seconds = time.perf_counter() - t0
         if out is not None:
-            self._write_manifest(out, full_plan, shard, writer)
+            self.write_manifest(out, full_plan, shard, writer)
         return {"generated": made, "skipped": int((~pending).sum()), "seconds": seconds,
                 "images_per_s": made / seconds if seconds > 0 else 0.0}
 
-    def _units(self, rows: pd.DataFrame, pending: np.ndarray, writer):
-        """(rows, pending mask) work units: one batch for folders, one whole shard for tar."""
+    def sample_unit(self, rows: pd.DataFrame, todo: np.ndarray, writer=None, on_batch=None) -> np.ndarray:
+        """The images of one work unit, uint8 (len(rows), H, W, 3): its pending rows (``todo``) sampled
+        in batches of ``--batch-size``, in order; with ``writer``, finished rows read back from it (for
+        sinks), else left zero.  ``on_batch(n)`` after each batch."""
+        res = self.info.resolution
+        images = np.zeros((len(rows), res, res, 3), np.uint8)
+        new = np.flatnonzero(todo)
+        for s in range(0, len(new), self.cfg.batch_size):
+            sel = new[s:s + self.cfg.batch_size]
+            images[sel] = sample_rows(self.denoiser, self.info, rows.iloc[sel], self.cfg)
+            if on_batch is not None:
+                on_batch(len(sel))
+        old = np.flatnonzero(~np.asarray(todo, dtype=bool))
+        if writer is not None and len(old):
+            images[old] = writer.read(rows.iloc[old])
+        return images
+
+    def units(self, rows: pd.DataFrame, pending: np.ndarray, writer=None):
+        """The run's work units, in plan order: ``(rows, pending mask)`` pairs, one ``--batch-size`` batch
+        of pending rows for image folders, one whole tar shard for ``--format tar``.  With sinks every
+        row is in a unit (finished images are read back for them).  Each unit is sampled in batches of
+        ``--batch-size`` of its pending rows; a Ray run uses the same units, so each image is computed
+        in the same batch as in a local run."""
         if writer is not None and self.cfg.format == "tar":
             shards = writer.shard_of(rows["index"].to_numpy())
             for k in np.unique(shards):
@@ -301,7 +317,10 @@ class Generator:
             sel = idx[s:s + step]
             yield rows.iloc[sel], pending[sel]
 
-    def _write_manifest(self, out: Path, plan: Plan, shard: tuple[int, int], writer) -> None:
+    def write_manifest(self, out: Path, plan: Plan, shard: tuple[int, int], writer) -> None:
+        """Write ``manifest.csv`` (one row per image of shard ``i`` of ``n`` of the whole ``plan``: file,
+        conditioning, index, seed, sampling settings, model hash) atomically; with shards, each writes its
+        part and the last to finish writes the whole manifest."""
         i, n = shard
         part = plan.shard(i, n) if n > 1 else plan
         df = _manifest(part.rows, writer.files(part.rows), self.info, self.cfg)
@@ -313,3 +332,58 @@ class Generator:
         if all(p.exists() for p in parts):  # the last shard to finish writes the whole manifest
             whole = pd.concat([pd.read_csv(p, dtype=str, keep_default_na=False) for p in parts])
             atomic_write_text(out / "manifest.csv", whole.to_csv(index=False))
+
+
+def check_shard(shard: tuple[int, int], n_images: int) -> None:
+    """Refuse a shard ``I/N`` that is malformed or names more shards than the plan has images (every
+    shard past the plan's size would be empty, and N shard manifests would be waited for)."""
+    i, n = shard
+    if not (n >= 1 and 0 <= i < n):
+        raise MediFastError(f"--shard {i}/{n} is invalid; use I/N with 0 <= I < N")
+    if n > max(n_images, 1):
+        raise MediFastError(f"--shard {i}/{n} cuts a plan of {n_images} image(s) into {n} shards; use at most "
+                            f"{max(n_images, 1)} shards (N <= {max(n_images, 1)})")
+
+
+@dataclass(frozen=True)
+class FIDStats:
+    """Stream FID statistics of the generated images, per class, to ``path`` (``--fid-stats``).
+
+    ``features``: an extractor of ``eval.features.EXTRACTORS`` (Inception for FID); ``weights``: its
+    local weights file; ``device``: where it runs."""
+
+    path: Path
+    features: str = "inception"
+    weights: Path | None = None
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Run the job on Ray (``--ray``): ``address`` of a cluster (``auto``, ``HOST:6379``,
+    ``ray://HOST:10001``; None starts a local instance), a fixed pool of ``workers`` actors (None:
+    autoscale), GPUs and CPUs per actor (None: one GPU where the cluster has GPUs, else CPU actors with
+    as many CPUs as the job's torch threads)."""
+
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float | None = None
+
+    def __post_init__(self):
+        # Checked before Ray is started or joined: a bad number fails in one line, not after a cluster start.
+        if self.address is not None and self.address != "auto":
+            host, sep, port = str(self.address).removeprefix("ray://").rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise MediFastError(f"--ray {self.address!r} is not a Ray address; give auto, HOST:6379 or "
+                                    f"ray://HOST:10001, or --ray alone for a local instance")
+        if self.workers is not None and self.workers <= 0:
+            raise MediFastError(f"--ray-workers must be a positive number of actors, got {self.workers}; drop it "
+                                f"to let the pool scale to the cluster")
+        if self.gpus_per_worker is not None and not (math.isfinite(self.gpus_per_worker)
+                                                     and 0 <= self.gpus_per_worker <= 1024):
+            raise MediFastError(f"--ray-gpus-per-worker must be a number of GPUs >= 0 (0: CPU actors; 0.5: two "
+                                f"actors per GPU), got {self.gpus_per_worker}")
+        if self.cpus_per_worker is not None and not (math.isfinite(self.cpus_per_worker)
+                                                     and 0 < self.cpus_per_worker <= 4096):
+            raise MediFastError(f"cpus_per_worker must be a positive number of CPUs, got {self.cpus_per_worker}")

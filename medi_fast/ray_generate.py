@@ -1,13 +1,16 @@
 """Generation on a Ray cluster (``medi-fast generate --ray``, ``medi_fast.ray``), built on Ray Data.
 
-The plan is cut into the same work units a local run uses (``Generator._units``: batches of
-pending rows for image folders, whole shards for tar), and the units become a Ray Dataset.
-``map_batches`` runs :class:`UnitWorker`, a callable class, as an actor pool: each actor opens the
-model once with its backend and runs the local code (``sample_rows``, the writers) on one unit per
-call.  Since the units and their batches are exactly those of a local run, the files are byte for
-byte those of ``medi-fast generate`` without ``--ray``.  Ray does the scheduling, autoscaling and
-fault handling: an actor that dies is restarted and its unit retried; files are written atomically
-and named by plan index, so a retried unit rewrites the same files and never duplicates one.
+A Ray job is a ``job.run_job`` with ``ray=RayOptions(...)``: the job checks everything, claims
+the run directory, cuts the plan into the Generator's work units (``Generator.units``: batches of
+pending rows for image folders, whole shards for tar) and writes the manifest, as for a local run.
+This module only executes the units: they become a Ray Dataset, and ``map_batches`` runs
+:class:`UnitWorker`, a callable class, as an actor pool: each actor opens the model once with its
+backend and runs the local code (``sample_rows``, the writers) on one unit per call, with the torch
+thread counts of the process that started the job (a convolution's rounding depends on them).  Same
+units, same batches, same threads: the files are byte for byte those of ``medi-fast generate``
+without ``--ray``.  Ray does the scheduling, autoscaling and fault handling: an actor that dies is
+restarted and its unit retried; files are written atomically and named by plan index, so a retried
+unit rewrites the same files and never duplicates one.
 
 For ``--fid-stats`` the actors return per-image features (a 2048-float row is smaller than the
 2048 x 2048 outer-product sum of any unit under 2048 images) and the driver adds them into the same
@@ -15,15 +18,19 @@ running sums a local run keeps: the statistics equal the single-process ones to 
 """
 from __future__ import annotations
 
+import os
+import pickle
+import socket
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
-import pickle
-
 from .errors import MediFastError
-from .generate import GenerateConfig, Generator, sample_rows
+from .generate import GenerateConfig, Generator, RayOptions
 
 INSTALL_HINT = "install it with pip install 'medi-fast[ray]' (or pip install 'ray[data]')"
+ADDRESS_HINT = "give auto, HOST:6379 or ray://HOST:10001, or --ray alone for a local instance"
 
 
 def require_ray():
@@ -36,10 +43,35 @@ def require_ray():
     return ray
 
 
+def check_address(address: str | None) -> None:
+    """Refuse, in seconds, an address where nothing answers: Ray's own client retries an unreachable
+    GCS address until it is killed.  Without an address (or with ``auto``) Ray joins ``$RAY_ADDRESS``
+    when it is set, so that one is checked; else ``auto`` is Ray's to find (it fails at once when no
+    cluster runs on this node).  A given address's form was checked with the other options."""
+    source = ""
+    if address in (None, "auto"):
+        address, source = os.environ.get("RAY_ADDRESS"), " (from $RAY_ADDRESS)"
+        if not address or address in ("auto", "local"):
+            return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise MediFastError(f"{address!r}{source} is not a Ray address; {ADDRESS_HINT}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        why = e.strerror or str(e) or type(e).__name__
+        raise MediFastError(f"cannot join the Ray cluster at {address!r}{source}: nothing answers at {host}:{port} "
+                            f"({why}); start it with `ray start --head`, or {ADDRESS_HINT}") from None
+
+
 def connect(address: str | None = None, num_cpus: int | None = None):
     """Join the Ray cluster at ``address`` (``auto``: the one ``ray start`` began on this node), or
-    start a local instance sized to this machine; a no-op when this process is already connected."""
+    start a local instance sized to this machine; a no-op when this process is already connected (a
+    given address must still be well formed and answer)."""
     ray = require_ray()
+    if address:
+        RayOptions(address=address)  # its form, checked where the other options are
+    check_address(address)
     if not ray.is_initialized():
         kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
         if address:
@@ -47,14 +79,23 @@ def connect(address: str | None = None, num_cpus: int | None = None):
                 ray.init(address=address, **kwargs)
             except (ValueError, ConnectionError, TimeoutError) as e:
                 raise MediFastError(f"cannot join the Ray cluster at {address!r} ({str(e).splitlines()[0][:160]}); "
-                                    f"give auto, HOST:6379 or ray://HOST:10001, or --ray alone for a local "
-                                    f"instance") from None
+                                    f"{ADDRESS_HINT}") from None
         else:
-            ray.init(num_cpus=num_cpus, **kwargs)
+            import logging
+
+            # A new local instance announces its defaults (token authentication) as a warning; a refusal
+            # that follows (no GPU for --ray-gpus-per-worker) must stay one line.  Errors still show.
+            log = logging.getLogger("ray")
+            level = log.level
+            log.setLevel(logging.ERROR)
+            try:
+                ray.init(num_cpus=num_cpus, **kwargs)
+            finally:
+                log.setLevel(level)
     return ray
 
 
-def _check_backend(name: str, info) -> None:
+def check_backend(name: str, info) -> None:
     """Fail early on a backend name the workers could never use (availability is the workers' to tell:
     the driver may be a head node without GPUs)."""
     from . import backends
@@ -68,6 +109,53 @@ def _check_backend(name: str, info) -> None:
         backends.resolve(name, info)  # raises the usual "cannot run a ... file" error
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """A joined Ray cluster and the resources of one actor, checked to fit on one of its nodes."""
+
+    ray: object
+    options: RayOptions
+    num_cpus: float
+    num_gpus: float
+    totals: dict
+
+    def pool(self, units: int):
+        """A fixed pool of ``workers`` actors, or one autoscaling from 1 to what the cluster holds; never
+        more actors than units (an idle actor would only start up)."""
+        if self.options.workers is not None:
+            return self.ray.data.ActorPoolStrategy(size=max(1, min(int(self.options.workers), units)))
+        if self.num_gpus:
+            fits = self.totals.get("GPU", 0) // self.num_gpus
+        else:
+            fits = self.totals.get("CPU", 1) // self.num_cpus
+        return self.ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(int(fits), units)))
+
+
+def start(options: RayOptions, threads: int) -> Cluster:
+    """Join (or start) Ray and size one actor: one GPU where the cluster has GPUs, else CPU actors with
+    ``threads`` CPUs (the job's torch threads; capped by the largest node).  A size no live node can
+    hold is refused here, before anything is written (Ray would wait for such a node forever)."""
+    ray = connect(options.address)
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    totals = ray.cluster_resources()
+    most_gpus = max((r.get("GPU", 0) for r in nodes), default=0)
+    most_cpus = max((r.get("CPU", 0) for r in nodes), default=0)
+    gpus = options.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if most_gpus > 0 else 0.0
+    if gpus > most_gpus:
+        raise MediFastError(f"--ray-gpus-per-worker {gpus:g}: no node of the Ray cluster has {gpus:g} GPU(s) "
+                            f"(the most on one node: {most_gpus:g}); use --ray-gpus-per-worker 0 for CPU actors, "
+                            f"or join a cluster with GPUs")
+    cpus = options.cpus_per_worker
+    if cpus is None:
+        cpus = 1.0 if gpus else float(max(1, min(threads, most_cpus or 1)))
+    if options.cpus_per_worker is not None and cpus > most_cpus:
+        raise MediFastError(f"{cpus:g} CPUs per actor: no node of the Ray cluster has that many (the most on one "
+                            f"node: {most_cpus:g}); ask for fewer")
+    return Cluster(ray, options, float(cpus), float(gpus), dict(totals))
+
+
 class UnitWorker:
     """The actor: opens the model once, then generates one work unit per call.
 
@@ -78,16 +166,25 @@ class UnitWorker:
     """
 
     def __init__(self, model, backend: str, backend_options: dict, config: GenerateConfig, out=None,
-                 features: dict | None = None, emit_images: bool = False, threads: int | None = None):
+                 features: dict | None = None, emit_images: bool = False, threads: tuple[int, int] | None = None):
         import torch
 
         from . import backends
         from .writers import make_writer
 
-        if threads:  # the CPUs Ray gave this actor; torch would otherwise size itself to the whole node
-            torch.set_num_threads(int(threads))
+        if threads:
+            # The job's own torch thread counts, not the actor's CPU share: a convolution's rounding
+            # depends on the intra-op count, and these make each image the local run's, byte for byte.
+            intra, interop = (int(v) for v in threads)
+            torch.set_num_threads(intra)
+            if torch.get_num_interop_threads() != interop:
+                try:
+                    torch.set_num_interop_threads(interop)
+                except RuntimeError:  # fixed once torch's pool has started; it never changes a result
+                    pass
         self.info = backends.open_model(model)
-        self.denoiser = backends.create(backend, self.info, **backend_options)
+        self.generator = Generator(self.info, backends.create(backend, self.info, **backend_options), config,
+                                   progress=False)
         self.cfg, self.emit_images = config, emit_images
         self.writer = make_writer(out, self.info.spec.names, config.format, config.jpeg_quality) if out else None
         self.extractor = None
@@ -102,16 +199,9 @@ class UnitWorker:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _unit(self, rows: pd.DataFrame, todo: np.ndarray) -> dict:
-        # The same steps, in the same order, as Generator.run does for one unit.
-        cfg, res = self.cfg, self.info.resolution
-        images = np.empty((len(rows), res, res, 3), np.uint8)
+        # Finished images are read back only for the statistics, as a local run does for its sinks.
+        images = self.generator.sample_unit(rows, todo, self.writer if self.extractor is not None else None)
         new = np.flatnonzero(todo)
-        for s in range(0, len(new), cfg.batch_size):
-            sel = new[s:s + cfg.batch_size]
-            images[sel] = sample_rows(self.denoiser, self.info, rows.iloc[sel], cfg)
-        old = np.flatnonzero(~todo)
-        if len(old):  # resumed: finished images are read back for the statistics
-            images[old] = self.writer.read(rows.iloc[old])
         if self.writer is not None and len(new):
             self.writer.write(images[new], rows.iloc[new])
         out = {"index": rows["index"].to_numpy(np.int64), "generated": todo.copy()}
@@ -141,27 +231,6 @@ def _labels(spec, rows: pd.DataFrame) -> dict:
     return out
 
 
-def _resources(ray, workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None,
-               units: int) -> dict:
-    """map_batches' resources: one GPU per actor where the cluster has GPUs, else one-CPU actors; a
-    fixed pool of ``workers`` actors, or an autoscaling pool from 1 to as many as the cluster holds."""
-    total = ray.cluster_resources()
-    if gpus_per_worker is None:
-        gpus_per_worker = 1.0 if total.get("GPU", 0) > 0 else 0.0
-    if cpus_per_worker is None:
-        cpus_per_worker = 1.0
-    if gpus_per_worker < 0 or cpus_per_worker <= 0:
-        raise MediFastError("--ray-gpus-per-worker must be >= 0 and CPUs per worker > 0")
-    if workers is not None:
-        if workers <= 0:
-            raise MediFastError(f"--ray-workers must be positive, got {workers}")
-        pool = ray.data.ActorPoolStrategy(size=min(int(workers), units))  # an idle actor would only start up
-    else:
-        fits = total.get("GPU", 0) // gpus_per_worker if gpus_per_worker else total.get("CPU", 1) // cpus_per_worker
-        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(int(fits), units)))
-    return {"num_gpus": gpus_per_worker, "num_cpus": cpus_per_worker, "compute": pool}
-
-
 def _quiet_data(progress: bool) -> None:
     import logging
 
@@ -174,88 +243,36 @@ def _quiet_data(progress: bool) -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def generate(model, plan, out=None, *, config: GenerateConfig | None = None, backend: str = "auto",
-             device: str | None = None, fid_stats=None, fid_features: str = "inception", inception_weights=None,
-             address: str | None = None, workers: int | None = None, gpus_per_worker: float | None = None,
-             cpus_per_worker: float | None = None, progress: bool = True) -> dict:
-    """Generate ``plan`` from ``model`` on Ray into ``out`` (and/or stream FID statistics to
-    ``fid_stats``): the same files, ``manifest.csv`` and ``run.json`` as a local run, resumable.
+def _map(cluster: Cluster, units: list, **worker_kwargs):
+    """The units as a Ray Dataset mapped by a pool of UnitWorker actors (one unit per call)."""
+    items = [_item(rows, todo) for rows, todo in units]
+    return cluster.ray.data.from_items(items, override_num_blocks=min(len(items), 200)).map_batches(
+        UnitWorker, batch_size=1, zero_copy_batch=True, fn_constructor_kwargs=worker_kwargs,
+        num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus, compute=cluster.pool(len(items)))
 
-    ``address``: a Ray cluster (``auto``, ``ray://host:10001``, ...); None starts a local instance
-    (or uses the one this process is already connected to).  Returns the run's counts and speed.
-    """
-    import time
 
-    from . import backends
-    from .io import clean_tmp, ensure_dir
-    from .writers import make_writer
+def run_units(cluster: Cluster, units: list, *, model, backend: str, backend_options: dict, config: GenerateConfig,
+              out=None, features: dict | None = None, threads: tuple[int, int] = (1, 1), progress: bool = True,
+              on_features=None, total: int = 0) -> int:
+    """Generate ``units`` (``Generator.units``) on the cluster's actors, writing into ``out``; returns the
+    number of images generated.  ``on_features(features, labels)`` gets each unit's FID features."""
+    from tqdm.auto import tqdm
 
-    require_ray()  # before anything is written
-    cfg = config or GenerateConfig()
-    if out is None and fid_stats is None:
-        raise MediFastError("give --out DIR (images) and/or --fid-stats FILE.npz (statistics only)")
-    info = model if isinstance(model, backends.ModelInfo) else backends.open_model(model)
-    _check_backend(backend, info)
-    sink = None
-    if fid_stats is not None:
-        from .eval.features import get_extractor
-        from .eval.fid import FIDStatsSink
-
-        if fid_features not in ("inception", "inception-random", "colour-texture", "uni"):
-            get_extractor(fid_features)  # the usual "unknown feature extractor" error, before the actors start
-
-        # The sink's accumulator and writer are used here; the actors run the extractor.
-        sink = FIDStatsSink(fid_stats, per="class", extractor=_Named(fid_features))
-    rows = plan.rows.reset_index(drop=True)
-    local = Generator(info, None, cfg, sinks=[sink] if sink else [], progress=False)
-    writer, pending = None, np.ones(len(rows), dtype=bool)
-    if out is not None:
-        out = ensure_dir(out)
-        clean_tmp(out)
-        local._check_run_dir(out, plan, (0, 1))
-        writer = make_writer(out, plan.attributes, cfg.format, cfg.jpeg_quality)
-        pending = writer.pending(rows)
-    units = [_item(u, t) for u, t in local._units(rows, pending, writer)]
-    made, t0 = 0, time.perf_counter()
-    if units:
-        ray = connect(address)
-        _quiet_data(progress)
-        res = _resources(ray, workers, gpus_per_worker, cpus_per_worker, len(units))
-        options = {"device": device} if device else {}
-        features = {"name": fid_features, "weights": str(inception_weights) if inception_weights else None,
-                    "device": device} if sink else None
-        ds = ray.data.from_items(units, override_num_blocks=min(len(units), 200)).map_batches(
-            UnitWorker, batch_size=1, zero_copy_batch=True,
-            fn_constructor_kwargs={"model": str(info.path), "backend": backend, "backend_options": options,
-                                   "config": cfg, "out": str(out) if out is not None else None,
-                                   "features": features, "threads": max(1, round(res["num_cpus"]))},
-            **res)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=int(pending.sum()), unit="img", desc="generate (ray)", disable=not progress,
-                   dynamic_ncols=True)
-        try:
-            for batch in _user_errors(ds.iter_batches(batch_size=None, batch_format="numpy")):
-                n = int(batch["generated"].sum())
-                made += n
-                bar.update(n)
-                if sink is not None:
-                    sink.acc.add(batch["features"], batch["label"])
-        finally:
-            bar.close()
-            if out is not None:
-                clean_tmp(out)  # a killed actor's half-written temporary files
-    seconds = time.perf_counter() - t0
-    if out is not None:
-        local._write_manifest(out, plan, (0, 1), writer)
-        missing = int(writer.pending(rows).sum())
-        if missing:
-            raise MediFastError(f"{missing} planned image(s) are missing from {out} after the Ray run; "
-                                f"rerun the same command to finish them")
-    if sink is not None:
-        sink.close()
-    return {"generated": made, "skipped": int((~pending).sum()), "seconds": seconds,
-            "images_per_s": made / seconds if seconds > 0 else 0.0}
+    _quiet_data(progress)
+    ds = _map(cluster, units, model=str(model), backend=backend, backend_options=backend_options, config=config,
+              out=str(out) if out is not None else None, features=features, threads=threads)
+    made = 0
+    bar = tqdm(total=total, unit="img", desc="generate (ray)", disable=not progress, dynamic_ncols=True)
+    try:
+        for batch in _user_errors(ds.iter_batches(batch_size=None, batch_format="numpy")):
+            n = int(batch["generated"].sum())
+            made += n
+            bar.update(n)
+            if on_features is not None:
+                on_features(batch["features"], batch["label"])
+    finally:
+        bar.close()
+    return made
 
 
 def _user_errors(batches):
@@ -281,7 +298,7 @@ def _item(rows: pd.DataFrame, todo: np.ndarray) -> dict:
     return {"rows": pickle.dumps(rows.reset_index(drop=True)), "todo": np.asarray(todo, dtype=bool)}
 
 
-class _Named:
+class NamedExtractor:
     """Stands in for the extractor on the driver: FIDStatsSink records its name in the npz."""
 
     def __init__(self, name: str):
@@ -295,30 +312,30 @@ def dataset(model, plan, *, config: GenerateConfig | None = None, backend: str =
 
     Columns: ``image`` (uint8 H x W x 3), ``index``, ``seed``, each attribute by data column name
     (``class``, ``tissue_source_site``, ...; strings for categorical ones) and ``<column>_id`` (int64
-    vocabulary id, -1 if missing) for categorical ones.  For a training loop::
+    vocabulary id, -1 if missing) for categorical ones.  Image ``i`` is image ``i`` of a local run of
+    the same plan and batch size (the same units and torch threads).  For a training loop::
 
         ds = medi_fast.ray.dataset("ckpt.pt", plan)
         for b in ds.select_columns(["image", "class_id"]).iter_torch_batches(batch_size=64):
             ...
     """
+    import torch
+
     from . import backends
 
     cfg = config or GenerateConfig()
+    options = RayOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker,
+                         cpus_per_worker=cpus_per_worker)
     info = model if isinstance(model, backends.ModelInfo) else backends.open_model(model)
-    _check_backend(backend, info)
+    check_backend(backend, info)
     rows = plan.rows.reset_index(drop=True)
-    units = [_item(rows.iloc[s:s + cfg.batch_size], np.ones(len(rows.iloc[s:s + cfg.batch_size]), dtype=bool))
-             for s in range(0, len(rows), cfg.batch_size)]
-    ray = connect(address)
+    units = list(Generator(info, None, cfg, progress=False).units(rows, np.ones(len(rows), dtype=bool)))
+    threads = (torch.get_num_threads(), torch.get_num_interop_threads())
+    cluster = start(options, threads[0])
     _quiet_data(False)
-    res = _resources(ray, workers, gpus_per_worker, cpus_per_worker, max(1, len(units)))
-    options = {"device": device} if device else {}
-    return ray.data.from_items(units, override_num_blocks=min(len(units), 200)).map_batches(
-        UnitWorker, batch_size=1, zero_copy_batch=True,
-        fn_constructor_kwargs={"model": str(info.path), "backend": backend, "backend_options": options,
-                               "config": cfg, "emit_images": True,
-                               "threads": max(1, round(res["num_cpus"]))},
-        **res).drop_columns(["generated"])
+    return _map(cluster, units, model=str(info.path), backend=backend,
+                backend_options={"device": device} if device else {}, config=cfg, emit_images=True,
+                threads=threads).drop_columns(["generated"])
 
 
-__all__ = ["generate", "dataset", "connect", "require_ray", "UnitWorker"]
+__all__ = ["dataset", "connect", "require_ray", "UnitWorker", "start", "run_units", "check_backend", "NamedExtractor"]

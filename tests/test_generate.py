@@ -4,6 +4,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -150,8 +151,8 @@ def test_sigkill_then_rerun_finishes_without_loss_or_temp_files(tiny_ckpt, tmp_p
            "--n", "40", "--steps", "4", "--batch-size", "2", "--quiet", "--workers", "1"]
     out = tmp_path / "killed"
     proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and len([p for p in out.rglob("*.png") if not p.name.startswith(".medi-tmp-")]) < 6:
+    # Wait on the run's progress, not on the clock: a loaded machine only makes this take longer.
+    while proc.poll() is None and len([p for p in out.rglob("*.png") if not p.name.startswith(".medi-tmp-")]) < 6:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -311,3 +312,85 @@ def test_generate_refuses_a_model_whose_names_lead_outside_out_path(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "is corrupt or unsafe: its class value '..'" in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
+
+
+def _cli_fails(capsys, args) -> str:
+    from medi_fast.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tss", "05", "--meta", "tss=44"],
+     "--tss 05 and --meta tss=44 give tss twice with different values; give it once"),
+    (["--meta", "tss=05", "--meta", "tss=44"],
+     "--meta tss=05 and --meta tss=44 give tss twice with different values; give it once"),
+    (["--tss", "05", "--meta", "class=LUSC"],
+     "--class LUAD and --meta class=LUSC give the class twice with different values; give it once"),
+    (["--tss", "05", "--sampler", ""],  # was taken for the default
+     "unknown sampler ''; choose from ddim, dpmpp-2m, unipc, dpmpp-2m-clip, unipc-clip"),
+    (["--tss", "05", "--shard", "0/1000000000000"],
+     "--shard 0/1000000000000 cuts a plan of 3 image(s) into 1000000000000 shards; use at most 3 shards (N <= 3)"),
+])
+def test_generate_refuses_conflicting_values_and_impossible_shards(capsys, tiny_ckpt, tmp_path, extra, message):
+    out = tmp_path / "out"
+    line = _cli_fails(capsys, ["generate", tiny_ckpt, "--class", "LUAD", "--n", "3", "--steps", "2", "--out", out,
+                               *extra])
+    assert line == f"medi-fast: error: {message}"
+    assert not out.exists()
+
+
+def test_the_same_value_given_twice_is_not_a_conflict(capsys, tiny_ckpt, tmp_path):
+    from medi_fast.cli import main
+
+    main(["generate", str(tiny_ckpt), "--class", "LUAD", "--tss", "05", "--meta", "tss=05", "--n", "1", "--steps", "1",
+          "--out", str(tmp_path / "o"), "--quiet"])
+    assert pd.read_csv(tmp_path / "o" / "manifest.csv", dtype=str)["tissue_source_site"].tolist() == ["05"]
+
+
+def test_an_output_from_medi_fast_toml_says_where_it_came_from(capsys, tiny_ckpt, tmp_path):
+    from medi_fast.cli import main
+
+    (tmp_path / "medi-fast.toml").write_text('[generate]\nout = "from-toml"\n')  # the tests run in tmp_path
+    main(["generate", str(tiny_ckpt), "--class", "LUAD", "--tss", "05", "--n", "1", "--steps", "1", "--quiet"])
+    lines = capsys.readouterr().err.splitlines()
+    assert "output from-toml (medi-fast.toml [generate] out)" in lines, lines
+    main(["generate", str(tiny_ckpt), "--class", "LUAD", "--tss", "05", "--n", "1", "--steps", "1", "--quiet",
+          "--out", "typed"])
+    assert "output typed (--out)" in capsys.readouterr().err.splitlines()
+    assert len(list((tmp_path / "from-toml").rglob("*.png"))) == 1
+
+
+def test_run_job_is_the_local_generator_and_reports_before_writing(tiny_ckpt, tmp_path):
+    """The job function writes what the Generator writes, says what it will do before the first byte,
+    and a refused job leaves nothing behind."""
+    from medi_fast.generate import FIDStats, check_shard
+    from medi_fast.job import run_job
+
+    gen, info = _gen(tiny_ckpt, batch_size=2)
+    p = plans.single(info.spec, {"class": "LUSC", "tss": "49"}, 5, seed=4)
+    gen.run(p, tmp_path / "generator")
+    seen = []
+
+    def on_start(job):
+        seen.append((job.backend, job.images, job.out, job.on_ray, (tmp_path / "job").exists()))
+
+    stats = run_job(tiny_ckpt, p, tmp_path / "job", GenerateConfig(steps=STEPS, batch_size=2), backend="torch",
+                    progress=False, on_start=on_start)
+    assert seen == [("torch", 5, tmp_path / "job", False, False)]
+    assert stats["generated"] == 5 and stats["backend"] == "torch"
+    for f in (tmp_path / "generator").rglob("*"):
+        if f.is_file() and f.name != "run.json":
+            assert (tmp_path / "job" / f.relative_to(tmp_path / "generator")).read_bytes() == f.read_bytes(), f
+    with pytest.raises(MediFastError, match="--shard 0/6 cuts a plan of 5 image"):
+        run_job(tiny_ckpt, p, tmp_path / "refused", GenerateConfig(steps=STEPS), backend="torch", shard=(0, 6))
+    with pytest.raises(MediFastError, match="--fid-stats x.txt must end in .npz"):
+        run_job(tiny_ckpt, p, tmp_path / "refused", GenerateConfig(steps=STEPS), backend="torch",
+                fid=FIDStats(Path("x.txt")))
+    assert not (tmp_path / "refused").exists()
+    check_shard((4, 5), 5)  # as many shards as images: one each

@@ -55,8 +55,7 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(tmp_path):
     p_cut = _run(script, cut, False, True)
     # kill the second run after its step-6 checkpoint, while steps 7.. are in progress
     state6 = cut / "checkpoints" / "step-00000006.state.pt"
-    deadline = time.time() + 240
-    while not state6.exists() and p_cut.poll() is None and time.time() < deadline:
+    while not state6.exists() and p_cut.poll() is None:  # progress, not the clock: a loaded machine is slower
         time.sleep(0.05)
     assert state6.exists(), p_cut.communicate()[1].decode()[-2000:]
     time.sleep(0.5)
@@ -66,9 +65,9 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(tmp_path):
     assert not (cut / "checkpoints" / "step-00000010.pt").exists()  # really killed mid-way
     # resume finishes the run
     p_res = _run(script, cut, True, False)
-    _, err = p_res.communicate(timeout=300)
+    _, err = p_res.communicate(timeout=3600)  # a hang only
     assert p_res.returncode == 0, err.decode()[-2000:]
-    _, err = p_ref.communicate(timeout=300)
+    _, err = p_ref.communicate(timeout=3600)
     assert p_ref.returncode == 0, err.decode()[-2000:]
 
     ref_rows, cut_rows = read_metrics(ref / "metrics.csv"), read_metrics(cut / "metrics.csv")

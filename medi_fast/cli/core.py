@@ -26,11 +26,15 @@ def _parse_shard(text: str | None) -> tuple[int, int]:
 
 def _metadata(tss, gender, race, age, meta) -> dict:
     values = {k: v for k, v in (("tss", tss), ("gender", gender), ("race", race), ("age", age)) if v is not None}
+    given = {k: f"--{k} {v}" for k, v in values.items()}
     for item in meta:
         if "=" not in item:
             raise MediFastError(f"--meta {item!r} must look like NAME=VALUE")
-        k, v = item.split("=", 1)
-        values[k.strip()] = v.strip()
+        k, v = (part.strip() for part in item.split("=", 1))
+        if k in values and str(values[k]) != v:  # which one was meant is the user's to say
+            raise MediFastError(f"{given[k]} and --meta {item} give {k} twice with different values; give it once")
+        values[k] = values.get(k, v)
+        given.setdefault(k, f"--meta {item}")
     return values
 
 
@@ -107,96 +111,77 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
     """
     from .. import backends
     from .. import plan as plans
-    from ..generate import GenerateConfig, Generator
+    from ..generate import FIDStats, GenerateConfig, RayOptions, for_model
+    from ..job import run_job
 
     if engine_cache is not None and backend not in ("tensorrt", "ort-trt"):
         raise MediFastError("--engine-cache applies to --backend tensorrt or ort-trt only; drop it or pick one")
     if inception_weights is not None and fid_stats is None:
         raise MediFastError("--inception-weights applies to --fid-stats only; drop it or add --fid-stats FILE.npz")
+    ray = None
+    if ray_address is not None:
+        if _given("workers"):  # Ray actors write their own files; there are no writer threads to size
+            raise MediFastError("--workers has no effect with --ray (each actor writes its own files); drop it, "
+                                "or size the pool with --ray-workers")
+        ray = RayOptions(address=None if ray_address == "local" else ray_address, workers=ray_workers,
+                         gpus_per_worker=ray_gpus_per_worker)
+    elif ray_workers is not None or ray_gpus_per_worker is not None:
+        raise MediFastError("--ray-workers and --ray-gpus-per-worker apply only with --ray; add --ray")
+    if ray is not None:
+        from ..ray_generate import require_ray
+
+        require_ray()  # a missing extra is said first, in one line
     choice = _model_choice(model, model_opt)
-    cfg = GenerateConfig(steps=100 if steps is None else steps, eta=eta, sampler=sampler or "ddim", guidance=guidance,
-                         batch_size=batch_size, format=fmt, jpeg_quality=jpeg_quality, workers=workers)
+    cfg = GenerateConfig(steps=100 if steps is None else steps, eta=eta, guidance=guidance, batch_size=batch_size,
+                         sampler="ddim" if sampler is None else sampler,  # --sampler '' is an unknown name
+                         format=fmt, jpeg_quality=jpeg_quality, workers=workers)
     shard_ = _parse_shard(shard)
+    values = _with_class(class_, _metadata(tss, gender, race, age, meta))
     info = backends.open_model(choice.path)
     if backend == "tensorrt" and info.kind == "onnx":  # build on first use, reuse from the engine cache after
         from ..engines.tensorrt_build import cached_engine
 
         info = backends.open_model(cached_engine(info.path, engine_cache))
-    from ..generate import for_model
-
     cfg = for_model(cfg, info, steps_given=steps is not None, sampler_given=sampler is not None)
-    the_plan = plans.build(info.spec, plan=plan, values=_with_class(class_, _metadata(tss, gender, race, age, meta)),
-                           n=n, seed=seed, sites_from=sites_from, classes=parse_list(classes or ""),
-                           n_per_combo=n_per_combo, k=k)
-    out_source = "--out"
+    the_plan = plans.build(info.spec, plan=plan, values=values, n=n, seed=seed, sites_from=sites_from,
+                           classes=parse_list(classes or ""), n_per_combo=n_per_combo, k=k)
+    out_source = _source_of("out")
     if out is None and fid_stats is None:
         out, out_source = plans.default_out_dir(the_plan, plan), "default; --out DIR to change"
-    if ray_address is not None:
-        if shard_[1] > 1:
-            raise MediFastError("--shard and --ray do not combine; drop --shard (Ray spreads the plan over its workers)")
-        if _given("workers"):  # Ray actors write their own files; there are no writer threads to size
-            raise MediFastError("--workers has no effect with --ray (each actor writes its own files); drop it, "
-                                "or size the pool with --ray-workers")
-        from ..ray_generate import connect
-        from ..ray_generate import generate as generate_on_ray
-
-        # a missing extra or an unreachable cluster fails in one line before anything is printed or written
-        connect(None if ray_address == "local" else ray_address)
-        click.echo(f"model {info.path} (from {choice.source}), hash {info.model_hash}, on Ray", err=True)
-        if out is not None:
-            click.echo(f"output {out} ({out_source})", err=True)
-        stats = generate_on_ray(info, the_plan, out, config=cfg, backend=backend, device=device, fid_stats=fid_stats,
-                                inception_weights=inception_weights,
-                                address=None if ray_address == "local" else ray_address, workers=ray_workers,
-                                gpus_per_worker=ray_gpus_per_worker, progress=not quiet)
-        if not quiet:
-            click.echo(f"generated {stats['generated']} images ({stats['skipped']} already done) on Ray in "
-                       f"{stats['seconds']:.1f} s, {stats['images_per_s']:.2f} images/s", err=True)
-        return
-    if ray_workers is not None or ray_gpus_per_worker is not None:
-        raise MediFastError("--ray-workers and --ray-gpus-per-worker apply only with --ray; add --ray")
-    backend = backends.resolve(backend, info)  # an unavailable backend fails before anything is written
-    if out is not None:
-        from ..io import check_writable_dir
-
-        check_writable_dir(out)  # fail on an unwritable directory before loading any weights
-    from ..generate import guidance_warning
-    from ..resources import check_device
-
-    check_device(device)
-    sinks = []
-    if fid_stats is not None:
-        from ..eval.fid import FIDStatsSink
-
-        sink = FIDStatsSink(fid_stats, inception_weights=inception_weights, per="class", device=device)
-        sinks.append(sink.add)
-    opts = {"device": device} if device else {}
+    options = {"device": device} if device else {}
     if engine_cache and backend == "ort-trt":
-        opts["cache_dir"] = str(engine_cache)
-    denoiser = backends.create(backend, info, **opts)
-    generator = Generator(info, denoiser, cfg, sinks=sinks, progress=not quiet)
-    generator.check(len(the_plan.shard(*shard_)) if shard_[1] > 1 else len(the_plan))  # before any output
-    if out is not None:
-        generator.check_run_dir(out, the_plan, shard_)
-    used = info.path if info.path == choice.path else f"{info.path} of {choice.path}"
-    click.echo(f"model {used} (from {choice.source}), hash {info.model_hash}, backend {denoiser.name}", err=True)
-    if out is not None:
-        click.echo(f"output {out} ({out_source})", err=True)
-    from ..generate import distilled_warning
+        options["cache_dir"] = str(engine_cache)
+    fid = FIDStats(fid_stats, weights=inception_weights, device=device) if fid_stats is not None else None
 
-    for warning in (guidance_warning(info, guidance), distilled_warning(info, cfg)):
-        if warning:
+    def started(job) -> None:
+        used = info.path if info.path == choice.path else f"{info.path} of {choice.path}"
+        where = f"on Ray, backend {job.backend}" if job.on_ray else f"backend {job.backend}"
+        click.echo(f"model {used} (from {choice.source}), hash {info.model_hash}, {where}", err=True)
+        if job.out is not None:
+            click.echo(f"output {job.out} ({out_source})", err=True)
+        for warning in job.warnings:
             click.echo(f"medi-fast: warning: {warning}", err=True)
+        if not quiet:
+            click.echo(f"{len(the_plan)} images planned"
+                       f"{f', shard {shard_[0]}/{shard_[1]}' if shard_[1] > 1 else ''}", err=True)
+
+    stats = run_job(info, the_plan, out, cfg, backend=backend, backend_options=options, shard=shard_, fid=fid,
+                    ray=ray, progress=not quiet, on_start=started)
     if not quiet:
-        click.echo(f"{len(the_plan)} images planned{f', shard {shard_[0]}/{shard_[1]}' if shard_[1] > 1 else ''}",
-                   err=True)
-    stats = generator.run(the_plan, out, shard_)
-    if fid_stats is not None:
-        sink.close()
-    if not quiet:
-        click.echo(f"generated {stats['generated']} images ({stats['skipped']} already done) in "
-                   f"{stats['seconds']:.1f} s, {stats['images_per_s']:.2f} images/s"
+        click.echo(f"generated {stats['generated']} images ({stats['skipped']} already done)"
+                   f"{' on Ray' if ray is not None else ''} in {stats['seconds']:.1f} s, "
+                   f"{stats['images_per_s']:.2f} images/s"
                    + (f"; manifest {out / 'manifest.csv'}" if out is not None else ""), err=True)
+
+
+def _source_of(name: str) -> str:
+    """Where option ``name`` of the running command came from, as its output line says it."""
+    from ..defaults import CONFIG_FILE
+
+    source = click.get_current_context().get_parameter_source(name)
+    if source is click.core.ParameterSource.DEFAULT_MAP:
+        return f"{CONFIG_FILE} [{click.get_current_context().info_name}] {name}"
+    return f"--{name.replace('_', '-')}"
 
 
 def _given(name: str) -> bool:
@@ -206,7 +191,12 @@ def _given(name: str) -> bool:
 
 
 def _with_class(class_, metadata: dict) -> dict:
-    return {"class": class_, **metadata} if class_ is not None else metadata
+    if class_ is None:
+        return metadata
+    if "class" in metadata and metadata["class"] != class_:
+        raise MediFastError(f"--class {class_} and --meta class={metadata['class']} give the class twice with "
+                            f"different values; give it once")
+    return {"class": class_, **{k: v for k, v in metadata.items() if k != "class"}}
 
 
 @click.command("init-checkpoint")

@@ -220,7 +220,8 @@ def generate(cfg: DemoConfig, onnx_path: Path, out: Path, name: str, cls_only: b
     student samples with its own sampler and steps."""
     from .. import backends
     from .. import plan as plans
-    from ..generate import GenerateConfig, Generator, for_model
+    from ..generate import GenerateConfig, for_model
+    from ..job import run_job
 
     info = backends.open_model(onnx_path)
     classes, sites = cfg.spec.classes, cfg.spec.sites
@@ -231,10 +232,9 @@ def generate(cfg: DemoConfig, onnx_path: Path, out: Path, name: str, cls_only: b
                               columns=["class", "tss", "count"])
     plan = plans.from_counts(info.spec, combos, cfg.seed)
     images = []
-    gen = Generator(info, backends.create("ort-cpu", info),
-                    for_model(GenerateConfig(steps=cfg.sample_steps, batch_size=cfg.sample_batch), info),
-                    sinks=[lambda im, rows: images.append(im.copy())])
-    gen.run(plan, out / "synthetic" / name)
+    run_job(info, plan, out / "synthetic" / name,
+            for_model(GenerateConfig(steps=cfg.sample_steps, batch_size=cfg.sample_batch), info), backend="ort-cpu",
+            sinks=[lambda im, rows: images.append(im.copy())])
     manifest = pd.read_csv(out / "synthetic" / name / "manifest.csv", dtype=str, keep_default_na=False)
     if "tissue_source_site" not in manifest.columns:
         manifest["tissue_source_site"] = "none"
