@@ -207,12 +207,14 @@ def gpu_sections() -> list[str]:
 
 def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
     """The demo over seeds, per variant (benchmarks/demo_seeds.py): (summary lines, section lines)."""
-    from medi_fast.demo.seeds import aggregate, order_text
+    from medi_fast.demo.arms import HEADLINE
+    from medi_fast.demo.seeds import aggregate, arm_names, order_text
 
-    arms = ("no-synthetic", "CLS", "MeDi")
+    hi, lo, gap = HEADLINE.hi, HEADLINE.lo, HEADLINE.column
     rows, head = [], []
     for name, s in ds["variants"].items():
         st = s["stats"]
+        arms = arm_names(s["records"])
         shipped = any(r["shipped"] for r in ds["rows"] if r["variant"] == name)
         sites = s["test_sites"]
         rows.append({"variant": name + (" (the demo's default)" if shipped else ""),
@@ -220,18 +222,17 @@ def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
                      "test sites": f"{len(sites)} ({sites[0]}-{sites[-1]})" if len(sites) > 2 else ", ".join(sites),
                      "seeds": ",".join(map(str, s["seeds"])),
                      **{a: f"{st[a]['mean']:.3f} ± {st[a]['sd']:.3f}" for a in arms},
-                     "MeDi - CLS (range)": f"{st['MeDi - CLS']['mean']:+.3f} ({st['MeDi - CLS']['min']:+.3f} to "
-                                           f"{st['MeDi - CLS']['max']:+.3f})",
+                     f"{gap} (range)": f"{st[gap]['mean']:+.3f} ({st[gap]['min']:+.3f} to {st[gap]['max']:+.3f})",
                      "order (>: separated, ≈: not)": order_text(s),
-                     "cell distance MeDi / CLS": f"{st['cell distance MeDi']['mean']:.1f} / "
-                                                 f"{st['cell distance CLS']['mean']:.1f}",
+                     f"cell distance {hi} / {lo}": f"{st[f'cell distance {hi}']['mean']:.1f} / "
+                                                   f"{st[f'cell distance {lo}']['mean']:.1f}",
                      "stain slope": f"{st['stain slope']['mean']:.2f} ± {st['stain slope']['sd']:.2f}",
                      "minutes per run": f"{st['minutes']['mean']:.1f}"})
         if shipped:
             head.append(f"* The demo ({s['description']}; {s['n']} seeds): linear-probe TSS-averaged balanced "
                         "accuracy " + ", ".join(f"{a} **{st[a]['mean']:.3f} ± {st[a]['sd']:.3f}**" for a in arms)
-                        + f" (mean ± SD over seeds); MeDi - CLS {st['MeDi - CLS']['mean']:+.3f} (per seed "
-                        + ", ".join(f"{r['seed']}: {r['probe']['MeDi']['tss_bacc'] - r['probe']['CLS']['tss_bacc']:+.3f}"
+                        + f" (mean ± SD over seeds); {gap} {st[gap]['mean']:+.3f} (per seed "
+                        + ", ".join(f"{r['seed']}: {r['probe'][hi]['tss_bacc'] - r['probe'][lo]['tss_bacc']:+.3f}"
                                     for r in s["records"]) + f"). Order **{order_text(s)}** (>: separated by more "
                         "than the spread over seeds, ≈: not).")
             first = [r for r in s["records"] if r["seed"] in ds["seeds"]]
@@ -254,8 +255,8 @@ def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
           "the test design every setting had before ring4 got eight). Models: what "
           "both UNets predict (epsilon or v). Probe: k real patches per class and synthetic:real. Cell distance: "
           "the FID-style colour-texture distance of each model's patches to the real patches of each trained "
-          "class x site cell (CLS: a draw of its class), mean over cells and seeds. Stain slope: how much of the "
-          "real difference between sites MeDi's patches reproduce (1 = all). Minutes per run: each training "
+          f"class x site cell ({lo}: a draw of its class), mean over cells and seeds. Stain slope: how much of the "
+          f"real difference between sites {hi}'s patches reproduce (1 = all). Minutes per run: each training "
           "run's wall time as it recorded it (results.json); runs made side by side or on a loaded machine take "
           "longer than alone.", "", _table(rows), ""]
     md += per_site_table(ds)
@@ -274,11 +275,14 @@ def per_site_table(ds: dict) -> list[str]:
     recs = ds["variants"].get(name, {}).get("records", []) if name else []
     if not recs or not all("probe_sites" in r for r in recs):
         return []
-    sites = list(recs[0]["probe_sites"]["MeDi"])
+    from medi_fast.demo.arms import GAPS
+    from medi_fast.demo.seeds import arm_names
+
+    arms = arm_names(recs)
+    sites = list(recs[0]["probe_sites"][arms[0]])
     at = lambda r, a, s: r["probe_sites"][a][s]  # noqa: E731
-    rows = [{"": a, **{s: f"{sum(at(r, a, s) for r in recs) / len(recs):.3f}" for s in sites}}
-            for a in ("no-synthetic", "CLS", "MeDi")]
-    for hi, lo in (("CLS", "no-synthetic"), ("MeDi", "CLS")):
+    rows = [{"": a, **{s: f"{sum(at(r, a, s) for r in recs) / len(recs):.3f}" for s in sites}} for a in arms]
+    for hi, lo in ((g.hi, g.lo) for g in reversed(GAPS)):  # each gap above the one it builds on
         rows.append({"": f"{hi} - {lo} (range over seeds)",
                      **{s: f"{min(at(r, hi, s) - at(r, lo, s) for r in recs):+.2f} to "
                            f"{max(at(r, hi, s) - at(r, lo, s) for r in recs):+.2f}" for s in sites}})
