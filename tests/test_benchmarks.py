@@ -59,6 +59,21 @@ def test_backends_ort_profile_and_report_from_their_json(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (BENCH / "results").glob("*.json")} == recorded  # the repo's untouched
 
 
+def test_results_md_is_what_run_all_writes_from_the_recorded_json(tmp_path):
+    """RESULTS.md is generated, not edited: run_all --report-only on the recorded JSON files writes it again,
+    every line but the date it was written."""
+    import shutil
+
+    for p in (BENCH / "results").glob("*.json"):
+        shutil.copy(p, tmp_path / p.name)
+    _run("run_all.py", "--report-only", out=tmp_path)
+    written = (tmp_path / "RESULTS.md").read_text().splitlines()
+    recorded = (BENCH / "RESULTS.md").read_text().splitlines()
+    assert written[2].startswith("Written by `python benchmarks/run_all.py` on ")
+    assert written[:2] + written[3:] == recorded[:2] + recorded[3:]
+    assert (tmp_path / "summary.png").stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_data_throughput_alternates_readers(tmp_path):
     _run("data_throughput.py", "--synth-n", "4", "--read-n", "8", "--repeats", "2", out=tmp_path)
