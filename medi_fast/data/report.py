@@ -56,8 +56,7 @@ def counts_text(c: dict) -> str:
     return "\n".join(lines)
 
 
-def pyplot():
-    """matplotlib.pyplot on the headless Agg backend (the data and demo reports draw with it)."""
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on CI or clusters
@@ -68,7 +67,7 @@ def pyplot():
 
 def plot_coverage(cov: pd.DataFrame, path, unit: str = "patches") -> Path:
     """Heatmap of the coverage matrix (log colour scale; white = combination absent)."""
-    plt = pyplot()
+    plt = _plt()
     from matplotlib.colors import LogNorm
 
     h, w = cov.shape
@@ -85,12 +84,12 @@ def plot_coverage(cov: pd.DataFrame, path, unit: str = "patches") -> Path:
     ax.set_title(f"{unit} per (class, TSS); {int((data > 0).sum())} of {h * w} combinations present")
     fig.colorbar(im, ax=ax, label=unit, fraction=0.03, pad=0.01)
     fig.tight_layout()
-    return save_png(fig, path)
+    return _save(fig, path)
 
 
 def plot_demographics(table: pd.DataFrame, path) -> Path:
     """Bars of slides per race and per gender."""
-    plt = pyplot()
+    plt = _plt()
     slides = table.drop_duplicates("slide_submitter_id")
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, col in zip(axes, ("race", "gender")):
@@ -101,12 +100,11 @@ def plot_demographics(table: pd.DataFrame, path) -> Path:
         ax.set_title(f"slides per {col}")
         ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
-    return save_png(fig, path)
+    return _save(fig, path)
 
 
-def save_png(fig, path) -> Path:
-    """Write a figure to path as PNG, atomically, and close it."""
-    plt = pyplot()
+def _save(fig, path) -> Path:
+    plt = _plt()
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

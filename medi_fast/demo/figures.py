@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from ..data.report import pyplot, save_png
+from ..data.report import _plt, _save
 from ..eval.site_fidelity import CHANNELS
 
 PER_SIDE = 3   # a cell shows PER_SIDE x PER_SIDE patches
@@ -105,7 +105,7 @@ def sample_grids(fig: Path, index: pd.DataFrame, real: np.ndarray, synthetic: di
 def probe_chart(summary: pd.DataFrame, colours: dict[str, str], path: Path, chance: float = 0.5) -> Path:
     """Balanced and TSS-averaged balanced accuracy per arm, mean with SEM error bars, values written on;
     ``colours``: each arm's bar colour; ``chance``: 1 / the number of classes."""
-    plt = pyplot()
+    plt = _plt()
     metrics = (("balanced_accuracy", "balanced accuracy"), ("tss_balanced_accuracy", "TSS-averaged balanced accuracy"))
     arms = list(summary["arm"])
     width = 0.8 / len(arms)
@@ -126,13 +126,13 @@ def probe_chart(summary: pd.DataFrame, colours: dict[str, str], path: Path, chan
     ax.set_ylabel("linear probe, unseen test sites")
     ax.legend(loc="lower center", ncol=len(arms) + 1, fontsize=8, bbox_to_anchor=(0.5, -0.32), frameon=False)
     fig.tight_layout()
-    return save_png(fig, path)
+    return _save(fig, path)
 
 
 def site_chart(fidelity, arm: str, path: Path) -> Path:
     """Left: per-site stain effect, generated (by `arm`) vs real (one point per trained class x site x channel).
     Right: the mean colour of each class x site, real next to generated (never-seen ones: generated only)."""
-    plt = pyplot()
+    plt = _plt()
     from matplotlib.patches import Rectangle
 
     fig, (ax, sw) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [1.2, 1]})
@@ -171,11 +171,11 @@ def site_chart(fidelity, arm: str, path: Path) -> Path:
         s.set_visible(False)
     sw.set_title("mean colour per class x site", fontsize=9)
     fig.tight_layout()
-    return save_png(fig, path)
+    return _save(fig, path)
 
 
 def timings_chart(timings: list[tuple[str, float]], total: float, path: Path) -> Path:
-    plt = pyplot()
+    plt = _plt()
     names, secs = [n for n, _ in timings][::-1], [s for _, s in timings][::-1]
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(names) + 1.2))
     ax.barh(names, secs, color="#4a7fb5")
@@ -186,4 +186,4 @@ def timings_chart(timings: list[tuple[str, float]], total: float, path: Path) ->
     ax.set_title(f"total {total / 60:.1f} min", fontsize=9)
     ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
-    return save_png(fig, path)
+    return _save(fig, path)

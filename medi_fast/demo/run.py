@@ -66,14 +66,18 @@ def prepare_out(out: Path, overwrite: bool) -> Path:
     return ensure_dir(out)
 
 
+def _steps(compared: list[arms.Arm]) -> int:
+    """The run's numbered steps: the data, one per model trained, the samples, the evaluation, the report."""
+    return 4 + sum(a.recipe.trains for a in compared)
+
+
 def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
     """Run every stage; returns the path of report.html."""
     out = prepare_out(Path(cfg.out), overwrite)
     timer = Timer()
     t_all = time.perf_counter()
     compared = arms.for_config(cfg)
-    # numbered steps: the data, each model trained, the samples, the evaluation, the report
-    ctx = arms.Context(cfg, out, timer, _log, total=4 + sum(a.recipe.trains for a in compared))
+    ctx = arms.Context(cfg, out, timer, _log, total=_steps(compared))
     ctx.begin(f"rendering the synthetic cohort into {out / 'data'}")
     with timer("data: render, index, pack"):
         data = stages.build_data(cfg, out)
@@ -163,8 +167,8 @@ def reevaluate(cfg: DemoConfig, source, overwrite: bool = False) -> Path:
     index = pd.read_parquet(source / "index.parquet")
     loaded = {a.name: a.recipe.load(a, source) for a in compared}
     synthetic = {name: patches for name, patches in loaded.items() if patches is not None}
-    total = 4 + sum(a.recipe.trains for a in compared)
-    ctx = arms.Context(cfg, out, Timer(), _log, total=total, done=total - 2)  # the run's evaluation steps
+    total = _steps(compared)
+    ctx = arms.Context(cfg, out, Timer(), _log, total=total, done=total - 2)  # the run's last two steps
     return _evaluate_and_report(cfg, out, source, index, synthetic, ctx.timer, t_all, ctx, costs,
                                 extra={"reevaluated_from": str(source), "seconds": done["seconds"]})
 
