@@ -14,17 +14,16 @@ variants it was chosen over.  Each (variant, seed) is `medi-fast demo --setting 
   ratio, repeats) is evaluated again from that run's cohort and synthetic patches (`reevaluate`): the same
   models and patches, no retraining.  Its minutes are the source run's.
 
-A variant tested on more than two sites is also scored on its first two alone (S5, S6: the test sites of
-every setting until ring4 got eight), from the same probe runs' per-site accuracies: the design it replaced,
-on the same models.
+A variant tested on more than two sites is also scored on its first two alone, from the same probe runs'
+per-site accuracies: how much the number of test sites decides the result, on the same models.
 
 Per variant it writes WORK/<variant>/report.md (the `--seeds` report) and, for all variants,
 benchmarks/results/demo_seeds.json: per (variant, arm) the mean, SD and range over seeds of the TSS-averaged
 balanced accuracy, the gaps, the per-cell FID-style distances, MeDi's stain slope and the minutes per run.
 `shipped` marks the demo's default.  The default's models (the default and its probe-only variants) run
-over --default-seeds, the rejected variants over --seeds.  The default's eight test sites were chosen on
-the models of seeds 0-4; seeds 5 and 6 were not looked at before, so they are a held-out check of it.  Each
-full run takes 8-17 minutes on 2 cores, as fast as the machine is that hour.
+over --default-seeds, the other variants over --seeds.  Seeds 5 and 6 of the default are a held-out check:
+its test sites were chosen without them.  Each full run takes 8-17 minutes on 2 cores, as fast as the
+machine is that hour.
 """
 from __future__ import annotations
 
@@ -39,7 +38,8 @@ from _common import write_results  # noqa: E402
 
 from medi_fast.demo import DemoConfig, run_demo  # noqa: E402
 from medi_fast.demo.run import EVALUATION_FIELDS, reevaluate, same_config  # noqa: E402
-from medi_fast.demo.seeds import ARMS, aggregate, write_seeds_report  # noqa: E402
+from medi_fast.demo.arms import GAPS, HEADLINE  # noqa: E402
+from medi_fast.demo.seeds import aggregate, write_seeds_report  # noqa: E402
 from medi_fast.demo.stages import SETTINGS  # noqa: E402
 
 # name: (setting, DemoConfig fields changed from the demo's defaults).  The first is the demo's default.
@@ -48,8 +48,6 @@ VARIANTS = {
     "ring4-1to1": ("ring4", {"probe_ratio": 1.0}),
     "two-class-epsilon-1to1": ("two-class", {"prediction_type": "epsilon", "probe_ratio": 1.0}),
 }
-# ring4 with epsilon models was rejected earlier, on two test sites: its 700-step samples lose the site
-# stains (docs/training.md, benchmarks/site_fidelity.py); it has not been rerun on eight.
 SHIPPED = next(iter(VARIANTS))
 
 
@@ -136,11 +134,12 @@ def main() -> int:
                                   "summary": SETTINGS[base.setting].summary,
                                   "reevaluated": any("reevaluated_from" in r for r in recs), "rescored": label != name}
             st = agg["stats"]
-            for col in (*ARMS, "MeDi - CLS", "CLS - no-synthetic", "cell distance MeDi", "cell distance CLS",
-                        "stain slope", "minutes"):
+            for col in (*agg["arms"], *(g.column for g in GAPS), f"cell distance {HEADLINE.hi}",
+                        f"cell distance {HEADLINE.lo}", "stain slope", "minutes"):
                 rows.append({"variant": label, "setting": base.setting, "shipped": label == SHIPPED, "measure": col,
                              "seeds": len(own), **{k: round(v, 4) for k, v in st[col].items()}})
-            print(f"== {label}: " + ", ".join(f"{a} {st[a]['mean']:.3f} ± {st[a]['sd']:.3f}" for a in ARMS), flush=True)
+            print(f"== {label}: " + ", ".join(f"{a} {st[a]['mean']:.3f} ± {st[a]['sd']:.3f}" for a in agg["arms"]),
+                  flush=True)
     write_results("demo_seeds", rows, extra={"seeds": seeds, "default_seeds": default_seeds, "quick": args.quick, "variants": per_variant})
     return 0
 

@@ -24,6 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import RESULTS, machine_info  # noqa: E402
+from medi_fast.io import atomic_write_text  # noqa: E402
 
 # name -> (script, arguments); the defaults fit a 2-core CPU in about 20 minutes altogether.
 SUITE: dict[str, tuple[str, list[str]]] = {
@@ -137,16 +138,15 @@ def training_headline(tr: dict) -> str:
 
 
 def plot(backends: dict | None, sq: dict | None, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    """results/summary.png from the backends and solver-quality results; False when there are neither."""
     panels = [p for p in (backends, sq) if p]
     if not panels:
         return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
     axes = list(axes[0])
     if backends:
@@ -219,12 +219,14 @@ def gpu_sections() -> list[str]:
 
 def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
     """The demo over seeds, per variant (benchmarks/demo_seeds.py): (summary lines, section lines)."""
-    from medi_fast.demo.seeds import aggregate, order_text
+    from medi_fast.demo.arms import HEADLINE
+    from medi_fast.demo.seeds import aggregate, arm_names, order_text
 
-    arms = ("no-synthetic", "CLS", "MeDi")
+    hi, lo, gap = HEADLINE.hi, HEADLINE.lo, HEADLINE.column
     rows, head = [], []
     for name, s in ds["variants"].items():
         st = s["stats"]
+        arms = arm_names(s["records"])
         shipped = any(r["shipped"] for r in ds["rows"] if r["variant"] == name)
         sites = s["test_sites"]
         rows.append({"variant": name + (" (the demo's default)" if shipped else ""),
@@ -232,18 +234,17 @@ def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
                      "test sites": f"{len(sites)} ({sites[0]}-{sites[-1]})" if len(sites) > 2 else ", ".join(sites),
                      "seeds": ",".join(map(str, s["seeds"])),
                      **{a: f"{st[a]['mean']:.3f} ± {st[a]['sd']:.3f}" for a in arms},
-                     "MeDi - CLS (range)": f"{st['MeDi - CLS']['mean']:+.3f} ({st['MeDi - CLS']['min']:+.3f} to "
-                                           f"{st['MeDi - CLS']['max']:+.3f})",
+                     f"{gap} (range)": f"{st[gap]['mean']:+.3f} ({st[gap]['min']:+.3f} to {st[gap]['max']:+.3f})",
                      "order (>: separated, ≈: not)": order_text(s),
-                     "cell distance MeDi / CLS": f"{st['cell distance MeDi']['mean']:.1f} / "
-                                                 f"{st['cell distance CLS']['mean']:.1f}",
+                     f"cell distance {hi} / {lo}": f"{st[f'cell distance {hi}']['mean']:.1f} / "
+                                                   f"{st[f'cell distance {lo}']['mean']:.1f}",
                      "stain slope": f"{st['stain slope']['mean']:.2f} ± {st['stain slope']['sd']:.2f}",
                      "minutes per run": f"{st['minutes']['mean']:.1f}"})
         if shipped:
             head.append(f"* The demo ({s['description']}; {s['n']} seeds): linear-probe TSS-averaged balanced "
                         "accuracy " + ", ".join(f"{a} **{st[a]['mean']:.3f} ± {st[a]['sd']:.3f}**" for a in arms)
-                        + f" (mean ± SD over seeds); MeDi - CLS {st['MeDi - CLS']['mean']:+.3f} (per seed "
-                        + ", ".join(f"{r['seed']}: {r['probe']['MeDi']['tss_bacc'] - r['probe']['CLS']['tss_bacc']:+.3f}"
+                        + f" (mean ± SD over seeds); {gap} {st[gap]['mean']:+.3f} (per seed "
+                        + ", ".join(f"{r['seed']}: {r['probe'][hi]['tss_bacc'] - r['probe'][lo]['tss_bacc']:+.3f}"
                                     for r in s["records"]) + f"). Order **{order_text(s)}** (>: separated by more "
                         "than the spread over seeds, ≈: not).")
             first = [r for r in s["records"] if r["seed"] in ds["seeds"]]
@@ -266,8 +267,8 @@ def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
           "the test design every setting had before ring4 got eight). Models: what "
           "both UNets predict (epsilon or v). Probe: k real patches per class and synthetic:real. Cell distance: "
           "the FID-style colour-texture distance of each model's patches to the real patches of each trained "
-          "class x site cell (CLS: a draw of its class), mean over cells and seeds. Stain slope: how much of the "
-          "real difference between sites MeDi's patches reproduce (1 = all). Minutes per run: each training "
+          f"class x site cell ({lo}: a draw of its class), mean over cells and seeds. Stain slope: how much of the "
+          f"real difference between sites {hi}'s patches reproduce (1 = all). Minutes per run: each training "
           "run's wall time as it recorded it (results.json); runs made side by side or on a loaded machine take "
           "longer than alone.", "", _table(rows), ""]
     md += per_site_table(ds)
@@ -286,11 +287,14 @@ def per_site_table(ds: dict) -> list[str]:
     recs = ds["variants"].get(name, {}).get("records", []) if name else []
     if not recs or not all("probe_sites" in r for r in recs):
         return []
-    sites = list(recs[0]["probe_sites"]["MeDi"])
+    from medi_fast.demo.arms import GAPS
+    from medi_fast.demo.seeds import arm_names
+
+    arms = arm_names(recs)
+    sites = list(recs[0]["probe_sites"][arms[0]])
     at = lambda r, a, s: r["probe_sites"][a][s]  # noqa: E731
-    rows = [{"": a, **{s: f"{sum(at(r, a, s) for r in recs) / len(recs):.3f}" for s in sites}}
-            for a in ("no-synthetic", "CLS", "MeDi")]
-    for hi, lo in (("CLS", "no-synthetic"), ("MeDi", "CLS")):
+    rows = [{"": a, **{s: f"{sum(at(r, a, s) for r in recs) / len(recs):.3f}" for s in sites}} for a in arms]
+    for hi, lo in ((g.hi, g.lo) for g in reversed(GAPS)):  # each gap above the one it builds on
         rows.append({"": f"{hi} - {lo} (range over seeds)",
                      **{s: f"{min(at(r, hi, s) - at(r, lo, s) for r in recs):+.2f} to "
                            f"{max(at(r, hi, s) - at(r, lo, s) for r in recs):+.2f}" for s in sites}})
@@ -329,11 +333,187 @@ def distill_section(dq: dict) -> list[str]:
                           "probe", "probe_sem", "s", "speedup_calls_vs_ddim100"]), ""]
 
 
+def backends_headline(bk: dict) -> list[str]:
+    """Per preset: the best shipped CPU backend against the reference loop."""
+    lines = []
+    for p in dict.fromkeys(r["preset"] for r in bk["rows"]):
+        best = max((r for r in _shipped(bk, p) if r.get("sampler", "ddim") == "ddim"),
+                   key=lambda r: r["ratio_vs_reference"])
+        ceiling = [r for r in bk["rows"] if r["preset"] == p and r.get("derived")]
+        lines.append(f"* **{p}**, batch {best['batch']}: best CPU backend `{best['backend']}` at "
+                     f"**{best['ratio_vs_reference']:.2f}x** the reference loop's images/s (DDIM, same steps"
+                     + (f"; median of the same-round ratios {best['ratio_per_round_median']:.2f}x"
+                        if "ratio_per_round_median" in best else "")
+                     + (f"; an fp32 runtime running every FLOP at this machine's best conv rate would reach "
+                        f"{ceiling[0]['ratio_vs_reference']:.2f}x" if ceiling else "") + ").")
+    return lines
+
+
+def matched_quality_headline(bk: dict, sq: dict) -> list[str]:
+    """Per preset: the fastest backend x solver at the fewest steps within 5 % of DDIM-100 (derived)."""
+    lines = []
+    fast = {k: v for k, v in fewest_steps(sq).items() if v}
+    for p in dict.fromkeys(r["preset"] for r in bk["rows"]):
+        combos = []  # (derived speed-up, solver, steps, backend ratio, backend) per solver
+        for name, v in fast.items():
+            rows = [r for r in _shipped(bk, p) if r.get("sampler", "ddim") == name]
+            if rows:
+                best = max(rows, key=lambda r: r["ratio_vs_reference"])
+                combos.append((best["ratio_vs_reference"] * v["speedup_vs_ddim100"], name, v["steps"],
+                               best["ratio_vs_reference"], best["backend"]))
+        if combos:
+            total, name, steps, ratio, backend = max(combos)
+            lines.append(f"* **{p}** at matched quality: `{backend}` with `{name}` at {steps} steps (the fewest "
+                         f"within 5 % of DDIM-100 on the demo model): {ratio:.2f} x {PUBLISHED_STEPS / steps:.1f} "
+                         f"= **{total:.1f}x** the reference DDIM-100 loop (derived: backend ratio with that "
+                         "solver x step ratio; sampling cost is linear in the steps).")
+    return lines
+
+
+def generate_headline(gp: dict) -> str:
+    return (f"* `generate` with PNG writing runs at **{gp['overlap']['efficiency']:.2f}** of pure sampling "
+            f"speed; peak memory for n = {gp['memory'][1]['n']:,} is **{gp['memory_ratio']:.3f}x** that for "
+            f"n = {gp['memory'][0]['n']:,}.")
+
+
+def backends_section(bk: dict) -> list[str]:
+    """benchmarks/backends.py: images/s per backend against the reference loop."""
+    return ["## Sampling throughput per backend", "", _provenance(bk), "",
+            "Reference = diffusers `DDIMScheduler` + the eager fp32 `UNet2DModel` (what the published code "
+            "runs), the conditioning embedded once. Every candidate runs the same batch, steps and starting "
+            "noise; `max_abs_diff` is the largest difference of the final x0 to the reference's. Each candidate "
+            "has one untimed warm-up (for torch.compile: the compilation), then every round runs each candidate "
+            "once in turn" + (", the first one rotating from round to round" if "timing" in bk else "") + "; "
+            "`seconds` is the best round, `ratio_vs_reference` best against best, "
+            "`ratio_per_round_median` the median of the ratios within a round. The `ceiling` row is derived, "
+            "not a backend: the loop's FLOPs at the best fp32 3x3-convolution rate measured on this machine "
+            "in the same run. `ort-cpu + <solver>` rows run another solver for the same number of steps (no "
+            "x0 comparison: the solvers solve differently).", "",
+            "`shipped` marks the settings medi-fast uses (set by backends.py); the others are the reference, "
+            "the variants measured and not used, and the derived ceiling.", "",
+            _table(bk["rows"], ["preset", "backend", "sampler", "shipped", "batch", "steps", "seconds",
+                                "images_per_s",
+                                "ratio_vs_reference", "ratio_per_round_median", "max_abs_diff_vs_reference"]), ""]
+
+
+def sampling_section(st: dict) -> list[str]:
+    """benchmarks/sampling_throughput.py: generate's sampling path beside the reference loop."""
+    return ["## generate's sampling path vs the reference loop", "", _provenance(st), "",
+            "`sample_rows` on a backend (per-sample seeded noise, medi-fast DDIM, uint8 conversion: "
+            "all that `generate` does but write files) beside the reference loop, in alternating rounds; "
+            + ("`seconds` is the best round, `ratio_vs_reference` best against best, `ratio_per_round_median` the "
+               "median of the ratios within a round." if "timing" in st else
+               "`ratio_vs_reference` is the ratio of the medians (recorded before the shared harness)."), "",
+            _table(st["rows"], ["preset", "candidate", "shipped", "batch", "steps", "median_s", "seconds",
+                                "images_per_s", "ratio_vs_reference", "ratio_per_round_median"]), ""]
+
+
+def solver_section(sq: dict) -> list[str]:
+    """benchmarks/solver_quality.py: distance to real patches per solver and step count."""
+    few = fewest_steps(sq)
+    base = next(r for r in sq["rows"] if r["sampler"] == "ddim" and r["steps"] == PUBLISHED_STEPS)
+    return ["## Solver quality vs steps (demo MeDi model)", "", _provenance(sq), "",
+            f"{sq.get('n_images', '?')} images per solver setting, the same starting noise for all; `dist` = "
+            "Frechet distance of colour-texture features to real synthetic-H&E patches of the same (class, "
+            f"site) combinations (real-vs-real noise floor {sq.get('noise_floor', float('nan')):.3f}); "
+            "`rmse_ref` = RMS pixel difference to a 200-step reference solution of the same ODE. DDIM-100 "
+            f"dist {base['dist']:.3f}.", "",
+            "Fewest steps within 5 % of DDIM-100's distance: "
+            + ", ".join(f"{k} {v['steps'] if v else 'none of those tried'}" for k, v in few.items()) + ".", "",
+            "`dist` by sampler and steps:", "", _dist_by_steps(sq["rows"]), "",
+            _table(sq["rows"], ["sampler", "steps", "dist", "rmse_ref", "s"]), ""]
+
+
+def ort_profile_section(prof: dict) -> list[str]:
+    """benchmarks/ort_profile.py: ONNX Runtime's kernel time per operator type."""
+    return ["## Where ort-cpu spends a UNet call", "", _provenance(prof), "",
+            "ONNX Runtime's profiler, kernel time per operator type after graph optimisation (random weights); "
+            "the operators above 1 %.", "",
+            _table([r for r in prof["rows"] if r["share"] >= 0.01], ["model", "batch", "op", "share", "ms_per_call",
+                                                                     "nodes"]), ""]
+
+
+def int8_section(q8: dict) -> list[str]:
+    """benchmarks/int8_quality.py: int8 static quantisation's speed and what it does to the images."""
+    r = q8["rows"][0]
+    return ["## int8 (ONNX Runtime static quantisation) on the demo MeDi model: measured, not shipped", "",
+            _provenance(q8), "",
+            f"Convolutions int8 (weights per channel, activations calibrated on DDIM trajectories of other seeds), "
+            f"the same {r['n_images']} starting noises, DDIM-{r['steps']}, ort-cpu: int8 runs "
+            f"**{r['speedup_int8_vs_fp32']:.2f}x** the fp32 graph (same-round median "
+            f"{r['speedup_per_round_median']:.2f}x) but changes the images: RMS difference {r['rms_diff']:.3f} "
+            f"([-1, 1] units), {r['mean_level_diff']:.1f} grey levels on average, "
+            f"{100 * r['pixels_over_8_levels']:.0f} % of values more than 8 levels apart. FID-style distance to "
+            f"real: fp32 {r['dist_fp32']:.3f}, int8 {r['dist_int8']:.3f} (noise floor {r['noise_floor']:.3f}).", ""]
+
+
+def generate_section(gp: dict) -> list[str]:
+    """benchmarks/generate_pipeline.py: I/O overlap and peak memory of `generate`."""
+    return ["## generate: I/O overlap and peak memory", "", _provenance(gp), "",
+            "Overlap: the same Generator without an output directory (pure sampling) and writing PNGs "
+            "(alternating, medians). Memory: `medi-fast generate` in a fresh process per n, peak RSS.", "",
+            _table([gp["overlap"]]), "", _table(gp["memory"]), ""]
+
+
+def training_section(tr: dict) -> list[str]:
+    """benchmarks/training_throughput.py: the trainer's steps/s beside a reference-style loop."""
+    return ["## Training throughput", "", _provenance(tr), "",
+            "Each loop runs from a fresh start twice per round (a short and a long run, alternating with the "
+            "other loop's); its time for the timed steps is the difference within the round, so the fixed "
+            "costs of a run (model build, loader start, final checkpoint) cancel. `ratio` is best against "
+            "best, `ratio_per_round_median` and `ratio_per_round_range` over the same-round ratios.", "",
+            _table(tr["rows"], ["loop", "shipped", "steps", "seconds", "seconds_per_round", "steps_per_s",
+                                "images_per_s", "ratio", "ratio_per_round_median", "ratio_per_round_range"]), ""]
+
+
+def data_section(data: dict) -> list[str]:
+    """benchmarks/data_throughput.py."""
+    return ["## Data throughput", "", _provenance(data), "", _table(data["rows"]), ""]
+
+
+def ray_section(ray: dict) -> list[str]:
+    """benchmarks/ray_scaling.py: generate in one process against generate --ray with 1 and 2 actors."""
+    sm = ray["summary"]
+    return ["## generate on Ray", "", _provenance(ray), "",
+            "The same plan through `generate` in one process and through `generate --ray` with 1 and 2 CPU "
+            "actors, rounds alternated. \"Whole run\" includes starting the actors (each imports torch and "
+            "opens the model); \"steady\" is measured from the written files' timestamps after the first "
+            "batch. Ratios are medians of the same-round ratios.", "",
+            _table(ray["rows"], ["candidate", "workers", "n", "steps", "images_per_s", "steady_images_per_s",
+                                 "ratio_whole_run_vs_local_x1", "ratio_steady_vs_local_x1"]), "",
+            f"Overhead of 1 Ray actor against 1 process: {sm['overhead_steady_pct_ray_x1']:+.1f} % once running, "
+            f"{sm['overhead_whole_run_pct_ray_x1']:+.1f} % over the whole run including actor start-up. "
+            f"2 actors over 1: {sm['ray_x2_over_ray_x1_steady']:.2f}x steady, "
+            f"{sm['ray_x2_over_ray_x1_whole_run']:.2f}x whole run (2 cores shared with the driver). The `command` "
+            "rows are `medi-fast generate` and `medi-fast generate --ray` as a user runs them (fresh processes, "
+            "start-up included); both wrote the same bytes.", ""]
+
+
+def export_section(ec: dict) -> list[str]:
+    """benchmarks/export_cost.py: what `medi-fast export` with the user's defaults costs on this machine."""
+    return ["## What an export costs", "", _provenance(ec), "",
+            "`medi-fast export` of a random checkpoint with the user's defaults, in a child process: wall time, "
+            "CPU time and peak resident memory of the process and its children (the load averages before and "
+            f"after: `{ec.get('uptime_before', '?').split('load average: ')[-1]}`, "
+            f"`{ec.get('uptime_after', '?').split('load average: ')[-1]}`).", "",
+            _table(ec["rows"], ["preset", "command", "rc", "wall_s", "cpu_s", "peak_rss_gib"]), ""]
+
+
+def flops_section(flops: dict) -> list[str]:
+    """benchmarks/flops.py."""
+    return ["## FLOPs per step per preset", "", _provenance(flops), "",
+            "Counted with torch's FlopCounterMode on one forward pass (a multiply-add = 2 FLOPs).", "",
+            _table(flops["rows"]), ""]
+
+
 def report(status: dict[str, str]) -> Path:
-    flops, bk, gp = _load("flops"), _load("backends"), _load("generate_pipeline")
-    tr, data, sq = _load("training_throughput"), _load("data_throughput"), _load("solver_quality_demo")
-    st, q8, prof = _load("sampling_throughput"), _load("int8_quality"), _load("ort_profile")
-    dq = _load("distill_quality")
+    """RESULTS.md from the recorded JSON files: the summary, then one section per benchmark that has results."""
+    r = {name: _load(name) for name in ("flops", "backends", "generate_pipeline", "training_throughput",
+                                        "data_throughput", "solver_quality_demo", "sampling_throughput",
+                                        "int8_quality", "ort_profile", "distill_quality", "demo_seeds",
+                                        "ray_scaling", "export_cost")}
+    bk, sq, gp, tr, ds = (r[n] for n in ("backends", "solver_quality_demo", "generate_pipeline",
+                                         "training_throughput", "demo_seeds"))
     md = ["# Benchmark results", "",
           f"Written by `python benchmarks/run_all.py` on {machine_info()['time_utc']}. Every section names the "
           "machine, date and command of the run it comes from; ratios compare candidates measured side by side in "
@@ -341,145 +521,29 @@ def report(status: dict[str, str]) -> Path:
     if status:
         md += ["This invocation: " + "; ".join(f"{k} {v}" for k, v in status.items()) + ".", ""]
 
-    headline = []
-    if bk:
-        for p in dict.fromkeys(r["preset"] for r in bk["rows"]):
-            best = max((r for r in _shipped(bk, p) if r.get("sampler", "ddim") == "ddim"),
-                       key=lambda r: r["ratio_vs_reference"])
-            ceiling = [r for r in bk["rows"] if r["preset"] == p and r.get("derived")]
-            headline.append(f"* **{p}**, batch {best['batch']}: best CPU backend `{best['backend']}` at "
-                            f"**{best['ratio_vs_reference']:.2f}x** the reference loop's images/s (DDIM, same steps"
-                            + (f"; median of the same-round ratios {best['ratio_per_round_median']:.2f}x"
-                               if "ratio_per_round_median" in best else "")
-                            + (f"; an fp32 runtime running every FLOP at this machine's best conv rate would reach "
-                               f"{ceiling[0]['ratio_vs_reference']:.2f}x" if ceiling else "") + ").")
-    if sq and bk:
-        fast = {k: v for k, v in fewest_steps(sq).items() if v}
-        for p in dict.fromkeys(r["preset"] for r in bk["rows"]):
-            combos = []  # (derived speed-up, solver, steps, backend ratio, backend) per solver
-            for name, v in fast.items():
-                rows = [r for r in _shipped(bk, p) if r.get("sampler", "ddim") == name]
-                if rows:
-                    best = max(rows, key=lambda r: r["ratio_vs_reference"])
-                    combos.append((best["ratio_vs_reference"] * v["speedup_vs_ddim100"], name, v["steps"],
-                                   best["ratio_vs_reference"], best["backend"]))
-            if combos:
-                total, name, steps, ratio, backend = max(combos)
-                headline.append(f"* **{p}** at matched quality: `{backend}` with `{name}` at {steps} steps (the fewest "
-                                f"within 5 % of DDIM-100 on the demo model): {ratio:.2f} x {PUBLISHED_STEPS / steps:.1f} "
-                                f"= **{total:.1f}x** the reference DDIM-100 loop (derived: backend ratio with that "
-                                "solver x step ratio; sampling cost is linear in the steps).")
-    if gp:
-        headline.append(f"* `generate` with PNG writing runs at **{gp['overlap']['efficiency']:.2f}** of pure sampling "
-                        f"speed; peak memory for n = {gp['memory'][1]['n']:,} is **{gp['memory_ratio']:.3f}x** that for "
-                        f"n = {gp['memory'][0]['n']:,}.")
-    if tr:
-        headline.append(training_headline(tr))
-    ds = _load("demo_seeds")
     ds_head, ds_md = demo_seeds_section(ds) if ds else ([], [])
-    headline += ds_head
+    headline = ((backends_headline(bk) if bk else []) + (matched_quality_headline(bk, sq) if sq and bk else [])
+                + ([generate_headline(gp)] if gp else []) + ([training_headline(tr)] if tr else []) + ds_head)
     if headline:
         md += ["## Summary", "", *headline, ""]
     if plot(bk, sq, RESULTS / "summary.png"):
         md += ["![summary](results/summary.png)", ""]
-
-    if bk:
-        md += ["## Sampling throughput per backend", "", _provenance(bk), "",
-               "Reference = diffusers `DDIMScheduler` + the eager fp32 `UNet2DModel` (what the published code "
-               "runs), the conditioning embedded once. Every candidate runs the same batch, steps and starting "
-               "noise; `max_abs_diff` is the largest difference of the final x0 to the reference's. Each candidate "
-               "has one untimed warm-up (for torch.compile: the compilation), then every round runs each candidate "
-               "once in turn" + (", the first one rotating from round to round" if "timing" in bk else "") + "; "
-               "`seconds` is the best round, `ratio_vs_reference` best against best, "
-               "`ratio_per_round_median` the median of the ratios within a round. The `ceiling` row is derived, "
-               "not a backend: the loop's FLOPs at the best fp32 3x3-convolution rate measured on this machine "
-               "in the same run. `ort-cpu + <solver>` rows run another solver for the same number of steps (no "
-               "x0 comparison: the solvers solve differently).", "",
-               "`shipped` marks the settings medi-fast uses (set by backends.py); the others are the reference, "
-               "the variants measured and not used, and the derived ceiling.", "",
-               _table(bk["rows"], ["preset", "backend", "sampler", "shipped", "batch", "steps", "seconds",
-                                   "images_per_s",
-                                   "ratio_vs_reference", "ratio_per_round_median", "max_abs_diff_vs_reference"]), ""]
-    if st:
-        md += ["## generate's sampling path vs the reference loop", "", _provenance(st), "",
-               "`sample_rows` on a backend (per-sample seeded noise, medi-fast DDIM, uint8 conversion: "
-               "all that `generate` does but write files) beside the reference loop, in alternating rounds; "
-               + ("`seconds` is the best round, `ratio_vs_reference` best against best, `ratio_per_round_median` the "
-                  "median of the ratios within a round." if "timing" in st else
-                  "`ratio_vs_reference` is the ratio of the medians (recorded before the shared harness)."), "",
-               _table(st["rows"], ["preset", "candidate", "shipped", "batch", "steps", "median_s", "seconds",
-                                   "images_per_s", "ratio_vs_reference", "ratio_per_round_median"]), ""]
-    if sq:
-        few = fewest_steps(sq)
-        base = next(r for r in sq["rows"] if r["sampler"] == "ddim" and r["steps"] == PUBLISHED_STEPS)
-        md += ["## Solver quality vs steps (demo MeDi model)", "", _provenance(sq), "",
-               f"{sq.get('n_images', '?')} images per solver setting, the same starting noise for all; `dist` = "
-               "Frechet distance of colour-texture features to real synthetic-H&E patches of the same (class, "
-               f"site) combinations (real-vs-real noise floor {sq.get('noise_floor', float('nan')):.3f}); "
-               "`rmse_ref` = RMS pixel difference to a 200-step reference solution of the same ODE. DDIM-100 "
-               f"dist {base['dist']:.3f}.", "",
-               "Fewest steps within 5 % of DDIM-100's distance: "
-               + ", ".join(f"{k} {v['steps'] if v else 'none of those tried'}" for k, v in few.items()) + ".", "",
-               "`dist` by sampler and steps:", "", _dist_by_steps(sq["rows"]), "",
-               _table(sq["rows"], ["sampler", "steps", "dist", "rmse_ref", "s"]), ""]
-    if dq:
-        md += distill_section(dq)
-    if prof:
-        md += ["## Where ort-cpu spends a UNet call", "", _provenance(prof), "",
-               "ONNX Runtime's profiler, kernel time per operator type after graph optimisation (random weights); "
-               "the operators above 1 %.", "",
-               _table([r for r in prof["rows"] if r["share"] >= 0.01], ["model", "batch", "op", "share", "ms_per_call",
-                                                                        "nodes"]), ""]
-    if q8:
-        r = q8["rows"][0]
-        md += ["## int8 (ONNX Runtime static quantisation) on the demo MeDi model: measured, not shipped", "",
-               _provenance(q8), "",
-               f"Convolutions int8 (weights per channel, activations calibrated on DDIM trajectories of other seeds), "
-               f"the same {r['n_images']} starting noises, DDIM-{r['steps']}, ort-cpu: int8 runs "
-               f"**{r['speedup_int8_vs_fp32']:.2f}x** the fp32 graph (same-round median "
-               f"{r['speedup_per_round_median']:.2f}x) but changes the images: RMS difference {r['rms_diff']:.3f} "
-               f"([-1, 1] units), {r['mean_level_diff']:.1f} grey levels on average, "
-               f"{100 * r['pixels_over_8_levels']:.0f} % of values more than 8 levels apart. FID-style distance to "
-               f"real: fp32 {r['dist_fp32']:.3f}, int8 {r['dist_int8']:.3f} (noise floor {r['noise_floor']:.3f}).", ""]
-    if gp:
-        md += ["## generate: I/O overlap and peak memory", "", _provenance(gp), "",
-               "Overlap: the same Generator without an output directory (pure sampling) and writing PNGs "
-               "(alternating, medians). Memory: `medi-fast generate` in a fresh process per n, peak RSS.", "",
-               _table([gp["overlap"]]), "", _table(gp["memory"]), ""]
-    if tr:
-        md += ["## Training throughput", "", _provenance(tr), "",
-               "Each loop runs from a fresh start twice per round (a short and a long run, alternating with the "
-               "other loop's); its time for the timed steps is the difference within the round, so the fixed "
-               "costs of a run (model build, loader start, final checkpoint) cancel. `ratio` is best against "
-               "best, `ratio_per_round_median` and `ratio_per_round_range` over the same-round ratios.", "",
-               _table(tr["rows"], ["loop", "shipped", "steps", "seconds", "seconds_per_round", "steps_per_s",
-                                   "images_per_s", "ratio", "ratio_per_round_median", "ratio_per_round_range"]), ""]
-    if data:
-        md += ["## Data throughput", "", _provenance(data), "", _table(data["rows"]), ""]
+    # the sections in the order RESULTS.md shows them: (benchmark, section function)
+    for name, section in (("backends", backends_section), ("sampling_throughput", sampling_section),
+                          ("solver_quality_demo", solver_section), ("distill_quality", distill_section),
+                          ("ort_profile", ort_profile_section), ("int8_quality", int8_section),
+                          ("generate_pipeline", generate_section), ("training_throughput", training_section),
+                          ("data_throughput", data_section), ("export_cost", export_section)):
+        if r[name]:
+            md += section(r[name])
     md += ds_md
-    ray = _load("ray_scaling")
-    if ray:
-        sm = ray["summary"]
-        md += ["## generate on Ray", "", _provenance(ray), "",
-               "The same plan through `generate` in one process and through `generate --ray` with 1 and 2 CPU "
-               "actors, rounds alternated. \"Whole run\" includes starting the actors (each imports torch and "
-               "opens the model); \"steady\" is measured from the written files' timestamps after the first "
-               "batch. Ratios are medians of the same-round ratios.", "",
-               _table(ray["rows"], ["candidate", "workers", "n", "steps", "images_per_s", "steady_images_per_s",
-                                    "ratio_whole_run_vs_local_x1", "ratio_steady_vs_local_x1"]), "",
-               f"Overhead of 1 Ray actor against 1 process: {sm['overhead_steady_pct_ray_x1']:+.1f} % once running, "
-               f"{sm['overhead_whole_run_pct_ray_x1']:+.1f} % over the whole run including actor start-up. "
-               f"2 actors over 1: {sm['ray_x2_over_ray_x1_steady']:.2f}x steady, "
-               f"{sm['ray_x2_over_ray_x1_whole_run']:.2f}x whole run (2 cores shared with the driver).", ""]
+    if r["ray_scaling"]:
+        md += ray_section(r["ray_scaling"])
     md += gpu_sections()
-    if flops:
-        md += ["## FLOPs per step per preset", "", _provenance(flops), "",
-               "Counted with torch's FlopCounterMode on one forward pass (a multiply-add = 2 FLOPs).", "",
-               _table(flops["rows"]), ""]
+    if r["flops"]:
+        md += flops_section(r["flops"])
     path = HERE / "RESULTS.md" if RESULTS == HERE / "results" else RESULTS / "RESULTS.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(md))
-    tmp.replace(path)
+    atomic_write_text(path, "\n".join(md))
     return path
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from medi_fast.demo.arms import MEDI
 from medi_fast.demo.stages import SETTINGS
 
 
@@ -29,7 +30,8 @@ def main() -> int:
     fig = args.demo_out / "figures"
     conf = args.demo_out / "demo_config.json"
     parts = [(None, fig / "real.png"),
-             ("MeDi samples, DDIM on ONNX Runtime (red: class x site never seen in training)", fig / "medi.png")]
+             (f"{MEDI.name} samples, DDIM on ONNX Runtime (red: class x site never seen in training)",
+              fig / f"{MEDI.recipe.folder}.png")]
     for p in (conf, *(p for _, p in parts)):
         if not p.is_file():
             raise SystemExit(f"{p} is missing; pass the folder of a finished `medi-fast demo` run")

@@ -22,9 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 ORCHESTRATORS = ("cli", "demo", "doctor")
 # The package each source folder installs as (setup.cfg's package_dir).
 ROOTS = (("medi_fast", "medi_fast"), ("medi_fast.training", "training"), ("medi_fast.engines", "engines"))
-# Private uses another branch removes; each entry must still occur, so that none outlives its fix.
-HANDLED_ELSEWHERE = {("medi_fast/demo/run.py", "medi_fast.demo.stages._real")}
-
 
 def _absolute(node: ast.ImportFrom, package: str) -> str:
     """The absolute module a ``from ... import`` statement imports from, relative levels resolved."""
@@ -194,11 +191,9 @@ def test_no_import_circles():
 
 def test_no_private_names_across_modules():
     found = set(_project()[1])
-    offenders = sorted((w, n) for w, n in found if (w.split(":")[0], n) not in HANDLED_ELSEWHERE)
+    offenders = sorted(found)
     assert not offenders, ("private names used from another module (make the name public where it belongs, or "
                            "move it there):\n  " + "\n  ".join(f"{w}: {n}" for w, n in offenders))
-    stale = HANDLED_ELSEWHERE - {(w.split(":")[0], n) for w, n in found}
-    assert not stale, f"no longer used, remove from HANDLED_ELSEWHERE: {sorted(stale)}"
 
 
 def test_the_checker_sees_circles_and_private_names(tmp_path):

@@ -59,6 +59,21 @@ def test_backends_ort_profile_and_report_from_their_json(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (BENCH / "results").glob("*.json")} == recorded  # the repo's untouched
 
 
+def test_results_md_is_what_run_all_writes_from_the_recorded_json(tmp_path):
+    """RESULTS.md is generated, not edited: run_all --report-only on the recorded JSON files writes it again,
+    every line but the date it was written."""
+    import shutil
+
+    for p in (BENCH / "results").glob("*.json"):
+        shutil.copy(p, tmp_path / p.name)
+    _run("run_all.py", "--report-only", out=tmp_path)
+    written = (tmp_path / "RESULTS.md").read_text().splitlines()
+    recorded = (BENCH / "RESULTS.md").read_text().splitlines()
+    assert written[2].startswith("Written by `python benchmarks/run_all.py` on ")
+    assert written[:2] + written[3:] == recorded[:2] + recorded[3:]
+    assert (tmp_path / "summary.png").stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_data_throughput_alternates_readers(tmp_path):
     _run("data_throughput.py", "--synth-n", "4", "--read-n", "8", "--repeats", "2", out=tmp_path)
@@ -142,9 +157,8 @@ def test_gpu_script_within_its_budget_skips_and_says_so(tmp_path):
 
 
 def test_demo_seeds_aggregates_and_resumes_from_finished_runs(tmp_path):
-    """demo_seeds.py reuses a run whose results.json matches the variant's configuration (an interrupted
-    benchmark resumes without rerunning; a run recorded before a field existed counts with the value it had),
-    aggregates per variant, and run_all puts the table in RESULTS.md."""
+    """demo_seeds.py reuses a run whose demo_config.json is the variant's configuration (an interrupted
+    benchmark resumes without rerunning), aggregates per variant, and run_all puts the table in RESULTS.md."""
     import importlib.util
     from dataclasses import replace
 
@@ -171,11 +185,7 @@ def test_demo_seeds_aggregates_and_resumes_from_finished_runs(tmp_path):
         cfg = replace(bench.variant_config(name), out=str(work / name / f"seed-{seed}"), seed=seed)
         d = Path(cfg.out)
         d.mkdir(parents=True)
-        recorded = recorded_config(cfg)
-        if seed == 1:  # recorded before these were: epsilon at 1:1, distill at its default, tested on S5, S6
-            for key in ("distill", "prediction_type", "probe_ratio", "test_sites"):
-                recorded.pop(key)
-        (d / "demo_config.json").write_text(json.dumps(recorded))
+        (d / "demo_config.json").write_text(json.dumps(recorded_config(cfg)))
         (d / "results.json").write_text(json.dumps({
             "seed": seed, "setting": "two-class", "quick": False, "seconds": 540.0,
             "probe": {a: {"tss_bacc": v, "tss_bacc_sem": 0.01, "runs": 5}

@@ -16,7 +16,8 @@ from PIL import Image
 
 from medi_fast.cli import main
 from medi_fast.demo import DemoConfig, run_demo
-from medi_fast.demo.stages import _real as _real_images
+from medi_fast.demo import arms
+from medi_fast.demo.stages import real_patches as _real_images
 from medi_fast.errors import MediFastError
 
 
@@ -71,6 +72,15 @@ def test_report_and_outputs(demo_run):
     for arm, by_site in res["probe_sites"].items():
         assert list(by_site) == list(spec.test_sites)
         assert np.mean(list(by_site.values())) == pytest.approx(res["probe"][arm]["tss_bacc"], abs=1e-12)
+    # Every arm of the registry, in its order; each one's cost is the seconds of its own stages in the timings.
+    assert list(res["probe"]) == list(res["arm_seconds"]) == ["no-synthetic", "CLS", "MeDi"]
+    timings = {m[0]: float(m[1]) for m in re.findall(r"^\| (.+?) +\| +([\d.]+) \|$", md, re.M)}
+    assert res["arm_seconds"]["no-synthetic"] == 0.0
+    for arm in ("CLS", "MeDi"):
+        own = [v for k, v in timings.items() if k.split(" ")[0] in ("train", "export", "generate") and
+               k.split(" ")[1] == arm]
+        assert len(own) == 3 and res["arm_seconds"][arm] == pytest.approx(sum(own), abs=0.2)
+    assert "Seconds to make each arm's probe training data" in md
 
 
 def test_out_must_be_new_or_overwritten(demo_run, tmp_path, capsys):
@@ -332,27 +342,99 @@ def test_reevaluate_reads_back_the_run_exactly_and_changes_only_the_evaluation(d
         reevaluate(toy(tmp_path / "x"), tmp_path / "nothing")
 
 
-def test_same_config_reads_fields_older_runs_did_not_record():
+def test_same_config_is_the_recorded_configuration_exactly():
     from medi_fast.demo.run import recorded_config, same_config
 
     cfg = DemoConfig(out="a", setting="two-class")
     recorded = recorded_config(cfg)
     assert recorded["test_sites"] == ["S5", "S6"]
     assert same_config(recorded, replace(cfg, out="b"))  # where it was written is no setting
-    old = {k: v for k, v in recorded.items() if k not in ("prediction_type", "probe_ratio", "distill", "test_sites")}
-    # a run recorded before these fields existed was epsilon at 1:1, tested on S5 and S6; distill had its default
-    assert not same_config(old, cfg)
-    assert same_config(old, replace(cfg, prediction_type="epsilon", probe_ratio=1.0))
-    assert same_config(old, replace(cfg, prediction_type="epsilon"), ignore=("probe_ratio",))
+    assert not same_config(recorded, replace(cfg, prediction_type="epsilon"))
+    assert same_config(recorded, replace(cfg, probe_ratio=1.0), ignore=("probe_ratio",))
+    # a run recorded by a version without a field, or with one this version does not have, is never reused,
+    # whatever value the field would have had
+    for key in ("prediction_type", "probe_ratio", "distill", "test_sites"):
+        old = {k: v for k, v in recorded.items() if k != key}
+        assert not same_config(old, cfg) and not same_config(old, cfg, ignore=(key,))
     assert not same_config({**recorded, "future_field": 1}, cfg)
-    # ring4 is tested on eight sites now: a ring4 run recorded on two is another configuration
-    ring4 = DemoConfig(out="a", prediction_type="epsilon", probe_ratio=1.0)
-    assert len(recorded_config(ring4)["test_sites"]) == 8
-    assert same_config(recorded_config(ring4), ring4)
-    assert not same_config({k: v for k, v in recorded_config(ring4).items() if k != "test_sites"}, ring4)
+    # a setting's test sites are part of the configuration: ring4 recorded on two sites is another one
+    ring4 = DemoConfig(out="a")
+    assert len(recorded_config(ring4)["test_sites"]) == 8 and same_config(recorded_config(ring4), ring4)
+    assert not same_config({**recorded_config(ring4), "test_sites": ["S5", "S6"]}, ring4)
 
 
 def test_a_probe_larger_than_the_synthetic_set_is_refused_up_front(tmp_path):
     with pytest.raises(MediFastError, match="probe draws 16 synthetic patches per class but the demo makes 12"):
         replace(toy(tmp_path / "o"), probe_ratio=4.0)
     assert not (tmp_path / "o").exists()
+
+
+def test_the_registry_names_the_arms_in_order_and_the_student_only_with_distill():
+    from medi_fast.eval.probe import NO_SYNTHETIC
+
+    assert [a.name for a in arms.for_config(DemoConfig())] == [NO_SYNTHETIC, "CLS", "MeDi"]
+    with_student = arms.for_config(DemoConfig(distill=True, distill_steps=2))
+    assert [a.name for a in with_student] == [NO_SYNTHETIC, "CLS", "MeDi", "MeDi-2-step"]
+    assert with_student[-1].recipe.needs == ("MeDi",) and with_student[-1].recipe.per_site
+    assert [a.recipe.per_site for a in with_student[:3]] == [False, False, True]
+    # an arm's cost: its own stages and those of the arms it builds on (the student's teacher)
+    assert arms.cost(with_student, {"CLS": 3.0, "MeDi": 10.0, "MeDi-2-step": 2.5}) == {
+        NO_SYNTHETIC: 0.0, "CLS": 3.0, "MeDi": 10.0, "MeDi-2-step": 12.5}
+    assert arms.HEADLINE.column == "MeDi - CLS" and [g.key for g in arms.GAPS] == ["medi_over_cls", "cls_over_real"]
+
+
+def test_no_arm_name_is_written_outside_the_registry():
+    """The demo and its benchmarks name arms through medi_fast.demo.arms only: no string in their code (their
+    docstrings aside) is an arm's name or a short label built on one ("MeDi - CLS", "cells MeDi closer")."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    names = {a.name for a in arms.REGISTRY} | {"MeDi-4-step"}
+    word = re.compile(r"(^|[\s+(])(" + "|".join(re.escape(n) for n in names) + r")($|[\s)])")
+    files = [p for p in (repo / "medi_fast" / "demo").glob("*.py") if p.name != "arms.py"]
+    files += [repo / "benchmarks" / "run_all.py", repo / "benchmarks" / "demo_seeds.py"]
+    found = []
+    for path in files:
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
+                    and len(node.value) <= 40 and word.search(node.value)):
+                found.append(f"{path.name}:{node.lineno}: {node.value!r}")
+    assert not found, found
+
+
+def test_seeds_summary_takes_every_arm_the_runs_compared():
+    from medi_fast.demo.seeds import aggregate, per_seed, verdict
+
+    recs = []
+    for seed, (real, cls, medi, student) in enumerate([(0.6, 0.7, 0.8, 0.75), (0.62, 0.72, 0.84, 0.78)]):
+        r = _record(seed, real, cls, medi)
+        r["probe"]["MeDi-4-step"] = {"tss_bacc": student, "tss_bacc_sem": 0.01, "runs": 5}
+        recs.append(r)
+    t = per_seed(recs)
+    assert list(t.columns[:5]) == ["seed", "no-synthetic", "CLS", "MeDi", "MeDi-4-step"]
+    agg = aggregate(recs)
+    assert agg["arms"] == ["no-synthetic", "CLS", "MeDi", "MeDi-4-step"]
+    assert agg["order"] == ["MeDi", "MeDi-4-step", "CLS", "no-synthetic"]
+    assert agg["stats"]["MeDi-4-step"]["mean"] == pytest.approx(0.765)
+    assert "MeDi-4-step 0.765 ± " in verdict(agg) and verdict(agg).startswith("MeDi beat CLS")
+
+
+def test_reevaluate_refuses_a_run_that_does_not_record_its_arms_costs(demo_run, tmp_path):
+    import shutil
+
+    from medi_fast.demo.run import reevaluate
+
+    out, _ = demo_run
+    source = tmp_path / "older"
+    shutil.copytree(out, source)
+    res = json.loads((source / "results.json").read_text())
+    (source / "results.json").write_text(json.dumps({k: v for k, v in res.items() if k != "arm_seconds"}))
+    with pytest.raises(MediFastError, match="does not record this version's arms and their seconds; run the demo "
+                                            "afresh"):
+        reevaluate(toy(tmp_path / "again"), source)
+    assert not (tmp_path / "again").exists()

@@ -5,6 +5,8 @@ Like the CLI, the demo orchestrates: it is the one part of the library besides `
 
 * `stages.py`: the settings (cohort, probe pool, test sites: `Setting`, `SETTINGS`), `DemoConfig` and each
   stage as a function;
+* `arms.py`: the arms the linear probe is compared on (`REGISTRY`): each one's name, the recipe that makes
+  its training data, its colour and label; everything else iterates over it;
 * `run.py`: the orchestrator (`run_demo`): output directory, the stages in order, timings; `run_seeds`
   runs it once per seed; `reevaluate` scores a finished run again with other probe settings;
 * `figures.py` and `report.py`: the pictures and `report.md` + `report.html`; `seeds.py`: the report

@@ -15,7 +15,6 @@ from ..plotting import pyplot, save_png
 PER_SIDE = 3   # a cell shows PER_SIDE x PER_SIDE patches
 GAP = 2        # px between patches of a cell
 CELL_GAP = 10  # px between cells
-ARM_COLOURS = {"no-synthetic": "#9e9e9e", "CLS": "#4a7fb5", "MeDi": "#c0504d"}
 
 
 def _font(size: int):
@@ -68,9 +67,11 @@ def grid(cells: list[list[list[np.ndarray] | None]], rows: list[str], cols: list
 
 
 def sample_grids(fig: Path, index: pd.DataFrame, real: np.ndarray, synthetic: dict, cohort: dict, test_sites,
-                 classes) -> dict:
-    """real.png (every site, test sites marked), medi.png (every class x cohort site; combinations absent
-    from training outlined in red), cls.png (class only): the first PER_SIDE**2 patches of each cell."""
+                 classes, grids: list) -> dict:
+    """real.png (every site, test sites marked) and one picture per arm of `grids` (arms.Arm), named after
+    its folder: an arm whose samples carry a site shows every class x cohort site (combinations absent from
+    training outlined in red), a class-only arm as many samples per class in columns.  The first
+    PER_SIDE**2 patches of each cell; returns {"real" or the arm's folder: path}."""
     n = PER_SIDE ** 2
     res = real.shape[1]
     sites = sorted(index["tissue_source_site"].unique())
@@ -83,22 +84,27 @@ def sample_grids(fig: Path, index: pd.DataFrame, real: np.ndarray, synthetic: di
     ci, si = index["class"].to_numpy(), index["tissue_source_site"].to_numpy()
     cells = [[first(ci, si, real, c, s) for s in sites] for c in classes]
     grid(cells, list(classes), [s + (" (test)" if s in test_sites else "") for s in sites], res).save(fig / "real.png")
-    meta, images = synthetic["MeDi"]
-    cm, sm = meta["class"].to_numpy(), meta["tissue_source_site"].to_numpy()
+    paths = {"real": fig / "real.png"}
     missing = {(c, s) for c in classes for s in cohort_sites if s not in cohort[c]}
-    cells = [[first(cm, sm, images, c, s) for s in cohort_sites] for c in classes]
-    grid(cells, list(classes), cohort_sites, res, marks=missing).save(fig / "medi.png")
-    meta, images = synthetic["CLS"]
     k = len(cohort_sites)
-    cells = [[[images[p] for p in np.flatnonzero(meta["class"].to_numpy() == c)[j * n:(j + 1) * n]] or None
-              for j in range(k)] for c in classes]
-    grid(cells, list(classes), [f"samples {j * n + 1}-{(j + 1) * n}" for j in range(k)], res).save(fig / "cls.png")
-    return {"real": fig / "real.png", "medi": fig / "medi.png", "cls": fig / "cls.png"}
+    for arm in grids:
+        meta, images = synthetic[arm.name]
+        path = fig / f"{arm.recipe.folder}.png"
+        if arm.recipe.per_site:
+            cm, sm = meta["class"].to_numpy(), meta["tissue_source_site"].to_numpy()
+            cells = [[first(cm, sm, images, c, s) for s in cohort_sites] for c in classes]
+            grid(cells, list(classes), cohort_sites, res, marks=missing).save(path)
+        else:
+            cells = [[[images[p] for p in np.flatnonzero(meta["class"].to_numpy() == c)[j * n:(j + 1) * n]] or None
+                      for j in range(k)] for c in classes]
+            grid(cells, list(classes), [f"samples {j * n + 1}-{(j + 1) * n}" for j in range(k)], res).save(path)
+        paths[arm.recipe.folder] = path
+    return paths
 
 
-def probe_chart(summary: pd.DataFrame, path: Path, chance: float = 0.5) -> Path:
+def probe_chart(summary: pd.DataFrame, colours: dict[str, str], path: Path, chance: float = 0.5) -> Path:
     """Balanced and TSS-averaged balanced accuracy per arm, mean with SEM error bars, values written on;
-    ``chance``: 1 / the number of classes."""
+    ``colours``: each arm's bar colour; ``chance``: 1 / the number of classes."""
     plt = pyplot()
     metrics = (("balanced_accuracy", "balanced accuracy"), ("tss_balanced_accuracy", "TSS-averaged balanced accuracy"))
     arms = list(summary["arm"])
@@ -110,7 +116,7 @@ def probe_chart(summary: pd.DataFrame, path: Path, chance: float = 0.5) -> Path:
         means = [r[f"{m}_mean"] for m, _ in metrics]
         sems = [r[f"{m}_sem"] for m, _ in metrics]
         ax.bar(x, means, width, yerr=sems, capsize=4, label=f"{arm} ({int(r['runs'])} runs)",
-               color=ARM_COLOURS.get(arm, "#777"))
+               color=colours[arm])
         for xi, m, s in zip(x, means, sems):
             ax.text(xi, m + s + 0.015, f"{m:.3f}\n±{s:.3f}", ha="center", va="bottom", fontsize=7)
     ax.axhline(chance, color="black", lw=0.8, ls=":", label="chance")
@@ -123,8 +129,8 @@ def probe_chart(summary: pd.DataFrame, path: Path, chance: float = 0.5) -> Path:
     return save_png(fig, path)
 
 
-def site_chart(fidelity, path: Path) -> Path:
-    """Left: per-site stain effect, generated vs real (one point per trained class x site x channel).
+def site_chart(fidelity, arm: str, path: Path) -> Path:
+    """Left: per-site stain effect, generated (by `arm`) vs real (one point per trained class x site x channel).
     Right: the mean colour of each class x site, real next to generated (never-seen ones: generated only)."""
     plt = pyplot()
     from matplotlib.patches import Rectangle
@@ -157,7 +163,7 @@ def site_chart(fidelity, path: Path) -> Path:
         sw.add_patch(Rectangle((1, y + 0.1), 0.9, 0.8, color=gen / 255))
     sw.set_xlim(0, 1.9)
     sw.set_ylim(0, len(t))
-    sw.set_xticks([0.45, 1.45], ["real", "generated (MeDi)"])
+    sw.set_xticks([0.45, 1.45], ["real", f"generated ({arm})"])
     sw.set_yticks(np.arange(len(t)) + 0.5, [f"{r['class']} @ {r['site']}" for _, r in t.iloc[::-1].iterrows()],
                   fontsize=8)
     sw.tick_params(length=0)

@@ -11,7 +11,7 @@ import pandas as pd
 
 from .. import __version__
 from ..io import atomic_write_text
-from . import figures
+from . import arms, figures
 
 
 # Two arms whose balanced accuracies at a test site differ by no more than this are level there.
@@ -19,13 +19,15 @@ LEVEL = 0.005
 
 
 def verdict(probe: pd.DataFrame) -> tuple[bool, str]:
-    """Did MeDi beat CLS on the TSS-averaged balanced accuracy, beyond the standard errors?"""
+    """Did the headline comparison's arm (arms.HEADLINE) beat the other on the TSS-averaged balanced
+    accuracy, beyond the standard errors?"""
     r = probe.set_index("arm")
-    m, c, n = (r.loc[a, "tss_balanced_accuracy_mean"] for a in ("MeDi", "CLS", "no-synthetic"))
-    se = float(np.hypot(r.loc["MeDi", "tss_balanced_accuracy_sem"], r.loc["CLS", "tss_balanced_accuracy_sem"]))
+    hi, lo, real = arms.HEADLINE.hi, arms.HEADLINE.lo, arms.REAL
+    m, c, n = (r.loc[a, "tss_balanced_accuracy_mean"] for a in (hi, lo, real.name))
+    se = float(np.hypot(r.loc[hi, "tss_balanced_accuracy_sem"], r.loc[lo, "tss_balanced_accuracy_sem"]))
     beat = bool(m - c > se)
-    text = (f"MeDi {'beat' if beat else 'did not beat'} CLS in this run: TSS-averaged balanced accuracy "
-            f"{m:.3f} (MeDi) vs {c:.3f} (CLS) vs {n:.3f} (no synthetic data); difference {m - c:+.3f}, "
+    text = (f"{hi} {'beat' if beat else 'did not beat'} {lo} in this run: TSS-averaged balanced accuracy "
+            f"{m:.3f} ({hi}) vs {c:.3f} ({lo}) vs {n:.3f} ({real.label}); difference {m - c:+.3f}, "
             f"combined standard error {se:.3f}.")
     return beat, text
 
@@ -40,20 +42,24 @@ def probe_table(summary: pd.DataFrame) -> pd.DataFrame:
                          for _, r in summary.iterrows()])
 
 
-def student_line(cfg, results: dict, cells: pd.DataFrame) -> list[str]:
-    """The headline's line for the distilled student of `demo --distill` (none without it)."""
-    if not getattr(cfg, "distill", False) or "site_student" not in results:
-        return []
-    name = cfg.student_arm
+def student_lines(cfg, results: dict, cells: pd.DataFrame) -> list[str]:
+    """The headline's line for each distilled student (arms.DistilledSamples; `demo --distill`)."""
     p = results["probe"].set_index("arm")
-    site = results["site_student"]
-    return [f"Distilled student ({name}: the MeDi model distilled from DDIM-{cfg.distill_teacher_steps} to "
+    lines = []
+    for arm in arms.for_config(cfg):
+        if not isinstance(arm.recipe, arms.DistilledSamples):
+            continue
+        name, teacher = arm.name, arm.recipe.teacher
+        lines.append(
+            f"Distilled student ({name}: the {teacher} model distilled from DDIM-{cfg.distill_teacher_steps} to "
             f"{cfg.distill_steps} DDIM steps, {cfg.distill_iters} iterations per stage; "
             f"{cfg.sample_steps / cfg.distill_steps:.1f}x fewer UNet calls than the demo's DDIM-{cfg.sample_steps}): "
             f"probe {p.loc[name, 'tss_balanced_accuracy_mean']:.3f} ± {p.loc[name, 'tss_balanced_accuracy_sem']:.3f} "
-            f"(MeDi {p.loc['MeDi', 'tss_balanced_accuracy_mean']:.3f}); FID-style distance per cell "
-            f"{cells[name].mean():.1f} (MeDi {cells['MeDi'].mean():.1f}); stain slope {site.slope:.2f} "
-            f"(MeDi {results['site'].slope:.2f}). benchmarks/distill_quality.py measures longer distillations."]
+            f"({teacher} {p.loc[teacher, 'tss_balanced_accuracy_mean']:.3f}); FID-style distance per cell "
+            f"{cells[name].mean():.1f} ({teacher} {cells[teacher].mean():.1f}); stain slope "
+            f"{results['site'][name].slope:.2f} ({teacher} {results['site'][teacher].slope:.2f}). "
+            "benchmarks/distill_quality.py measures longer distillations.")
+    return lines
 
 
 def site_table(fidelity) -> pd.DataFrame:
@@ -65,12 +71,28 @@ def site_table(fidelity) -> pd.DataFrame:
     return out
 
 
+def grids(cfg) -> list[dict]:
+    """The sample grids the report shows (arms with `grid`), those whose samples carry a site first: their
+    picture's key, caption and alt text."""
+    shown = sorted((a for a in arms.for_config(cfg) if a.grid), key=lambda a: not a.recipe.per_site)
+    out = []
+    for a in shown:
+        red = "red: combinations absent from training"
+        out.append({"key": a.recipe.folder, "alt": f"{a.name} samples",
+                    "md": f"{a.name} ({red})" if a.recipe.per_site else f"{a.name} (no site control)",
+                    "html": f"{a.name} (outlined in {red})" if a.recipe.per_site else f"{a.name} (no site control)"})
+    return out
+
+
 def _sections(cfg, index, results, timing, total, source=None) -> dict:
     """Every piece of text and every table, shared by the Markdown and the HTML report."""
     beat, text = verdict(results["probe"])
+    hi, lo = arms.HEADLINE.hi, arms.HEADLINE.lo
+    models = " and ".join(f"{a.label} {a.name}" for a in arms.for_config(cfg)
+                          if isinstance(a.recipe, arms.ModelSamples))
     fid = results["fid"].pivot(index="class", columns="model", values="distance")
     fid.loc["mean"] = fid.mean()
-    site = results["site"]
+    site = results["site"][hi]
     p = results["probe"].set_index("arm")
     mi = results["mi"][["training_set", "n", "mi_bits", "mi_fraction"]]
     bits = mi.set_index("training_set")["mi_bits"]
@@ -79,7 +101,7 @@ def _sections(cfg, index, results, timing, total, source=None) -> dict:
     sites, unseen = spec.sites, spec.unseen
     full_bits = round(float(np.log2(len(spec.classes))), 2)
     cells = results["fid_cells"].pivot_table(index=["class", "site"], columns="model", values="distance")
-    closer = int((cells["MeDi"] < cells["CLS"]).sum())
+    closer = int((cells[hi] < cells[lo]).sum())
     cell_table = cells.reset_index()
     cell_table.loc[len(cell_table)] = ["mean", "", *cells.mean().to_numpy()]
     by_site = results["probe_sites"]
@@ -94,7 +116,7 @@ def _sections(cfg, index, results, timing, total, source=None) -> dict:
                   "for that.") if cfg.quick else "",
         "ran": (f"medi-fast {__version__}, {when}: a synthetic H&E cohort (setting `{spec.name}`: classes "
                 f"{', '.join(spec.classes)}; "
-                f"{len(index)} real patches), `{cfg.preset}` UNets (class-only CLS and class + site MeDi) trained "
+                f"{len(index)} real patches), `{cfg.preset}` UNets ({models}) trained "
                 f"{cfg.train_steps} steps at {cfg.resolution} px on the CPU ({cfg.prediction_type} prediction), "
                 f"exported to ONNX, sampled with ONNX Runtime (DDIM-{cfg.sample_steps}), and a linear probe trained "
                 f"with and without their samples. Seed {cfg.seed}; "
@@ -107,29 +129,29 @@ def _sections(cfg, index, results, timing, total, source=None) -> dict:
             + ", ".join(f"{a} {p.loc[a, 'tss_balanced_accuracy_mean']:.3f} ± {p.loc[a, 'tss_balanced_accuracy_sem']:.3f}"
                         for a in p.index) + f" ({int(p['runs'].iloc[0])} runs each).",
             f"Class-site mutual information of the probe's real pool: {bits['real']:.2f} bits, "
-            f"{bits['real+MeDi']:.2f} bits with the MeDi samples added ({full_bits:g} bits = log2 of {len(spec.classes)} "
+            f"{bits['real+' + hi]:.2f} bits with the {hi} samples added ({full_bits:g} bits = log2 of {len(spec.classes)} "
             "classes: the site gives the class away).",
-            f"Site stain: MeDi's per-site colour follows the real one with correlation {site.correlation:.2f} and "
+            f"Site stain: {hi}'s per-site colour follows the real one with correlation {site.correlation:.2f} and "
             f"slope {site.slope:.2f} (1 = the full difference between sites).",
-            f"FID-style distance to the real patches of each trained class x site cell (lower is closer): MeDi "
-            f"{cells['MeDi'].mean():.1f}, CLS {cells['CLS'].mean():.1f} on average; MeDi closer in {closer} of "
+            f"FID-style distance to the real patches of each trained class x site cell (lower is closer): {hi} "
+            f"{cells[hi].mean():.1f}, {lo} {cells[lo].mean():.1f} on average; {hi} closer in {closer} of "
             f"{len(cells)} cells. Per class, with every site pooled: "
-            + ", ".join(f"{m} {fid.loc['mean', m]:.1f}" for m in fid.columns) + "."] + student_line(cfg, results, cells),
+            + ", ".join(f"{m} {fid.loc['mean', m]:.1f}" for m in fid.columns) + "."] + student_lines(cfg, results, cells),
         "features": ("Features are the `colour-texture` statistics (48-d, no weights; not UNI, not Inception): the "
                      "distance below is FID-style, not FID, and the probe reads stain and texture statistics."),
         "setup": (f"Setting `{spec.name}`: {spec.summary}. Probe: k = {cfg.probe_k} real patches per class from "
                   f"those sites (the stain gives the class away), tested on unseen sites {', '.join(spec.test_sites)}; "
-                  f"synthetic:real {cfg.probe_ratio:g}:1 (MeDi: every class x site of {', '.join(sites)}, including the "
+                  f"synthetic:real {cfg.probe_ratio:g}:1 ({hi}: every class x site of {', '.join(sites)}, including the "
                   f"{len(unseen)} combinations never seen in training, "
                   f"{', '.join(f'{c}@{s}' for c, s in unseen[:4])}{', ...' if len(unseen) > 4 else ''}; "
-                  "CLS: class only, so its stains follow the cohort's class-site confound)."),
-        "cells_text": ("A CLS patch has no site: each trained cell is compared with a disjoint random draw of its class's "
-                       "CLS patches, as many as MeDi made for the cell. A class's pooled distance favours a model that "
-                       "reproduces the cohort's class-site mixture; MeDi also renders the combinations absent from "
+                  f"{lo}: class only, so its stains follow the cohort's class-site confound)."),
+        "cells_text": (f"A {lo} patch has no site: each trained cell is compared with a disjoint random draw of its class's "
+                       f"{lo} patches, as many as {hi} made for the cell. A class's pooled distance favours a model that "
+                       f"reproduces the cohort's class-site mixture; {hi} also renders the combinations absent from "
                        "training, which have no real counterpart in the pool."),
-        "colour_text": (f"MeDi's patches are closer to their cell than CLS's in {closer} of {len(cells)} trained cells. "
+        "colour_text": (f"{hi}'s patches are closer to their cell than {lo}'s in {closer} of {len(cells)} trained cells. "
                         f"The trained cells' mean colours lie {site.colour_spread_generated:.1f} grey levels from their "
-                        f"common mean in the MeDi patches, {site.colour_spread_real:.1f} in the real ones"
+                        f"common mean in the {hi} patches, {site.colour_spread_real:.1f} in the real ones"
                         + (f": washed out. Models trained for {cfg.train_steps} steps have learned the texture of each "
                            "class but not yet the full colour of each class and site (benchmarks/site_fidelity.py "
                            "--noise-levels shows where: the model's estimate of the clean image at high noise)."
@@ -138,18 +160,23 @@ def _sections(cfg, index, results, timing, total, source=None) -> dict:
         "probe": probe_table(results["probe"]),
         "probe_sites": by_site.reset_index().rename(columns={"arm": "Training data"}),
         "probe_sites_text": (f"Balanced accuracy per unseen test site (mean over the probe runs; their mean is the "
-                             f"TSS-averaged accuracy). Of {by_site.shape[1]} sites: {compare('MeDi', 'CLS')}; "
-                             f"{compare('CLS', 'no-synthetic')} (level: within {LEVEL:g}). Each site is a stain "
-                             "shift of its own, so the sites disagree; their mean is the result."),
+                             f"TSS-averaged accuracy). Of {by_site.shape[1]} sites: "
+                             + "; ".join(compare(g.hi, g.lo) for g in arms.GAPS)
+                             + f" (level: within {LEVEL:g}). Each site is a stain shift of its own, so the sites "
+                             "disagree; their mean is the result."),
         "fid": fid,
         "mi": mi,
         "site": site_table(site),
         "site_text": (f"Per-site stain effect (a class x site's mean colour minus its class's mean, per channel) of "
-                      f"the MeDi samples against the real patches, over {len(site.effects)} trained combinations: "
+                      f"the {hi} samples against the real patches, over {len(site.effects)} trained combinations: "
                       f"correlation {site.correlation:.3f}, slope {site.slope:.3f}; mean |effect| generated "
                       f"{site.mean_abs_effect_generated:.2f}, real {site.mean_abs_effect_real:.2f} grey levels. "
                       "The same measure as benchmarks/site_fidelity.py."),
         "timing": timing,
+        "cost_text": ("Seconds to make each arm's probe training data (its own stages and those of the model it "
+                      "builds on): " + ", ".join(f"{a} {v:.1f}" for a, v in results["arm_seconds"].items()) + "."),
+        "grids": grids(cfg),
+        "mi_arm": hi,
         "config": pd.DataFrame({"setting": list(vars(cfg)), "value": [str(v) for v in vars(cfg).values()]}),
         "probe_summary": results["probe"],
     }
@@ -167,19 +194,19 @@ def _markdown(s: dict, rel: dict) -> str:
            + f"\n![probe]({rel['probe']})\n\n{s['probe_sites_text']}\n\n"
            + s["probe_sites"].to_markdown(index=False, floatfmt=".3f") + "\n",
            f"## Samples (classes x sites, {figures.PER_SIDE ** 2} per cell)\n\nReal:\n\n![real]({rel['real']})\n\n"
-           f"MeDi (red: combinations absent from training):\n\n![medi]({rel['medi']})\n\n"
-           f"CLS (no site control):\n\n![cls]({rel['cls']})\n",
+           + "".join(f"{g['md']}:\n\n![{g['key']}]({rel[g['key']]})\n\n" for g in s["grids"])[:-1],
            f"## Site stain, real vs generated\n\n{s['site_text']}\n\n![site]({rel['site']})\n\n"
            + s["site"].to_markdown(index=False) + "\n",
            "## FID-style distance to the real cohort (colour-texture features; lower is closer)\n\n"
            f"Per trained class x site cell. {s['cells_text']}\n\n{s['colour_text']}\n\n" + s["fid_cells"].to_markdown(index=False, floatfmt=".1f")
            + "\n\nPer class, every site pooled:\n\n" + s["fid"].to_markdown(floatfmt=".3f") + "\n",
            "## Shortcut meter\n\nClass-site mutual information of the probe's real pool (the patches its k per class "
-           f"are drawn from), before and after adding the MeDi samples; {s['full_bits']:g} bits (log2 of the number of "
+           f"are drawn from), before and after adding the {s['mi_arm']} samples; {s['full_bits']:g} bits (log2 of the number of "
            "classes) = the site gives the class away.\n\n"
            + s["mi"].to_markdown(index=False, floatfmt=".3f") + "\n",
            f"## Data coverage (patches per class x site)\n\n![coverage]({rel['coverage']})\n",
-           "## Timings\n\n" + s["timing"].to_markdown(index=False, floatfmt=".1f") + f"\n\n![timings]({rel['timings']})\n",
+           "## Timings\n\n" + s["timing"].to_markdown(index=False, floatfmt=".1f") + f"\n\n{s['cost_text']}\n\n"
+           f"![timings]({rel['timings']})\n",
            "## Configuration\n\n" + s["config"].to_markdown(index=False) + "\n"]
     return "\n".join(md)
 
@@ -213,22 +240,21 @@ dotted: chance.</figcaption></figure>{{ tables.probe }}<p>{{ s.probe_sites_text 
 <div class="scroll">{{ tables.probe_sites }}</div></details>
 <details open><summary>Samples ({{ per_cell }} per class x site)</summary>
 <h3>Real</h3><div class="scroll"><img class="pixels" src="{{ img.real }}" alt="real patches"></div>
-<h3>MeDi (outlined in red: combinations absent from training)</h3>
-<div class="scroll"><img class="pixels" src="{{ img.medi }}" alt="MeDi samples"></div>
-<h3>CLS (no site control)</h3><div class="scroll"><img class="pixels" src="{{ img.cls }}" alt="CLS samples"></div>
-</details>
+{% for g in s.grids %}<h3>{{ g.html }}</h3>
+<div class="scroll"><img class="pixels" src="{{ img[g.key] }}" alt="{{ g.alt }}"></div>
+{% endfor %}</details>
 <details open><summary>Site stain, real vs generated</summary><p>{{ s.site_text }}</p>
 <figure><img src="{{ img.site }}" alt="site colours"></figure>{{ tables.site }}</details>
 <details open><summary>FID-style distance</summary><p>Colour-texture features, synthetic vs the real cohort;
 lower is closer. Per trained class x site cell: {{ s.cells_text }}</p><p>{{ s.colour_text }}</p>{{ tables.fid_cells }}
 <p>Per class, every site pooled:</p>{{ tables.fid }}</details>
 <details><summary>Shortcut meter</summary><p>Class-site mutual information of the probe's real pool, before and
-after adding the MeDi samples; {{ s.full_bits }} bits (log2 of the number of classes) = the site gives the class
+after adding the {{ s.mi_arm }} samples; {{ s.full_bits }} bits (log2 of the number of classes) = the site gives the class
 away.</p>{{ tables.mi }}</details>
 <details><summary>Data coverage</summary><figure><img src="{{ img.coverage }}" alt="patches per class x site">
 </figure></details>
 <details><summary>Timings</summary><figure><img src="{{ img.timings }}" alt="seconds per stage"></figure>
-{{ tables.timing }}</details>
+{{ tables.timing }}<p>{{ s.cost_text }}</p></details>
 <details><summary>Configuration</summary>{{ tables.config }}</details>
 </body></html>
 """
@@ -264,10 +290,14 @@ def write_report(out: Path, cfg, index: pd.DataFrame, real_images: np.ndarray, s
     fig = out / "figures"
     fig.mkdir(parents=True, exist_ok=True)
     spec = cfg.spec
-    pics = figures.sample_grids(fig, index, real_images, synthetic, spec.cohort, spec.test_sites, spec.classes)
+    compared = arms.for_config(cfg)
+    pics = figures.sample_grids(fig, index, real_images, synthetic, spec.cohort, spec.test_sites, spec.classes,
+                                [a for a in compared if a.grid])
     pics["coverage"] = plot_coverage(coverage_matrix(index), fig / "coverage.png")
-    pics["probe"] = figures.probe_chart(results["probe"], fig / "probe.png", chance=1 / len(spec.classes))
-    pics["site"] = figures.site_chart(results["site"], fig / "site.png")
+    pics["probe"] = figures.probe_chart(results["probe"], {a.name: a.colour for a in compared}, fig / "probe.png",
+                                        chance=1 / len(spec.classes))
+    hi = arms.HEADLINE.hi
+    pics["site"] = figures.site_chart(results["site"][hi], hi, fig / "site.png")
     total = time.perf_counter() - started
     timing = pd.DataFrame(list(timings) + [("total", total)], columns=["stage", "seconds"])
     pics["timings"] = figures.timings_chart(list(timings), total, fig / "timings.png")

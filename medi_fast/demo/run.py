@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..errors import MediFastError
 from ..io import ensure_dir
-from . import stages
+from . import arms, stages
 from .stages import DemoConfig
 
 # What a demo run writes under OUT (removed by overwrite=True, and nothing else is).
@@ -66,54 +66,46 @@ def prepare_out(out: Path, overwrite: bool) -> Path:
     return ensure_dir(out)
 
 
+def _steps(compared: list[arms.Arm]) -> int:
+    """The run's numbered steps: the data, one per model trained, the samples, the evaluation, the report."""
+    return 4 + sum(a.recipe.trains for a in compared)
+
+
 def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
     """Run every stage; returns the path of report.html."""
     out = prepare_out(Path(cfg.out), overwrite)
     timer = Timer()
     t_all = time.perf_counter()
-    _log(f"1/6 rendering the synthetic cohort into {out / 'data'}")
+    compared = arms.for_config(cfg)
+    ctx = arms.Context(cfg, out, timer, _log, total=_steps(compared))
+    ctx.begin(f"rendering the synthetic cohort into {out / 'data'}")
     with timer("data: render, index, pack"):
         data = stages.build_data(cfg, out)
-    index = data["index"]
-    ckpts, onnx = {}, {}
-    for i, (name, cond) in enumerate((("CLS", "class"), ("MeDi", "class,tss"))):
-        _log(f"{2 + i}/6 training the {name} model (--condition {cond}, {cfg.train_steps} steps)")
-        with timer(f"train {name} ({cfg.train_steps} steps, batch {cfg.batch_size})"):
-            ckpts[name] = stages.train_model(cfg, out, name.lower(), cond)
-        with timer(f"export {name} to ONNX"):
-            onnx[name] = stages.export_model(ckpts[name], out, name.lower())
-    synthetic = {}
-    _log(f"4/6 generating with ONNX Runtime (DDIM-{cfg.sample_steps})")
-    for name in ("CLS", "MeDi"):
-        with timer(f"generate {name} (ort-cpu, DDIM-{cfg.sample_steps})"):
-            synthetic[name] = stages.generate(cfg, onnx[name], out, name.lower(), cls_only=(name == "CLS"))
-    if cfg.distill:
-        student = cfg.student_arm
-        _log(f"4/6 distilling MeDi into a {cfg.distill_steps}-step student (DDIM-{cfg.distill_teacher_steps} -> "
-             f"{cfg.distill_steps}, {cfg.distill_iters} iterations per stage)")
-        with timer(f"distil MeDi -> {student}"):
-            path = stages.distill_model(cfg, ckpts["MeDi"], out)
-        with timer(f"export {student} to ONNX"):
-            onnx[student] = stages.export_model(path, out, "medi-student")
-        with timer(f"generate {student} (ort-cpu, its own steps)"):
-            synthetic[student] = stages.generate(cfg, onnx[student], out, "medi-student", cls_only=False)
-    return _evaluate_and_report(cfg, out, out, index, synthetic, timer, t_all)
+    for arm in compared:
+        arm.recipe.prepare(arm, ctx)
+    ctx.begin(f"generating with ONNX Runtime (DDIM-{cfg.sample_steps})")
+    made = {arm.name: arm.recipe.make(arm, ctx) for arm in compared}
+    synthetic = {name: patches for name, patches in made.items() if patches is not None}
+    return _evaluate_and_report(cfg, out, out, data["index"], synthetic, timer, t_all, ctx,
+                                arm_seconds=arms.cost(compared, ctx.seconds))
 
 
 def _evaluate_and_report(cfg: DemoConfig, out: Path, run: Path, index, synthetic: dict, timer: Timer,
-                         t_all: float, extra: dict | None = None) -> Path:
+                         t_all: float, ctx: arms.Context, arm_seconds: dict[str, float],
+                         extra: dict | None = None) -> Path:
     """Stages 5 and 6 on the cohort and synthetic patches of the run in `run`, into `out`."""
     from .report import write_report
 
-    student = cfg.student_arm
-    _log("5/6 evaluating (colour-texture features: FID-style distance, linear probe, shortcut meter, site colours)")
+    compared = arms.for_config(cfg)
+    ctx.begin("evaluating (colour-texture features: FID-style distance, linear probe, shortcut meter, site colours)")
     with timer("evaluate"):
-        real_images = stages._real(run)
+        real_images = stages.real_patches(run)
         results = stages.evaluate(cfg, index, real_images, synthetic)
-        results["site"] = stages.measure_site_fidelity(cfg, index, real_images, synthetic["MeDi"])
-        if cfg.distill:
-            results["site_student"] = stages.measure_site_fidelity(cfg, index, real_images, synthetic[student])
-    _log("6/6 writing the report")
+        # per arm whose samples carry a site: how well they reproduce each site's stain
+        results["site"] = {a.name: stages.measure_site_fidelity(cfg, index, real_images, synthetic[a.name])
+                           for a in compared if a.recipe.per_site}
+        results["arm_seconds"] = arm_seconds
+    ctx.begin("writing the report")
     with timer("report"):
         path = write_report(out, cfg, index, real_images, synthetic, results, timer.rows, started=t_all,
                             source=None if run == out else run)
@@ -129,10 +121,6 @@ def _evaluate_and_report(cfg: DemoConfig, out: Path, run: Path, index, synthetic
 # DemoConfig fields that change only the evaluation: a run that differs from a finished one in these alone
 # is evaluated again from that run's cohort and synthetic patches (`reevaluate`) instead of being retrained.
 EVALUATION_FIELDS = ("k", "probe_ratio", "probe_repeats")
-# Fields added to the recorded configuration after runs were recorded, with the value those runs had.  A
-# field missing from a recorded config and not listed here had its current default.  (Every setting's test
-# sites were S5, S6 until ring4 got eight.)
-RECORDED_BEFORE = {"prediction_type": "epsilon", "probe_ratio": 1.0, "test_sites": ["S5", "S6"]}
 
 
 def recorded_config(cfg: DemoConfig) -> dict:
@@ -143,12 +131,12 @@ def recorded_config(cfg: DemoConfig) -> dict:
 
 def same_config(recorded: dict, cfg: DemoConfig, ignore: tuple[str, ...] = ()) -> bool:
     """Did the run recorded as `recorded` (its demo_config.json) have configuration `cfg`, up to the fields
-    in `ignore`?  Where the run was written is not part of its configuration."""
+    in `ignore`?  Where the run was written is not part of its configuration; a run that recorded other
+    fields than this version does was made by another version and is never the same."""
     want = recorded_config(cfg)
-    default = recorded_config(DemoConfig())
-    had = {k: recorded.get(k, RECORDED_BEFORE.get(k, default[k])) for k in want}
-    unknown = set(recorded) - set(want)
-    return not unknown and all(had[k] == want[k] for k in want if k not in ("out", *ignore))
+    if set(recorded) != set(want):  # recorded by a version with other fields: not this configuration
+        return False
+    return all(recorded[k] == want[k] for k in want if k not in ("out", *ignore))
 
 
 def reevaluate(cfg: DemoConfig, source, overwrite: bool = False) -> Path:
@@ -166,15 +154,23 @@ def reevaluate(cfg: DemoConfig, source, overwrite: bool = False) -> Path:
                             f"{', '.join(EVALUATION_FIELDS)}; run the demo afresh")
     if Path(cfg.out).resolve() == source.resolve():
         raise MediFastError(f"re-evaluating {source} into itself would replace the run it reads; choose another out")
+    compared = arms.for_config(cfg)
+    done = json.loads((source / "results.json").read_text())
+    costs = done.get("arm_seconds") if isinstance(done, dict) else None
+    if not (isinstance(costs, dict) and list(costs) == [a.name for a in compared]
+            and all(isinstance(v, (int, float)) and v >= 0 for v in costs.values())
+            and isinstance(done.get("seconds"), (int, float))):
+        raise MediFastError(f"the results.json of the demo run in {source} does not record this version's arms and "
+                            "their seconds; run the demo afresh")
     out = prepare_out(Path(cfg.out), overwrite)
     t_all = time.perf_counter()
     index = pd.read_parquet(source / "index.parquet")
-    names = [("CLS", "cls"), ("MeDi", "medi")] + ([(cfg.student_arm, "medi-student")]
-                                                  if cfg.distill else [])
-    synthetic = {arm: stages.load_synthetic(source / "synthetic" / d) for arm, d in names}
-    seconds = json.loads((source / "results.json").read_text())["seconds"]
-    return _evaluate_and_report(cfg, out, source, index, synthetic, Timer(), t_all,
-                                extra={"reevaluated_from": str(source), "seconds": seconds})
+    loaded = {a.name: a.recipe.load(a, source) for a in compared}
+    synthetic = {name: patches for name, patches in loaded.items() if patches is not None}
+    total = _steps(compared)
+    ctx = arms.Context(cfg, out, Timer(), _log, total=total, done=total - 2)  # the run's last two steps
+    return _evaluate_and_report(cfg, out, source, index, synthetic, ctx.timer, t_all, ctx, costs,
+                                extra={"reevaluated_from": str(source), "seconds": done["seconds"]})
 
 
 def summary_record(cfg: DemoConfig, results: dict, seconds: float) -> dict:
@@ -182,7 +178,8 @@ def summary_record(cfg: DemoConfig, results: dict, seconds: float) -> dict:
     aggregate over seeds."""
     probe = results["probe"].set_index("arm")
     cells = results["fid_cells"].pivot_table(index=["class", "site"], columns="model", values="distance")
-    site = results["site"]
+    hi, lo = arms.HEADLINE.hi, arms.HEADLINE.lo
+    site = results["site"][hi]
     return {"seed": cfg.seed, "setting": cfg.setting, "quick": cfg.quick, "seconds": round(seconds, 1),
             "probe": {a: {"tss_bacc": float(probe.loc[a, "tss_balanced_accuracy_mean"]),
                           "tss_bacc_sem": float(probe.loc[a, "tss_balanced_accuracy_sem"]),
@@ -191,10 +188,13 @@ def summary_record(cfg: DemoConfig, results: dict, seconds: float) -> dict:
             "probe_sites": {a: {s: float(v) for s, v in row.items()} for a, row in results["probe_sites"].iterrows()},
             "fid_class_mean": {m: float(v) for m, v in results["fid"].groupby("model")["distance"].mean().items()},
             "fid_cell_mean": {m: float(cells[m].mean()) for m in cells.columns},
-            "cells_medi_closer": int((cells["MeDi"] < cells["CLS"]).sum()), "cells": int(len(cells)),
+            # the headline arm's cells closer than the other's; its stain fidelity
+            "cells_medi_closer": int((cells[hi] < cells[lo]).sum()), "cells": int(len(cells)),
             "site_correlation": float(site.correlation), "site_slope": float(site.slope),
             "colour_spread_generated": float(site.colour_spread_generated),
-            "colour_spread_real": float(site.colour_spread_real)}
+            "colour_spread_real": float(site.colour_spread_real),
+            # seconds to make each arm's probe training data (arms.cost)
+            "arm_seconds": results["arm_seconds"]}
 
 
 def run_seeds(cfg: DemoConfig, seeds: list[int], overwrite: bool = False) -> Path:

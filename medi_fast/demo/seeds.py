@@ -16,23 +16,31 @@ import pandas as pd
 
 from .. import __version__
 from ..io import atomic_write_text
+from .arms import GAPS, HEADLINE
 
-ARMS = ("no-synthetic", "CLS", "MeDi")
+
+def arm_names(records: list[dict]) -> list[str]:
+    """The arms the runs compared, in the registry's order (as their results.json lists them)."""
+    return list(records[0]["probe"])
+
+
+def closer_column() -> str:
+    """per_seed's column: in how many trained cells the headline arm's patches were the closer ones."""
+    return f"cells {HEADLINE.hi} closer"
 
 
 def per_seed(records: list[dict]) -> pd.DataFrame:
-    """One row per seed: each arm's TSS-averaged balanced accuracy, the gaps, the per-cell distances, the
-    stain fidelity and the run time."""
+    """One row per seed: each arm's TSS-averaged balanced accuracy, the gaps (arms.GAPS), the per-cell
+    distances of the headline's two arms, the headline arm's stain fidelity and the run time."""
     rows = []
     for r in records:
         p = r["probe"]
-        rows.append({"seed": r["seed"], **{a: p[a]["tss_bacc"] for a in ARMS},
-                     "MeDi - CLS": p["MeDi"]["tss_bacc"] - p["CLS"]["tss_bacc"],
-                     "CLS - no-synthetic": p["CLS"]["tss_bacc"] - p["no-synthetic"]["tss_bacc"],
-                     "cell distance MeDi": r["fid_cell_mean"]["MeDi"], "cell distance CLS": r["fid_cell_mean"]["CLS"],
-                     "cells MeDi closer": f"{r['cells_medi_closer']}/{r['cells']}",
+        rows.append({"seed": r["seed"], **{a: p[a]["tss_bacc"] for a in arm_names(records)},
+                     **{g.column: p[g.hi]["tss_bacc"] - p[g.lo]["tss_bacc"] for g in GAPS},
+                     **{f"cell distance {a}": r["fid_cell_mean"][a] for a in (HEADLINE.hi, HEADLINE.lo)},
+                     closer_column(): f"{r['cells_medi_closer']}/{r['cells']}",
                      "stain slope": r["site_slope"], "stain correlation": r["site_correlation"],
-                     "colour spread MeDi": r.get("colour_spread_generated", np.nan),
+                     f"colour spread {HEADLINE.hi}": r.get("colour_spread_generated", np.nan),
                      "colour spread real": r.get("colour_spread_real", np.nan),
                      "minutes": r["seconds"] / 60})
     return pd.DataFrame(rows)
@@ -42,18 +50,17 @@ def aggregate(records: list[dict]) -> dict:
     """Mean, SD (ddof 1) and range over seeds of every numeric column of :func:`per_seed`, and the verdicts:
     two arms are *separated* when their mean ± SD intervals over seeds do not overlap."""
     t = per_seed(records)
-    num = t.drop(columns=["seed", "cells MeDi closer"])
+    num = t.drop(columns=["seed", closer_column()])
     stats = {c: {"mean": float(num[c].mean()), "sd": float(num[c].std(ddof=1)) if len(num) > 1 else 0.0,
                  "min": float(num[c].min()), "max": float(num[c].max())} for c in num.columns}
 
     def separated(hi, lo):
         return stats[hi]["mean"] - stats[hi]["sd"] > stats[lo]["mean"] + stats[lo]["sd"]
 
-    ranked = sorted(ARMS, key=lambda a: -stats[a]["mean"])
-    return {"seeds": [int(s) for s in t["seed"]], "n": len(t), "stats": stats,
-            "medi_over_cls": separated("MeDi", "CLS"), "cls_over_real": separated("CLS", "no-synthetic"),
-            "medi_over_cls_every_seed": bool((t["MeDi - CLS"] > 0).all()),
-            "cls_over_real_every_seed": bool((t["CLS - no-synthetic"] > 0).all()),
+    ranked = sorted(arm_names(records), key=lambda a: -stats[a]["mean"])
+    return {"seeds": [int(s) for s in t["seed"]], "n": len(t), "arms": arm_names(records), "stats": stats,
+            **{g.key: separated(g.hi, g.lo) for g in GAPS},
+            **{f"{g.key}_every_seed": bool((t[g.column] > 0).all()) for g in GAPS},
             # the arms from best to worst mean, and whether each is separated from the next
             "order": ranked, "order_separated": [separated(a, b) for a, b in zip(ranked, ranked[1:])]}
 
@@ -68,16 +75,17 @@ def order_text(agg: dict) -> str:
 
 def verdict(agg: dict) -> str:
     s = agg["stats"]
-    arms = ", ".join(f"{a} {s[a]['mean']:.3f} ± {s[a]['sd']:.3f}" for a in ARMS)
-    gap = s["MeDi - CLS"]
-    if agg["medi_over_cls"]:
-        head = "MeDi beat CLS by more than the spread over seeds"
-    elif agg["medi_over_cls_every_seed"]:
-        head = "MeDi beat CLS in every seed, but by less than the spread over seeds"
+    hi, lo = HEADLINE.hi, HEADLINE.lo
+    arms = ", ".join(f"{a} {s[a]['mean']:.3f} ± {s[a]['sd']:.3f}" for a in agg["arms"])
+    gap = s[HEADLINE.column]
+    if agg[HEADLINE.key]:
+        head = f"{hi} beat {lo} by more than the spread over seeds"
+    elif agg[f"{HEADLINE.key}_every_seed"]:
+        head = f"{hi} beat {lo} in every seed, but by less than the spread over seeds"
     else:
-        head = "MeDi did not beat CLS in every seed"
+        head = f"{hi} did not beat {lo} in every seed"
     sep = all(agg["order_separated"])
-    return (f"{head}: TSS-averaged balanced accuracy (mean ± SD over {agg['n']} seeds) {arms}; MeDi - CLS "
+    return (f"{head}: TSS-averaged balanced accuracy (mean ± SD over {agg['n']} seeds) {arms}; {HEADLINE.column} "
             f"{gap['mean']:+.3f} ± {gap['sd']:.3f} (range {gap['min']:+.3f} to {gap['max']:+.3f}). Order: "
             f"{order_text(agg)} ({'every arm separated from the next' if sep else '≈: not separated'} by more than "
             "the spread over seeds).")
@@ -91,7 +99,7 @@ def write_seeds_report(out: Path, cfg, records: list[dict]) -> Path:
     s = agg["stats"]
     summary = pd.DataFrame([{"seed": f"mean ± SD ({agg['n']} seeds)",
                              **{c: f"{s[c]['mean']:.3f} ± {s[c]['sd']:.3f}" for c in s if c != "minutes"},
-                             "cells MeDi closer": "", "minutes": f"{s['minutes']['mean']:.1f}"}])
+                             closer_column(): "", "minutes": f"{s['minutes']['mean']:.1f}"}])
     shown = pd.concat([t.astype(object).map(lambda v: f"{v:.3f}" if isinstance(v, float) else v), summary],
                       ignore_index=True)
     shown["minutes"] = [f"{float(v):.1f}" for v in shown["minutes"]]
@@ -104,9 +112,10 @@ def write_seeds_report(out: Path, cfg, records: list[dict]) -> Path:
     ran = (f"medi-fast {__version__}, {when}: the demo (setting `{cfg.setting}`) once per seed "
            f"{', '.join(map(str, agg['seeds']))}; each seed renders its own cohort, trains both models and "
            "draws its own probe runs. Each run's full report is in its seed-S folder.")
-    cells = (f"FID-style distance per trained class x site cell (mean over cells): MeDi "
-             f"{s['cell distance MeDi']['mean']:.1f} ± {s['cell distance MeDi']['sd']:.1f}, CLS "
-             f"{s['cell distance CLS']['mean']:.1f} ± {s['cell distance CLS']['sd']:.1f}; MeDi's stain slope "
+    hi, lo = HEADLINE.hi, HEADLINE.lo
+    cells = (f"FID-style distance per trained class x site cell (mean over cells): {hi} "
+             f"{s[f'cell distance {hi}']['mean']:.1f} ± {s[f'cell distance {hi}']['sd']:.1f}, {lo} "
+             f"{s[f'cell distance {lo}']['mean']:.1f} ± {s[f'cell distance {lo}']['sd']:.1f}; {hi}'s stain slope "
              f"{s['stain slope']['mean']:.2f} ± {s['stain slope']['sd']:.2f} (1 = the full difference between sites).")
     md = "\n".join(["# medi-fast demo report: several seeds\n", *([f"> **{quick}**\n"] if quick else []),
                     f"{ran}\n", f"**{text}**\n", f"{cells}\n",
