@@ -36,6 +36,21 @@ def run_cli():
     return _run_cli
 
 
+@pytest.fixture
+def refused(capsys):
+    """`refused([...])`: the CLI in-process; asserts a one-line refusal (exit 2, no traceback) and returns it."""
+    def run(args) -> str:
+        from medi_fast.cli import main
+
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in args])
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+        return lines[0]
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A random tiny-32 checkpoint conditioned on class + tss (LUAD, LUSC x 05, 44, 49)."""

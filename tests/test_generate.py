@@ -314,17 +314,6 @@ def test_generate_refuses_a_model_whose_names_lead_outside_out_path(tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
 
 
-def _cli_fails(capsys, args) -> str:
-    from medi_fast.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 @pytest.mark.parametrize("extra, message", [
     (["--tss", "05", "--meta", "tss=44"],
      "--tss 05 and --meta tss=44 give tss twice with different values; give it once"),
@@ -337,10 +326,10 @@ def _cli_fails(capsys, args) -> str:
     (["--tss", "05", "--shard", "0/1000000000000"],
      "--shard 0/1000000000000 cuts a plan of 3 image(s) into 1000000000000 shards; use at most 3 shards (N <= 3)"),
 ])
-def test_generate_refuses_conflicting_values_and_impossible_shards(capsys, tiny_ckpt, tmp_path, extra, message):
+def test_generate_refuses_conflicting_values_and_impossible_shards(refused, tiny_ckpt, tmp_path, extra, message):
     out = tmp_path / "out"
-    line = _cli_fails(capsys, ["generate", tiny_ckpt, "--class", "LUAD", "--n", "3", "--steps", "2", "--out", out,
-                               *extra])
+    line = refused(["generate", tiny_ckpt, "--class", "LUAD", "--n", "3", "--steps", "2", "--out", out,
+                    *extra])
     assert line == f"medi-fast: error: {message}"
     assert not out.exists()
 

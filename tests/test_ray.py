@@ -235,17 +235,6 @@ def test_an_actor_takes_the_jobs_thread_counts(tiny_ckpt):
         torch.set_num_threads(before)
 
 
-def _fails(capsys, args) -> str:
-    from medi_fast.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 @pytest.mark.parametrize("extra, message", [
     (["--ray-workers", "0"], "--ray-workers must be a positive number of actors, got 0; drop it to let the pool "
                              "scale to the cluster"),
@@ -256,21 +245,21 @@ def _fails(capsys, args) -> str:
     (["--ray", "nonexistent-xyz"], "--ray 'nonexistent-xyz' is not a Ray address; give auto, HOST:6379 or "
                                    "ray://HOST:10001, or --ray alone for a local instance"),
 ])
-def test_bad_ray_options_are_refused_before_ray_starts(capsys, tiny_ckpt, tmp_path, extra, message):
+def test_bad_ray_options_are_refused_before_ray_starts(refused, tiny_ckpt, tmp_path, extra, message):
     out = tmp_path / "out"
     was = ray.is_initialized()
-    line = _fails(capsys, ["generate", tiny_ckpt, "--class", "LUAD", "--tss", "05", "--n", "2", "--steps", "1",
-                           "--out", out, *(["--ray"] if extra[0] != "--ray" else []), *extra])
+    line = refused(["generate", tiny_ckpt, "--class", "LUAD", "--tss", "05", "--n", "2", "--steps", "1",
+                    "--out", out, *(["--ray"] if extra[0] != "--ray" else []), *extra])
     assert line == f"medi-fast: error: {message}"
     assert not out.exists() and ray.is_initialized() == was
 
 
-def test_gpus_the_cluster_lacks_are_refused_before_anything_is_written(local_ray, capsys, tiny_ckpt, tmp_path):
+def test_gpus_the_cluster_lacks_are_refused_before_anything_is_written(local_ray, refused, tiny_ckpt, tmp_path):
     if local_ray.cluster_resources().get("GPU", 0):
         pytest.skip("this machine's Ray has GPUs")
     out = tmp_path / "out"
-    line = _fails(capsys, ["generate", tiny_ckpt, "--class", "LUAD", "--tss", "05", "--n", "2", "--steps", "1",
-                           "--out", out, "--ray", "--ray-gpus-per-worker", "1"])
+    line = refused(["generate", tiny_ckpt, "--class", "LUAD", "--tss", "05", "--n", "2", "--steps", "1",
+                    "--out", out, "--ray", "--ray-gpus-per-worker", "1"])
     assert line == ("medi-fast: error: --ray-gpus-per-worker 1: no node of the Ray cluster has 1 GPU(s) (the most on "
                     "one node: 0); use --ray-gpus-per-worker 0 for CPU actors, or join a cluster with GPUs")
     assert not out.exists()
