@@ -22,7 +22,7 @@ from medi_fast.backends import onnx_info
 from medi_fast.backends.contract import BatchRange, IOContract
 from medi_fast.checkpoint import Checkpoint
 from medi_fast.errors import MediFastError
-from medi_fast.io import atomic_files, replace_together
+from medi_fast.io import atomic_files
 
 from .fp16 import without_weights
 
@@ -240,11 +240,3 @@ def save_checked(graph, path: Path, external_data_threshold: int = PROTOBUF_LIMI
     if not out or out[0].dim_param != "batch":
         raise MediFastError("the exported graph lost its dynamic batch axis; report this with the checkpoint's preset")
     return path
-
-
-def move_into_place(staged: Path, out_path: Path) -> Path:
-    """Data file first, then the graph, so a reader never sees a graph without its weights."""
-    data = staged.with_name(staged.name + ".data")
-    pairs = [(data, out_path.with_name(out_path.name + ".data"))] if data.exists() else []
-    replace_together(pairs + [(staged, out_path)])
-    return out_path

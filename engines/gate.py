@@ -29,14 +29,13 @@ Bound: relative eps error <= 1e-2 (accuracy.FP16_REL), no NaN/inf.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from medi_fast.backends.accuracy import FP16_REL, DenoiserCheck, check_denoiser
 from medi_fast.errors import MediFastError
+from medi_fast.io import atomic_files
 
 from .fp16 import conditioning_node_names, matmul_node_names
 
@@ -120,17 +119,14 @@ def _fp16_graph(onnx_path: Path, stage: str, gate: dict | None):
 def write_fp16_ungated(onnx_path, fp16_path, *, external_data_threshold: int | None = None) -> Path:
     """The default-stage fp16 copy of an exported .onnx, written atomically and marked as not yet
     gated (its metadata's ``medi_fast.fp16_gate`` holds ``ok: null`` and :data:`PENDING`)."""
-    from .export import PROTOBUF_LIMIT, move_into_place, save_checked
+    from .export import PROTOBUF_LIMIT, save_checked
 
     onnx_path, fp16_path = Path(onnx_path), Path(fp16_path)
     graph16 = _fp16_graph(onnx_path, "default", {"stage": "default", "ok": None, "pending": PENDING})
-    tmpdir = Path(tempfile.mkdtemp(prefix=".medi-tmp-fp16-", dir=fp16_path.parent))
-    try:
-        path = save_checked(graph16, tmpdir / fp16_path.name, external_data_threshold or PROTOBUF_LIMIT)
-        del graph16
-        return move_into_place(path, fp16_path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    with atomic_files(fp16_path.with_name(fp16_path.name + ".data"), fp16_path) as tmpdir:
+        save_checked(graph16, tmpdir / fp16_path.name, external_data_threshold or PROTOBUF_LIMIT)
+        del graph16  # an fp16 copy of the weights: freed before the files are moved
+    return fp16_path
 
 
 def write_fp16_gated(onnx_path, fp16_path, *, backend: str, external_data_threshold: int | None = None,
@@ -146,33 +142,30 @@ def write_fp16_gated(onnx_path, fp16_path, *, backend: str, external_data_thresh
 
     from medi_fast import backends
 
-    from .export import PROTOBUF_LIMIT, move_into_place, save_checked, set_metadata
+    from .export import PROTOBUF_LIMIT, save_checked, set_metadata
 
     onnx_path, fp16_path = Path(onnx_path), Path(fp16_path)
     info = backends.open_model(onnx_path)
     reference = backends.create(backend, info)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".medi-tmp-fp16-", dir=fp16_path.parent))
-    staged: dict[str, Path] = {}
-
-    def build(stage: str):
-        path = tmpdir / stage / fp16_path.name
-        path.parent.mkdir()
-        save_checked(_fp16_graph(onnx_path, stage, None), path, external_data_threshold or PROTOBUF_LIMIT)
-        staged[stage] = path
-        return backends.create(backend, backends.open_model(path))
-
     try:
-        result = fp16_gate(reference, build, info.contract, info.spec, stages=stages)
-        result.candidate.close()
-        reference.close()
-        path = staged[result.stage]
-        final = onnx.load(str(path))
-        meta = {p.key: p.value for p in final.metadata_props}
-        meta["medi_fast.fp16_gate"] = json.dumps({**result.to_dict(), "backend": backend})
-        set_metadata(final, meta)
-        save_checked(final, path, external_data_threshold or PROTOBUF_LIMIT)
-        move_into_place(path, fp16_path)
+        # candidates in subfolders of the staging directory; only the passing graph is moved into place
+        with atomic_files(fp16_path.with_name(fp16_path.name + ".data"), fp16_path) as tmpdir:
+            staged: dict[str, Path] = {}
+
+            def build(stage: str):
+                path = tmpdir / stage / fp16_path.name
+                path.parent.mkdir()
+                save_checked(_fp16_graph(onnx_path, stage, None), path, external_data_threshold or PROTOBUF_LIMIT)
+                staged[stage] = path
+                return backends.create(backend, backends.open_model(path))
+
+            result = fp16_gate(reference, build, info.contract, info.spec, stages=stages)
+            result.candidate.close()
+            final = onnx.load(str(staged[result.stage]))
+            meta = {p.key: p.value for p in final.metadata_props}
+            meta["medi_fast.fp16_gate"] = json.dumps({**result.to_dict(), "backend": backend})
+            set_metadata(final, meta)
+            save_checked(final, tmpdir / fp16_path.name, external_data_threshold or PROTOBUF_LIMIT)
         return result
     finally:
         reference.close()
-        shutil.rmtree(tmpdir, ignore_errors=True)
