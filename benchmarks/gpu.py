@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import sys
 import tempfile
@@ -208,7 +207,7 @@ def inputs(info, batch: int, device: torch.device, seed: int = 0):
 
 
 def ddim_images(runner: Runner, info, batch: int, steps: int) -> np.ndarray:
-    from medi_fast.generate import to_uint8
+    from medi_fast.pixels import to_uint8
     from medi_fast.samplers import get_sampler, timesteps_for
 
     x, cond = inputs(info, batch, runner.device, seed=1)

@@ -35,7 +35,7 @@ from medi_fast.data.synth import render_patches  # noqa: E402
 from medi_fast.engines.export import export_onnx  # noqa: E402
 from medi_fast.eval.features import ColourTexture  # noqa: E402
 from medi_fast.eval.fid import frechet_distance as frechet  # noqa: E402
-from medi_fast.generate import to_uint8  # noqa: E402
+from medi_fast.pixels import to_uint8  # noqa: E402
 from medi_fast.samplers import get_sampler, timesteps_for  # noqa: E402
 
 

@@ -22,12 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# The denoiser-vs-denoiser check lives in the runtime (an fp16 graph is gated where it first runs);
-# it is imported here too because build-side callers have always found it in this module.
-from medi_fast.backends.accuracy import (FP16_REL, IMAGE_LEVELS, TIMESTEPS, DenoiserCheck,  # noqa: F401
-                                         check_denoiser, probe_set)
+from medi_fast.backends.accuracy import TIMESTEPS
 from medi_fast.backends.contract import IOContract
-from medi_fast.generate import to_uint8
+from medi_fast.pixels import to_uint8
 from medi_fast.samplers.ddim import ddim
 
 from .export import example_inputs

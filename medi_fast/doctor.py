@@ -6,7 +6,7 @@ memory), onnxruntime and its providers, TensorRT, polygraphy, OpenVINO, ray.
 The self-test (``run_checks``), on a small random model (or ``model=FILE``):
 
 - inference: every backend that says it is available here is compared with torch fp32 on the CPU on
-  one probe set (engines/parity.check_denoiser: timesteps 0..999, every id, continuous values and
+  one probe set (backends/accuracy.check_denoiser: timesteps 0..999, every id, continuous values and
   NaN; a DDIM-10 run from the same x_T), then timed on a short DDIM run (images/s).  Backends that
   are not available are listed with the reason.
 - training: a few SGD steps of the same model in each precision the device offers (fp32,
@@ -160,7 +160,7 @@ def _images_per_s(denoiser, info, steps: int, batch: int) -> float:
 def check_inference(workdir: Path, model=None, *, ddim_steps: int = 10, timed_steps: int = 10, batch: int = 4,
                     engine_cache=None) -> list[Row]:
     from . import backends
-    from .engines.parity import IMAGE_LEVELS, check_denoiser
+    from .backends.accuracy import IMAGE_LEVELS, check_denoiser
 
     files = _model_files(workdir, model)
     infos = {kind: backends.open_model(p) for kind, p in files.items()}

@@ -26,7 +26,7 @@ from .conditioning import column_for
 from .errors import MediFastError
 from .guidance import classifier_free
 from .io import atomic_write_text, clean_tmp, ensure_dir
-from .pixels import to_uint8  # noqa: F401  (medi_fast.generate.to_uint8 for callers)
+from .pixels import to_uint8
 from .plan import Plan
 from .samplers import get_sampler, sampler_entry, timesteps_for
 from .version import __version__

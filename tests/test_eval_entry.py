@@ -99,7 +99,7 @@ def test_demo_distances_stay_what_they_were():
 
 
 def _shipped_to_uint8(x):
-    """medi_fast.generate.to_uint8 as shipped (frozen copy): diffusers' rounding."""
+    """medi_fast.pixels.to_uint8 as shipped (frozen copy): diffusers' rounding."""
     x = (x.float() / 2 + 0.5).clamp(0, 1)
     return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
@@ -117,7 +117,7 @@ def _grid_of_floats():
 
 
 def test_one_to_uint8_everywhere_with_the_shipped_arithmetic():
-    from medi_fast.generate import to_uint8
+    from medi_fast.pixels import to_uint8
 
     x = _grid_of_floats()
     np.testing.assert_array_equal(to_uint8(x), _shipped_to_uint8(x))

@@ -411,7 +411,7 @@ def test_ort_cuda_graph_uses_one_graph_and_fixed_buffers_per_batch(exported, mon
 
 def test_check_denoiser_passes_fp16_and_fails_a_broken_candidate(exported, tmp_path):
     from medi_fast.engines.fp16 import convert_to_fp16
-    from medi_fast.engines.parity import check_denoiser
+    from medi_fast.backends.accuracy import check_denoiser
 
     info = open_model(exported)
     fp16 = tmp_path / "model.fp16.onnx"

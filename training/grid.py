@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from medi_fast.conditioning import ConditionSpec
-from medi_fast.generate import to_uint8
+from medi_fast.pixels import to_uint8
 from medi_fast.io import atomic_path
 from medi_fast.samplers import ddim
 from medi_fast.schedule import Schedule
