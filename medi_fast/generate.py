@@ -233,6 +233,19 @@ class Generator:
         atomic_write_text(Path(out) / "run.json",
                           json.dumps({**record, "medi_fast": __version__, "model": str(self.info.path)}, indent=2))
 
+    def open_output(self, out, plan: Plan, shard: tuple[int, int] = (0, 1)):
+        """Claim ``out`` for shard ``shard`` of ``plan`` (stale temporary files removed, ``run.json`` checked
+        and written) and open its writer: ``(out, writer, pending)``, ``pending`` marking the shard's rows
+        not yet on disk.  ``out`` None: no writer, every row pending."""
+        part = plan.shard(*shard) if shard[1] > 1 else plan
+        if out is None:
+            return None, None, np.ones(len(part), dtype=bool)
+        out = ensure_dir(out)
+        clean_tmp(out)
+        self.claim_run_dir(out, plan, shard)
+        writer = make_writer(out, part.attributes, self.cfg.format, self.cfg.jpeg_quality)
+        return out, writer, writer.pending(part.rows)
+
     def run(self, plan: Plan, out=None, shard: tuple[int, int] = (0, 1)) -> dict:
         """Generate ``plan`` (shard ``i`` of ``n``) into ``out`` (None: sinks only).  Returns stats."""
         cfg = self.cfg
@@ -240,14 +253,7 @@ class Generator:
         plan = plan.shard(*shard) if shard[1] > 1 else plan
         check_unet_batch(self.denoiser, min(cfg.batch_size, max(len(plan), 1)), cfg.guidance)
         self.check(len(plan))  # before run.json: a refused run leaves nothing behind
-        writer = None
-        pending = np.ones(len(plan), dtype=bool)
-        if out is not None:
-            out = ensure_dir(out)
-            clean_tmp(out)
-            self.claim_run_dir(out, full_plan, shard)
-            writer = make_writer(out, plan.attributes, cfg.format, cfg.jpeg_quality)
-            pending = writer.pending(plan.rows)
+        out, writer, pending = self.open_output(out, full_plan, shard)
         rows = plan.rows
         units = self.units(rows, pending, writer)
         t0 = time.perf_counter()

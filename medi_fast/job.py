@@ -10,14 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from .backends import ModelInfo
 from .errors import MediFastError
 from .generate import (FIDStats, GenerateConfig, Generator, RayOptions, check_shard, check_unet_batch,
                        distilled_warning, guidance_warning)
-from .io import clean_tmp, ensure_dir
+from .io import clean_tmp
 from .plan import Plan
 
 
@@ -140,17 +139,10 @@ def _run_on_ray(gen: Generator, plan: Plan, out, cluster, *, backend: str, backe
     """The Ray half of ``run_job``: the run directory, units and manifest are this module's (the same
     as a local run's); ``ray_generate.run_units`` only executes the units on actors."""
     from . import ray_generate
-    from .writers import make_writer
 
     cfg = gen.cfg
     rows = plan.rows.reset_index(drop=True)
-    writer, pending = None, np.ones(len(rows), dtype=bool)
-    if out is not None:
-        out = ensure_dir(out)
-        clean_tmp(out)
-        gen.claim_run_dir(out, plan, (0, 1))
-        writer = make_writer(out, plan.attributes, cfg.format, cfg.jpeg_quality)
-        pending = writer.pending(rows)
+    out, writer, pending = gen.open_output(out, plan)
     units = list(gen.units(rows, pending, writer))
     t0 = time.perf_counter()
     made = 0
