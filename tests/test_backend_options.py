@@ -53,7 +53,7 @@ def test_every_backend_declares_its_options():
         params = inspect.signature(base_init.__init__).parameters.values()
         assert not any(p.kind == p.VAR_KEYWORD for p in params), f"{name}: {base_init.__name__} swallows options"
     assert backend_options(BACKENDS["ort-trt"].load_class()) == ["device", "cuda_graph", "cache_dir"]
-    assert backend_options(BACKENDS["torch-compile"].load_class()) == ["device", "ema"]
+    assert backend_options(BACKENDS["torch-compile"].load_class()) == ["device", "mode", "ema"]
 
 
 def test_model_info_has_typed_fields(onnx_path, tiny_ckpt):

@@ -81,12 +81,16 @@ def register(name: str, target: str, kinds: tuple[str, ...], rank: int, descript
 
 register("torch", "torch_backend:TorchBackend", ("checkpoint",), 10,
          "PyTorch eager fp32 (CPU, or CUDA when present)")
-register("torch-fp16", "torch_backend:TorchFP16Backend", ("checkpoint",), 30,
+register("torch-tf32", "torch_backend:TorchTF32Backend", ("checkpoint",), 12,
+         "PyTorch CUDA, fp32 with TF32 matmuls and convolutions")
+# fp16 above bf16: on an H200 the two ran at the same speed, fp16's eps error 8x smaller
+# (medi-128, batch 64: 1.0e-3 against 8.2e-3 relative; benchmarks/results/gpu-nvidia-h200.json).
+register("torch-fp16", "torch_backend:TorchFP16Backend", ("checkpoint",), 31,
          "PyTorch CUDA, fp16 autocast + channels_last")
-register("torch-bf16", "torch_backend:TorchBF16Backend", ("checkpoint",), 31,
+register("torch-bf16", "torch_backend:TorchBF16Backend", ("checkpoint",), 30,
          "PyTorch CUDA, bf16 autocast + channels_last")
 register("torch-compile", "torch_backend:TorchCompileBackend", ("checkpoint",), 5,
-         "torch.compile (CUDA: bf16 + channels_last + CUDA graphs; CPU: fp32)")
+         "torch.compile (CUDA: fp16 + channels_last + CUDA graphs; CPU: fp32)")
 register("ort-cpu", "onnxruntime_backend:OrtCPUBackend", ("onnx",), 20, "ONNX Runtime CPU, threads = physical cores")
 register("openvino", "openvino_backend:OpenVINOBackend", ("onnx",), 15, "OpenVINO CPU fp32 (optional extra; --backend openvino)")
 register("ort-cuda", "onnxruntime_backend:OrtCUDABackend", ("onnx",), 40, "ONNX Runtime CUDA, IO binding (+ CUDA graph)")
@@ -271,6 +275,18 @@ def resolve(name: str, info: ModelInfo) -> str:
     if not ok:
         raise MediFastError(f"backend {name} is not available here: {why}; use --backend auto")
     return name
+
+
+def idle_gpu_warning(requested: str, denoiser, info: ModelInfo) -> str | None:
+    """``auto`` chose a CPU backend on a machine with a CUDA GPU (an ONNX file without a GPU runtime
+    for it): one line saying so and how to use the GPU, since the run may be 100x slower than it could."""
+    device = getattr(denoiser, "device", None)
+    if requested != "auto" or info.kind == "checkpoint" or device is None or torch.device(device).type != "cpu" \
+            or not torch.cuda.is_available():
+        return None
+    return (f"{getattr(denoiser, 'name', 'the backend')} runs {info.path.name} on the CPU although this machine has "
+            "a CUDA GPU: no ONNX Runtime GPU provider or TensorRT is installed (pip install 'medi-fast[gpu]'); "
+            "or pass the checkpoint (medi-fast generate CKPT ...) to run it through PyTorch on the GPU")
 
 
 def backend_options(cls) -> list[str]:

@@ -1,9 +1,12 @@
 """PyTorch backends: eager fp32; on CUDA fp16/bf16 autocast with channels_last; torch.compile."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import checkpoint as ckpt_io
+from ..errors import MediFastError
 from . import Backend, ModelInfo, bf16_native
 
 
@@ -23,6 +26,7 @@ class TorchBackend(Backend):
     dtype: torch.dtype | None = None  # autocast dtype; None = fp32
     channels_last = False
     compile = False
+    tf32 = False  # fp32 on CUDA: TF32 off unless a subclass asks for it
 
     def __init__(self, info: ModelInfo, device: str | None = None, ema: bool = True):
         ck = info.checkpoint or ckpt_io.load(info.path)
@@ -33,8 +37,26 @@ class TorchBackend(Backend):
         self.model = model
         self._forward = model
         if self.compile:
-            mode = "max-autotune" if self.device.type == "cuda" else "default"
-            self._forward = torch.compile(model, mode=mode, dynamic=False)
+            self._forward = torch.compile(model, mode=self.compile_mode, dynamic=False)
+
+    @property
+    def compile_mode(self) -> str:
+        return "default"
+
+    @contextlib.contextmanager
+    def _fp32_mode(self):
+        """fp32 arithmetic as the backend's name says: cuDNN runs fp32 convolutions in TF32 unless told
+        not to (torch's default), an error of ~1e-3 relative that the fp32 reference must not have.
+        Set around each call and restored after (the flags are process-wide)."""
+        if self.dtype is not None or self.device.type != "cuda":
+            yield
+            return
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
     @torch.inference_mode()
     def __call__(self, x, t, cond):
@@ -50,13 +72,24 @@ class TorchBackend(Backend):
             with torch.autocast(self.device.type, dtype=self.dtype):
                 eps = self._forward(x, t.to(self.device), cond)
         else:
-            eps = self._forward(x, t.to(self.device), cond)
-        return eps.float().contiguous()
+            with self._fp32_mode():
+                eps = self._forward(x, t.to(self.device), cond)
+        out = eps.float().contiguous()
+        if out is eps and self.compile and self.device.type == "cuda":
+            out = out.clone()  # a CUDA-graph replay would overwrite the tensor it returned last time
+        return out
 
     def close(self):
         self.model = self._forward = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+class TorchTF32Backend(TorchBackend):
+    """fp32 weights and activations; matmuls and convolutions in TF32 on the tensor cores (CUDA)."""
+
+    tf32 = True
+    available = classmethod(lambda cls: _cuda())
 
 
 class TorchFP16Backend(TorchBackend):
@@ -78,13 +111,46 @@ class TorchBF16Backend(TorchBackend):
     available = classmethod(lambda cls: _cuda_bf16())
 
 
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 class TorchCompileBackend(TorchBackend):
+    """torch.compile.  On CUDA: fp16 autocast + channels_last, mode ``reduce-overhead`` (inductor's
+    kernels replayed as CUDA graphs).  fp16, not bf16: on an H200 the two ran at the same speed
+    while fp16's eps error was 8x smaller (benchmarks/gpu.py).  ``max-autotune`` also benchmarks
+    kernel choices: minutes of compilation per batch size (150 s for tiny-32 at one batch on an
+    H200), so only on request (the option ``mode="max-autotune"``).  On a CPU: fp32, ``default``."""
+
     compile = True
 
-    def __init__(self, info, device=None, **kw):
+    def __init__(self, info, device=None, mode: str | None = None, **kw):
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if mode is not None and mode not in COMPILE_MODES:
+            raise MediFastError(f"torch-compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
+        self._mode = mode or ("reduce-overhead" if dev.type == "cuda" else "default")
         if dev.type == "cuda":
-            # bf16 where the GPU has bf16 units, fp16 (also autocast) where it would only emulate bf16
-            self.dtype = torch.bfloat16 if bf16_native(dev) else torch.float16
+            self.dtype = torch.float16
             self.channels_last = True
         super().__init__(info, device=device, **kw)
+
+        self._batch = 0  # the largest batch compiled so far
+
+    @property
+    def compile_mode(self) -> str:
+        return self._mode
+
+    def __call__(self, x, t, cond):
+        # dynamic=False compiles (and on CUDA records graphs) once per batch size: a job's smaller last
+        # batch is padded to the largest one seen instead of compiling again (47 s for medi-128 on an
+        # H200).  Each image's eps does not depend on the others in its batch, so the padding rows
+        # (copies of the last one) are computed and dropped.
+        n = x.shape[0]
+        if n >= self._batch:
+            self._batch = n
+            return super().__call__(x, t, cond)
+        pad = self._batch - n
+
+        def padded(v):
+            return torch.cat([v, v[-1:].expand(pad, *v.shape[1:])])
+
+        return super().__call__(padded(x), padded(t), {k: padded(v) for k, v in cond.items()})[:n]
