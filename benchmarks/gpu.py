@@ -25,7 +25,7 @@ Every step runs in its own ``try``: its error is recorded in its row and the run
 step its cost is estimated; a step that would not fit in what is left of ``--budget-s`` is recorded
 as skipped.  The JSON (``results/gpu-<gpu>.json``, or ``--json PATH``) is rewritten after every row,
 so a run killed at its limit leaves everything it measured.  ``run_all.py --report-only`` shows it.
-Nothing here is a claim until someone runs it on a GPU.
+A figure is a claim only from a run on a GPU (RESULTS.md names the machine of each).
 """
 from __future__ import annotations
 
@@ -48,25 +48,25 @@ from _common import RESULTS, machine_info, random_checkpoint  # noqa: E402
 
 @dataclass(frozen=True)
 class GpuPath:
-    """One way of running the UNet: a registered backend, plus the fp32 matmul mode where it matters."""
+    """One way of running the UNet: a registered backend (each sets its own precision, TF32 included)."""
     name: str
     backend: str
-    tf32: bool = False
     precision: str = "fp32"  # which matmul rate its fraction is read against
     file: str = "checkpoint"  # which model file it opens: checkpoint, onnx or engine
 
 
 PATHS = (
     GpuPath("fp32", "torch"),  # the reference every error is measured against (TF32 off)
-    GpuPath("tf32", "torch", tf32=True, precision="tf32"),
+    GpuPath("tf32", "torch-tf32", precision="tf32"),
     GpuPath("fp16-autocast", "torch-fp16", precision="fp16"),
     GpuPath("bf16-autocast", "torch-bf16", precision="bf16"),
-    GpuPath("compile", "torch-compile", precision="bf16"),
+    GpuPath("compile", "torch-compile", precision="fp16"),
     GpuPath("ort-cuda", "ort-cuda", file="onnx"),
     GpuPath("ort-trt", "ort-trt", precision="fp16", file="onnx"),
     GpuPath("tensorrt", "tensorrt", precision="fp16", file="engine"),
 )
-DRY_PATHS = (GpuPath("fp32", "torch"), GpuPath("tf32", "torch", tf32=True, precision="tf32"),
+# On a CPU the TF32 path is the fp32 one (there is no TF32 there): the dry run still exercises its row.
+DRY_PATHS = (GpuPath("fp32", "torch"), GpuPath("tf32", "torch", precision="tf32"),
              GpuPath("ort-cpu", "ort-cpu", file="onnx"))
 SOLVERS = (("ddim", 100), ("dpmpp-2m-clip", 20), ("unipc-clip", 20))
 TRAIN_PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
@@ -183,15 +183,14 @@ def open_path(p: GpuPath, files: dict, work: Path):
 
 
 class Runner:
-    """A path's denoiser with its TF32 mode applied around every call."""
+    """A path's denoiser, with the path it runs."""
 
     def __init__(self, path: GpuPath, denoiser):
         self.path, self.denoiser = path, denoiser
         self.device = getattr(denoiser, "device", torch.device("cpu"))
 
     def __call__(self, x, t, cond):
-        with tf32(self.path.tf32):
-            return self.denoiser(x, t, cond)
+        return self.denoiser(x, t, cond)
 
     def close(self):
         close = getattr(self.denoiser, "close", None)
@@ -279,7 +278,7 @@ def run_preset(rec: Record, budget: Budget, preset: str, batch: int, paths, work
         if not ok:
             rec.add({**base, "path": p.name, "backend": p.backend, "status": f"absent: {why}"})
             continue
-        cost = est * (6 if p.backend == "torch-compile" and preset != "tiny-32" else 1)
+        cost = est * (3 if p.backend == "torch-compile" and preset != "tiny-32" else 1)
         if not budget.fits(cost + 30):
             rec.add({**base, "path": p.name, "backend": p.backend,
                      "status": f"skipped: ~{cost:.0f} s needed, {budget.left():.0f} s of the budget left"})
@@ -423,37 +422,17 @@ def training_rows(rec: Record, budget: Budget, preset: str, batch: int, device: 
                 torch.cuda.empty_cache()
 
 
-def ddp_row(rec: Record, budget: Budget, device: torch.device, work: Path) -> None:
-    """A one-rank process group (NCCL on a GPU, gloo on a CPU) with the DDP wrapper on the device: one
-    training step, its parameter change against the same step without the wrapper (equal up to the
-    all-reduce's rounding: one rank averages over one)."""
-    import torch.distributed as dist
+def ddp_row(rec: Record, budget: Budget, device: torch.device) -> None:
+    """doctor's one-rank process group check (NCCL on a GPU, gloo on a CPU) with the DDP wrapper."""
+    from medi_fast.doctor import check_ddp_one_rank
 
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    base = {"section": "ddp", "backend": backend, "world_size": 1}
+    base = {"section": "ddp", "world_size": 1}
     if not budget.fits(20):
         rec.add({**base, "status": f"skipped: {budget.left():.0f} s of the budget left"})
         return
-
-    def change(ddp: bool) -> torch.Tensor:
-        model, step, inputs, target = train_setup("tiny-32", "fp32", 8, device, ddp=ddp)
-        before = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
-        with tf32(False):
-            one_step(step, inputs, target)
-        return (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).float().cpu()
-
-    try:
-        dist.init_process_group(backend, init_method=f"file://{work / 'ddp-store'}", rank=0, world_size=1)
-        try:
-            plain, wrapped = change(False), change(True)
-            rel = float((wrapped - plain).norm() / plain.norm())
-            rec.add({**base, "status": "ok" if rel < 1e-5 else f"FAIL parameter change differs by {rel:.2e} (relative)",
-                     "param_change_rel": rel})
-        finally:
-            dist.destroy_process_group()
-    except Exception as e:
-        traceback.print_exc()
-        rec.add({**base, "status": f"FAIL {error_text(e)}"})
+    row = check_ddp_one_rank(device)
+    rec.add({**base, "check": row.path, "status": row.status if row.status != "FAIL" else f"FAIL {row.detail}",
+             **row.metrics})
 
 
 def main(argv=None) -> int:
@@ -467,6 +446,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--matmul", type=int, default=8192, help="N of the N x N x N matmuls")
     ap.add_argument("--paths", default=None, help="comma-separated path names (default: all)")
+    ap.add_argument("--no-tiny", action="store_true", help="skip tiny-32 (inference and training): --preset only")
     ap.add_argument("--json", type=Path, default=None, help="where to write (default results/gpu-<gpu>.json)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.dry_run
@@ -483,7 +463,8 @@ def main(argv=None) -> int:
         if unknown:
             print(f"unknown path(s) {unknown}; choose from {[p.name for p in all_paths]}", file=sys.stderr)
             return 2
-        all_paths = tuple(p for p in all_paths if p.name in wanted)
+        by_name = {p.name: p for p in all_paths}
+        all_paths = tuple(by_name[w] for w in wanted)  # in the order given: the first is the reference
     args.solvers = [(s, 2) for s, _ in SOLVERS] if args.dry_run else list(SOLVERS)
     if args.dry_run:
         args.preset, args.batch, args.segment, args.train_batch, args.matmul = "tiny-32", 2, 2, 2, 256
@@ -511,6 +492,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="medi-gpu-bench-") as tmp:
         work = Path(tmp)
         presets = ["tiny-32"] if args.preset == "tiny-32" else ["tiny-32", args.preset]
+        if args.no_tiny and args.preset != "tiny-32":
+            presets = [args.preset]
         for preset in presets:
             large = preset != "tiny-32"
             run_preset(rec, budget, preset, args.batch, all_paths, work, args, rates,
@@ -519,7 +502,7 @@ def main(argv=None) -> int:
             precisions = [p for p in TRAIN_PRECISIONS if cuda or p in ("fp32", "bf16")]
             training_rows(rec, budget, preset, args.train_batch if preset != "tiny-32" else 8, device,
                           2 if args.dry_run else 10, precisions)
-        ddp_row(rec, budget, device, work)
+        ddp_row(rec, budget, device)
     extra["seconds"] = args.budget_s - budget.left()
     rec.write()
     print(f"wrote {path}")

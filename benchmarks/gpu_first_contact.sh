@@ -38,8 +38,18 @@ case "${1:-}" in
     export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     { nvidia-smi; python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"; } \
       > "$out/env.txt" 2>&1
+    # The README's first lines, as a user runs them (defaults untouched), in a scratch folder.
+    ( work=$(mktemp -d) && cd "$work" && set -x \
+      && time python3 -m medi_fast.cli init-checkpoint --preset tiny-32 --classes LUAD,LUSC --tss 05,44,49 --out ckpt.pt \
+      && time timeout 120 python3 -m medi_fast.cli export ckpt.pt \
+      && ls -l ckpt.export && cat ckpt.export/*.json \
+      ; time timeout 60 python3 -m medi_fast.cli generate --class LUAD --tss 05 --n 10000 \
+      ; time timeout 60 python3 -m medi_fast.cli generate ckpt.pt --class LUAD --tss 05 --n 10000 --out synth-ckpt \
+      ; find synth synth-ckpt -name '*.png' | wc -l ) > "$out/user.log" 2>&1 &
+    user_pid=$!
     timeout 150 python3 -m medi_fast.cli doctor --check --json "$out/doctor.json" > "$out/doctor.log" 2>&1
     echo "doctor exit $?"
+    wait "$user_pid"; echo "user commands exit $?"; tail -n 25 "$out/user.log"
     timeout $((${budget%.*} + 120)) python3 benchmarks/gpu.py --budget-s "$budget" --json "$out/gpu.json" > "$out/gpu.log" 2>&1
     echo "gpu.py exit $?"
     tail -n 40 "$out/gpu.log"

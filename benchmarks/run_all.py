@@ -186,11 +186,13 @@ def plot(backends: dict | None, sq: dict | None, path: Path) -> bool:
 
 
 def gpu_sections() -> list[str]:
-    """One section per results/gpu-<gpu>.json written by benchmarks/gpu.py (none until someone runs it on a GPU)."""
+    """One section per results/gpu-<gpu>*.json written by benchmarks/gpu.py on a GPU, with its notes."""
     md = []
     for path in sorted(RESULTS.glob("gpu-*.json")):
         g = json.loads(path.read_text())
         title = f"## GPU: {g['gpu']}" if not g.get("dry_run") else "## GPU script dry run (CPU; not GPU figures)"
+        if g.get("run"):
+            title += f", {g['run']}"
         rates = ", ".join(f"{k} {v:.3g}" for k, v in g.get("matmul", {}).items() if isinstance(v, (int, float)))
         rows = g["rows"]
         ok = [r for r in rows if r.get("status") == "ok"]
@@ -208,12 +210,14 @@ def gpu_sections() -> list[str]:
                    _table(training, ["preset", "precision", "batch", "steps_per_s", "images_per_s", "first_loss",
                                      "last_loss", "torch_peak_gib"]), ""]
         for r in (r for r in ok if r["section"] == "ddp"):
-            md += [f"DDP: a one-rank {r['backend']} process group with the DistributedDataParallel wrapper; its "
+            what = r.get("check") or f"one-rank {r['backend']}"
+            md += [f"DDP ({what}): a one-rank process group with the DistributedDataParallel wrapper; its "
                    f"parameter change differs from the unwrapped step by {r['param_change_rel']:.2g} (relative).", ""]
         missing = [f"{r['section']} {r.get('preset', '')} {r.get('path') or r.get('precision') or r.get('backend', '')} "
                    f"({r['status']})" for r in rows if r.get("status") != "ok"]
         if missing:
             md += ["Not measured: " + "; ".join(m.replace("  ", " ") for m in missing) + ".", ""]
+        md += [f"* {note}" for note in g.get("notes", [])] + ([""] if g.get("notes") else [])
     return md
 
 
