@@ -9,6 +9,7 @@ number of steps; the ``openvino`` backend on the same .onnx when installed; on a
 
     python benchmarks/backends.py                 # tiny-32 and small-64 at batch 16
     python benchmarks/backends.py --presets tiny-32 --steps 4 --batch 8
+    python benchmarks/backends.py --presets tiny-32,small-64,medi-128 --steps 10,4,1 --batch 16,16,2
 
 Prints one table and writes benchmarks/results/backends.json (with the machine description).
 """
@@ -81,6 +82,21 @@ def fp32_conv_peak(threads: int, repeats: int = 10) -> tuple[float, list]:
     return max(r["gflop_s"] for r in rates), rates
 
 
+def bf16_conv_peak(threads: int, repeats: int = 10) -> tuple[float, list]:
+    """This machine's best bf16 convolution rate (GFLOP/s): torch (oneDNN) bf16 3x3 convolutions,
+    channels_last, at the shapes ``fp32_conv_peak`` uses.  On a CPU without bf16 units torch emulates
+    bf16 and this is far below the fp32 rate."""
+    torch.set_num_threads(threads)
+    rates = []
+    for batch, ch, px in [(16, 64, 64), (16, 128, 32), (16, 256, 16)]:
+        conv = torch.nn.Conv2d(ch, ch, 3, padding=1, bias=False).to(torch.bfloat16, memory_format=torch.channels_last)
+        x = torch.randn(batch, ch, px, px).to(torch.bfloat16, memory_format=torch.channels_last)
+        with torch.inference_mode():
+            best = min(alternate({"conv": lambda: conv(x)}, repeats).wall["conv"])
+        rates.append({"shape": [batch, ch, px, px], "gflop_s": round(2 * batch * ch * ch * 9 * px * px / best / 1e9, 1)})
+    return max(r["gflop_s"] for r in rates), rates
+
+
 def run(preset, steps, batch, tmp, repeats, compile_cpu=True):
     schedule = Schedule()
     model, ck_path = random_checkpoint(preset, tmp, CLASSES, SITES)
@@ -127,8 +143,12 @@ def run(preset, steps, batch, tmp, repeats, compile_cpu=True):
             be = create(name, info if name.startswith("ort") else open_model(ck_path))
             xd = x_T.to(be.device)
             cd = {k: v.to(be.device) for k, v in cond.items()}
-            loops[name] = ((lambda n, be=be, xd=xd, cd=cd: (sampler_loop(be, xd, cd, n, schedule),
-                                                            torch.cuda.synchronize())), True)
+            if be.device.type == "cuda":
+                loops[name] = ((lambda n, be=be, xd=xd, cd=cd: (sampler_loop(be, xd, cd, n, schedule),
+                                                                torch.cuda.synchronize())), True)
+            else:  # torch-bf16 on a CPU with bf16 units (autocast, channels_last; gated when it started)
+                loops[f"{name} (CPU autocast, channels_last)"] = (
+                    (lambda n, be=be: sampler_loop(be, x_T, cond, n, schedule)), True)
 
     # untimed 1-step warm-up of each (allocations, kernel selection, torch.compile), then the rounds
     timings = alternate({k: (lambda f=f: f(steps)) for k, (f, _) in loops.items()}, repeats,
@@ -154,17 +174,23 @@ def run(preset, steps, batch, tmp, repeats, compile_cpu=True):
               f"(rounds: median {c['ratio_per_round_median']:.2f}x, {lo:.2f}-{hi:.2f})  "
               f"max|x0 - ref| {err:.2e}", flush=True)
     if not torch.cuda.is_available():
-        # Every FLOP of the loop at the best fp32 conv rate measured on this machine: what a runtime with
-        # direct convolutions would need to reach.  Not a backend; derived from two measurements.
-        peak, shapes = fp32_conv_peak(physical_cores())
-        sec = steps * batch * PRESETS[preset].gflop_per_step / peak
-        label = f"ceiling: all FLOPs at {peak:.0f} GFLOP/s"
-        rows.append({"preset": preset, "backend": label, "sampler": "ddim", "batch": batch, "steps": steps,
-                     "shipped": False, "seconds": round(sec, 3), "images_per_s": round(batch / sec, 3),
-                     "ratio_vs_reference": round(ref_best / sec, 3),
-                     "derived": True, "conv_peak_shapes": shapes})
-        print(f"{preset:<9} {label:<46} {sec:>7.2f} s {batch / sec:>8.2f} img/s {ref_best / sec:>6.2f}x  "
-              f"(derived: FLOPs per loop / the best fp32 3x3-conv rate measured now)", flush=True)
+        # Every FLOP of the loop at the best fp32 (and bf16) conv rate measured on this machine: what a
+        # runtime with direct convolutions would need to reach.  Not a backend; derived from measurements.
+        gflop = steps * batch * PRESETS[preset].gflop_per_step
+        peaks = {"fp32": fp32_conv_peak(physical_cores()), "bf16": bf16_conv_peak(physical_cores())}
+        for row in rows:  # each candidate's share of the rate of its own arithmetic
+            kind = "bf16" if "bf16" in row["backend"] else "fp32"
+            row["fraction_of_conv_rate"] = round(gflop / row["seconds"] / peaks[kind][0], 3)
+            row["conv_rate_kind"] = kind
+        for kind, (peak, shapes) in peaks.items():
+            sec = gflop / peak
+            label = f"ceiling: all FLOPs at {peak:.0f} GFLOP/s ({kind})"
+            rows.append({"preset": preset, "backend": label, "sampler": "ddim", "batch": batch, "steps": steps,
+                         "shipped": False, "seconds": round(sec, 3), "images_per_s": round(batch / sec, 3),
+                         "ratio_vs_reference": round(ref_best / sec, 3),
+                         "derived": True, "conv_peak_shapes": shapes})
+            print(f"{preset:<9} {label:<46} {sec:>7.2f} s {batch / sec:>8.2f} img/s {ref_best / sec:>6.2f}x  "
+                  f"(derived: FLOPs per loop / the best {kind} 3x3-conv rate measured now)", flush=True)
     return rows, timings
 
 
@@ -172,7 +198,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="tiny-32,small-64")
     ap.add_argument("--steps", default="10,4", help="DDIM steps per preset (comma list, same order)")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", default="16", help="batch per preset (comma list, same order)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds; each runs every candidate once in turn (best and same-round ratios reported)")
     ap.add_argument("--name", default="backends")
@@ -182,11 +208,13 @@ def main(argv=None):
     presets = args.presets.split(",")
     steps = [int(s) for s in args.steps.split(",")]
     steps += [steps[-1]] * (len(presets) - len(steps))
+    batches = [int(b) for b in str(args.batch).split(",")]
+    batches += [batches[-1]] * (len(presets) - len(batches))
     rows = []
     print(f"{'preset':<9} {'backend':<42} {'time':>10} {'throughput':>15} {'ratio':>7}")
     with tempfile.TemporaryDirectory() as tmp:
-        for preset, n in zip(presets, steps):
-            preset_rows, timings = run(preset, n, args.batch, tmp, args.repeats, compile_cpu=not args.no_compile)
+        for preset, n, b in zip(presets, steps, batches):
+            preset_rows, timings = run(preset, n, b, tmp, args.repeats, compile_cpu=not args.no_compile)
             rows += preset_rows
     path = write_results(args.name, rows, {"physical_cores": physical_cores(), "torch_threads": torch.get_num_threads(),
                                            "onnxruntime": __import__("onnxruntime").__version__,

@@ -343,7 +343,7 @@ def backends_headline(bk: dict) -> list[str]:
     for p in dict.fromkeys(r["preset"] for r in bk["rows"]):
         best = max((r for r in _shipped(bk, p) if r.get("sampler", "ddim") == "ddim"),
                    key=lambda r: r["ratio_vs_reference"])
-        ceiling = [r for r in bk["rows"] if r["preset"] == p and r.get("derived")]
+        ceiling = [r for r in bk["rows"] if r["preset"] == p and r.get("derived") and "bf16" not in r["backend"]]
         lines.append(f"* **{p}**, batch {best['batch']}: best CPU backend `{best['backend']}` at "
                      f"**{best['ratio_vs_reference']:.2f}x** the reference loop's images/s (DDIM, same steps"
                      + (f"; median of the same-round ratios {best['ratio_per_round_median']:.2f}x"
@@ -390,14 +390,16 @@ def backends_section(bk: dict) -> list[str]:
             "once in turn" + (", the first one rotating from round to round" if "timing" in bk else "") + "; "
             "`seconds` is the best round, `ratio_vs_reference` best against best, "
             "`ratio_per_round_median` the median of the ratios within a round. The `ceiling` row is derived, "
-            "not a backend: the loop's FLOPs at the best fp32 3x3-convolution rate measured on this machine "
-            "in the same run. `ort-cpu + <solver>` rows run another solver for the same number of steps (no "
+            "not a backend: the loop's FLOPs at the best fp32 (and bf16) 3x3-convolution rate measured on this "
+            "machine in the same run; `fraction_of_conv_rate` is each candidate's share of the rate of its own "
+            "arithmetic (bf16 rows against the bf16 rate). `ort-cpu + <solver>` rows run another solver for the same number of steps (no "
             "x0 comparison: the solvers solve differently).", "",
             "`shipped` marks the settings medi-fast uses (set by backends.py); the others are the reference, "
             "the variants measured and not used, and the derived ceiling.", "",
             _table(bk["rows"], ["preset", "backend", "sampler", "shipped", "batch", "steps", "seconds",
                                 "images_per_s",
-                                "ratio_vs_reference", "ratio_per_round_median", "max_abs_diff_vs_reference"]), ""]
+                                "ratio_vs_reference", "ratio_per_round_median", "fraction_of_conv_rate",
+                                "max_abs_diff_vs_reference"]), ""]
 
 
 def sampling_section(st: dict) -> list[str]:

@@ -88,7 +88,7 @@ register("torch-tf32", "torch_backend:TorchTF32Backend", ("checkpoint",), 12,
 register("torch-fp16", "torch_backend:TorchFP16Backend", ("checkpoint",), 31,
          "PyTorch CUDA, fp16 autocast + channels_last")
 register("torch-bf16", "torch_backend:TorchBF16Backend", ("checkpoint",), 30,
-         "PyTorch CUDA, bf16 autocast + channels_last")
+         "PyTorch bf16 autocast + channels_last (CUDA; CPUs with bf16 units, gated per model)")
 register("torch-compile", "torch_backend:TorchCompileBackend", ("checkpoint",), 5,
          "torch.compile (CUDA: fp16 + channels_last + CUDA graphs; CPU: fp32)")
 register("ort-cpu", "onnxruntime_backend:OrtCPUBackend", ("onnx",), 20, "ONNX Runtime CPU, threads = physical cores")
@@ -314,13 +314,27 @@ def check_options(name: str, cls, options: dict) -> None:
 
 
 def create(name: str, info: ModelInfo, **options) -> Callable:
-    """Instantiate a backend (``auto`` allowed) for a model file; unknown options are refused."""
-    name = resolve(name, info)
-    cls = BACKENDS[name].load_class()
-    check_options(name, cls, options)
-    backend = cls(info, **options)
-    backend.name = name
-    return backend
+    """Instantiate a backend (``auto`` allowed) for a model file; unknown options are refused.
+
+    Under ``auto`` a backend that fails its accuracy gate on this model (``AccuracyGateError``: bf16
+    on a CPU) gives way to the next one; why is kept in the created backend's ``notes``."""
+    candidates = available(info.kind) if name == "auto" else [resolve(name, info)]
+    if not candidates:
+        resolve(name, info)  # the usual "no backend can run" error
+    notes: list[str] = []
+    for i, chosen in enumerate(candidates):
+        cls = BACKENDS[chosen].load_class()
+        check_options(chosen, cls, options)
+        try:
+            backend = cls(info, **options)
+        except AccuracyGateError as e:
+            if name != "auto" or i == len(candidates) - 1:
+                raise
+            notes.append(f"{e}; using {candidates[i + 1]}")
+            continue
+        backend.name = chosen
+        backend.notes = tuple(notes)
+        return backend
 
 
 class Backend:
@@ -332,6 +346,8 @@ class Backend:
 
     name = "base"
     device = torch.device("cpu")
+    # Lines for the user about how this backend was chosen (``create``'s fallbacks under ``auto``).
+    notes: tuple[str, ...] = ()
     # True for CPU runtimes with their own thread pool (ONNX Runtime, OpenVINO): see sampling_threads.
     own_cpu_threads = False
 
@@ -369,6 +385,32 @@ def bf16_native(device=None) -> bool:
     if getattr(torch.version, "hip", None):
         return True
     return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+# CPU flags of native bf16 arithmetic: AVX512-BF16 and AMX-BF16 (Intel Cooper Lake / Sapphire Rapids
+# and later, AMD Zen 4 and later), the Armv8.6 BF16 extension ("bf16" in /proc/cpuinfo's Features).
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
+    """True where the CPU computes in bf16 natively (oneDNN then runs bf16 convolutions about 2-3x
+    faster than fp32); elsewhere torch emulates bf16, slower than fp32.  Reads /proc/cpuinfo (Linux);
+    False where it cannot be read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return any(f in flags for f in CPU_BF16_FLAGS)
+
+
+class AccuracyGateError(MediFastError):
+    """A reduced-precision backend whose eps on this model is too far from fp32 (``auto`` moves on)."""
 
 
 @contextmanager

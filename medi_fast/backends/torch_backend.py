@@ -7,7 +7,7 @@ import torch
 
 from .. import checkpoint as ckpt_io
 from ..errors import MediFastError
-from . import Backend, ModelInfo, bf16_native
+from . import AccuracyGateError, Backend, ModelInfo, bf16_native, cpu_bf16_native
 
 
 def read_checkpoint_info(path) -> ModelInfo:
@@ -98,17 +98,48 @@ class TorchFP16Backend(TorchBackend):
     available = classmethod(lambda cls: _cuda())
 
 
-def _cuda_bf16() -> tuple[bool, str]:
-    ok, why = _cuda()
-    if ok and not bf16_native():
-        return False, "this GPU has no bf16 units (compute capability < 8.0; bf16 would be emulated); use torch-fp16"
-    return ok, why
+def _bf16_here() -> tuple[bool, str]:
+    """bf16 where it is native: a CUDA GPU with bf16 units, or (without a GPU) a CPU with them."""
+    if torch.cuda.is_available():
+        if not bf16_native():
+            return False, "this GPU has no bf16 units (compute capability < 8.0; bf16 would be emulated); use torch-fp16"
+        return True, ""
+    if not cpu_bf16_native():
+        return False, ("this CPU has no bf16 units (avx512_bf16/amx_bf16 on x86-64, bf16 on Arm; bf16 would be "
+                       "emulated, slower than fp32); use --backend torch")
+    return True, ""
 
 
 class TorchBF16Backend(TorchBackend):
+    """bf16 autocast + channels_last.  On a CPU (oneDNN's bf16 convolutions: 2-3x fp32 where the CPU
+    has bf16 units) it is gated per model when it starts: its eps on a probe batch within
+    ``BF16_REL`` of the same model in fp32 and finite, else ``AccuracyGateError`` (``auto`` then
+    runs fp32).  bf16 keeps 8 mantissa bits: ~1e-2 relative eps error on every model tried."""
+
     dtype = torch.bfloat16
     channels_last = True
-    available = classmethod(lambda cls: _cuda_bf16())
+    available = classmethod(lambda cls: _bf16_here())
+
+    def __init__(self, info, device=None, **kw):
+        super().__init__(info, device=device, **kw)
+        self.gate = None
+        if self.device.type == "cpu":
+            self.gate = self._check_gate(info)
+
+    def _check_gate(self, info):
+        from .accuracy import BF16_REL, GATE_BATCHES, check_denoiser
+        from .contract import BatchRange, IOContract
+
+        @torch.inference_mode()
+        def fp32(x, t, cond):  # the same weights without autocast
+            return self._forward(x, t, cond).float()
+
+        contract = IOContract.from_spec(info.spec, info.resolution, BatchRange(1, 4, 4))
+        check = check_denoiser(fp32, self, contract, info.spec, rel_bound=BF16_REL, batches=GATE_BATCHES)
+        if not check.ok:
+            raise AccuracyGateError(f"torch-bf16 fails its accuracy gate on {info.path.name}: {check.summary()} "
+                                    "against the same model in fp32")
+        return check
 
 
 COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")

@@ -1,0 +1,90 @@
+"""bf16 generation on a CPU: offered only where the CPU has bf16 units, gated per model against fp32
+when it starts, and `auto` falls back to fp32 (saying why) when the gate fails."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medi_fast import backends, checkpoint
+from medi_fast.backends import BACKENDS, AccuracyGateError, accuracy, cpu_bf16_native, create, open_model
+from medi_fast.cli import main
+from medi_fast.errors import MediFastError
+from medi_fast.model import build_model
+from medi_fast.schedule import Schedule
+
+SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+ZEN3 = "processor\t: 0\nflags\t\t: fpu sse avx2 fma\n"
+NEOVERSE_V1 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("tiny-32", classes=["LUAD", "LUSC"], metadata={"tss": ["05", "44"]})
+    path = tmp_path_factory.mktemp("bf16") / "tiny.pt"
+    checkpoint.save(checkpoint.from_model(model, Schedule(), preset="tiny-32"), path)
+    return path
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """A CPU with bf16 units and no GPU (torch's bf16 arithmetic is the same where it is emulated)."""
+    from medi_fast.backends import torch_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch_backend, "cpu_bf16_native", lambda: True)
+
+
+def test_cpu_bf16_flags_are_read_from_cpuinfo():
+    assert cpu_bf16_native(SAPPHIRE_RAPIDS) and cpu_bf16_native(NEOVERSE_V1)
+    assert not cpu_bf16_native(ZEN3) and not cpu_bf16_native("")
+
+
+def test_without_bf16_units_it_is_not_offered_and_refused_in_one_line(ckpt, monkeypatch):
+    from medi_fast.backends import torch_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch_backend, "cpu_bf16_native", lambda: False)
+    ok, why = BACKENDS["torch-bf16"].availability()
+    assert not ok and why.startswith("this CPU has no bf16 units") and why.endswith("use --backend torch")
+    info = open_model(ckpt)
+    assert backends.resolve("auto", info) == "torch"
+    with pytest.raises(MediFastError, match="^backend torch-bf16 is not available here: this CPU has no bf16 units"):
+        create("torch-bf16", info)
+
+
+def test_auto_picks_bf16_on_a_bf16_cpu_after_its_gate(ckpt, bf16_cpu):
+    info = open_model(ckpt)
+    den = create("auto", info)
+    assert den.name == "torch-bf16" and den.device.type == "cpu" and den.notes == ()
+    # bf16's 8 mantissa bits: an eps error of about 1e-2, inside the 3e-2 bound, none non-finite
+    assert 1e-3 < den.gate.rel < accuracy.BF16_REL and den.gate.nonfinite == 0
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([10, 500, 990])
+    cond = {"class": torch.tensor([0, 1, 2]), "tss": torch.tensor([0, 1, 2])}
+    eps, ref = den(x, t, cond), create("torch", info)(x, t, cond)
+    assert eps.dtype == torch.float32 and eps.is_contiguous()
+    assert float((eps - ref).norm() / ref.norm()) < accuracy.BF16_REL
+
+
+def test_a_failed_gate_falls_back_to_fp32_under_auto_and_refuses_by_name(ckpt, bf16_cpu, monkeypatch):
+    monkeypatch.setattr(accuracy, "BF16_REL", 1e-6)
+    info = open_model(ckpt)
+    den = create("auto", info)
+    assert den.name == "torch"
+    (note,) = den.notes
+    assert note.startswith("torch-bf16 fails its accuracy gate on tiny.pt: relative eps error ")
+    assert "(bound 1e-06)" in note and note.endswith("against the same model in fp32; using torch")
+    with pytest.raises(AccuracyGateError, match="^torch-bf16 fails its accuracy gate on tiny.pt"):
+        create("torch-bf16", info)
+
+
+def test_generate_says_why_it_runs_fp32(ckpt, bf16_cpu, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(accuracy, "BF16_REL", 1e-6)
+    out = tmp_path / "synth"
+    assert main(["generate", str(ckpt), "--class", "LUAD", "--tss", "05", "--n", "2", "--steps", "2",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert ", backend torch\n" in err
+    warning = [line for line in err.splitlines() if line.startswith("medi-fast: warning: torch-bf16 fails")]
+    assert len(warning) == 1 and warning[0].endswith("; using torch")
+    assert len(list(out.rglob("*.png"))) == 2
