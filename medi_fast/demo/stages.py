@@ -179,15 +179,21 @@ def build_data(cfg: DemoConfig, out: Path) -> dict:
     return {"index": index, "train_csv": out / "train.csv"}
 
 
-def train_model(cfg: DemoConfig, out: Path, name: str, condition: str) -> Path:
+def train_config(cfg: DemoConfig, out: Path, name: str, condition: str):
+    """The demo's training settings for one model (a ``TrainConfig``; benchmarks vary one field of it)."""
     from ..training.config import TrainConfig
+
+    return TrainConfig(data=str(out / "pack"), split=str(out / "train.csv"), condition=condition, preset=cfg.preset,
+                       prediction_type=cfg.prediction_type, resolution=cfg.resolution, batch_size=cfg.batch_size,
+                       lr=cfg.lr, steps=cfg.train_steps, out=str(out / "runs" / name), warmup=25,
+                       ema_decay=cfg.ema_decay, workers=0, seed=cfg.seed, checkpoint_every=cfg.train_steps,
+                       keep_last=1, log_every=25, grid_every=0, device="cpu")
+
+
+def train_model(cfg: DemoConfig, out: Path, name: str, condition: str) -> Path:
     from ..training.loop import train
 
-    tc = TrainConfig(data=str(out / "pack"), split=str(out / "train.csv"), condition=condition, preset=cfg.preset,
-                     prediction_type=cfg.prediction_type, resolution=cfg.resolution, batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.train_steps,
-                     out=str(out / "runs" / name), warmup=25, ema_decay=cfg.ema_decay, workers=0, seed=cfg.seed,
-                     checkpoint_every=cfg.train_steps, keep_last=1, log_every=25, grid_every=0, device="cpu")
-    result = train(tc)
+    result = train(train_config(cfg, out, name, condition))
     return Path(result["checkpoint"])
 
 
