@@ -18,7 +18,6 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from packaging.markers import Marker  # noqa: E402
 from packaging.requirements import Requirement  # noqa: E402
 
 from medi_fast import backends, checkpoint, doctor  # noqa: E402

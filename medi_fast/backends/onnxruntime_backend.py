@@ -28,8 +28,9 @@ from .contract import EPS, IOContract
 
 # What each GPU provider needs at run time, named in the one-line error when it does not load.
 PROVIDER_LIBRARIES = {
-    "CUDAExecutionProvider": ("the CUDA 12 and cuDNN 9 libraries (libcudart, libcublas, libcudnn)",
-                              "install them (pip install 'medi-fast[gpu]' brings nvidia-* wheels) or use --backend ort-cpu"),
+    "CUDAExecutionProvider": ("the CUDA 13 and cuDNN 9 libraries (libcudart, libcublas, libcudnn)",
+                              "install them (torch's CUDA 13 wheels bring nvidia-* wheels; onnxruntime-gpu 1.27+ is "
+                              "built for CUDA 13) or use --backend ort-cpu"),
     "TensorrtExecutionProvider": ("TensorRT's libnvinfer (and the CUDA libraries)",
                                   "pip install 'medi-fast[gpu]' (the TensorRT major your onnxruntime-gpu links: 10 for "
                                   "onnxruntime-gpu 1.27 to 1.31) or use --backend ort-cuda"),
