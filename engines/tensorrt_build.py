@@ -18,6 +18,7 @@ engine that does not run its convolutions in fp16 is refused: never an fp32 engi
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,6 +123,8 @@ def build_engine(onnx_path, engine_path, config: BuildConfig = BuildConfig(), *,
             if source is None:
                 source = write_stage_graph(onnx_path, scratch / stage / "model.fp16.onnx", stage)
             _build_once(source, onnx_path, engine_path, config, rebuild_command, stage)
+            if sources[stage] is None:  # built: one fp16 copy of the weights on disk at a time
+                shutil.rmtree(source.parent, ignore_errors=True)
 
         stages = tuple(sources)
         if not check_parity:

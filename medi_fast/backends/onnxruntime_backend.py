@@ -32,8 +32,8 @@ PROVIDER_LIBRARIES = {
                               "install them (torch's CUDA 13 wheels bring nvidia-* wheels; onnxruntime-gpu 1.27+ is "
                               "built for CUDA 13) or use --backend ort-cpu"),
     "TensorrtExecutionProvider": ("TensorRT's libnvinfer (and the CUDA libraries)",
-                                  "pip install 'medi-fast[gpu]' (the TensorRT major your onnxruntime-gpu links: 10 for "
-                                  "onnxruntime-gpu 1.27 to 1.31) or use --backend ort-cuda"),
+                                  "pip install 'medi-fast[gpu]' (TensorRT 10 for CUDA 13: onnxruntime-gpu 1.31's TensorRT "
+                                  "provider links libnvinfer.so.10) or use --backend ort-cuda"),
 }
 
 
