@@ -286,7 +286,7 @@ PLATFORMS = {
 }
 
 
-def requirements(extras: tuple[str, ...], env: dict) -> dict[str, Requirement]:
+def requirements(extras: tuple[str, ...], env: dict, python: str = "3.11") -> dict[str, Requirement]:
     """What ``pip install -e ".[extras]"`` asks for on ``env``: install_requires plus each extra, markers
     evaluated (the extras' own names resolved through setup.cfg, not the index)."""
     cfg = configparser.ConfigParser()
@@ -295,7 +295,7 @@ def requirements(extras: tuple[str, ...], env: dict) -> dict[str, Requirement]:
     for extra in extras:
         lines += cfg["options.extras_require"][extra].splitlines()
     out = {}
-    full = {"python_version": "3.11", "python_full_version": "3.11.7", "implementation_name": "cpython",
+    full = {"python_version": python, "python_full_version": f"{python}.0", "implementation_name": "cpython",
             "os_name": "nt" if env["platform_system"] == "Windows" else "posix", "extra": "", **env}
     for line in lines:
         line = line.strip()
@@ -308,14 +308,18 @@ def requirements(extras: tuple[str, ...], env: dict) -> dict[str, Requirement]:
 
 
 @pytest.mark.parametrize("platform", sorted(PLATFORMS))
-def test_every_install_command_gets_exactly_one_onnxruntime(platform):
+@pytest.mark.parametrize("python", ["3.10", "3.11", "3.13"])
+def test_every_install_command_gets_exactly_one_onnxruntime(platform, python):
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
     all_extras = tuple(cfg["options.extras_require"])
     for extras in [(), ("gpu",), ("dev",), ("gpu", "dev"), all_extras]:
-        reqs = requirements(extras, PLATFORMS[platform])
+        reqs = requirements(extras, PLATFORMS[platform], python)
         ort_dists = sorted(n for n in reqs if n in ("onnxruntime", "onnxruntime-gpu"))
         assert len(ort_dists) == 1, f"pip install -e '.[{','.join(extras)}]' on {platform} installs {ort_dists}"
+        # onnxruntime-gpu has no Python 3.10 wheel after 1.23 (CUDA 12): the CPU build there
+        assert ort_dists == (["onnxruntime-gpu"] if platform in ("linux x86_64", "windows x64") and python != "3.10"
+                             else ["onnxruntime"])
 
 
 def test_gpu_install_pairs_cuda_13_and_the_tensorrt_major_onnx_runtime_links():
