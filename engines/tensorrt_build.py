@@ -223,7 +223,9 @@ def layer_precisions(info_json: str) -> dict[str, int]:
 
     def kind(tensor) -> str | None:
         text = " ".join(str(tensor.get(k, "")) for k in ("Format/Datatype", "DataType", "Format")).lower()
-        if "fp16" in text or "half" in text:
+        if "bf16" in text or "bfloat16" in text:
+            return "bf16"  # never in an engine built from an fp16 graph; counted as neither
+        if "fp16" in text or "half" in text or "float16" in text:
             return "fp16"
         if "fp32" in text or "float" in text:
             return "fp32"
@@ -231,7 +233,7 @@ def layer_precisions(info_json: str) -> dict[str, int]:
 
     counts = {"fp16": 0, "fp32": 0, "conv": 0, "conv_fp32": 0}
     for layer in layers:
-        kinds = {kind(t) for t in layer.get("Outputs", []) if isinstance(t, dict)} - {None}
+        kinds = {kind(t) for t in layer.get("Outputs", []) if isinstance(t, dict)} - {None, "bf16"}
         if not kinds:
             continue
         precision = "fp16" if "fp16" in kinds else "fp32"

@@ -232,6 +232,9 @@ def test_layer_precisions_reads_both_inspector_schemas():
         assert tensorrt_build.layer_precisions(layer_table(major, "fp16")) == {"fp16": 2, "fp32": 1, "conv": 2,
                                                                               "conv_fp32": 0}
         assert tensorrt_build.layer_precisions(layer_table(major, "fp32"))["conv_fp32"] == 2
+    spelled = [{"LayerType": "Convolution", "Outputs": [{"DataType": t}]} for t in ("Float16", "BFloat16", "Float")]
+    assert tensorrt_build.layer_precisions(json.dumps({"Layers": spelled})) == {"fp16": 1, "fp32": 1, "conv": 2,
+                                                                              "conv_fp32": 1}
 
 
 def test_gate_stages_build_from_the_gated_graph_then_converted_stage_graphs(exported, fake_gpu, monkeypatch,
