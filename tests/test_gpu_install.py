@@ -426,3 +426,15 @@ def test_tensorrt_is_imported_before_the_provider_probe_and_a_failed_probe_is_no
     assert BACKENDS["ort-trt"].availability() == (True, "")  # the earlier failure was not kept
     assert "MEDI_FAST_TEST_LIBNVINFER" in __import__("os").environ
     sys.modules.pop("tensorrt", None)
+
+
+def test_ort_trt_beside_another_tensorrt_major_says_which_is_installed(fake_gpu, monkeypatch):
+    """TensorRT 11 imported, onnxruntime-gpu's TensorRT provider linked against 10: it falls back."""
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", _Session)
+    monkeypatch.delenv("MEDI_FAST_TEST_LIBNVINFER", raising=False)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("11.4.0", {}))
+    ok, why = BACKENDS["ort-trt"].availability()
+    assert not ok and why == ("TensorRT's libnvinfer (and the CUDA libraries) did not load (tensorrt 11.4.0 is installed; "
+                              "onnxruntime-gpu 1.31's TensorRT provider links TensorRT 10)")

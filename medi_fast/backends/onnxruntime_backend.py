@@ -102,12 +102,18 @@ def provider_loads(provider: str) -> tuple[bool, str]:
 
     if provider not in ort.get_available_providers():
         return False, f"onnxruntime has no {provider} (install onnxruntime-gpu)"
-    preload_failed = preload_tensorrt() if provider == "TensorrtExecutionProvider" else ""
+    trt_provider = provider == "TensorrtExecutionProvider"
+    preload_failed = preload_tensorrt() if trt_provider else ""
     result = _probe(provider)
+    if preload_failed and not result[0]:
+        return False, preload_failed
+    if trt_provider and not result[0]:  # the provider loads only beside the TensorRT major it was linked against
+        import tensorrt
+
+        result = (False, f"{result[1]} (tensorrt {tensorrt.__version__} is installed; onnxruntime-gpu 1.31's TensorRT "
+                         f"provider links TensorRT 10)")
     if not preload_failed:
         _PROBES[provider] = result
-    elif not result[0]:
-        result = (False, preload_failed)
     return result
 
 
