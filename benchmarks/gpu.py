@@ -52,7 +52,7 @@ class GpuPath:
     name: str
     backend: str
     precision: str = "fp32"  # which matmul rate its fraction is read against
-    file: str = "checkpoint"  # which model file it opens: checkpoint, onnx or engine
+    file: str = "checkpoint"  # which model file it opens: checkpoint, onnx, fp16 (graph) or engine
 
 
 PATHS = (
@@ -62,7 +62,7 @@ PATHS = (
     GpuPath("bf16-autocast", "torch-bf16", precision="bf16"),
     GpuPath("compile", "torch-compile", precision="fp16"),
     GpuPath("ort-cuda", "ort-cuda", file="onnx"),
-    GpuPath("ort-trt", "ort-trt", precision="fp16", file="onnx"),
+    GpuPath("ort-trt", "ort-trt", precision="fp16", file="fp16"),  # ort-trt runs a graph in its own precision
     GpuPath("tensorrt", "tensorrt", precision="fp16", file="engine"),
 )
 # On a CPU the TF32 path is the fp32 one (there is no TF32 there): the dry run still exercises its row.
@@ -166,9 +166,13 @@ def model_files(preset: str, work: Path, batches: tuple[int, ...], need: set[str
 
     _, ck = random_checkpoint(preset, work, ["LUAD", "LUSC"], ["05", "44"])
     files = {"checkpoint": ck}
-    if need & {"onnx", "engine"}:
+    if need & {"onnx", "fp16", "engine"}:
         files["onnx"] = export_onnx(checkpoint.load(ck), work / preset / "model.onnx",
                                     ExportConfig(batch=BatchRange(1, max(batches), max(batches))))
+    if "fp16" in need:  # the default-stage fp16 graph an export directory gives ort-trt
+        from medi_fast.engines.gate import write_fp16_ungated
+
+        files["fp16"] = write_fp16_ungated(files["onnx"], work / preset / "model.fp16.onnx")
     return files
 
 

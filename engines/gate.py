@@ -98,7 +98,7 @@ def native_fp16_backend() -> str | None:
     return "ort-cuda" if backends.BACKENDS["ort-cuda"].availability()[0] else None
 
 
-def _fp16_graph(onnx_path: Path, stage: str, gate: dict | None):
+def fp16_graph(onnx_path: Path, stage: str, gate: dict | None):
     """The fp16 version of the fp32 graph at ``onnx_path`` with ``stage``'s nodes pinned and its
     metadata set (loaded afresh and converted in place: one copy of the weights)."""
     import onnx
@@ -122,7 +122,7 @@ def write_fp16_ungated(onnx_path, fp16_path, *, external_data_threshold: int | N
     from .export import PROTOBUF_LIMIT, save_checked
 
     onnx_path, fp16_path = Path(onnx_path), Path(fp16_path)
-    graph16 = _fp16_graph(onnx_path, "default", {"stage": "default", "ok": None, "pending": PENDING})
+    graph16 = fp16_graph(onnx_path, "default", {"stage": "default", "ok": None, "pending": PENDING})
     with atomic_files(fp16_path.with_name(fp16_path.name + ".data"), fp16_path) as tmpdir:
         save_checked(graph16, tmpdir / fp16_path.name, external_data_threshold or PROTOBUF_LIMIT)
         del graph16  # an fp16 copy of the weights: freed before the files are moved
@@ -155,7 +155,7 @@ def write_fp16_gated(onnx_path, fp16_path, *, backend: str, external_data_thresh
             def build(stage: str):
                 path = tmpdir / stage / fp16_path.name
                 path.parent.mkdir()
-                save_checked(_fp16_graph(onnx_path, stage, None), path, external_data_threshold or PROTOBUF_LIMIT)
+                save_checked(fp16_graph(onnx_path, stage, None), path, external_data_threshold or PROTOBUF_LIMIT)
                 staged[stage] = path
                 return backends.create(backend, backends.open_model(path))
 

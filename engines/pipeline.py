@@ -157,7 +157,7 @@ def _export(ck, checkpoint: Path, out_dir: Path, config: ExportConfig, fp16: boo
         from .tensorrt_build import BuildConfig, build_engine
 
         result.engine = build_engine(result.onnx, out_dir / "model.engine",
-                                     BuildConfig(optimization_level=optimization_level),
+                                     BuildConfig(optimization_level=optimization_level), fp16_onnx=result.fp16,
                                      rebuild_command=f"medi-fast export {checkpoint} --out {out_dir} --tensorrt "
                                                      f"--batch {config.batch}")
         log(f"wrote {result.engine} (+ {result.engine.name}.json)")

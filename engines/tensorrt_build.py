@@ -6,15 +6,19 @@ schedule, contract, checkpoint hash) plus what the engine is tied to: TensorRT v
 compute capability.  The runtime (medi_fast.backends.tensorrt_backend) refuses a mismatch with the
 rebuild command.
 
-Precision: FP16 everywhere except the nodes the fp16 ONNX keeps in fp32 (engines/fp16.py:
-normalisations, Softmax, and every ancestor of a Sin/Cos, i.e. the timestep and continuous-attribute
-encodings, whose arguments near 1000 have a spacing of 0.5 in fp16).  The set is computed on the
-ONNX graph and matched to TensorRT layers by ONNX node name, with precision constraints obeyed.
+Precision: fp16 by construction, on TensorRT 10 and 11 alike.  The network is strongly typed and
+parsed from an fp16 ONNX graph (engines/fp16.py; the gated ``model.fp16.onnx`` when the export wrote
+one): every tensor's type is the graph's, so the fp32 pins (normalisations, Softmax, every ancestor
+of a Sin/Cos) are the graph's explicit casts, not per-layer hints.  TensorRT 11 removed the
+weak-typing API this replaces (``BuilderFlag.FP16``, ``OBEY_PRECISION_CONSTRAINTS``, layer
+``precision``/``set_output_type``) and makes every network strongly typed; TensorRT 10 takes the
+``STRONGLY_TYPED`` creation flag.  After the build the engine inspector's layer table is read and an
+engine that does not run its convolutions in fp16 is refused: never an fp32 engine labelled fp16.
 """
 from __future__ import annotations
 
 import json
-import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +28,6 @@ from medi_fast.backends.tensorrt_backend import SIDECAR_FORMAT, sidecar_path
 from medi_fast.errors import MediFastError
 from medi_fast.io import atomic_files, atomic_write_bytes, atomic_write_text
 
-from .fp16 import fp32_node_names
 from .gate import STAGES
 
 
@@ -62,35 +65,6 @@ def device_fingerprint() -> dict:
             "compute_capability": f"{major}.{minor}"}
 
 
-_ONNX_LAYER = re.compile(r"\[ONNX Layer: (.*?)\]")
-
-
-def onnx_node_of(layer) -> str:
-    """The ONNX node a TensorRT layer came from.
-
-    TensorRT 10's ONNX parser writes ``[ONNX Layer: <node name>]`` into every layer's ``metadata``
-    (also the helper layers one node expands into); older parsers only name the main layer after the node.
-    """
-    match = _ONNX_LAYER.search(getattr(layer, "metadata", "") or "")
-    return match.group(1) if match else layer.name
-
-
-def fp32_layers(network, trt, pinned: set[str]) -> list[int]:
-    """Indices of the network's layers to pin to fp32: those of the ``pinned`` ONNX nodes with float outputs.
-
-    Integer layers (shape arithmetic, ids) take no float precision constraint.
-    """
-    floats = (trt.float32, trt.float16)
-    out = []
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if onnx_node_of(layer) not in pinned:
-            continue
-        if all(layer.get_output(k).dtype in floats for k in range(layer.num_outputs)):
-            out.append(i)
-    return out
-
-
 def use_timing_cache(bc, path: Path) -> bool:
     """Attach the timing cache at ``path`` to builder config ``bc``; an empty one where it is refused.
 
@@ -126,30 +100,65 @@ def write_engine(engine_path: Path, engine: bytes, sidecar: dict) -> Path:
     return engine_path
 
 
-def build_engine(onnx_path, engine_path, config: BuildConfig = BuildConfig(), *, rebuild_command: str = "",
-                 check_parity: bool = True) -> Path:
-    """Parse ``onnx_path``, build with one optimisation profile from its contract, save engine + sidecar.
+def build_engine(onnx_path, engine_path, config: BuildConfig = BuildConfig(), *, fp16_onnx=None,
+                 rebuild_command: str = "", check_parity: bool = True) -> Path:
+    """Build ``engine_path`` from the exported graph ``onnx_path``: one optimisation profile from its
+    contract, a strongly typed network, engine + sidecar.
 
-    With ``check_parity`` the build goes through the fp16 gate (engines/gate.py): the engine is run
-    against the fp32 graph on ONNX Runtime CPU, and rebuilt with more layers pinned to fp32 while it
-    fails; when no stage passes the engine is deleted and the build refused.
+    fp16 (``config.fp16``): the network is parsed from an fp16 graph, one per gate stage.
+    ``fp16_onnx`` (the export's ``model.fp16.onnx``) is used for the stage its gate passed (or, not
+    yet gated, the default stage) and the stages after it are converted from ``onnx_path``; without
+    it every stage is converted.  An fp16 ``onnx_path`` is built as it is.  With ``check_parity``
+    the build goes through the fp16 gate (engines/gate.py): the engine is run against ``onnx_path``
+    on ONNX Runtime CPU and rebuilt from the next stage's graph while it fails; when no stage passes
+    the engine is deleted and the build refused.
     """
     check_can_build()
-    import onnx
-
-    from .gate import stage_nodes
-
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    sources = stage_sources(onnx_path, Path(fp16_onnx) if fp16_onnx else None) if config.fp16 else {"fp32": onnx_path}
+    # the converted stage graphs are scratch files: staged beside the engine, removed with the staging folder
+    with atomic_files(engine_path.with_name(engine_path.name + ".graphs")) as scratch:
+        def build_stage(stage: str) -> None:
+            source = sources[stage]
+            if source is None:
+                source = write_stage_graph(onnx_path, scratch / stage / "model.fp16.onnx", stage)
+            _build_once(source, onnx_path, engine_path, config, rebuild_command, stage)
+            if sources[stage] is None:  # built: one fp16 copy of the weights on disk at a time
+                shutil.rmtree(source.parent, ignore_errors=True)
 
-    def build_stage(stage: str) -> None:
-        extra = stage_nodes(graph, stage) if config.fp16 else set()
-        _build_once(onnx_path, engine_path, config, extra, rebuild_command, stage)
+        stages = tuple(sources)
+        if not check_parity:
+            build_stage(stages[0])
+            return engine_path
+        return gated_build(engine_path, onnx_path, build_stage, stages)
 
-    if not check_parity:
-        build_stage("default")
-        return engine_path
-    return gated_build(engine_path, onnx_path, build_stage, STAGES if config.fp16 else ("default",))
+
+def stage_sources(onnx_path: Path, fp16_onnx: Path | None) -> dict[str, Path | None]:
+    """Gate stage -> the fp16 graph its engine is parsed from (None: converted from ``onnx_path`` when
+    that stage is built), in the order the gate tries them."""
+    props = onnx_info.read_props(onnx_path)
+    if props.get("medi_fast.precision") == "fp16":  # an fp16 graph given as the model: built as it is
+        return {"given": onnx_path}
+    if fp16_onnx is None:
+        return dict.fromkeys(STAGES)
+    try:
+        gate = json.loads(onnx_info.read_props(fp16_onnx).get("medi_fast.fp16_gate") or "{}")
+    except ValueError:
+        gate = {}
+    stage = gate.get("stage") if isinstance(gate, dict) else None
+    if stage not in STAGES:
+        raise MediFastError(f"{fp16_onnx} has no readable fp16 gate record; rerun `medi-fast export` for this directory")
+    # the stages before the one the fp16 graph passed failed its gate: the engine starts where the graph does
+    return {s: (fp16_onnx if s == stage else None) for s in STAGES[STAGES.index(stage):]}
+
+
+def write_stage_graph(onnx_path: Path, path: Path, stage: str) -> Path:
+    """The fp16 graph of gate stage ``stage`` converted from the fp32 graph ``onnx_path``, saved at ``path``."""
+    from .export import save_checked
+    from .gate import fp16_graph
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_checked(fp16_graph(onnx_path, stage, None), path)
 
 
 def gated_build(engine_path: Path, onnx_path: Path, build_stage, stages) -> Path:
@@ -184,36 +193,86 @@ def gated_build(engine_path: Path, onnx_path: Path, build_stage, stages) -> Path
     return engine_path
 
 
-def _build_once(onnx_path: Path, engine_path: Path, config: BuildConfig, extra_fp32: set[str],
-                rebuild_command: str, stage: str) -> None:
-    import onnx
+def network_flags(trt) -> int:
+    """``create_network`` flags of a strongly typed network: TensorRT 10 opts in with ``STRONGLY_TYPED``;
+    TensorRT 11 types every network strongly (the flag is deprecated there and ignored)."""
+    if trt_major(trt) >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def trt_major(trt) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+def layer_precisions(info_json: str) -> dict[str, int]:
+    """Layers of an engine by the type of their float outputs, from the engine inspector's JSON
+    (``ProfilingVerbosity.DETAILED``): ``{"fp16": n, "fp32": n, "conv_fp32": n, "conv": n}``.
+
+    TensorRT 10 writes a tensor's type inside ``Format/Datatype`` ("Row major linear FP16 format");
+    TensorRT 11 splits it into ``Format`` and ``DataType`` ("Half", "Float").
+    """
+    try:
+        layers = json.loads(info_json).get("Layers", [])
+    except (ValueError, AttributeError):
+        layers = None
+    if not layers or not all(isinstance(layer, dict) for layer in layers):
+        raise MediFastError("TensorRT's engine inspector gave no per-layer types (it needs "
+                            "ProfilingVerbosity.DETAILED), so the engine's precision cannot be verified; "
+                            "check the TensorRT installation or export without it (--no-tensorrt)")
+
+    def kind(tensor) -> str | None:
+        text = " ".join(str(tensor.get(k, "")) for k in ("Format/Datatype", "DataType", "Format")).lower()
+        if "bf16" in text or "bfloat16" in text:
+            return "bf16"  # never in an engine built from an fp16 graph; counted as neither
+        if "fp16" in text or "half" in text or "float16" in text:
+            return "fp16"
+        if "fp32" in text or "float" in text:
+            return "fp32"
+        return None  # integer and boolean tensors carry no float precision
+
+    counts = {"fp16": 0, "fp32": 0, "conv": 0, "conv_fp32": 0}
+    for layer in layers:
+        kinds = {kind(t) for t in layer.get("Outputs", []) if isinstance(t, dict)} - {None, "bf16"}
+        if not kinds:
+            continue
+        precision = "fp16" if "fp16" in kinds else "fp32"
+        counts[precision] += 1
+        if "conv" in str(layer.get("LayerType", "")).lower():
+            counts["conv"] += 1
+            counts["conv_fp32"] += precision == "fp32"
+    return counts
+
+
+def check_fp16_engine(counts: dict[str, int], source: str) -> None:
+    """Refuse an engine built as fp16 whose layers do not run in fp16: no fp16 layer at all, or a
+    convolution (the UNet's cost; never pinned to fp32) in fp32."""
+    if counts["fp16"] == 0 or counts["conv_fp32"]:
+        raise MediFastError(f"the TensorRT engine built from {source} is not an fp16 engine: {counts['fp16']} layers "
+                            f"run in fp16, {counts['fp32']} in fp32 ({counts['conv_fp32']} of {counts['conv']} "
+                            f"convolutions in fp32); it was not saved; check that {source} is an fp16 graph "
+                            f"(re-export) or report this with the TensorRT version")
+
+
+def _build_once(source: Path, onnx_path: Path, engine_path: Path, config: BuildConfig, rebuild_command: str,
+                stage: str) -> None:
+    """Parse ``source`` into a strongly typed network, build, verify the precision, write engine + sidecar.
+    ``onnx_path``: the exported graph whose metadata and contract the engine carries."""
     import tensorrt as trt
 
     info = onnx_info.read_onnx_info(onnx_path)
     contract: IOContract = info.contract
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    # TensorRT 10 networks are always explicit-batch; 8.x needs the flag.
-    flags = 0 if int(trt.__version__.split(".")[0]) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse_from_file(str(source)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise MediFastError(f"TensorRT cannot parse {onnx_path.name}: {errors[:300]}; re-export with --opset 18")
+        raise MediFastError(f"TensorRT cannot parse {source.name}: {errors[:300]}; re-export with --opset 18")
 
     bc = builder.create_builder_config()
-    pinned: list[str] = []
-    if config.fp16:
-        bc.set_flag(trt.BuilderFlag.FP16)
-        # honour the fp32 pins below instead of treating them as hints
-        bc.set_flag(getattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS"))
-        names = fp32_node_names(onnx.load(str(onnx_path), load_external_data=False).graph) | set(extra_fp32)
-        for i in fp32_layers(network, trt, names):
-            layer = network.get_layer(i)
-            layer.precision = trt.float32
-            for k in range(layer.num_outputs):
-                layer.set_output_type(k, trt.float32)
-            pinned.append(layer.name)
+    # the inspector's per-layer types are what the precision check below reads
+    bc.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     bc.builder_optimization_level = int(config.optimization_level)
     if config.workspace:
         bc.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace))
@@ -228,10 +287,20 @@ def _build_once(onnx_path: Path, engine_path: Path, config: BuildConfig, extra_f
 
     serialized = builder.build_serialized_network(network, bc)
     if serialized is None:
-        raise MediFastError(f"TensorRT could not build an engine from {onnx_path.name} (see the TensorRT log above); "
+        raise MediFastError(f"TensorRT could not build an engine from {source.name} (see the TensorRT log above); "
                             f"try a smaller --batch MAX or --optimization-level 3")
+    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    if engine is None:
+        raise MediFastError(f"TensorRT could not load the engine it built from {source.name}; check the TensorRT "
+                            f"installation")
+    counts = layer_precisions(engine.create_engine_inspector().get_engine_information(
+        trt.LayerInformationFormat.JSON))
+    del engine
+    if config.fp16:
+        check_fp16_engine(counts, source.name)
     sidecar = {"format": SIDECAR_FORMAT, **device_fingerprint(), "build": asdict(config),
-               "fp32_stage": stage, "fp32_layers": len(pinned), "timing_cache_reused": reused_cache,
+               "network": "strongly typed", "fp32_stage": stage, "precision_source": source.name,
+               "layer_precisions": counts, "timing_cache_reused": reused_cache,
                "onnx": onnx_path.name, "rebuild_command": rebuild_command or
                f"medi-fast export CHECKPOINT --out {engine_path.parent} --tensorrt --batch {contract.batch}",
                "metadata": onnx_info.read_props(onnx_path)}

@@ -1,12 +1,15 @@
 """``medi-fast doctor``: what this machine has, and (``--check``) whether each path works on it.
 
 The environment: Python, torch with its CUDA and cuDNN, each GPU (name, compute capability, free
-memory), onnxruntime and its providers, TensorRT, polygraphy, OpenVINO, ray.
+memory), onnxruntime and its providers (and a CPU onnxruntime installed over onnxruntime-gpu),
+TensorRT, OpenVINO, ray.
 
 The self-test (``run_checks``), on a small random model (or ``model=FILE``):
 
-- inference: every backend that says it is available here is compared with torch fp32 on the CPU on
-  one probe set (backends/accuracy.check_denoiser: timesteps 0..999, every id, continuous values and
+- inference: every backend that says it is available here runs the file an export directory gives
+  it here (``backends.EXPORT_FILES``: the fp16 graph for the ONNX Runtime GPU backends, an engine
+  built from the fp16 graph for ``tensorrt``, the fp32 graph otherwise) and is compared with torch
+  fp32 on the CPU on one probe set (backends/accuracy.check_denoiser: timesteps 0..999, every id, continuous values and
   NaN; a DDIM-10 run from the same x_T), then timed on a short DDIM run (images/s).  Backends that
   are not available are listed with the reason.
 - training: a few SGD steps of the same model in each precision the device offers (fp32,
@@ -31,7 +34,7 @@ import torch
 
 from .errors import MediFastError
 
-PACKAGES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "polygraphy", "openvino", "ray", "diffusers")
+PACKAGES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "openvino", "ray", "diffusers")
 # Relative eps error allowed per backend against torch fp32 on the CPU: fp32 paths agree to float
 # rounding; fp16 to 1e-2 (the export parity bound); bf16 has 8 mantissa bits, hence 3e-2; TF32 has
 # 10 (an H200 gave 7.6e-4 on tiny-32), hence 3e-3.
@@ -74,6 +77,21 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+def onnxruntime_collision() -> str:
+    """One line when both ONNX Runtime distributions are installed, else "".
+
+    ``onnxruntime`` and ``onnxruntime-gpu`` install the same ``onnxruntime`` package directory
+    (onnxruntime issue 26996): whichever was installed last owns the shared files, so the GPU
+    providers may be missing although ``onnxruntime-gpu`` is listed.
+    """
+    cpu, gpu = _version("onnxruntime"), _version("onnxruntime-gpu")
+    if not (cpu and gpu):
+        return ""
+    return (f"onnxruntime {cpu} and onnxruntime-gpu {gpu} are both installed and overwrite each other's files; "
+            f"pip uninstall -y onnxruntime onnxruntime-gpu, then pip install onnxruntime-gpu (or the CPU "
+            f"onnxruntime alone on a machine without a GPU)")
+
+
 def environment() -> dict:
     gpus = []
     if torch.cuda.is_available():
@@ -91,7 +109,8 @@ def environment() -> dict:
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {"python": platform.python_version(), "platform": platform.platform(),
             "torch_cuda": torch.version.cuda, "cudnn": cudnn, "gpus": gpus, "onnxruntime_providers": providers,
-            "packages": {p: _version(p) for p in PACKAGES}, "cpu_threads": torch.get_num_threads()}
+            "packages": {p: _version(p) for p in PACKAGES}, "cpu_threads": torch.get_num_threads(),
+            "onnxruntime_collision": onnxruntime_collision() or None}
 
 
 def format_environment(env: dict) -> str:
@@ -105,7 +124,9 @@ def format_environment(env: dict) -> str:
         lines.append("gpu          none (torch sees no CUDA device)")
     lines.append(f"onnxruntime  {env['packages']['onnxruntime'] or env['packages']['onnxruntime-gpu'] or 'absent'} "
                  f"(providers: {', '.join(env['onnxruntime_providers']) or '-'})")
-    for p in ("tensorrt", "polygraphy", "openvino", "ray", "diffusers"):
+    if env.get("onnxruntime_collision"):
+        lines.append(f"             COLLISION: {env['onnxruntime_collision']}")
+    for p in ("tensorrt", "openvino", "ray", "diffusers"):
         lines.append(f"{p:<12} {env['packages'][p] or 'absent'}")
     return "\n".join(lines)
 
@@ -124,7 +145,8 @@ def _small_model(workdir: Path) -> Path:
 
 
 def _model_files(workdir: Path, model) -> dict[str, Path]:
-    """kind -> file: the checkpoint and its ONNX export (the engine is built on demand)."""
+    """kind -> file: the checkpoint, its ONNX export and the export's default-stage fp16 graph ("fp16";
+    the engine is built on demand)."""
     from .backends.contract import BatchRange
     from .engines.export import ExportConfig, export_onnx
 
@@ -136,8 +158,11 @@ def _model_files(workdir: Path, model) -> dict[str, Path]:
                             f"omit --model to use a small random model")
     from . import checkpoint
 
+    from .engines.gate import write_fp16_ungated
+
     onnx_path = export_onnx(checkpoint.load(model), workdir / "doctor.onnx", ExportConfig(batch=BatchRange(1, 8, 16)))
-    return {"checkpoint": model, "onnx": onnx_path}
+    fp16_path = write_fp16_ungated(onnx_path, workdir / "doctor.fp16.onnx")
+    return {"checkpoint": model, "onnx": onnx_path, "fp16": fp16_path}
 
 
 def _images_per_s(denoiser, info, steps: int, batch: int) -> float:
@@ -168,6 +193,8 @@ def check_inference(workdir: Path, model=None, *, ddim_steps: int = 10, timed_st
     files = _model_files(workdir, model)
     infos = {kind: backends.open_model(p) for kind, p in files.items()}
     onnx_info = infos["onnx"]
+    # the backends an export directory hands its fp16 graph to: the same file here
+    fp16_backends = dict(backends.EXPORT_FILES)["model.fp16.onnx"] if "fp16" in infos else ()
     if "checkpoint" in infos:
         reference, ref_name = backends.create("torch", infos["checkpoint"], device="cpu"), "torch fp32 (CPU)"
     else:
@@ -185,14 +212,14 @@ def check_inference(workdir: Path, model=None, *, ddim_steps: int = 10, timed_st
         if name == "torch-compile" and not torch.cuda.is_available():
             rows.append(Row("inference", name, "skipped", "compiles for minutes on a CPU; checked where CUDA is present"))
             continue
-        bound = REL_BOUND.get(name, FP32_REL)
+        bound = FP16_REL if name in fp16_backends else REL_BOUND.get(name, FP32_REL)
         try:
             if kind == "tensorrt":
                 from .engines.tensorrt_build import cached_engine
 
                 info = backends.open_model(cached_engine(files["onnx"], engine_cache or workdir / "engines"))
             else:
-                info = infos[kind]
+                info = infos["fp16" if name in fp16_backends else kind]
             den = backends.create(name, info)
             try:
                 check = check_denoiser(reference, den, onnx_info.contract, onnx_info.spec, rel_bound=bound,
@@ -206,8 +233,9 @@ def check_inference(workdir: Path, model=None, *, ddim_steps: int = 10, timed_st
         except Exception as e:  # a GPU path's own error (CUDA, TensorRT, ORT): reported, not raised
             rows.append(Row("inference", name, "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
             continue
+        what = f"{info.path.name} vs {ref_name}"
         rows.append(Row("inference", name, "ok" if check.ok else "FAIL",
-                        f"vs {ref_name}" if check.ok else f"{check.summary()} vs {ref_name}", metrics))
+                        what if check.ok else f"{check.summary()}, {what}", metrics))
     reference.close()
     return rows
 
@@ -375,6 +403,8 @@ def check_ddp(ref_delta: torch.Tensor) -> Row:
 def run_checks(model=None, *, training: bool = True, engine_cache=None, **inference) -> Report:
     """The environment and every check; ``inference``: check_inference's step/batch settings."""
     report = Report(environment())
+    if report.environment["onnxruntime_collision"]:
+        report.rows.append(Row("install", "onnxruntime", "FAIL", report.environment["onnxruntime_collision"]))
     with tempfile.TemporaryDirectory(prefix="medi-fast-doctor-") as tmp:
         report.rows += check_inference(Path(tmp), model, engine_cache=engine_cache, **inference)
     if training:

@@ -8,12 +8,15 @@ plug into the generic samplers.  Buffers follow the one IOContract.
   torch tensor with ``torch.from_numpy`` (zero copy).
 - ort-cuda: CUDA execution provider with IO binding onto torch-allocated CUDA tensors (no host
   round trip), optional CUDA graph (``cuda_graph=True``; one captured graph per batch size).
-- ort-trt: TensorRT execution provider (fp16) with engine and timing caches beside the model and
-  the optimisation profile from the contract; CUDA provider as fallback for unsupported nodes.
+- ort-trt: TensorRT execution provider with engine and timing caches beside the model and the
+  optimisation profile from the contract; CUDA provider as fallback for unsupported nodes.  The
+  precision is the graph's: the fp16 graph (``model.fp16.onnx``, the one an export directory runs
+  here, gated on this backend) is built with ``trt_fp16_enable``, the fp32 graph in fp32.  No CUDA
+  graph: the provider captures one graph per session for fixed input shapes (the multi-graph
+  ``gpu_graph_id`` run option is the CUDA provider's), and a run's last batch is often smaller.
 """
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -25,12 +28,27 @@ from .contract import EPS, IOContract
 
 # What each GPU provider needs at run time, named in the one-line error when it does not load.
 PROVIDER_LIBRARIES = {
-    "CUDAExecutionProvider": ("the CUDA 12 and cuDNN 9 libraries (libcudart, libcublas, libcudnn)",
-                              "install them (pip install 'medi-fast[gpu]' brings nvidia-* wheels) or use --backend ort-cpu"),
+    "CUDAExecutionProvider": ("the CUDA 13 and cuDNN 9 libraries (libcudart, libcublas, libcudnn)",
+                              "install them (torch's CUDA 13 wheels bring nvidia-* wheels; onnxruntime-gpu 1.27+ is "
+                              "built for CUDA 13) or use --backend ort-cpu"),
     "TensorrtExecutionProvider": ("TensorRT's libnvinfer (and the CUDA libraries)",
-                                  "pip install tensorrt (the version your onnxruntime-gpu was built for) or use "
-                                  "--backend ort-cuda"),
+                                  "pip install 'medi-fast[gpu]' (TensorRT 10 for CUDA 13: onnxruntime-gpu 1.31's TensorRT "
+                                  "provider links libnvinfer.so.10) or use --backend ort-cuda"),
 }
+
+
+def preload_tensorrt() -> str:
+    """Import ``tensorrt`` so that its pip wheels' ``libnvinfer`` is loaded before ONNX Runtime's
+    TensorRT provider looks for it ("" when it imported, else why not).
+
+    The provider library finds ``libnvinfer`` through the dynamic loader, which does not search the
+    pip wheels' folders; the ``tensorrt`` package loads them when imported.
+    """
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as e:
+        return f"the tensorrt package does not import ({e}); pip install 'medi-fast[gpu]'"
+    return ""
 
 
 def physical_cores() -> int:
@@ -67,18 +85,45 @@ def check_provider(session, requested: str, what: str) -> None:
                             f"{got[0] if got else 'nothing'}): {needs} did not load; {fix}")
 
 
-@functools.lru_cache(maxsize=None)
-def provider_loads(provider: str) -> tuple[bool, str]:
-    """(True, "") when ``provider`` really registers in a session on this machine (cached per process).
+_PROBES: dict[str, tuple[bool, str]] = {}
 
-    A one-node graph is enough: the provider's shared library is loaded when the session registers it.
+
+def provider_loads(provider: str) -> tuple[bool, str]:
+    """(True, "") when ``provider`` really registers in a session on this machine.
+
+    A one-node graph is enough: the provider's shared library is loaded when the session registers
+    it.  For the TensorRT provider ``tensorrt`` is imported first (:func:`preload_tensorrt`), and a
+    result is kept for the process only when that import worked: a probe that failed without it says
+    nothing about the provider once ``tensorrt`` is importable.
     """
-    import onnx
+    if provider in _PROBES:
+        return _PROBES[provider]
     import onnxruntime as ort
-    from onnx import TensorProto, helper
 
     if provider not in ort.get_available_providers():
         return False, f"onnxruntime has no {provider} (install onnxruntime-gpu)"
+    trt_provider = provider == "TensorrtExecutionProvider"
+    preload_failed = preload_tensorrt() if trt_provider else ""
+    result = _probe(provider)
+    if preload_failed and not result[0]:
+        return False, preload_failed
+    if trt_provider and not result[0]:  # the provider loads only beside the TensorRT major it was linked against
+        import tensorrt
+
+        result = (False, f"{result[1]} (tensorrt {tensorrt.__version__} is installed; onnxruntime-gpu 1.31's TensorRT "
+                         f"provider links TensorRT 10)")
+    if not preload_failed:
+        _PROBES[provider] = result
+    return result
+
+
+provider_loads.cache_clear = _PROBES.clear  # type: ignore[attr-defined]
+
+
+def _probe(provider: str) -> tuple[bool, str]:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
@@ -234,15 +279,25 @@ class OrtCUDABackend(Backend):
 
 
 class OrtTensorRTBackend(OrtCUDABackend):
-    """ONNX Runtime TensorRT provider: fp16 engines cached beside the model, timing cache, profile."""
+    """ONNX Runtime TensorRT provider: the graph's precision, engines cached beside the model, timing
+    cache, profile; no CUDA graph (see the module docstring)."""
 
     provider = "TensorrtExecutionProvider"
 
     def __init__(self, info: ModelInfo, device: str | None = None, cuda_graph: bool = False,
                  cache_dir: str | None = None):
+        if cuda_graph:
+            raise MediFastError("ort-trt cannot keep a CUDA graph per batch size: ONNX Runtime's TensorRT provider "
+                                "captures one graph per session and needs fixed input shapes (gpu_graph_id is the CUDA "
+                                "provider's); drop cuda_graph, or use --backend tensorrt (one graph per batch size) or "
+                                "ort-cuda with cuda_graph=True")
+        self.fp16 = info.extra.get("precision") == "fp16"
         self.cache_dir = Path(cache_dir or Path(info.path).parent / "ort-trt-cache")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        super().__init__(info, device=device, cuda_graph=cuda_graph)
+        why = preload_tensorrt()
+        if why:
+            raise MediFastError(f"ort-trt needs TensorRT loaded before its provider starts: {why} or use --backend ort-cuda")
+        super().__init__(info, device=device, cuda_graph=False)
 
     def _providers(self) -> list:
         def shapes(i: int) -> str:
@@ -250,7 +305,8 @@ class OrtTensorRTBackend(OrtCUDABackend):
 
         trt_opts = {
             "device_id": self.device.index,
-            "trt_fp16_enable": "True",
+            # precision follows the graph: fp16 kernels for the fp16 graph (whose fp32 pins are casts), none for fp32
+            "trt_fp16_enable": str(self.fp16),
             "trt_engine_cache_enable": "True",
             "trt_engine_cache_path": str(self.cache_dir),
             "trt_timing_cache_enable": "True",
@@ -260,8 +316,6 @@ class OrtTensorRTBackend(OrtCUDABackend):
             "trt_profile_opt_shapes": shapes(1),
             "trt_profile_max_shapes": shapes(2),
         }
-        if self.cuda_graph:
-            trt_opts["trt_cuda_graph_enable"] = "True"
         return [(self.provider, trt_opts), ("CUDAExecutionProvider", {"device_id": self.device.index})]
 
     def __call__(self, x, t, cond):

@@ -2,9 +2,14 @@
 
 Lifecycle: load (deserialize; check the sidecar's TensorRT version and GPU against
 this machine) -> bind shapes (``set_input_shape`` per batch) -> infer (``execute_async_v3`` on a
-torch CUDA stream with torch-allocated buffers).  For a fixed batch the UNet call is captured once
-in a CUDA graph and replayed (``cuda_graph=True``, the default): inputs are copied into the
-captured buffers, so only the copies and the replay are launched per step.
+torch CUDA stream with torch-allocated buffers).  The UNet call is captured once per batch size in a
+CUDA graph and replayed (``cuda_graph=True``, the default): inputs are copied into that batch
+size's buffers, so only the copies and the replay are launched per step, and a run that alternates
+between its full batch and a smaller last one captures each once.  A graph keeps the addresses it
+was captured with: each batch size has its own buffers for the backend's life, and the context's
+own scratch memory is allocated once for the profile's largest shapes (TensorRT's default
+``ExecutionContextAllocationStrategy.STATIC``), so an older graph stays valid after the context was
+bound to another batch size.
 
 The sidecar ``model.engine.json`` holds the .onnx metadata (vocabularies, spec, schedule, contract,
 checkpoint hash), so reading a ModelInfo needs neither TensorRT nor a GPU.
@@ -82,7 +87,7 @@ def _torch_dtype(trt, dt) -> torch.dtype:
 
 
 class TensorRTBackend(Backend):
-    """TensorRT engine: execute_async_v3 with torch buffers; CUDA graph per fixed batch."""
+    """TensorRT engine: execute_async_v3 with torch buffers; one CUDA graph per batch size."""
 
     def __init__(self, info: ModelInfo, device: str | None = None, cuda_graph: bool = True):
         import tensorrt as trt
@@ -106,9 +111,9 @@ class TensorRTBackend(Backend):
         self.dtypes = {s.name: _torch_dtype(trt, self.engine.get_tensor_dtype(s.name))
                        for s in self.contract.inputs + self.contract.outputs}
         self.cuda_graph = bool(cuda_graph)
-        self._batch = None
-        self._bufs: dict[str, torch.Tensor] = {}
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._batch = None  # the batch size the context is bound to
+        self._bufs: dict[int, dict[str, torch.Tensor]] = {}  # batch size -> its buffers
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # batch size -> its captured graph
 
     @classmethod
     def available(cls):
@@ -121,28 +126,29 @@ class TensorRTBackend(Backend):
         return True, ""
 
     def _bind(self, batch: int) -> None:
-        """Allocate buffers for ``batch``, set input shapes and tensor addresses (once per batch size)."""
+        """Bind the context to ``batch``: input shapes and tensor addresses (buffers allocated on first use)."""
         self.contract.check_batch(batch)
-        self._bufs = {s.name: torch.empty(s.shape_for(batch), dtype=self.dtypes[s.name], device=self.device)
-                      for s in self.contract.inputs + self.contract.outputs}
+        if batch not in self._bufs:
+            self._bufs[batch] = {s.name: torch.empty(s.shape_for(batch), dtype=self.dtypes[s.name], device=self.device)
+                                 for s in self.contract.inputs + self.contract.outputs}
         for s in self.contract.inputs:
             self.context.set_input_shape(s.name, s.shape_for(batch))
-        for name, buf in self._bufs.items():
+        for name, buf in self._bufs[batch].items():
             self.context.set_tensor_address(name, buf.data_ptr())
-        self._batch, self._graph = batch, None
+        self._batch = batch
 
     def _launch(self) -> None:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise MediFastError("TensorRT execution failed (see the TensorRT log above); rebuild the engine")
 
-    def _capture(self) -> None:
+    def _capture(self, batch: int) -> None:
         # One eager run first: TensorRT allocates lazily on the first enqueue, which cannot be captured.
         self._launch()
         self.stream.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self.stream):
             self._launch()
-        self._graph = graph
+        self._graphs[batch] = graph
 
     @torch.inference_mode()
     def __call__(self, x, t, cond):
@@ -152,21 +158,22 @@ class TensorRTBackend(Backend):
         feeds = self.contract.torch_feeds(x, t, cond, self.device)
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
+        bufs = self._bufs[batch]
         with torch.cuda.stream(self.stream):
             for name, v in feeds.items():
-                self._bufs[name].copy_(v.to(self.dtypes[name]), non_blocking=True)
+                bufs[name].copy_(v.to(self.dtypes[name]), non_blocking=True)
             if self.cuda_graph:
-                if self._graph is None:
-                    self._capture()
-                self._graph.replay()
+                if batch not in self._graphs:
+                    self._capture(batch)
+                self._graphs[batch].replay()
             else:
                 self._launch()
-            eps = self._bufs[EPS].float().clone()  # (B, 3, H, W); a copy, the buffer is reused next step
+            eps = bufs[EPS].float().clone()  # (B, 3, H, W); a copy, the buffer is reused next step
         current.wait_stream(self.stream)
         return eps
 
     def close(self):
-        self._graph = None
+        self._graphs.clear()
         self._bufs.clear()
         self.context = self.engine = None
         torch.cuda.empty_cache()
