@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -64,9 +65,10 @@ class Report:
     def failures(self) -> list[Row]:
         return [r for r in self.rows if r.status == "FAIL"]
 
-    def to_dict(self) -> dict:
+    def to_dict(self, complete: bool = True) -> dict:
+        """``complete`` False: written while the checks still run (a run cut short leaves its rows)."""
         return {"environment": self.environment, "rows": [asdict(r) for r in self.rows],
-                "ok": not self.failures()}
+                "ok": not self.failures(), "complete": complete}
 
 
 # -- environment -------------------------------------------------------------------------------
@@ -186,7 +188,7 @@ def _images_per_s(denoiser, info, steps: int, batch: int) -> float:
 
 
 def check_inference(workdir: Path, model=None, *, ddim_steps: int = 10, timed_steps: int = 10, batch: int = 4,
-                    engine_cache=None) -> list[Row]:
+                    engine_cache=None, on_row: Callable[[Row], None] | None = None) -> list[Row]:
     from . import backends
     from .backends.accuracy import IMAGE_LEVELS, check_denoiser
 
@@ -200,17 +202,18 @@ def check_inference(workdir: Path, model=None, *, ddim_steps: int = 10, timed_st
     else:
         reference, ref_name = backends.create("ort-cpu", onnx_info), "ort-cpu fp32"
     rows = []
+    add = _collector(rows, on_row)
     for name, entry in sorted(backends.BACKENDS.items(), key=lambda kv: -kv[1].rank):
         ok, why = entry.availability()
         if not ok:
-            rows.append(Row("inference", name, "absent", why))
+            add(Row("inference", name, "absent", why))
             continue
         kind = next((k for k in entry.kinds if k in infos or k == "tensorrt"), None)
         if kind is None or (kind == "tensorrt" and "onnx" not in infos):
-            rows.append(Row("inference", name, "skipped", f"needs a {'/'.join(entry.kinds)} file"))
+            add(Row("inference", name, "skipped", f"needs a {'/'.join(entry.kinds)} file"))
             continue
         if name == "torch-compile" and not torch.cuda.is_available():
-            rows.append(Row("inference", name, "skipped", "compiles for minutes on a CPU; checked where CUDA is present"))
+            add(Row("inference", name, "skipped", "compiles for minutes on a CPU; checked where CUDA is present"))
             continue
         bound = FP16_REL if name in fp16_backends else REL_BOUND.get(name, FP32_REL)
         try:
@@ -228,13 +231,13 @@ def check_inference(workdir: Path, model=None, *, ddim_steps: int = 10, timed_st
             finally:
                 den.close()
         except MediFastError as e:
-            rows.append(Row("inference", name, "FAIL", str(e)))
+            add(Row("inference", name, "FAIL", str(e)))
             continue
         except Exception as e:  # a GPU path's own error (CUDA, TensorRT, ORT): reported, not raised
-            rows.append(Row("inference", name, "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
+            add(Row("inference", name, "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
             continue
         what = f"{info.path.name} vs {ref_name}"
-        rows.append(Row("inference", name, "ok" if check.ok else "FAIL",
+        add(Row("inference", name, "ok" if check.ok else "FAIL",
                         what if check.ok else f"{check.summary()}, {what}", metrics))
     reference.close()
     return rows
@@ -300,26 +303,27 @@ def training_variants(device: torch.device) -> list[str]:
     return ["fp32", "channels_last"] + (["bf16"] if bf16_native(device) else []) + ["fp16", "compiled"]
 
 
-def check_training(device=None) -> list[Row]:
+def check_training(device=None, on_row: Callable[[Row], None] | None = None) -> list[Row]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ref_loss, ref_delta = _train_steps(torch.device("cpu"), "fp32")
     rows = []
+    add = _collector(rows, on_row)
     for variant in training_variants(device):
         name = f"{variant} ({device.type})"
         try:
             loss, delta = _train_steps(device, variant)
         except Exception as e:  # the device's own error: reported, not raised
-            rows.append(Row("training", name, "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
+            add(Row("training", name, "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
             continue
         loss_rel = abs(loss - ref_loss) / abs(ref_loss)
         delta_rel = float((delta - ref_delta).norm() / ref_delta.norm())
         bound = TRAIN_BOUND[variant]
         ok = delta_rel <= bound and loss_rel <= bound and bool(torch.isfinite(delta).all())
-        rows.append(Row("training", name, "ok" if ok else "FAIL", "vs CPU fp32, same batch and seed",
+        add(Row("training", name, "ok" if ok else "FAIL", "vs CPU fp32, same batch and seed",
                         {"loss_rel": loss_rel, "param_change_rel": delta_rel, "bound": bound}))
-    rows.append(check_ddp(ref_delta))
+    add(check_ddp(ref_delta))
     if device.type == "cuda" and torch.cuda.device_count() == 1:
-        rows.append(check_ddp_one_rank(device))
+        add(check_ddp_one_rank(device))
     return rows
 
 
@@ -400,15 +404,28 @@ def check_ddp(ref_delta: torch.Tensor) -> Row:
 
 
 # -- the whole report ----------------------------------------------------------------------------
-def run_checks(model=None, *, training: bool = True, engine_cache=None, **inference) -> Report:
-    """The environment and every check; ``inference``: check_inference's step/batch settings."""
+def _collector(rows: list[Row], on_row) -> Callable[[Row], None]:
+    """Append a finished row and hand it on at once (``doctor --json`` rewrites its file per row)."""
+    def add(row: Row) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return add
+
+
+def run_checks(model=None, *, training: bool = True, engine_cache=None,
+               on_row: Callable[[Report], None] | None = None, **inference) -> Report:
+    """The environment and every check; ``inference``: check_inference's step/batch settings.
+    ``on_row(report)`` runs after each row is added (each check is independent: one failing row never
+    stops the next)."""
     report = Report(environment())
+    add = _collector(report.rows, None if on_row is None else (lambda row: on_row(report)))
     if report.environment["onnxruntime_collision"]:
-        report.rows.append(Row("install", "onnxruntime", "FAIL", report.environment["onnxruntime_collision"]))
+        add(Row("install", "onnxruntime", "FAIL", report.environment["onnxruntime_collision"]))
     with tempfile.TemporaryDirectory(prefix="medi-fast-doctor-") as tmp:
-        report.rows += check_inference(Path(tmp), model, engine_cache=engine_cache, **inference)
+        check_inference(Path(tmp), model, engine_cache=engine_cache, on_row=add, **inference)
     if training:
-        report.rows += check_training()
+        check_training(on_row=add)
     return report
 
 

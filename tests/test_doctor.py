@@ -85,3 +85,29 @@ def test_a_path_over_its_bound_fails_the_command_in_one_line(monkeypatch, tmp_pa
     record = json.loads((tmp_path / "doctor.json").read_text())
     assert record["ok"] is False and {r["path"] for r in record["rows"] if r["status"] == "FAIL"} == {"ort-cpu"}
     assert record["environment"]["packages"]["onnxruntime"]
+
+
+def test_json_is_written_as_rows_finish_and_says_whether_it_is_complete(monkeypatch, tmp_path):
+    """A check that never returns (a GPU hang, a job's time limit) must not take the rows before it."""
+    def two_rows(workdir, model=None, *, on_row=None, **kw):
+        rows = [doctor.Row("inference", "torch", "ok"), doctor.Row("inference", "ort-cpu", "ok")]
+        for row in rows:
+            on_row(row)
+        return rows
+
+    def hang(device=None, on_row=None):
+        on_row(doctor.Row("training", "fp32 (cpu)", "ok"))
+        raise KeyboardInterrupt  # what the user's Ctrl-C or a job scheduler's signal looks like
+
+    monkeypatch.setattr(doctor, "check_inference", two_rows)
+    monkeypatch.setattr(doctor, "check_training", hang)
+    out = tmp_path / "doctor.json"
+    with pytest.raises(SystemExit) as e:
+        main(["doctor", "--check", "--json", str(out)])
+    assert e.value.code != 0
+    rec = json.loads(out.read_text())
+    assert rec["complete"] is False and [r["path"] for r in rec["rows"]] == ["torch", "ort-cpu", "fp32 (cpu)"]
+    monkeypatch.setattr(doctor, "check_training", lambda device=None, on_row=None: [])
+    assert main(["doctor", "--check", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["complete"] is True and rec["ok"] is True and len(rec["rows"]) == 2

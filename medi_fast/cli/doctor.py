@@ -33,7 +33,11 @@ def doctor(check, model, json_path, no_training):
         from ..backends import open_model
 
         open_model(model)  # a missing, empty or corrupt model fails in one line before the checks
-    report = run_checks(model, training=not no_training) if check else Report(environment())
+    def partial(report) -> None:  # each row as it finishes: a run cut short (a GPU hang, a limit) keeps them
+        atomic_write_text(json_path, json.dumps(report.to_dict(complete=False), indent=2))
+
+    report = run_checks(model, training=not no_training, on_row=partial if json_path is not None else None) \
+        if check else Report(environment())
     click.echo(format_environment(report.environment))
     if check:
         click.echo("")
