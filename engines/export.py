@@ -207,8 +207,8 @@ def export_onnx(ckpt: Checkpoint, out_path, config: ExportConfig = ExportConfig(
                               output_names=contract.output_names, dynamic_axes=contract.dynamic_axes(),
                               opset_version=config.opset, do_constant_folding=True, dynamo=False)
         if not captured:
-            raise MediFastError(f"the ONNX exporter of torch {torch.__version__} bypassed medi-fast's weight "
-                                f"writer; export with torch 2.5 to 2.14 or report this")
+            raise MediFastError(f"torch {torch.__version__}'s ONNX exporter no longer passes its weights through "
+                                f"the hook medi-fast writes them with; install torch 2.14 (tested) or report this")
         graph, data = with_initializers(onnx.load(str(raw)), captured)
         meta = onnx_info.metadata(
             ckpt.spec, ckpt.schedule, preset=ckpt.preset, checkpoint_hash=ckpt.hash, resolution=ckpt.resolution,
@@ -233,7 +233,9 @@ def initializers_kept_out(captured: dict):
     are alive at once (7 GiB for medi-128).  Given no initializers it lists them as graph inputs
     instead; :func:`with_initializers` turns those back into initializers, in the same order and with
     the same bytes.  The hook is the binding ``torch._C.Graph._export_onnx`` that the exporter calls
-    with the initializers as its first argument (torch 2.5 to 2.14); there is no public switch.
+    with the initializers as its first argument (checked on torch 2.14); the exporter has no public
+    switch for it.  It replaces a class attribute for the duration of the block, so two exports must
+    not run in threads of one process at once.
     """
     cls = torch._C.Graph
     original = cls._export_onnx
