@@ -154,7 +154,8 @@ def main(argv=None) -> Path:
         files = {p.name: p.stat().st_size for p in sorted((tmp / "ckpt.export").iterdir())} if m["rc"] == 0 else {}
         stages = []
         if not args.no_stages:
-            for src, label in [(None, "this checkout"), *([(args.baseline.resolve(), "baseline")] if args.baseline else [])]:
+            sources = [(None, "this checkout")] + ([(args.baseline.resolve(), "baseline")] if args.baseline else [])
+            for src, label in sources:
                 out = tmp / f"staged-{len(stages)}.export"
                 stages += stage_breakdown(ckpt, out, src, label)
                 shutil.rmtree(out, ignore_errors=True)

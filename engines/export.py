@@ -428,7 +428,8 @@ def write_onnx(model, path, data: Mapping[str, memoryview] | None = None) -> Pat
     for t in g.initializer:
         if t.name in data:
             raw = data[t.name]
-            want = int(np.prod(t.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            want = int(np.prod(t.dims, dtype=np.int64)) * itemsize
             if len(raw) != want:
                 raise MediFastError(f"initializer {t.name} has {len(raw)} bytes for {want}; report this with the "
                                     f"checkpoint's preset")
