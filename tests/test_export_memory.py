@@ -2,6 +2,7 @@
 onnx's own writers give (engines/export.py: ``initializers_kept_out``, ``write_onnx``, ``check_onnx``)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ pytest.importorskip("onnxruntime")
 
 from medi_fast import checkpoint  # noqa: E402
 from medi_fast.backends.contract import IOContract  # noqa: E402
+from medi_fast.cli import main  # noqa: E402
 from medi_fast.engines import export  # noqa: E402
 from medi_fast.engines.fp16 import convert_to_fp16  # noqa: E402
 from medi_fast.errors import MediFastError  # noqa: E402
@@ -86,6 +88,27 @@ def test_the_checker_still_refuses_a_broken_graph(exported, tmp_path):
     with pytest.raises(MediFastError, match="failed the ONNX checker .*NoSuchOp"):
         export.check_onnx(export.write_onnx(graph, path), graph)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_a_full_disk_while_writing_the_graph_leaves_nothing(ckpt, tmp_path, monkeypatch, capsys):
+    """write_onnx is where the weights reach the disk now; a full disk there ends the export in one
+    line and removes what it wrote."""
+    real_write = export.write_onnx
+
+    def disk_full(model, path, *args, **kwargs):
+        real_write(model, path, *args, **kwargs)
+        with open(path, "r+b") as f:  # what a full disk leaves: a truncated file, then ENOSPC
+            f.truncate(100)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(export, "write_onnx", disk_full)
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(ckpt.path), "--out", str(tmp_path / "exp")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == (f"medi-fast: error: disk full while writing {tmp_path / 'exp'}; free space or "
+                                         "choose another --out, then rerun the same command to resume\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 # Runs in a fresh interpreter: VmHWM is the process's peak resident memory, and writing 5 to
