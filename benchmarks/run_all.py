@@ -502,7 +502,13 @@ def export_section(ec: dict) -> list[str]:
             "CPU time and peak resident memory of the process and its children (the load averages before and "
             f"after: `{ec.get('uptime_before', '?').split('load average: ')[-1]}`, "
             f"`{ec.get('uptime_after', '?').split('load average: ')[-1]}`).", "",
-            _table(ec["rows"], ["preset", "command", "rc", "wall_s", "cpu_s", "peak_rss_gib"]), ""]
+            _table(ec["rows"], ["preset", "command", "rc", "wall_s", "cpu_s", "peak_rss_gib"]), ""] + (
+        ["Where the memory goes: the same export once more in-process, stage by stage (↳: a step "
+         "inside the stage above it), with the resident memory each started from and its peak (VmHWM, reset "
+         "before each stage)" + (f"; `baseline` is the medi-fast at `{ec['baseline']}`, run side by side"
+                                 if ec.get("baseline") else "") + ".", "",
+         _table(ec["stages"], ["code", "stage", "seconds", "rss_at_start_gib", "peak_rss_gib"], ".2f"), ""]
+        if ec.get("stages") else [])
 
 
 def flops_section(flops: dict) -> list[str]:
