@@ -206,10 +206,10 @@ def export_onnx(ckpt: Checkpoint, out_path, config: ExportConfig = ExportConfig(
             torch.onnx.export(wrapper, args, str(raw), input_names=contract.input_names,
                               output_names=contract.output_names, dynamic_axes=contract.dynamic_axes(),
                               opset_version=config.opset, do_constant_folding=True, dynamo=False)
-        if not captured:
-            raise MediFastError(f"torch {torch.__version__}'s ONNX exporter no longer passes its weights through "
-                                f"the hook medi-fast writes them with; install torch 2.14 (tested) or report this")
-        graph, data = with_initializers(onnx.load(str(raw)), captured)
+        if captured:
+            graph, data = with_initializers(onnx.load(str(raw)), captured)
+        else:  # a torch whose exporter does not call the hook wrote the weights itself: the same file,
+            graph, data = onnx.load(str(raw)), {}  # with the exporter's copies of the weights in memory
         meta = onnx_info.metadata(
             ckpt.spec, ckpt.schedule, preset=ckpt.preset, checkpoint_hash=ckpt.hash, resolution=ckpt.resolution,
             contract=contract, precision="fp32", unet_config=ckpt.unet_config,
@@ -234,15 +234,18 @@ def initializers_kept_out(captured: dict):
     instead; :func:`with_initializers` turns those back into initializers, in the same order and with
     the same bytes.  The hook is the binding ``torch._C.Graph._export_onnx`` that the exporter calls
     with the initializers as its first argument (checked on torch 2.14); the exporter has no public
-    switch for it.  It replaces a class attribute for the duration of the block, so two exports must
-    not run in threads of one process at once.
+    switch for it.  A torch that calls it otherwise (or not at all) exports as it always did, weights
+    included, and ``captured`` stays empty.  It replaces a class attribute for the duration of the
+    block, so two exports must not run in threads of one process at once.
     """
     cls = torch._C.Graph
     original = cls._export_onnx
 
-    def export_without_initializers(graph, initializers, *args, **kwargs):
-        captured.update(initializers)
-        return original(graph, {}, *args, **kwargs)
+    def export_without_initializers(graph, *args, **kwargs):
+        if args and isinstance(args[0], dict):  # the signature checked on torch 2.14; any other is left alone
+            captured.update(args[0])
+            args = ({}, *args[1:])
+        return original(graph, *args, **kwargs)
 
     cls._export_onnx = export_without_initializers
     try:
