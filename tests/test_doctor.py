@@ -75,7 +75,8 @@ def test_a_path_over_its_bound_fails_the_command_in_one_line(monkeypatch, tmp_pa
     monkeypatch.setitem(doctor.REL_BOUND, "ort-cpu", 0.0)  # ORT never equals torch to the last bit
     real = doctor.check_inference
     monkeypatch.setattr(doctor, "check_inference",
-                        lambda workdir, model=None, **kw: real(workdir, model, ddim_steps=0, timed_steps=1, batch=1))
+                        lambda workdir, model=None, on_row=None, **kw: real(workdir, model, ddim_steps=0, timed_steps=1,
+                                                                           batch=1, on_row=on_row))
     with pytest.raises(SystemExit) as e:
         main(["doctor", "--check", "--no-training", "--json", str(tmp_path / "doctor.json")])
     io = capsys.readouterr()

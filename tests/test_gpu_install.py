@@ -365,7 +365,8 @@ def test_doctor_names_the_onnxruntime_collision(monkeypatch, capsys):
     assert "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install onnxruntime-gpu" in line
     assert main(["doctor"]) == 0
     assert f"COLLISION: {line}" in capsys.readouterr().out
-    monkeypatch.setattr(doctor, "check_inference", lambda *a, **k: [doctor.Row("inference", "ort-cpu", "ok")])
+    monkeypatch.setattr(doctor, "check_inference",
+                        lambda *a, on_row, **k: on_row(doctor.Row("inference", "ort-cpu", "ok")))
     report = doctor.run_checks(training=False)
     assert [(r.area, r.path, r.status, r.detail) for r in report.rows] == [
         ("install", "onnxruntime", "FAIL", line), ("inference", "ort-cpu", "ok", "")]  # the next row still runs
