@@ -323,3 +323,23 @@ def test_one_line_refusals_write_nothing(case, message, sources, tiny_ckpt, tmp_
                     "--out", out, "--steps", STEPS, *given["extra"]])
     assert line.startswith("medi-fast: error: ") and re.search(message.format(root=root), line), line
     assert sorted(tmp_path.rglob("*")) == before and not out.exists()
+
+
+@pytest.mark.slow  # starts Ray actors (processes that import torch)
+def test_an_edit_on_ray_writes_the_bytes_of_a_local_edit(sources, tiny_ckpt, tmp_path):
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        args = [sources / "index.csv", "--model", tiny_ckpt, "--to", "tss=44", "--method", "inversion",
+                "--batch-size", 2, "--steps", STEPS, "--quiet"]
+        assert main(["edit", *map(str, args), "--out", str(tmp_path / "local"), "--workers", "1"]) == 0
+        assert main(["edit", *map(str, args), "--out", str(tmp_path / "ray"), "--ray", "--ray-workers", "1"]) == 0
+    finally:
+        if started:
+            ray.shutdown()
+    files = {d: {str(f.relative_to(tmp_path / d)): f.read_bytes() for f in sorted((tmp_path / d).rglob("*"))
+                 if f.is_file()} for d in ("local", "ray")}
+    assert sorted(files["local"]) == sorted(files["ray"]) and len(files["ray"]) == 7  # 5 images, manifest, run.json
+    assert [k for k in files["local"] if files["local"][k] != files["ray"][k]] == []
