@@ -351,7 +351,8 @@ def edit_section(eq: dict) -> list[str]:
 
         def name(r):
             return r["method"] + (f" {r['strength']:g}" if r["method"] in ("sdedit", "inversion") else "")
-        lines.append(f"Target sites the class was {target} at: lowest colour error {name(top_c)} "
+        where = "the class was trained at" if target == "trained" else "the class was never trained at"
+        lines.append(f"Target sites {where}: lowest colour error {name(top_c)} "
                      f"({top_c['colour_error']:.2f} grey levels; identity {ident[target]['colour_error']:.2f}), "
                      f"highest SSIM {name(top_s)} ({top_s['ssim']:.3f}; identity {ident[target]['ssim']:.3f}).")
     return ["## Editing real patches (`medi-fast edit`, demo MeDi model)", "", _provenance(eq), "",
