@@ -85,6 +85,10 @@ class EditConfig(GenerateConfig):
     def manifest_columns(self) -> dict:
         return {**super().manifest_columns(), "strength": self.strength, "method": self.method}
 
+    @property
+    def verb(self) -> str:
+        return "edit"
+
 
 def check_model(info: ModelInfo, cfg: EditConfig) -> None:
     """Refuse what this model cannot edit, before anything is written."""

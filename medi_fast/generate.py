@@ -82,6 +82,11 @@ class GenerateConfig:
         """The settings ``manifest.csv`` records on every row."""
         return {"steps": self.steps, "eta": self.eta, "guidance": self.guidance, "sampler": self.sampler}
 
+    @property
+    def verb(self) -> str:
+        """What the job does, as its progress bar says it."""
+        return "generate"
+
 
 def for_model(cfg: GenerateConfig, info: ModelInfo, steps_given: bool = False,
               sampler_given: bool = False) -> GenerateConfig:
@@ -272,7 +277,7 @@ class Generator:
         units = self.units(rows, pending, writer)
         t0 = time.perf_counter()
         made = 0
-        bar = tqdm(total=int(pending.sum()), unit="img", desc="generate", disable=not self.progress,
+        bar = tqdm(total=int(pending.sum()), unit="img", desc=cfg.verb, disable=not self.progress,
                    dynamic_ncols=True, smoothing=0.1)
         futures: list[Future] = []
         try:
