@@ -3,11 +3,12 @@
     import medi_fast
     pipe = medi_fast.load("ckpt.pt")                      # or an exported .onnx / .engine
     images = pipe.generate(class_="LUAD", tss="05", n=64, seed=0)   # uint8 (64, H, W, 3)
+    moved = pipe.edit(images, tss="44", strength=0.5)     # the same patches as site 44 renders them
     ds = pipe.dataset({"LUAD": ..., })                    # torch IterableDataset for augmentation
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -62,6 +63,32 @@ class Pipeline:
         run_job(self.info, plan, None, self._config(**overrides), backend=self.denoiser,
                 sinks=[lambda images, rows: batches.append(images.copy())], progress=progress)
         return np.concatenate(batches) if batches else np.empty((0, self.info.resolution, self.info.resolution, 3), np.uint8)
+
+    def edit(self, images, class_=None, *, strength: float = 0.5, method: str = "sdedit", source=None,
+             seed: int = 0, steps=None, eta=None, guidance=None, sampler=None, batch_size=None,
+             **metadata) -> np.ndarray:
+        """Real patches moved to another condition -> uint8 (N, H, W, 3) (docs/edit.md).
+
+        ``images``: uint8 (N, H, W, 3) at the model's resolution (or one (H, W, 3), or a list).  The
+        target: ``class_`` and metadata by attribute name (``tss="44"``); what is not given stays the
+        source's.  ``source``: the images' own class and metadata (one mapping for all, or a DataFrame
+        / list of mappings, one per image); needed for ``method="inversion"``, and for ``sdedit`` unless
+        ``class_`` is given.  ``strength`` in [0, 1]: 0 returns the images, 1 starts from noise.  Image
+        ``i`` depends only on (seed, i), its conditions and itself: ``medi-fast edit`` with the same seed
+        writes the same images."""
+        from . import edit as edits
+
+        base = self._config(steps=steps, eta=eta, guidance=guidance, sampler=sampler, batch_size=batch_size)
+        cfg = edits.EditConfig(**asdict(base), strength=strength, method=method)
+        array = edits.as_images(images, self.info.resolution)
+        targets = {k: v for k, v in {"class": class_, **metadata}.items() if v is not None}
+        p = edits.plan_edits(self.spec, edits.source_frame(self.spec, len(array), source), targets, seed, method)
+        edits.check_model(self.info, cfg)
+        out = np.empty_like(array)
+        for s in range(0, len(array), cfg.batch_size):
+            out[s:s + cfg.batch_size] = edits.edit_rows(self.denoiser, self.info, array[s:s + cfg.batch_size],
+                                                        p.rows.iloc[s:s + cfg.batch_size], cfg)
+        return out
 
     def dataset(self, combos: pd.DataFrame | Mapping, n: int | None = None, seed: int = 0, **overrides) -> "SyntheticPatches":
         """A torch IterableDataset over a plan: a DataFrame of (class, metadata..., count) rows, or one

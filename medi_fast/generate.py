@@ -72,6 +72,21 @@ class GenerateConfig:
             raise MediFastError(f"{self.sampler} is a deterministic ODE solver and takes no --eta (got {self.eta}); "
                                 f"use --eta 0 or --sampler ddim")
 
+    def sample(self, denoiser, info: ModelInfo, rows: pd.DataFrame) -> np.ndarray:
+        """One batch of the job's images, uint8 (len(rows), H, W, 3): drawn from noise here.  A job that
+        makes its images another way (``edit.EditConfig``) overrides this and ``manifest_columns``; the
+        Generator, its units, run directory and writers, and the Ray actors stay as they are."""
+        return sample_rows(denoiser, info, rows, self)
+
+    def manifest_columns(self) -> dict:
+        """The settings ``manifest.csv`` records on every row."""
+        return {"steps": self.steps, "eta": self.eta, "guidance": self.guidance, "sampler": self.sampler}
+
+    @property
+    def verb(self) -> str:
+        """What the job does, as its progress bar says it."""
+        return "generate"
+
 
 def for_model(cfg: GenerateConfig, info: ModelInfo, steps_given: bool = False,
               sampler_given: bool = False) -> GenerateConfig:
@@ -128,9 +143,13 @@ def _manifest(plan_rows: pd.DataFrame, files: list[str], info: ModelInfo, cfg: G
     df = pd.DataFrame({"file": files})
     for name in info.spec.names:
         df[column_for(name)] = plan_rows[name].to_numpy()
+    for col in plan_rows.columns:  # what a job's plan adds (an edit's source image and conditions)
+        if col not in ("index", "seed", *info.spec.names):
+            df[col] = plan_rows[col].to_numpy()
     df["index"] = plan_rows["index"].to_numpy()
     df["seed"] = plan_rows["seed"].to_numpy()
-    df["steps"], df["eta"], df["guidance"], df["sampler"] = cfg.steps, cfg.eta, cfg.guidance, cfg.sampler
+    for key, value in cfg.manifest_columns().items():
+        df[key] = value
     df["checkpoint_hash"] = info.model_hash
     return df
 
@@ -258,7 +277,7 @@ class Generator:
         units = self.units(rows, pending, writer)
         t0 = time.perf_counter()
         made = 0
-        bar = tqdm(total=int(pending.sum()), unit="img", desc="generate", disable=not self.progress,
+        bar = tqdm(total=int(pending.sum()), unit="img", desc=cfg.verb, disable=not self.progress,
                    dynamic_ncols=True, smoothing=0.1)
         futures: list[Future] = []
         try:
@@ -296,7 +315,7 @@ class Generator:
         new = np.flatnonzero(todo)
         for s in range(0, len(new), self.cfg.batch_size):
             sel = new[s:s + self.cfg.batch_size]
-            images[sel] = sample_rows(self.denoiser, self.info, rows.iloc[sel], self.cfg)
+            images[sel] = self.cfg.sample(self.denoiser, self.info, rows.iloc[sel])
             if on_batch is not None:
                 on_batch(len(sel))
         old = np.flatnonzero(~np.asarray(todo, dtype=bool))

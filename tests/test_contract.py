@@ -131,6 +131,9 @@ LEGIT: dict[tuple[str, str], set[str]] = {
     ("init-checkpoint", "classes"): {"unknown"}, ("init-checkpoint", "tss"): {"unknown", "empty-string"},  # new vocabularies
     ("generate", "tss"): set(), ("info", "model"): set(),
     ("distill", "seed"): {"zero"}, ("distill", "ema_decay"): {"zero"},
+    # edit takes generate's sampling options with their meanings
+    ("edit", "seed"): _SEEDS, ("edit", "eta"): {"zero"}, ("edit", "guidance"): {"huge"},
+    ("edit", "batch_size"): {"huge", "enormous"},
 }
 
 
@@ -141,6 +144,7 @@ CHEAP: dict[tuple[str, ...], dict[str, str]] = {
     ("train",): {"data": "@parquet", "steps": "2", "batch_size": "2", "grid_every": "0", "workers": "0",
                  "device": "cpu", "preset": "tiny-32", "checkpoint_every": "2", "condition": "class,tss"},
     ("generate",): {"model": "@ckpt", "n": "2", "steps": "2"},
+    ("edit",): {"model": "@ckpt", "steps": "2", "to": "class=LUAD"},
     ("plan",): {"model": "@ckpt"},
     ("info",): {"model": "@ckpt"},
     ("distill",): {"teacher": "@ckpt", "data": "@parquet", "steps": "1", "teacher_steps": "2", "iters_per_stage": "1",

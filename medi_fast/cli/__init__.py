@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("data:data", "Data: index, report, split, synthetic H&E set, pack for training."),
     "demo": ("demo:demo", "Run MeDi end to end on built-in synthetic data and write a report (start here)."),
     "generate": ("core:generate", "Generate patches from a checkpoint or engine."),
+    "edit": ("edit:edit", "Move real patches to another site or class with the same model (SDEdit, DDIM inversion)."),
     "init-checkpoint": ("core:init_checkpoint", "Write a randomly initialised checkpoint (tests, benchmarks)."),
     "info": ("core:info", "Describe a checkpoint or engine: conditioning, vocabularies, schedule, hash."),
     "export": ("export:export", "Export a checkpoint to ONNX (fp32/fp16) and TensorRT, with a parity report."),
@@ -73,7 +74,7 @@ def cli(ctx):
 # What an interrupted command leaves, said on its one line: a run directory continues only with
 # --resume (without it, train and distill refuse an existing run); generate skips finished images.
 INTERRUPTED = {"train": "rerun with --resume to continue", "distill": "rerun with --resume to continue",
-               "generate": "rerun the same command to resume"}
+               "generate": "rerun the same command to resume", "edit": "rerun the same command to resume"}
 
 
 def _interrupted(args: list[str]) -> str:

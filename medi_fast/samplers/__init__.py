@@ -1,7 +1,9 @@
 """Samplers: pure functions with one signature (docs/architecture.md).
 
-``sampler(denoiser, x_T, timesteps, schedule, cond, *, eta=0.0, noise=None, callback=None)``
-A denoiser is any callable ``denoiser(x, t, cond) -> eps`` with ``t`` a per-sample tensor.
+``sampler(denoiser, x_T, timesteps, schedule, cond, *, eta=0.0, noise=None, callback=None, start=0)``
+A denoiser is any callable ``denoiser(x, t, cond) -> eps`` with ``t`` a per-sample tensor.  ``start``
+runs the steps from ``timesteps[start]`` on, from x at that timestep (``medi-fast edit``: SDEdit, or an
+image encoded by ``ddim_invert``).
 
 One registry entry per sampler says everything the rest of the package needs to know about it
 (the function, how its timesteps are chosen, whether it takes ``eta``); a new sampler is one
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import MediFastError, suggest
-from .ddim import ddim
+from .ddim import ddim, ddim_invert
 from .dpm_solver import dpmpp_2m, dpmpp_2m_clip, multistep_timesteps
 from .unipc import unipc, unipc_clip
 

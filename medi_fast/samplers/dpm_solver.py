@@ -26,6 +26,7 @@ import torch
 
 from ..errors import MediFastError
 from ..schedule import SPACINGS, Schedule, split_output
+from .ddim import check_start
 
 
 def multistep_timesteps(schedule: Schedule, num_steps: int, spacing: str = "linspace") -> np.ndarray:
@@ -77,6 +78,17 @@ def vp_coefficients(sig_ve: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return alpha, sigma, torch.log(alpha) - torch.log(sigma)
 
 
+def from_start(timesteps: Sequence[int], start: int, callback):
+    """What a multistep solver runs when it begins at ``timesteps[start]`` (an SDEdit start, an inverted
+    image): the tail of the list (its sigmas end at 0 as the whole list's do, and the order warms up from
+    1, as diffusers' img2img pipelines after ``set_begin_index``), with ``callback`` seeing the index of
+    each step in the whole list."""
+    start = check_start(timesteps, start)
+    if start == 0 or callback is None:
+        return list(timesteps)[start:], callback
+    return list(timesteps)[start:], lambda i, x: callback(i + start, x)
+
+
 def check_deterministic(name: str, eta: float) -> None:
     if eta != 0:
         raise MediFastError(f"{name} is a deterministic ODE solver and takes no --eta (got {eta}); use --eta 0 or --sampler ddim")
@@ -84,25 +96,28 @@ def check_deterministic(name: str, eta: float) -> None:
 
 def dpmpp_2m(denoiser, x_T: torch.Tensor, timesteps: Sequence[int], schedule: Schedule, cond: dict,
              *, eta: float = 0.0, noise: Callable[[int], torch.Tensor] | None = None,
-             callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+             callback: Callable[[int, torch.Tensor], None] | None = None, start: int = 0) -> torch.Tensor:
     """DPM-Solver++(2M) sampling x_T -> x_0 (Lu et al. 2022, Algorithm 2), diffusers' defaults (no clipping).
 
     ``timesteps``: descending, normally ``multistep_timesteps(schedule, n)`` (diffusers' choice).
     Deterministic: ``eta`` must be 0 and ``noise`` is unused.  ``callback(i, x)`` after every step.
+    ``start``: the first step to run, x_T then being x at ``timesteps[start]`` (``from_start``).
     """
     check_deterministic("dpmpp-2m", eta)
+    timesteps, callback = from_start(timesteps, start, callback)
     return _dpmpp_2m(denoiser, x_T, timesteps, schedule, cond, callback, clip=False)
 
 
 def dpmpp_2m_clip(denoiser, x_T: torch.Tensor, timesteps: Sequence[int], schedule: Schedule, cond: dict,
                   *, eta: float = 0.0, noise: Callable[[int], torch.Tensor] | None = None,
-                  callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                  callback: Callable[[int, torch.Tensor], None] | None = None, start: int = 0) -> torch.Tensor:
     """DPM-Solver++(2M) with x0 clipped to [-1, 1] (Lu et al. 2022, sec. 5 thresholding), as DDIM's clip_sample.
 
     Equals diffusers' ``DPMSolverMultistepScheduler(thresholding=True)`` with its default
     ``sample_max_value=1.0``: the dynamic threshold s = clamp(quantile(|x0|), 1, 1) is then always 1.
     """
     check_deterministic("dpmpp-2m-clip", eta)
+    timesteps, callback = from_start(timesteps, start, callback)
     return _dpmpp_2m(denoiser, x_T, timesteps, schedule, cond, callback, clip=True)
 
 

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..schedule import Schedule
-from .dpm_solver import check_deterministic, data_prediction, solver_sigmas, vp_coefficients
+from .dpm_solver import check_deterministic, data_prediction, from_start, solver_sigmas, vp_coefficients
 
 SOLVER_ORDER = 2  # diffusers' default and the UniPC paper's recommendation for unconditional pixel models
 
@@ -101,26 +101,29 @@ def _uni_c(m_t: torch.Tensor, x_prev: torch.Tensor, sig_ve: torch.Tensor, i: int
 
 def unipc(denoiser, x_T: torch.Tensor, timesteps: Sequence[int], schedule: Schedule, cond: dict,
           *, eta: float = 0.0, noise: Callable[[int], torch.Tensor] | None = None,
-          callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+          callback: Callable[[int, torch.Tensor], None] | None = None, start: int = 0) -> torch.Tensor:
     """UniPC-2 (bh2) sampling x_T -> x_0 (Zhao et al. 2023, Algorithm 2), one model call per step.
 
     ``timesteps``: descending, normally ``multistep_timesteps(schedule, n)`` (diffusers' choice).
     Deterministic: ``eta`` must be 0 and ``noise`` is unused.  ``callback(i, x)`` after every step
-    (x is the predicted x_{t_{i+1}}, before its correction at step i + 1).
+    (x is the predicted x_{t_{i+1}}, before its correction at step i + 1).  ``start``: the first step
+    to run, x_T then being x at ``timesteps[start]`` (``dpm_solver.from_start``).
     """
     check_deterministic("unipc", eta)
+    timesteps, callback = from_start(timesteps, start, callback)
     return _unipc(denoiser, x_T, timesteps, schedule, cond, callback, clip=False)
 
 
 def unipc_clip(denoiser, x_T: torch.Tensor, timesteps: Sequence[int], schedule: Schedule, cond: dict,
                *, eta: float = 0.0, noise: Callable[[int], torch.Tensor] | None = None,
-               callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+               callback: Callable[[int, torch.Tensor], None] | None = None, start: int = 0) -> torch.Tensor:
     """UniPC-2 (bh2) with x0 clipped to [-1, 1], as DDIM's clip_sample.
 
     Equals diffusers' ``UniPCMultistepScheduler(thresholding=True)`` with its default
     ``sample_max_value=1.0`` (the dynamic threshold is then always 1: plain clipping).
     """
     check_deterministic("unipc-clip", eta)
+    timesteps, callback = from_start(timesteps, start, callback)
     return _unipc(denoiser, x_T, timesteps, schedule, cond, callback, clip=True)
 
 
