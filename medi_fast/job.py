@@ -103,7 +103,7 @@ def run_job(model, plan: Plan, out=None, config: GenerateConfig | None = None, *
 
         check_device(options.get("device"))
         if isinstance(backend, str):
-            denoiser = backends.create(backend, info, **options)  # auto: the best that passes its gate
+            denoiser = backends.create(backend, info, **options)
         else:
             denoiser = backend
         name = getattr(denoiser, "name", type(denoiser).__name__)
@@ -121,11 +121,8 @@ def run_job(model, plan: Plan, out=None, config: GenerateConfig | None = None, *
         gen.check(len(part))
     if out is not None:
         gen.check_run_dir(out, plan, shard)  # a directory of another run: refused before anything is printed
-    local = ray is None and isinstance(backend, str)
-    idle_gpu = backends.idle_gpu_warning(backend, denoiser, info) if local else None
-    notes = tuple(getattr(denoiser, "notes", ())) if local else ()
-    warnings = tuple(w for w in (guidance_warning(info, cfg.guidance), distilled_warning(info, cfg), idle_gpu, *notes)
-                     if w)
+    idle_gpu = backends.idle_gpu_warning(backend, denoiser, info) if ray is None and isinstance(backend, str) else None
+    warnings = tuple(w for w in (guidance_warning(info, cfg.guidance), distilled_warning(info, cfg), idle_gpu) if w)
     if on_start is not None:
         on_start(JobStart(info, name, cfg, len(part), shard, out, ray is not None, warnings))
     if ray is None:

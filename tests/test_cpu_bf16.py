@@ -1,5 +1,5 @@
-"""bf16 generation on a CPU: offered only where the CPU has bf16 units, gated per model against fp32
-when it starts, and `auto` falls back to fp32 (saying why) when the gate fails."""
+"""bf16 generation on a CPU: offered only where the CPU has bf16 units, run when asked by name (auto
+keeps fp32), gated per model against fp32 when it starts, and batch-invariant."""
 from __future__ import annotations
 
 import pytest
@@ -53,10 +53,11 @@ def test_without_bf16_units_it_is_not_offered_and_refused_in_one_line(ckpt, monk
         create("torch-bf16", info)
 
 
-def test_auto_picks_bf16_on_a_bf16_cpu_after_its_gate(ckpt, bf16_cpu):
+def test_by_name_on_a_bf16_cpu_after_its_gate_and_auto_keeps_fp32(ckpt, bf16_cpu):
     info = open_model(ckpt)
-    den = create("auto", info)
-    assert den.name == "torch-bf16" and den.device.type == "cpu" and den.notes == ()
+    assert backends.resolve("auto", info) == "torch" and create("auto", info).name == "torch"
+    den = create("torch-bf16", info)
+    assert den.name == "torch-bf16" and den.device.type == "cpu"
     # bf16's 8 mantissa bits: an eps error of about 1e-2, inside the 3e-2 bound, none non-finite
     assert 1e-3 < den.gate.rel < accuracy.BF16_REL and den.gate.nonfinite == 0
     x, t = torch.randn(3, 3, 32, 32), torch.tensor([10, 500, 990])
@@ -66,25 +67,43 @@ def test_auto_picks_bf16_on_a_bf16_cpu_after_its_gate(ckpt, bf16_cpu):
     assert float((eps - ref).norm() / ref.norm()) < accuracy.BF16_REL
 
 
-def test_a_failed_gate_falls_back_to_fp32_under_auto_and_refuses_by_name(ckpt, bf16_cpu, monkeypatch):
+def test_a_failed_gate_is_refused_in_one_line_and_writes_nothing(ckpt, bf16_cpu, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(accuracy, "BF16_REL", 1e-6)
-    info = open_model(ckpt)
-    den = create("auto", info)
-    assert den.name == "torch"
-    (note,) = den.notes
-    assert note.startswith("torch-bf16 fails its accuracy gate on tiny.pt: relative eps error ")
-    assert "(bound 1e-06)" in note and note.endswith("against the same model in fp32; using torch")
-    with pytest.raises(AccuracyGateError, match="^torch-bf16 fails its accuracy gate on tiny.pt"):
-        create("torch-bf16", info)
-
-
-def test_generate_says_why_it_runs_fp32(ckpt, bf16_cpu, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(accuracy, "BF16_REL", 1e-6)
+    with pytest.raises(AccuracyGateError, match="^torch-bf16 fails its accuracy gate on tiny.pt: relative eps error "):
+        create("torch-bf16", open_model(ckpt))
     out = tmp_path / "synth"
-    assert main(["generate", str(ckpt), "--class", "LUAD", "--tss", "05", "--n", "2", "--steps", "2",
-                 "--out", str(out)]) == 0
-    err = capsys.readouterr().err
-    assert ", backend torch\n" in err
-    warning = [line for line in err.splitlines() if line.startswith("medi-fast: warning: torch-bf16 fails")]
-    assert len(warning) == 1 and warning[0].endswith("; using torch")
-    assert len(list(out.rglob("*.png"))) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(ckpt), "--class", "LUAD", "--tss", "05", "--n", "2", "--steps", "2",
+              "--backend", "torch-bf16", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("medi-fast: error: torch-bf16 fails its accuracy gate on tiny.pt")
+    assert "(bound 1e-06)" in err[-1] and err[-1].endswith("against the same model in fp32")
+    assert not out.exists()
+
+
+def test_generate_runs_bf16_by_name(ckpt, bf16_cpu, tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert main(["generate", str(ckpt), "--class", "LUAD", "--tss", "05", "--n", "3", "--steps", "2",
+                 "--backend", "torch-bf16", "--out", str(out)]) == 0
+    assert ", backend torch-bf16\n" in capsys.readouterr().err
+    assert len(list(out.rglob("*.png"))) == 3
+
+
+def test_an_images_eps_does_not_depend_on_its_batch(ckpt, bf16_cpu):
+    """bf16 kernels round differently per batch shape: the backend runs fixed chunks of rows, so an
+    image gives the same eps alone, in a batch of 7, or in a batch of 40 (bit for bit)."""
+    from medi_fast.backends.torch_backend import cpu_bf16_rows
+
+    assert [cpu_bf16_rows(r) for r in (32, 64, 128, 256)] == [16, 4, 1, 1]
+    den = create("torch-bf16", open_model(ckpt))
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(40, 3, 32, 32, generator=g), torch.randint(0, 1000, (40,), generator=g)
+    cond = {"class": torch.randint(0, 3, (40,), generator=g), "tss": torch.randint(0, 3, (40,), generator=g)}
+
+    def part(a, b):
+        return den(x[a:b], t[a:b], {k: v[a:b] for k, v in cond.items()})
+
+    whole = part(0, 40)
+    assert whole.shape == (40, 3, 32, 32)
+    assert torch.equal(whole, torch.cat([part(0, 7), part(7, 40)]))
+    assert torch.equal(whole, torch.cat([part(i, i + 1) for i in range(40)]))

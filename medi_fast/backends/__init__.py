@@ -88,7 +88,7 @@ register("torch-tf32", "torch_backend:TorchTF32Backend", ("checkpoint",), 12,
 register("torch-fp16", "torch_backend:TorchFP16Backend", ("checkpoint",), 31,
          "PyTorch CUDA, fp16 autocast + channels_last")
 register("torch-bf16", "torch_backend:TorchBF16Backend", ("checkpoint",), 30,
-         "PyTorch bf16 autocast + channels_last (CUDA; CPUs with bf16 units, gated per model)")
+         "PyTorch bf16 autocast + channels_last (CUDA; by name on CPUs with bf16 units, gated per model)")
 register("torch-compile", "torch_backend:TorchCompileBackend", ("checkpoint",), 5,
          "torch.compile (CUDA: fp16 + channels_last + CUDA graphs; CPU: fp32)")
 register("ort-cpu", "onnxruntime_backend:OrtCPUBackend", ("onnx",), 20, "ONNX Runtime CPU, threads = physical cores")
@@ -126,6 +126,12 @@ def open_model(path) -> ModelInfo:
         raise MediFastError(f"{path} is not a model file; expected one of {', '.join(sorted(READERS))}")
     module, func = reader.split(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), func)(path)
+
+
+def auto_candidates(kind: str) -> list[str]:
+    """What ``auto`` tries for a file kind, best first: the available backends, less those that run
+    here only when asked by name (``Backend.by_name_only``: bf16 on a CPU)."""
+    return [n for n in available(kind) if not BACKENDS[n].load_class().by_name_only()]
 
 
 def available(kind: str | None = None) -> list[str]:
@@ -261,7 +267,7 @@ def is_export_dir(path) -> bool:
 def resolve(name: str, info: ModelInfo) -> str:
     """The backend name to use: ``auto`` becomes the best available one for this model file."""
     if name == "auto":
-        names = available(info.kind)
+        names = auto_candidates(info.kind)
         if not names:
             raise MediFastError(f"no backend can run {info.path.name} here; see `medi-fast backends`")
         return names[0]
@@ -314,27 +320,13 @@ def check_options(name: str, cls, options: dict) -> None:
 
 
 def create(name: str, info: ModelInfo, **options) -> Callable:
-    """Instantiate a backend (``auto`` allowed) for a model file; unknown options are refused.
-
-    Under ``auto`` a backend that fails its accuracy gate on this model (``AccuracyGateError``: bf16
-    on a CPU) gives way to the next one; why is kept in the created backend's ``notes``."""
-    candidates = available(info.kind) if name == "auto" else [resolve(name, info)]
-    if not candidates:
-        resolve(name, info)  # the usual "no backend can run" error
-    notes: list[str] = []
-    for i, chosen in enumerate(candidates):
-        cls = BACKENDS[chosen].load_class()
-        check_options(chosen, cls, options)
-        try:
-            backend = cls(info, **options)
-        except AccuracyGateError as e:
-            if name != "auto" or i == len(candidates) - 1:
-                raise
-            notes.append(f"{e}; using {candidates[i + 1]}")
-            continue
-        backend.name = chosen
-        backend.notes = tuple(notes)
-        return backend
+    """Instantiate a backend (``auto`` allowed) for a model file; unknown options are refused."""
+    name = resolve(name, info)
+    cls = BACKENDS[name].load_class()
+    check_options(name, cls, options)
+    backend = cls(info, **options)
+    backend.name = name
+    return backend
 
 
 class Backend:
@@ -346,10 +338,13 @@ class Backend:
 
     name = "base"
     device = torch.device("cpu")
-    # Lines for the user about how this backend was chosen (``create``'s fallbacks under ``auto``).
-    notes: tuple[str, ...] = ()
     # True for CPU runtimes with their own thread pool (ONNX Runtime, OpenVINO): see sampling_threads.
     own_cpu_threads = False
+
+    @classmethod
+    def by_name_only(cls) -> bool:
+        """True where this backend runs here but ``auto`` must not pick it."""
+        return False
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -410,7 +405,7 @@ def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
 
 
 class AccuracyGateError(MediFastError):
-    """A reduced-precision backend whose eps on this model is too far from fp32 (``auto`` moves on)."""
+    """A reduced-precision backend whose eps on this model is too far from fp32."""
 
 
 @contextmanager

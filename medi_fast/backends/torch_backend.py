@@ -110,21 +110,50 @@ def _bf16_here() -> tuple[bool, str]:
     return True, ""
 
 
+def cpu_bf16_rows(resolution: int) -> int:
+    """The fixed rows per call of bf16 on a CPU: 16 at 32 px, 4 at 64 px, 1 from 128 px (about one
+    32-px batch of 16 worth of pixels, so a small job's padding costs little)."""
+    return max(1, 16 * 32 * 32 // (int(resolution) ** 2))
+
+
 class TorchBF16Backend(TorchBackend):
     """bf16 autocast + channels_last.  On a CPU (oneDNN's bf16 convolutions: 2-3x fp32 where the CPU
-    has bf16 units) it is gated per model when it starts: its eps on a probe batch within
-    ``BF16_REL`` of the same model in fp32 and finite, else ``AccuracyGateError`` (``auto`` then
-    runs fp32).  bf16 keeps 8 mantissa bits: ~1e-2 relative eps error on every model tried."""
+    has bf16 units) it runs when asked by name, gated per model when it starts: its eps on a probe
+    batch within ``BF16_REL`` of the same model in fp32 and finite, else ``AccuracyGateError``.
+    bf16 keeps 8 mantissa bits: ~1e-2 relative eps error on every model tried."""
 
     dtype = torch.bfloat16
     channels_last = True
     available = classmethod(lambda cls: _bf16_here())
+    # On a CPU only by name: its images differ from fp32's by a few grey levels (not a bug, bf16's
+    # rounding), and fp32 is what a CPU user's images, tests and published numbers are made with.
+    by_name_only = classmethod(lambda cls: not torch.cuda.is_available())
 
     def __init__(self, info, device=None, **kw):
         super().__init__(info, device=device, **kw)
         self.gate = None
         if self.device.type == "cpu":
+            # oneDNN's bf16 kernels round differently for each batch shape (eps differs by ~1e-2 between
+            # batch 8 and batch 1 on a Sapphire Rapids core, against ~1e-6 in fp32): every call runs in
+            # chunks of one fixed number of rows, the last padded, so an image's result never depends on
+            # the batch it came in (generate's --batch-size, a job's last batch, the API against the CLI).
+            self.rows = cpu_bf16_rows(info.resolution)
             self.gate = self._check_gate(info)
+
+    def __call__(self, x, t, cond):
+        if self.device.type != "cpu":
+            return super().__call__(x, t, cond)
+        n, out = self.rows, []
+        for s in range(0, x.shape[0], n):
+            xs, ts, cs = x[s:s + n], t[s:s + n], {k: v[s:s + n] for k, v in cond.items()}
+            m = xs.shape[0]
+            if m < n:  # padding rows: copies of the last, computed and dropped
+                def pad(v, k=n - m):
+                    return torch.cat([v, v[-1:].expand(k, *v.shape[1:])])
+
+                xs, ts, cs = pad(xs), pad(ts), {k: pad(v) for k, v in cs.items()}
+            out.append(super().__call__(xs, ts, cs)[:m])
+        return torch.cat(out)
 
     def _check_gate(self, info):
         from .accuracy import BF16_REL, GATE_BATCHES, check_denoiser
