@@ -5,25 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medi_fast import backends, checkpoint
+from medi_fast import backends
 from medi_fast.backends import BACKENDS, AccuracyGateError, accuracy, cpu_bf16_native, create, open_model
 from medi_fast.cli import main
 from medi_fast.errors import MediFastError
-from medi_fast.model import build_model
-from medi_fast.schedule import Schedule
 
 SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 ZEN3 = "processor\t: 0\nflags\t\t: fpu sse avx2 fma\n"
 NEOVERSE_V1 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("tiny-32", classes=["LUAD", "LUSC"], metadata={"tss": ["05", "44"]})
-    path = tmp_path_factory.mktemp("bf16") / "tiny.pt"
-    checkpoint.save(checkpoint.from_model(model, Schedule(), preset="tiny-32"), path)
-    return path
+@pytest.fixture
+def ckpt(tiny_ckpt):
+    """conftest's random tiny-32 checkpoint (tiny.pt: LUAD, LUSC x 05, 44, 49)."""
+    return tiny_ckpt
 
 
 @pytest.fixture

@@ -11,17 +11,12 @@ from medi_fast import backends, checkpoint, doctor
 from medi_fast.backends import BACKENDS, open_model
 from medi_fast.backends.torch_backend import TorchBackend, TorchCompileBackend, TorchTF32Backend
 from medi_fast.errors import MediFastError
-from medi_fast.model import build_model
-from medi_fast.schedule import Schedule
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("tiny-32", classes=["LUAD", "LUSC"], metadata={"tss": ["05", "44"]})
-    path = tmp_path_factory.mktemp("tc") / "tiny.pt"
-    checkpoint.save(checkpoint.from_model(model, Schedule(), preset="tiny-32"), path)
-    return path
+@pytest.fixture
+def ckpt(tiny_ckpt):
+    """conftest's random tiny-32 checkpoint (tiny.pt: LUAD, LUSC x 05, 44, 49)."""
+    return tiny_ckpt
 
 
 @pytest.fixture

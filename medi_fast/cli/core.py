@@ -56,6 +56,22 @@ MODEL_HELP = ("Checkpoint, .onnx, .engine or export directory.  Default: $MEDI_F
               "medi-fast.toml, then the last `medi-fast export` in this directory (see `medi-fast info`).")
 
 
+def runtime_options(func):
+    """The options `generate` and `edit` share: how the model runs and how images are written."""
+    for option in reversed([
+        click.option("--backend", default="auto", show_default=True, help="auto, or a name from `medi-fast backends`."),
+        click.option("--device", help="torch device for torch backends (cpu, cuda, cuda:1)."),
+        click.option("--engine-cache", type=click.Path(path_type=Path),
+                     help="Where `--backend tensorrt` on an .onnx builds and reuses engines "
+                          "(default ~/.cache/medi-fast/engines)."),
+        click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "tar"]), default="png", show_default=True),
+        click.option("--jpeg-quality", type=int, default=95, show_default=True),
+        click.option("--workers", type=int, default=2, show_default=True, help="Encoder/writer threads."),
+    ]):
+        func = option(func)
+    return func
+
+
 @click.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--model", "model_opt", type=click.Path(path_type=Path), help=MODEL_HELP)
@@ -81,13 +97,7 @@ MODEL_HELP = ("Checkpoint, .onnx, .engine or export directory.  Default: $MEDI_F
 @click.option("--seed", type=int, default=0, show_default=True, help="Base seed; image i depends on (seed, i) only.")
 @click.option("--guidance", type=float, default=1.0, show_default=True,
               help="Classifier-free guidance scale (1 = none; needs a model trained with --cond-drop).")
-@click.option("--backend", default="auto", show_default=True, help="auto, or a name from `medi-fast backends`.")
-@click.option("--device", help="torch device for torch backends (cpu, cuda, cuda:1).")
-@click.option("--engine-cache", type=click.Path(path_type=Path),
-              help="Where `--backend tensorrt` on an .onnx builds and reuses engines (default ~/.cache/medi-fast/engines).")
-@click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "tar"]), default="png", show_default=True)
-@click.option("--jpeg-quality", type=int, default=95, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True, help="Encoder/writer threads.")
+@runtime_options
 @click.option("--shard", help="I/N: generate only shard I of N of the plan (for many GPUs or jobs).")
 @click.option("--fid-stats", type=click.Path(path_type=Path), help="Also stream Inception statistics to this .npz.")
 @click.option("--inception-weights", type=click.Path(path_type=Path), help="Local FID Inception weights file.")

@@ -6,9 +6,7 @@ from pathlib import Path
 import click
 
 from ..errors import MediFastError
-
-MODEL_HELP = ("Checkpoint, .onnx, .engine or export directory.  Default: $MEDI_FAST_MODEL, then model = ... in "
-              "medi-fast.toml, then the last `medi-fast export` in this directory (see `medi-fast info`).")
+from .core import MODEL_HELP, runtime_options
 
 
 @click.command()
@@ -31,13 +29,7 @@ MODEL_HELP = ("Checkpoint, .onnx, .engine or export directory.  Default: $MEDI_F
 @click.option("--seed", type=int, default=0, show_default=True, help="Base seed; image i depends on (seed, i) only.")
 @click.option("--guidance", type=float, default=1.0, show_default=True,
               help="Classifier-free guidance scale of the decoding (1 = none; needs a model trained with --cond-drop).")
-@click.option("--backend", default="auto", show_default=True, help="auto, or a name from `medi-fast backends`.")
-@click.option("--device", help="torch device for torch backends (cpu, cuda, cuda:1).")
-@click.option("--engine-cache", type=click.Path(path_type=Path),
-              help="Where `--backend tensorrt` on an .onnx builds and reuses engines (default ~/.cache/medi-fast/engines).")
-@click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "tar"]), default="png", show_default=True)
-@click.option("--jpeg-quality", type=int, default=95, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True, help="Encoder/writer threads.")
+@runtime_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", metavar="[ADDRESS]",
               help="Run on Ray, as generate does (docs/cluster.md); the actors read INPUT's images, so give paths "
