@@ -41,6 +41,12 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "distill_quality": ("distill_quality.py", []),
     # edits of rendered patches against the renderer's exact counterfactual: ~10 minutes on 2 cores
     "edit_quality": ("edit_quality.py", ["--n", "4", "--steps", "10", "--strengths", "0.25,0.5,0.75"]),
+    # bf16 on a CPU with bf16 units beside fp32 and the reference loop, medi-128 one call included
+    "backends_bf16": ("backends.py", ["--presets", "tiny-32,small-64,medi-128", "--steps", "10,4,1",
+                                      "--batch", "16,16,2", "--repeats", "3", "--no-compile", "--name",
+                                      "backends_bf16"]),
+    # the demo's MeDi model trained 700 steps in fp32 and in bf16 on the CPU: minutes per precision
+    "cpu_bf16_training": ("cpu_bf16_training.py", []),
 }
 NEEDS_DEMO_MODEL = {"solver_quality_demo", "int8_quality", "distill_quality", "edit_quality"}  # run only with --demo-checkpoint
 PUBLISHED_STEPS = 100  # the published sampling protocol: DDIM-100
@@ -413,6 +419,26 @@ def generate_headline(gp: dict) -> str:
             f"n = {gp['memory'][0]['n']:,}.")
 
 
+def cpu_bf16_section(bk: dict) -> list[str]:
+    """benchmarks/backends.py on a CPU with bf16 units (--name backends_bf16): the bf16 rows beside fp32."""
+    return ["## bf16 on this CPU", "", _provenance(bk), "",
+            "The same harness as the section above (reference loop, alternating rounds), with `torch-bf16` on the "
+            "CPU (autocast, channels_last, fixed chunks of rows; by name only: docs/engines.md, \"bf16 on a CPU\") "
+            "and OpenVINO's bf16 hint beside the fp32 candidates; medi-128 is one UNet call at batch 2. "
+            "`fraction_of_conv_rate`: each row's share of this machine's best fp32 or bf16 3x3-convolution rate, "
+            "measured in the same run (the `ceiling` rows).", "",
+            _table(bk["rows"], ["preset", "backend", "batch", "steps", "seconds", "images_per_s", "ratio_vs_reference",
+                                "ratio_per_round_median", "fraction_of_conv_rate", "max_abs_diff_vs_reference"]), ""]
+
+
+def cpu_bf16_training_section(tr: dict) -> list[str]:
+    """benchmarks/cpu_bf16_training.py: the demo's model trained in fp32 and bf16 on the CPU."""
+    rows = [{k: v for k, v in r.items() if k != "curve"} for r in tr["rows"]]
+    return ["## Training in bf16 on this CPU", "", _provenance(tr), "",
+            "The demo's MeDi model (demo-32, its data, settings and seed) trained once per precision, in turn; the "
+            "loss logged every 25 steps and compared point by point.", "", _table(rows), ""]
+
+
 def backends_section(bk: dict) -> list[str]:
     """benchmarks/backends.py: images/s per backend against the reference loop."""
     return ["## Sampling throughput per backend", "", _provenance(bk), "",
@@ -556,7 +582,8 @@ def report(status: dict[str, str]) -> Path:
     r = {name: _load(name) for name in ("flops", "backends", "generate_pipeline", "training_throughput",
                                         "data_throughput", "solver_quality_demo", "sampling_throughput",
                                         "int8_quality", "ort_profile", "distill_quality", "demo_seeds",
-                                        "ray_scaling", "export_cost", "edit_quality")}
+                                        "ray_scaling", "export_cost", "edit_quality", "backends_bf16",
+                                        "cpu_bf16_training")}
     bk, sq, gp, tr, ds = (r[n] for n in ("backends", "solver_quality_demo", "generate_pipeline",
                                          "training_throughput", "demo_seeds"))
     md = ["# Benchmark results", "",
@@ -579,7 +606,8 @@ def report(status: dict[str, str]) -> Path:
                           ("ort_profile", ort_profile_section), ("int8_quality", int8_section),
                           ("generate_pipeline", generate_section), ("training_throughput", training_section),
                           ("data_throughput", data_section), ("export_cost", export_section),
-                          ("edit_quality", edit_section)):
+                          ("edit_quality", edit_section), ("backends_bf16", cpu_bf16_section),
+                          ("cpu_bf16_training", cpu_bf16_training_section)):
         if r[name]:
             md += section(r[name])
     md += ds_md
