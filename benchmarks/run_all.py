@@ -250,7 +250,10 @@ def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
                         + f" (mean ± SD over seeds); {gap} {st[gap]['mean']:+.3f} (per seed "
                         + ", ".join(f"{r['seed']}: {r['probe'][hi]['tss_bacc'] - r['probe'][lo]['tss_bacc']:+.3f}"
                                     for r in s["records"]) + f"). Order **{order_text(s)}** (>: separated by more "
-                        "than the spread over seeds, ≈: not).")
+                        "than the spread over seeds, ≈: not)."
+                        + (" Seconds to make each arm's training data (mean over seeds): "
+                           + ", ".join(f"{a} {v:.0f}" for a, v in s["arm_seconds"].items()) + "."
+                           if s.get("arm_seconds") else ""))
             first = [r for r in s["records"] if r["seed"] in ds["seeds"]]
             if len(first) > 1 and len(first) < len(s["records"]):  # the seeds the variants share, on their own
                 sub = aggregate(first)
@@ -291,14 +294,13 @@ def per_site_table(ds: dict) -> list[str]:
     recs = ds["variants"].get(name, {}).get("records", []) if name else []
     if not recs or not all("probe_sites" in r for r in recs):
         return []
-    from medi_fast.demo.arms import GAPS
-    from medi_fast.demo.seeds import arm_names
+    from medi_fast.demo.seeds import arm_names, gaps
 
     arms = arm_names(recs)
     sites = list(recs[0]["probe_sites"][arms[0]])
     at = lambda r, a, s: r["probe_sites"][a][s]  # noqa: E731
     rows = [{"": a, **{s: f"{sum(at(r, a, s) for r in recs) / len(recs):.3f}" for s in sites}} for a in arms]
-    for hi, lo in ((g.hi, g.lo) for g in reversed(GAPS)):  # each gap above the one it builds on
+    for hi, lo in ((g.hi, g.lo) for g in reversed(gaps(recs))):  # each gap above the one it builds on
         rows.append({"": f"{hi} - {lo} (range over seeds)",
                      **{s: f"{min(at(r, hi, s) - at(r, lo, s) for r in recs):+.2f} to "
                            f"{max(at(r, hi, s) - at(r, lo, s) for r in recs):+.2f}" for s in sites}})
