@@ -37,6 +37,8 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "data_throughput": ("data_throughput.py", []),
     "solver_quality_demo": ("solver_quality.py", ["--n-per-combo", "8", "--name", "solver_quality_demo"]),
     "int8_quality": ("int8_quality.py", []),
+    # the demo's cohort and every arm that needs no model (no training): ~1-2 minutes on 2 cores
+    "demo_arms": ("demo_arms.py", []),
     # distils the demo model (16 -> 8, 4, 2, 1 steps) and evaluates: ~20 minutes on 2 cores
     "distill_quality": ("distill_quality.py", []),
 }
@@ -309,6 +311,22 @@ def per_site_table(ds: dict) -> list[str]:
             "Each site is a stain shift of its own.", "", _table(rows), ""]
 
 
+def demo_arms_section(da: dict) -> list[str]:
+    """benchmarks/demo_arms.py: the demo's arms that need no trained model, with their cost."""
+    return ["## The demo's arms without a model: stain augmentation, stain normalisation, the renderer", "",
+            _provenance(da), "",
+            f"The demo's full configuration (setting `{da['setting']}`, seed {da['seed']}), every arm whose training "
+            "data needs no trained model, made with the arm's own recipe and probed as the demo probes: these are "
+            "the accuracies `medi-fast demo` reports for these arms at this seed (the real draws and each arm's "
+            "patches depend on the seed and the metadata alone). Seconds: to make the arm's training data from the "
+            f"rendered cohort. The cohort took {da['data_seconds']:.0f} s to render and pack; the evaluation "
+            f"{da['evaluate_seconds']:.0f} s with these arms and {da['evaluate_real_only_seconds']:.0f} s with real "
+            f"data alone: these arms add {da['added_seconds']:.0f} s to a demo run on this machine at this load.", "",
+            _table([{"arm": r["arm"], "training data": r["label"],
+                     "TSS-avg. balanced acc.": f"{r['tss_bacc']:.3f} ± {r['tss_bacc_sem']:.3f}",
+                     "runs": r["runs"], "seconds": f"{r['seconds']:.1f}"} for r in da["rows"]]), ""]
+
+
 def distill_section(dq: dict) -> list[str]:
     """Distilled students vs the teacher's samplers at the same steps vs DDIM-100 (distill_quality.py)."""
     rows = dq["rows"]
@@ -517,7 +535,7 @@ def report(status: dict[str, str]) -> Path:
     r = {name: _load(name) for name in ("flops", "backends", "generate_pipeline", "training_throughput",
                                         "data_throughput", "solver_quality_demo", "sampling_throughput",
                                         "int8_quality", "ort_profile", "distill_quality", "demo_seeds",
-                                        "ray_scaling", "export_cost")}
+                                        "ray_scaling", "export_cost", "demo_arms")}
     bk, sq, gp, tr, ds = (r[n] for n in ("backends", "solver_quality_demo", "generate_pipeline",
                                          "training_throughput", "demo_seeds"))
     md = ["# Benchmark results", "",
@@ -543,6 +561,8 @@ def report(status: dict[str, str]) -> Path:
         if r[name]:
             md += section(r[name])
     md += ds_md
+    if r["demo_arms"]:
+        md += demo_arms_section(r["demo_arms"])
     if r["ray_scaling"]:
         md += ray_section(r["ray_scaling"])
     md += gpu_sections()

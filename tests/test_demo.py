@@ -532,3 +532,27 @@ def test_stain_normalisation_narrows_the_colour_gap_between_sites(demo_run):
         view = arm.recipe.view(ctx)
         assert view.shape == real.shape and view.dtype == np.uint8
         assert spread(view) < 0.75 * spread(real), arm.name
+
+
+def test_seeds_report_takes_every_registry_arm_with_its_cost_and_older_runs_without_them(tmp_path):
+    from medi_fast.demo.seeds import aggregate, gaps, verdict, write_seeds_report
+
+    names = [a.name for a in arms.for_config(DemoConfig())]
+    recs = []
+    for seed in range(3):
+        r = _record(seed, 0.84, 0.83, 0.91)
+        r["probe"] = {a: {"tss_bacc": 0.80 + 0.01 * i + 0.002 * seed, "tss_bacc_sem": 0.01, "runs": 5}
+                      for i, a in enumerate(names)}
+        r["arm_seconds"] = {a: float(i) for i, a in enumerate(names)}
+        recs.append(r)
+    agg = aggregate(recs)
+    assert agg["arms"] == names and agg["order"] == names[::-1]
+    assert [g.key for g in gaps(recs)] == [g.key for g in arms.GAPS]
+    assert agg["arm_seconds"] == {a: float(i) for i, a in enumerate(names)}
+    assert "MeDi-oracle 0.892 ± 0.002 (9 s)" in verdict(agg) and "seconds to make" in verdict(agg)
+    write_seeds_report(tmp_path, DemoConfig(), recs)
+    assert "CLS-oracle - no-synthetic" in (tmp_path / "report.md").read_text()
+    # runs recorded before the stain and oracle arms: the comparisons they can answer, no cost
+    old = [_record(s, 0.84, 0.83, 0.9 + 0.01 * s) for s in range(2)]
+    assert [g.key for g in gaps(old)] == ["medi_over_cls", "cls_over_real"]
+    assert aggregate(old)["arm_seconds"] == {} and "(" not in verdict(aggregate(old)).split(")")[1].split(";")[0]

@@ -30,7 +30,7 @@ NO_SYNTHETIC = "no-synthetic"
 SITE_PREFIX = "bacc@"
 # A synthetic set's column naming, for patches derived from real training patches (an augmented copy), the
 # row of the real training set each came from: a run adds only those derived from the patches it drew.
-SOURCE = "source"
+SOURCE = "derived_from_train_row"
 
 
 @dataclass(frozen=True)
