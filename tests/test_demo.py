@@ -556,3 +556,36 @@ def test_seeds_report_takes_every_registry_arm_with_its_cost_and_older_runs_with
     old = [_record(s, 0.84, 0.83, 0.9 + 0.01 * s) for s in range(2)]
     assert [g.key for g in gaps(old)] == ["medi_over_cls", "cls_over_real"]
     assert aggregate(old)["arm_seconds"] == {} and "(" not in verdict(aggregate(old)).split(")")[1].split(";")[0]
+
+
+def test_run_all_shows_every_arm_over_seeds_with_its_cost():
+    """benchmarks/run_all.py's section over seeds takes the runs' arms and comparisons from the runs, each
+    arm's seconds beside its accuracy."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from medi_fast.demo.seeds import aggregate
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location("run_all_for_demo", bench / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    names = [a.name for a in arms.for_config(DemoConfig())]
+    recs = []
+    for seed in range(2):
+        r = _record(seed, 0.84, 0.83, 0.91)
+        r["probe"] = {a: {"tss_bacc": 0.8 + 0.01 * i, "tss_bacc_sem": 0.01, "runs": 5} for i, a in enumerate(names)}
+        r["probe_sites"] = {a: {"S5": 0.8 + 0.01 * i, "S6": 0.8 + 0.01 * i} for i, a in enumerate(names)}
+        r["arm_seconds"] = {a: 2.0 * i for i, a in enumerate(names)}
+        recs.append(r)
+    agg = aggregate(recs)
+    ds = {"machine": {}, "command": "x", "seeds": [0, 1], "default_seeds": [0, 1], "quick": False,
+          "rows": [{"variant": "ring4", "shipped": True}],
+          "variants": {"ring4": {**agg, "records": recs, "k": 10, "setting": "ring4", "prediction_type": "v",
+                                 "probe_ratio": 4.0, "test_sites": ["S5", "S6"], "description": "d", "summary": "s"}}}
+    head, md = run_all.demo_seeds_section(ds)
+    text = "\n".join(head + md)
+    assert "MeDi-oracle 18" in text and "Seconds to make each arm's training data" in text
+    assert "CLS-oracle - no-synthetic (range over seeds)" in text and all(f"| {a} " in text for a in names)

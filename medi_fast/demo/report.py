@@ -53,7 +53,7 @@ def ranking_line(probe: pd.DataFrame, seconds: dict[str, float]) -> str:
     se = float(np.hypot(e.iloc[0], e.iloc[1]))
     return (f"Best arm: {first}, {m.iloc[0] - m.iloc[1]:+.3f} over {second} (combined standard error {se:.3f}). "
             "All arms, best first (TSS-averaged balanced accuracy; seconds to make the training data): "
-            + ", ".join(f"{a} {m[a]:.3f} ({seconds[a]:.0f} s)" for a in r.index) + ".")
+            + ", ".join(f"{a} {m[a]:.3f} ({seconds[a]:.1f} s)" for a in r.index) + ".")
 
 
 def oracle_line(probe: pd.DataFrame) -> str:
