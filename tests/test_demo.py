@@ -89,7 +89,7 @@ def test_report_and_outputs(demo_run):
         assert res["arm_seconds"][a.name] == pytest.approx(want, abs=0.2 * (1 + len(stages_of)))
     assert "Seconds to make each arm's probe training data" in md
     # The headline names the best arm, every arm with its cost, and what the oracle arms say.
-    assert "Best arm: " in md and "Oracle arms (freshly rendered patches" in md
+    assert "Best arm a user can make (the oracle arms aside): " in md and "Oracle arms (freshly rendered patches" in md
 
 
 def test_out_must_be_new_or_overwritten(demo_run, tmp_path, capsys):
