@@ -19,7 +19,8 @@ per-site accuracies: how much the number of test sites decides the result, on th
 
 Per variant it writes WORK/<variant>/report.md (the `--seeds` report) and, for all variants,
 benchmarks/results/demo_seeds.json: per (variant, arm) the mean, SD and range over seeds of the TSS-averaged
-balanced accuracy, the gaps, the per-cell FID-style distances, MeDi's stain slope and the minutes per run.
+balanced accuracy, the gaps, the per-cell FID-style distances, MeDi's stain slope and the minutes per run;
+per variant also each arm's mean seconds to make its training data (`arm_seconds`).
 `shipped` marks the demo's default.  The default's models (the default and its probe-only variants) run
 over --default-seeds, the other variants over --seeds.  Seeds 5 and 6 of the default are a held-out check:
 its test sites were chosen without them.  Each full run takes 8-17 minutes on 2 cores, as fast as the
@@ -38,8 +39,8 @@ from _common import write_results  # noqa: E402
 
 from medi_fast.demo import DemoConfig, run_demo  # noqa: E402
 from medi_fast.demo.run import EVALUATION_FIELDS, reevaluate, same_config  # noqa: E402
-from medi_fast.demo.arms import GAPS, HEADLINE  # noqa: E402
-from medi_fast.demo.seeds import aggregate, write_seeds_report  # noqa: E402
+from medi_fast.demo.arms import HEADLINE  # noqa: E402
+from medi_fast.demo.seeds import aggregate, gaps, write_seeds_report  # noqa: E402
 from medi_fast.demo.stages import SETTINGS  # noqa: E402
 
 # name: (setting, DemoConfig fields changed from the demo's defaults).  The first is the demo's default.
@@ -134,7 +135,7 @@ def main() -> int:
                                   "summary": SETTINGS[base.setting].summary,
                                   "reevaluated": any("reevaluated_from" in r for r in recs), "rescored": label != name}
             st = agg["stats"]
-            for col in (*agg["arms"], *(g.column for g in GAPS), f"cell distance {HEADLINE.hi}",
+            for col in (*agg["arms"], *(g.column for g in gaps(recs)), f"cell distance {HEADLINE.hi}",
                         f"cell distance {HEADLINE.lo}", "stain slope", "minutes"):
                 rows.append({"variant": label, "setting": base.setting, "shipped": label == SHIPPED, "measure": col,
                              "seeds": len(own), **{k: round(v, 4) for k, v in st[col].items()}})

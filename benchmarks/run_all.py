@@ -37,6 +37,8 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "data_throughput": ("data_throughput.py", []),
     "solver_quality_demo": ("solver_quality.py", ["--n-per-combo", "8", "--name", "solver_quality_demo"]),
     "int8_quality": ("int8_quality.py", []),
+    # the demo's cohort and every arm that needs no model (no training): ~1-2 minutes on 2 cores
+    "demo_arms": ("demo_arms.py", []),
     # distils the demo model (16 -> 8, 4, 2, 1 steps) and evaluates: ~20 minutes on 2 cores
     "distill_quality": ("distill_quality.py", []),
     # edits of rendered patches against the renderer's exact counterfactual: ~10 minutes on 2 cores
@@ -258,7 +260,10 @@ def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
                         + f" (mean ± SD over seeds); {gap} {st[gap]['mean']:+.3f} (per seed "
                         + ", ".join(f"{r['seed']}: {r['probe'][hi]['tss_bacc'] - r['probe'][lo]['tss_bacc']:+.3f}"
                                     for r in s["records"]) + f"). Order **{order_text(s)}** (>: separated by more "
-                        "than the spread over seeds, ≈: not).")
+                        "than the spread over seeds, ≈: not)."
+                        + (" Seconds to make each arm's training data (mean over seeds): "
+                           + ", ".join(f"{a} {v:.0f}" for a, v in s["arm_seconds"].items()) + "."
+                           if s.get("arm_seconds") else ""))
             first = [r for r in s["records"] if r["seed"] in ds["seeds"]]
             if len(first) > 1 and len(first) < len(s["records"]):  # the seeds the variants share, on their own
                 sub = aggregate(first)
@@ -299,20 +304,35 @@ def per_site_table(ds: dict) -> list[str]:
     recs = ds["variants"].get(name, {}).get("records", []) if name else []
     if not recs or not all("probe_sites" in r for r in recs):
         return []
-    from medi_fast.demo.arms import GAPS
-    from medi_fast.demo.seeds import arm_names
+    from medi_fast.demo.seeds import arm_names, gaps
 
     arms = arm_names(recs)
     sites = list(recs[0]["probe_sites"][arms[0]])
     at = lambda r, a, s: r["probe_sites"][a][s]  # noqa: E731
     rows = [{"": a, **{s: f"{sum(at(r, a, s) for r in recs) / len(recs):.3f}" for s in sites}} for a in arms]
-    for hi, lo in ((g.hi, g.lo) for g in reversed(GAPS)):  # each gap above the one it builds on
+    for hi, lo in ((g.hi, g.lo) for g in reversed(gaps(recs))):  # each gap above the one it builds on
         rows.append({"": f"{hi} - {lo} (range over seeds)",
                      **{s: f"{min(at(r, hi, s) - at(r, lo, s) for r in recs):+.2f} to "
                            f"{max(at(r, hi, s) - at(r, lo, s) for r in recs):+.2f}" for s in sites}})
     return [f"The demo's default per unseen test site ({len(recs)} seeds): balanced accuracy at each site, mean "
             "over seeds (the TSS-averaged accuracy above is the mean over sites), and the gaps' range over seeds. "
             "Each site is a stain shift of its own.", "", _table(rows), ""]
+
+
+def demo_arms_section(da: dict) -> list[str]:
+    """benchmarks/demo_arms.py: the demo's arms that need no trained model, with their cost."""
+    return ["## The demo's arms without a model: stain augmentation, stain normalisation, the renderer", "",
+            _provenance(da), "",
+            f"The demo's full configuration (setting `{da['setting']}`, seed {da['seed']}), every arm whose training "
+            "data needs no trained model, made with the arm's own recipe and probed as the demo probes: these are "
+            "the accuracies `medi-fast demo` reports for these arms at this seed (the real draws and each arm's "
+            "patches depend on the seed and the metadata alone). Seconds: to make the arm's training data from the "
+            f"rendered cohort. The cohort took {da['data_seconds']:.0f} s to render and pack; the evaluation "
+            f"{da['evaluate_seconds']:.0f} s with these arms and {da['evaluate_real_only_seconds']:.0f} s with real "
+            f"data alone: these arms add {da['added_seconds']:.0f} s to a demo run on this machine at this load.", "",
+            _table([{"arm": r["arm"], "training data": r["label"],
+                     "TSS-avg. balanced acc.": f"{r['tss_bacc']:.3f} ± {r['tss_bacc_sem']:.3f}",
+                     "runs": r["runs"], "seconds": f"{r['seconds']:.1f}"} for r in da["rows"]]), ""]
 
 
 def distill_section(dq: dict) -> list[str]:
@@ -583,7 +603,7 @@ def report(status: dict[str, str]) -> Path:
                                         "data_throughput", "solver_quality_demo", "sampling_throughput",
                                         "int8_quality", "ort_profile", "distill_quality", "demo_seeds",
                                         "ray_scaling", "export_cost", "edit_quality", "backends_bf16",
-                                        "cpu_bf16_training")}
+                                        "cpu_bf16_training", "demo_arms")}
     bk, sq, gp, tr, ds = (r[n] for n in ("backends", "solver_quality_demo", "generate_pipeline",
                                          "training_throughput", "demo_seeds"))
     md = ["# Benchmark results", "",
@@ -611,6 +631,8 @@ def report(status: dict[str, str]) -> Path:
         if r[name]:
             md += section(r[name])
     md += ds_md
+    if r["demo_arms"]:
+        md += demo_arms_section(r["demo_arms"])
     if r["ray_scaling"]:
         md += ray_section(r["ray_scaling"])
     md += gpu_sections()

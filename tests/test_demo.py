@@ -37,8 +37,9 @@ def test_report_and_outputs(demo_run):
     out, report = demo_run
     assert report == out / "report.html" and report.stat().st_size > 0
     md = (out / "report.md").read_text()
-    for row in ("| no-synthetic |", "| CLS |", "| MeDi |"):
-        assert row in md
+    compared = [a.name for a in arms.for_config(toy(out))]
+    for name in compared:  # the probe's table: a row per arm, the seconds to make its data beside its accuracy
+        assert re.search(rf"^\| {re.escape(name)} +\| +\d+ \| .* \| +[\d.]+ \|$", md, re.M), name
     assert "## Timings" in md and "| total " in md
     for fig in ("coverage", "real", "medi", "cls"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 0
@@ -72,15 +73,23 @@ def test_report_and_outputs(demo_run):
     for arm, by_site in res["probe_sites"].items():
         assert list(by_site) == list(spec.test_sites)
         assert np.mean(list(by_site.values())) == pytest.approx(res["probe"][arm]["tss_bacc"], abs=1e-12)
-    # Every arm of the registry, in its order; each one's cost is the seconds of its own stages in the timings.
-    assert list(res["probe"]) == list(res["arm_seconds"]) == ["no-synthetic", "CLS", "MeDi"]
-    timings = {m[0]: float(m[1]) for m in re.findall(r"^\| (.+?) +\| +([\d.]+) \|$", md, re.M)}
+    # Every arm of the registry, in its order; each one's cost is the seconds of its own stages in the timings
+    # (those of the arms it builds on included).
+    assert list(res["probe"]) == list(res["arm_seconds"]) == compared
+    assert compared == ["no-synthetic", "CLS", "MeDi", "HED-jitter", "Macenko-aug", "MeDi+HED", "Macenko-norm",
+                        "Reinhard-norm", "CLS-oracle", "MeDi-oracle"]
+    section = md.split("## Timings")[1]
+    timings = {m[0]: float(m[1]) for m in re.findall(r"^\| (.+?) +\| +([\d.]+) \|$", section, re.M)}
     assert res["arm_seconds"]["no-synthetic"] == 0.0
-    for arm in ("CLS", "MeDi"):
-        own = [v for k, v in timings.items() if k.split(" ")[0] in ("train", "export", "generate") and
-               k.split(" ")[1] == arm]
-        assert len(own) == 3 and res["arm_seconds"][arm] == pytest.approx(sum(own), abs=0.2)
+    own = {a: sum(v for k, v in timings.items() if k.split(" ")[1:2] == [a]) for a in compared}
+    for a in arms.for_config(toy(out)):
+        stages_of = [k for k in timings if k.split(" ")[1:2] == [a.name]]
+        assert len(stages_of) == {"CLS": 3, "MeDi": 3, "no-synthetic": 0}.get(a.name, 1), (a.name, stages_of)
+        want = own[a.name] + sum(own[n] for n in a.recipe.needs)
+        assert res["arm_seconds"][a.name] == pytest.approx(want, abs=0.2 * (1 + len(stages_of)))
     assert "Seconds to make each arm's probe training data" in md
+    # The headline names the best arm, every arm with its cost, and what the oracle arms say.
+    assert "Best arm a user can make (the oracle arms aside): " in md and "Oracle arms (freshly rendered patches" in md
 
 
 def test_out_must_be_new_or_overwritten(demo_run, tmp_path, capsys):
@@ -259,7 +268,7 @@ def test_seeds_run_once_per_seed_and_report_the_spread(tmp_path):
     assert report == out / "report.html"
     for s in (0, 1):
         rec = json.loads((out / f"seed-{s}" / "results.json").read_text())
-        assert rec["seed"] == s and set(rec["probe"]) == {"no-synthetic", "CLS", "MeDi"}
+        assert rec["seed"] == s and list(rec["probe"]) == [a.name for a in arms.for_config(toy(out))]
         assert (out / f"seed-{s}" / "report.html").exists()
     agg = json.loads((out / "seeds.json").read_text())
     accs = [json.loads((out / f"seed-{s}" / "results.json").read_text())["probe"]["MeDi"]["tss_bacc"] for s in (0, 1)]
@@ -301,9 +310,9 @@ def test_distill_stage_adds_the_students_arm(tmp_path):
     assert set(manifest["steps"]) == {"2"} and set(manifest["sampler"]) == {"ddim"}  # its own steps, not the demo's
     assert (out / "runs" / "medi-student-2.pt").is_file()
     md = (out / "report.md").read_text()
-    assert "| MeDi-2-step |" in md and "distilled" in md
+    assert re.search(r"^\| MeDi-2-step +\|", md, re.M) and "distilled" in md
     rec = json.loads((out / "results.json").read_text())
-    assert set(rec["probe"]) == {"no-synthetic", "CLS", "MeDi", "MeDi-2-step"}
+    assert list(rec["probe"]) == [a.name for a in arms.for_config(cfg)] and "MeDi-2-step" in rec["probe"]
 
 
 def test_distill_option_reaches_the_config():
@@ -372,15 +381,25 @@ def test_a_probe_larger_than_the_synthetic_set_is_refused_up_front(tmp_path):
 def test_the_registry_names_the_arms_in_order_and_the_student_only_with_distill():
     from medi_fast.eval.probe import NO_SYNTHETIC
 
-    assert [a.name for a in arms.for_config(DemoConfig())] == [NO_SYNTHETIC, "CLS", "MeDi"]
+    others = ["HED-jitter", "Macenko-aug", "MeDi+HED", "Macenko-norm", "Reinhard-norm", "CLS-oracle", "MeDi-oracle"]
+    assert [a.name for a in arms.for_config(DemoConfig())] == [NO_SYNTHETIC, "CLS", "MeDi", *others]
     with_student = arms.for_config(DemoConfig(distill=True, distill_steps=2))
-    assert [a.name for a in with_student] == [NO_SYNTHETIC, "CLS", "MeDi", "MeDi-2-step"]
-    assert with_student[-1].recipe.needs == ("MeDi",) and with_student[-1].recipe.per_site
+    assert [a.name for a in with_student] == [NO_SYNTHETIC, "CLS", "MeDi", "MeDi-2-step", *others]
+    student = with_student[3]
+    assert student.recipe.needs == ("MeDi",) and student.recipe.per_site
     assert [a.recipe.per_site for a in with_student[:3]] == [False, False, True]
+    # only the arms with a model train; MeDi + HED builds on MeDi's samples; the oracles render
+    assert [a.name for a in with_student if a.recipe.trains] == ["CLS", "MeDi"]
+    assert {a.name: a.recipe.needs for a in with_student if a.recipe.needs} == {"MeDi-2-step": ("MeDi",),
+                                                                                "MeDi+HED": ("MeDi",)}
+    assert [a.name for a in with_student if a.recipe.per_site] == ["MeDi", "MeDi-2-step", "MeDi-oracle"]
     # an arm's cost: its own stages and those of the arms it builds on (the student's teacher)
-    assert arms.cost(with_student, {"CLS": 3.0, "MeDi": 10.0, "MeDi-2-step": 2.5}) == {
-        NO_SYNTHETIC: 0.0, "CLS": 3.0, "MeDi": 10.0, "MeDi-2-step": 12.5}
-    assert arms.HEADLINE.column == "MeDi - CLS" and [g.key for g in arms.GAPS] == ["medi_over_cls", "cls_over_real"]
+    assert arms.cost(with_student, {"CLS": 3.0, "MeDi": 10.0, "MeDi-2-step": 2.5, "MeDi+HED": 0.5, "HED-jitter": 0.25}
+                     ) == {NO_SYNTHETIC: 0.0, "CLS": 3.0, "MeDi": 10.0, "MeDi-2-step": 12.5, "HED-jitter": 0.2,
+                           "Macenko-aug": 0.0, "MeDi+HED": 10.5, "Macenko-norm": 0.0, "Reinhard-norm": 0.0,
+                           "CLS-oracle": 0.0, "MeDi-oracle": 0.0}
+    assert arms.HEADLINE.column == "MeDi - CLS" and [g.key for g in arms.GAPS] == [
+        "medi_over_cls", "cls_over_real", "medi_over_hed", "cls_oracle_over_real"]
 
 
 def test_no_arm_name_is_written_outside_the_registry():
@@ -438,3 +457,135 @@ def test_reevaluate_refuses_a_run_that_does_not_record_its_arms_costs(demo_run, 
                                             "afresh"):
         reevaluate(toy(tmp_path / "again"), source)
     assert not (tmp_path / "again").exists()
+
+
+def test_augmented_copies_are_drawn_from_the_runs_own_real_draw_only(monkeypatch):
+    """A synthetic set with a SOURCE column (the demo's stain-augmented copies of the probe's pool) adds
+    only copies of the real patches the run drew, as many per class as any synthetic arm adds."""
+    from medi_fast.eval import probe as P
+
+    rows = 8
+    train = pd.DataFrame({"class": ["A"] * rows + ["B"] * rows, "tissue_source_site": ["s1"] * rows + ["s2"] * rows})
+    x = np.stack([np.arange(2 * rows), np.zeros(2 * rows)], 1).astype(float)  # feature 0: the row, 1: a copy?
+    copies = train.loc[train.index.repeat(3)].reset_index(drop=True)
+    copies[P.SOURCE] = np.repeat(np.arange(2 * rows), 3)
+    x_copies = np.stack([copies[P.SOURCE].to_numpy(), np.ones(len(copies))], 1).astype(float)
+    test = pd.DataFrame({"class": ["A", "B"] * 3, "tissue_source_site": ["t1"] * 6})
+    x_test = np.stack([np.arange(6), np.zeros(6)], 1).astype(float)
+    seen = []
+    fit = P._fit_predict
+    monkeypatch.setattr(P, "_fit_predict", lambda xs, y, xt, cfg: (seen.append(xs.copy()), fit(xs, y, xt, cfg))[1])
+    for seed in range(4):
+        seen.clear()
+        P.run_probe((train, x), (test, x_test), {"aug": (copies, x_copies)}, ["A", "B"],
+                    P.ProbeConfig(k=2, ratio=3.0, one_site_per_class=True, max_runs=None, seed=seed))
+        real, aug = seen  # the run's arms: real alone, then real + copies
+        drawn = sorted(real[:, 0])
+        assert np.array_equal(aug[:4], real) and (aug[4:, 1] == 1).all() and len(aug) == 4 + 2 * 6
+        assert sorted(aug[4:, 0]) == sorted(np.repeat(drawn, 3))  # three copies of each drawn patch, no other
+
+
+def test_oracle_arms_render_fresh_patches_of_the_cohorts_sites(demo_run):
+    from medi_fast.demo.stages import render_oracle
+
+    out, _ = demo_run
+    cfg = replace(toy(out), n_synthetic_per_combo=12)
+    spec = cfg.spec
+    meta, images = render_oracle(cfg, per_site=True)
+    assert images.shape == (len(meta), 32, 32, 3) and images.dtype == np.uint8
+    assert meta.groupby(["class", "tissue_source_site"]).size().to_dict() == {
+        (c, s): 12 for c in spec.classes for s in spec.sites}
+    cls_meta, _ = render_oracle(cfg, per_site=False)  # as many per class, at its cohort sites only
+    assert cls_meta.groupby(["class", "tissue_source_site"]).size().to_dict() == {
+        (c, s): 24 for c, sites in spec.cohort.items() for s in sites}
+    index = pd.read_parquet(out / "index.parquet")
+    real = _real_images(out)
+    key = index["class"] + "@" + index["tissue_source_site"]
+    ours = meta["class"] + "@" + meta["tissue_source_site"]
+    for c, sites in spec.cohort.items():
+        for s in sites:  # each trained cell's colour is its site's: nearer the real cell than the class elsewhere
+            mine = images[(ours == f"{c}@{s}").to_numpy()].reshape(-1, 3).mean(0)
+            dist = {t: np.abs(mine - real[(key == f"{c}@{t}").to_numpy()].reshape(-1, 3).mean(0)).sum()
+                    for t in spec.sites + list(spec.test_sites) if (key == f"{c}@{t}").any()}
+            assert min(dist, key=dist.get) == s, (c, s, dist)
+    flat = {p.tobytes() for p in real}
+    assert not any(p.tobytes() in flat for p in images)  # fresh: none is a cohort patch
+
+
+def test_stain_normalisation_narrows_the_colour_gap_between_sites(demo_run):
+    from medi_fast.demo.run import Timer
+
+    out, _ = demo_run
+    cfg = toy(out)
+    index = pd.read_parquet(out / "index.parquet")
+    ctx = arms.Context(cfg, out, Timer(), lambda m: None, total=1, index=index)
+    real = ctx.real()
+    site = index["tissue_source_site"].to_numpy()
+
+    def spread(images):  # how far the sites' mean colours lie from their common mean
+        means = np.stack([images[site == s].reshape(-1, 3).mean(0) for s in np.unique(site)])
+        return float(np.abs(means - means.mean(0)).mean())
+
+    for arm in (arms.MACENKO_NORM, arms.REINHARD_NORM):
+        reference = arm.recipe.reference(cfg, index, real)
+        assert reference.shape == (32, 32 * 4 * sum(len(s) for s in cfg.spec.cohort.values()), 3)
+        view = arm.recipe.view(ctx)
+        assert view.shape == real.shape and view.dtype == np.uint8
+        assert spread(view) < 0.75 * spread(real), arm.name
+
+
+def test_seeds_report_takes_every_registry_arm_with_its_cost_and_older_runs_without_them(tmp_path):
+    from medi_fast.demo.seeds import aggregate, gaps, verdict, write_seeds_report
+
+    names = [a.name for a in arms.for_config(DemoConfig())]
+    recs = []
+    for seed in range(3):
+        r = _record(seed, 0.84, 0.83, 0.91)
+        r["probe"] = {a: {"tss_bacc": 0.80 + 0.01 * i + 0.002 * seed, "tss_bacc_sem": 0.01, "runs": 5}
+                      for i, a in enumerate(names)}
+        r["arm_seconds"] = {a: float(i) for i, a in enumerate(names)}
+        recs.append(r)
+    agg = aggregate(recs)
+    assert agg["arms"] == names and agg["order"] == names[::-1]
+    assert [g.key for g in gaps(recs)] == [g.key for g in arms.GAPS]
+    assert agg["arm_seconds"] == {a: float(i) for i, a in enumerate(names)}
+    assert "MeDi-oracle 0.892 ± 0.002 (9 s)" in verdict(agg) and "seconds to make" in verdict(agg)
+    write_seeds_report(tmp_path, DemoConfig(), recs)
+    assert "CLS-oracle - no-synthetic" in (tmp_path / "report.md").read_text()
+    # runs recorded before the stain and oracle arms: the comparisons they can answer, no cost
+    old = [_record(s, 0.84, 0.83, 0.9 + 0.01 * s) for s in range(2)]
+    assert [g.key for g in gaps(old)] == ["medi_over_cls", "cls_over_real"]
+    assert aggregate(old)["arm_seconds"] == {} and "(" not in verdict(aggregate(old)).split(")")[1].split(";")[0]
+
+
+def test_run_all_shows_every_arm_over_seeds_with_its_cost():
+    """benchmarks/run_all.py's section over seeds takes the runs' arms and comparisons from the runs, each
+    arm's seconds beside its accuracy."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from medi_fast.demo.seeds import aggregate
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location("run_all_for_demo", bench / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    names = [a.name for a in arms.for_config(DemoConfig())]
+    recs = []
+    for seed in range(2):
+        r = _record(seed, 0.84, 0.83, 0.91)
+        r["probe"] = {a: {"tss_bacc": 0.8 + 0.01 * i, "tss_bacc_sem": 0.01, "runs": 5} for i, a in enumerate(names)}
+        r["probe_sites"] = {a: {"S5": 0.8 + 0.01 * i, "S6": 0.8 + 0.01 * i} for i, a in enumerate(names)}
+        r["arm_seconds"] = {a: 2.0 * i for i, a in enumerate(names)}
+        recs.append(r)
+    agg = aggregate(recs)
+    ds = {"machine": {}, "command": "x", "seeds": [0, 1], "default_seeds": [0, 1], "quick": False,
+          "rows": [{"variant": "ring4", "shipped": True}],
+          "variants": {"ring4": {**agg, "records": recs, "k": 10, "setting": "ring4", "prediction_type": "v",
+                                 "probe_ratio": 4.0, "test_sites": ["S5", "S6"], "description": "d", "summary": "s"}}}
+    head, md = run_all.demo_seeds_section(ds)
+    text = "\n".join(head + md)
+    assert "MeDi-oracle 18" in text and "Seconds to make each arm's training data" in text
+    assert "CLS-oracle - no-synthetic (range over seeds)" in text and all(f"| {a} " in text for a in names)

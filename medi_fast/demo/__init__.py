@@ -7,6 +7,8 @@ Like the CLI, the demo orchestrates: it is the one part of the library besides `
   stage as a function;
 * `arms.py`: the arms the linear probe is compared on (`REGISTRY`): each one's name, the recipe that makes
   its training data, its colour and label; everything else iterates over it;
+* `stain.py`: the stain transforms of the arms a pathology user would pick instead of generating (HED
+  jitter, Macenko augmentation, Macenko and Reinhard normalisation);
 * `run.py`: the orchestrator (`run_demo`): output directory, the stages in order, timings; `run_seeds`
   runs it once per seed; `reevaluate` scores a finished run again with other probe settings;
 * `figures.py` and `report.py`: the pictures and `report.md` + `report.html`; `seeds.py`: the report

@@ -1,14 +1,18 @@
 """The demo's arms: the training sets the linear probe is compared on, one registry entry each.
 
 An arm is a name, a recipe that turns the probe's real patches (and whatever models the recipe builds)
-into the probe's training set, its colour in the figures and its label in the report's prose.  The
+into the probe's training set (patches added to its real draw, or a transformed view of every real patch), its colour in the figures and its label in the report's prose.  The
 orchestrator (`run.py`), the evaluation, the report, the figures, the report over seeds and the
 benchmarks iterate over `REGISTRY`; adding an arm is one entry here and its test.
 
 A recipe runs in two phases, so that every model is trained before any samples are made (the report's
 timings read as data, models, samples): `prepare` builds what the arm needs (train and export a model),
 `make` returns the arm's patches for the probe to add to its real draw, or None when the probe uses the
-real patches alone.  `load` reads the patches of a finished run back (`run.reevaluate`).
+real patches alone.  Patches whose metadata has a `SOURCE` column are derived from the probe's real pool (a
+stain-augmented copy of pool row SOURCE): the probe adds only those derived from the patches it drew.  A
+recipe that transforms the real patches themselves (stain normalisation of train and test) leaves the
+transformed patches, in index order, in `Context.views`; the probe is then trained and tested on them.
+`load` makes the patches of a finished run again, or reads them back (`run.reevaluate`).
 
 An arm's cost is the wall-clock seconds of the stages it ran (`Context.stage`), plus those of the arms its
 recipe builds on (`needs`: a distilled student needs its teacher's model): what it takes to make its
@@ -16,7 +20,9 @@ training data from nothing but the rendered cohort.  `results.json` records it p
 """
 from __future__ import annotations
 
+import math
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,8 +31,8 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
-from ..eval.probe import NO_SYNTHETIC
-from . import stages
+from ..eval.probe import NO_SYNTHETIC, SOURCE
+from . import stages, stain
 from .stages import DemoConfig
 
 # An arm's patches for the probe: (metadata with class and site, uint8 images), or None for none.
@@ -47,6 +53,17 @@ class Context:
     checkpoints: dict = field(default_factory=dict)
     onnx: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)  # arm name -> seconds of its own stages
+    index: Optional[pd.DataFrame] = None  # the cohort's index, once rendered
+    data: Optional[Path] = None  # the run whose cohort this is (out, or the run re-evaluated)
+    made: dict = field(default_factory=dict)  # arm name -> its Patches, in the order the arms were made
+    views: dict = field(default_factory=dict)  # arm name -> every real patch transformed, in index order
+    _real: Optional[np.ndarray] = None
+
+    def real(self) -> np.ndarray:
+        """The cohort's real patches at the model resolution, in index order (read once)."""
+        if self._real is None:
+            self._real = stages.real_patches(self.data or self.out)
+        return self._real
 
     def begin(self, msg: str) -> None:
         """Log the start of the next numbered step."""
@@ -80,7 +97,7 @@ class RealOnly:
     def make(self, arm: "Arm", ctx: Context) -> Patches:
         return None
 
-    def load(self, arm: "Arm", run: Path) -> Patches:
+    def load(self, arm: "Arm", run: Path, ctx: Context) -> Patches:
         return None
 
 
@@ -111,7 +128,7 @@ class ModelSamples:
         with ctx.stage(arm.name, f"generate {arm.name} (ort-cpu, DDIM-{ctx.cfg.sample_steps})"):
             return stages.generate(ctx.cfg, ctx.onnx[arm.name], ctx.out, self.folder, cls_only=not self.per_site)
 
-    def load(self, arm: "Arm", run: Path) -> Patches:
+    def load(self, arm: "Arm", run: Path, ctx: Context) -> Patches:
         return stages.load_synthetic(run / "synthetic" / self.folder)
 
 
@@ -146,8 +163,109 @@ class DistilledSamples:
         with ctx.stage(arm.name, f"generate {arm.name} (ort-cpu, its own steps)"):
             return stages.generate(cfg, ctx.onnx[arm.name], ctx.out, self.folder, cls_only=not self.per_site)
 
-    def load(self, arm: "Arm", run: Path) -> Patches:
+    def load(self, arm: "Arm", run: Path, ctx: Context) -> Patches:
         return stages.load_synthetic(run / "synthetic" / self.folder)
+
+
+def _arm_seed(cfg: DemoConfig, name: str) -> list[int]:
+    """The seed of an arm's random transform: the run's seed and the arm, so arms draw independently."""
+    return [cfg.seed, zlib.crc32(name.encode())]
+
+
+@dataclass(frozen=True)
+class StainAugmented:
+    """Stain augmentation (`stain.AUGMENTATIONS`).  Without `base`: ceil(probe ratio) augmented copies of
+    every patch of the probe's real pool, of which the probe adds those of the patches it drew (as many
+    per class as the synthetic arms add).  With `base`: that arm's samples, each augmented once."""
+
+    method: str
+    base: Optional[str] = None
+    trains: bool = False
+    per_site: bool = False
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return (self.base,) if self.base else ()
+
+    def prepare(self, arm: "Arm", ctx: Context) -> None:
+        pass
+
+    def make(self, arm: "Arm", ctx: Context) -> Patches:
+        what = f"{self.base}'s samples" if self.base else f"the probe's real pool x {math.ceil(ctx.cfg.probe_ratio)}"
+        with ctx.stage(arm.name, f"stain-augment {arm.name} ({self.method}: {what})"):
+            return self.patches(arm, ctx)
+
+    def load(self, arm: "Arm", run: Path, ctx: Context) -> Patches:
+        return self.patches(arm, ctx)
+
+    def patches(self, arm: "Arm", ctx: Context) -> Patches:
+        cfg, seed = ctx.cfg, _arm_seed(ctx.cfg, self.method + (self.base or ""))
+        if self.base:
+            meta, images = ctx.made[self.base]
+            return meta.reset_index(drop=True), stain.augment(self.method, images, 1, seed)
+        pool = stages.probe_pool(cfg, ctx.index)
+        copies = math.ceil(cfg.probe_ratio)
+        rows = ctx.index.loc[pool, ["class", "tissue_source_site"]].reset_index(drop=True)
+        meta = rows.loc[rows.index.repeat(copies)].reset_index(drop=True)
+        # the pool row each copy came from; its stain is no longer its site's
+        meta[SOURCE] = np.repeat(np.arange(len(rows)), copies)
+        meta["tissue_source_site"] = "none"
+        return meta, stain.augment(self.method, ctx.real()[pool], copies, seed)
+
+
+@dataclass(frozen=True)
+class StainNormalised:
+    """Stain normalisation (`stain.NORMALISATIONS`) of every real patch, the probe's training pool and its
+    test sites alike, to one reference: a mosaic of the first REFERENCE_PER_CELL patches of every trained
+    class x site cell of the cohort (the slides a lab has).  Nothing is added to the real draw."""
+
+    method: str
+    needs: tuple[str, ...] = ()
+    trains: bool = False
+    per_site: bool = False
+    REFERENCE_PER_CELL = 4
+
+    def prepare(self, arm: "Arm", ctx: Context) -> None:
+        pass
+
+    def make(self, arm: "Arm", ctx: Context) -> Patches:
+        with ctx.stage(arm.name, f"stain-normalise {arm.name} ({self.method}: every real patch)"):
+            ctx.views[arm.name] = self.view(ctx)
+        return None
+
+    def load(self, arm: "Arm", run: Path, ctx: Context) -> Patches:
+        ctx.views[arm.name] = self.view(ctx)
+        return None
+
+    def reference(self, cfg: DemoConfig, index: pd.DataFrame, real: np.ndarray) -> np.ndarray:
+        cells = index.groupby(["class", "tissue_source_site"], sort=True).indices
+        picks = [pos[:self.REFERENCE_PER_CELL] for (c, s), pos in cells.items() if s in cfg.spec.cohort.get(c, ())]
+        return stain.mosaic(real[np.concatenate(picks)])
+
+    def view(self, ctx: Context) -> np.ndarray:
+        real = ctx.real()
+        return stain.normalise(self.method, real, self.reference(ctx.cfg, ctx.index, real))
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """The best a generator could do: patches freshly rendered by the demo's renderer (`stages.render_oracle`),
+    as many per class as the model arms make.  `per_site`: every class x cohort site (what MeDi aims at);
+    otherwise each class at its cohort sites only (what a class-only model learns: the cohort's mixture)."""
+
+    per_site: bool
+    needs: tuple[str, ...] = ()
+    trains: bool = False
+
+    def prepare(self, arm: "Arm", ctx: Context) -> None:
+        pass
+
+    def make(self, arm: "Arm", ctx: Context) -> Patches:
+        with ctx.stage(arm.name, f"render {arm.name} (the demo's renderer)"):
+            return stages.render_oracle(ctx.cfg, self.per_site)
+
+    def load(self, arm: "Arm", run: Path, ctx: Context) -> Patches:
+        return stages.render_oracle(ctx.cfg, self.per_site)
 
 
 def _always(cfg: DemoConfig) -> bool:
@@ -162,7 +280,7 @@ class Arm:
     name: str
     label: str
     colour: str
-    recipe: RealOnly | ModelSamples | DistilledSamples
+    recipe: RealOnly | ModelSamples | DistilledSamples | StainAugmented | StainNormalised | Rendered
     grid: bool = False
     enabled: Callable[[DemoConfig], bool] = _always
 
@@ -173,8 +291,19 @@ MEDI = Arm("MeDi", "class + site", "#c0504d", ModelSamples("class,tss", "medi"),
 # demo --distill: the MeDi model distilled from DDIM-16 to a few steps (DemoConfig.distill*).
 STUDENT = Arm("MeDi-{cfg.distill_steps}-step", "distilled", "#777", DistilledSamples(MEDI.name, "medi-student"),
               enabled=lambda cfg: cfg.distill)
+# What a pathology user would do instead: stain augmentation of the real patches (HED jitter; Macenko
+# augmentation, stronger), MeDi's samples with the same HED jitter, and stain normalisation.
+HED = Arm("HED-jitter", "HED-jittered real patches", "#8fbf5a", StainAugmented("hed"))
+MACENKO_AUG = Arm("Macenko-aug", "Macenko-augmented real patches", "#4f8f2f", StainAugmented("macenko"))
+MEDI_HED = Arm("MeDi+HED", "HED-jittered MeDi samples", "#e08a3c", StainAugmented("hed", base=MEDI.name))
+MACENKO_NORM = Arm("Macenko-norm", "Macenko-normalised real patches", "#8e6bb8", StainNormalised("macenko"))
+REINHARD_NORM = Arm("Reinhard-norm", "Reinhard-normalised real patches", "#b39ddb", StainNormalised("reinhard"))
+# The renderer itself as the generator: the ceiling of each model arm's recipe.
+CLS_ORACLE = Arm("CLS-oracle", "rendered, class at its cohort sites", "#1f3f66", Rendered(per_site=False))
+MEDI_ORACLE = Arm("MeDi-oracle", "rendered, every class x cohort site", "#7a1f1d", Rendered(per_site=True))
 # The probe's arms in this order (its tables, the figures' bars, results.json).
-REGISTRY = (REAL, CLS, MEDI, STUDENT)
+REGISTRY = (REAL, CLS, MEDI, STUDENT, HED, MACENKO_AUG, MEDI_HED, MACENKO_NORM, REINHARD_NORM, CLS_ORACLE,
+            MEDI_ORACLE)
 
 
 @dataclass(frozen=True)
@@ -192,8 +321,11 @@ class Gap:
 
 
 # The comparisons the demo is about, the headline first: what site conditioning adds over class-only
-# samples, and what class-only samples add over the real patches alone.
-GAPS = (Gap(MEDI.name, CLS.name, "medi_over_cls"), Gap(CLS.name, REAL.name, "cls_over_real"))
+# samples, and what class-only samples add over the real patches alone; what MeDi adds over the cheap
+# alternative (HED jitter); and, from the renderer itself, whether class-only data falls below real data
+# alone by the cohort's design (CLS-oracle below it too) or by the trained model's quality.
+GAPS = (Gap(MEDI.name, CLS.name, "medi_over_cls"), Gap(CLS.name, REAL.name, "cls_over_real"),
+        Gap(MEDI.name, HED.name, "medi_over_hed"), Gap(CLS_ORACLE.name, REAL.name, "cls_oracle_over_real"))
 HEADLINE = GAPS[0]
 
 

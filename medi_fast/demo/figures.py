@@ -109,7 +109,8 @@ def probe_chart(summary: pd.DataFrame, colours: dict[str, str], path: Path, chan
     metrics = (("balanced_accuracy", "balanced accuracy"), ("tss_balanced_accuracy", "TSS-averaged balanced accuracy"))
     arms = list(summary["arm"])
     width = 0.8 / len(arms)
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    many = len(arms) > 4  # then the values stand upright above narrower bars, and the legend wraps
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(arms)), 4.4 if many else 3.8))
     for a, arm in enumerate(arms):
         r = summary[summary["arm"] == arm].iloc[0]
         x = np.arange(len(metrics)) + (a - (len(arms) - 1) / 2) * width
@@ -118,13 +119,15 @@ def probe_chart(summary: pd.DataFrame, colours: dict[str, str], path: Path, chan
         ax.bar(x, means, width, yerr=sems, capsize=4, label=f"{arm} ({int(r['runs'])} runs)",
                color=colours[arm])
         for xi, m, s in zip(x, means, sems):
-            ax.text(xi, m + s + 0.015, f"{m:.3f}\n±{s:.3f}", ha="center", va="bottom", fontsize=7)
+            ax.text(xi, m + s + 0.015, f"{m:.3f}" if many else f"{m:.3f}\n±{s:.3f}", ha="center", va="bottom",
+                    fontsize=7, rotation=90 if many else 0)
     ax.axhline(chance, color="black", lw=0.8, ls=":", label="chance")
     ax.set_xticks(range(len(metrics)), [t for _, t in metrics])
     ax.set_ylim(0, 1.18)
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("linear probe, unseen test sites")
-    ax.legend(loc="lower center", ncol=len(arms) + 1, fontsize=8, bbox_to_anchor=(0.5, -0.32), frameon=False)
+    ax.legend(loc="lower center", ncol=min(len(arms) + 1, 6), fontsize=8,
+              bbox_to_anchor=(0.5, -0.42 if many else -0.32), frameon=False)
     fig.tight_layout()
     return save_png(fig, path)
 

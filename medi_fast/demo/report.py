@@ -11,7 +11,7 @@ import pandas as pd
 
 from .. import __version__
 from ..io import atomic_write_text
-from . import arms, figures
+from . import arms, figures, stain
 
 
 # Two arms whose balanced accuracies at a test site differ by no more than this are level there.
@@ -32,14 +32,48 @@ def verdict(probe: pd.DataFrame) -> tuple[bool, str]:
     return beat, text
 
 
-def probe_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """The probe summary as shown: one row per arm, ``mean ± SEM`` per metric (as eval.probe.to_markdown)."""
+def probe_table(summary: pd.DataFrame, seconds: dict[str, float]) -> pd.DataFrame:
+    """The probe summary as shown: one row per arm, ``mean ± SEM`` per metric (as eval.probe.to_markdown),
+    and the seconds it took to make the arm's training data (arms.cost)."""
     from ..eval.probe import METRICS
 
     heads = {"balanced_accuracy": "Balanced acc.", "tss_balanced_accuracy": "TSS-avg. balanced acc.", "mcc": "MCC"}
     return pd.DataFrame([{"Training data": r["arm"], "runs": int(r["runs"]),
-                          **{heads[m]: f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_sem']:.3f}" for m in METRICS}}
+                          **{heads[m]: f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_sem']:.3f}" for m in METRICS},
+                          "seconds to make": f"{seconds[r['arm']]:.1f}"}
                          for _, r in summary.iterrows()])
+
+
+def ranking_line(probe: pd.DataFrame, seconds: dict[str, float]) -> str:
+    """Every arm from best to worst TSS-averaged balanced accuracy, each with the seconds its training data
+    took, and the winner's margin over the runner-up against their combined standard error."""
+    r = probe.set_index("arm").sort_values("tss_balanced_accuracy_mean", ascending=False, kind="stable")
+    m, e = r["tss_balanced_accuracy_mean"], r["tss_balanced_accuracy_sem"]
+    # the oracle arms are the renderer itself, which no user has: the winner is among the others
+    oracles = {a.name for a in arms.REGISTRY if isinstance(a.recipe, arms.Rendered)}
+    first, second = [a for a in r.index if a not in oracles][:2]
+    se = float(np.hypot(e[first], e[second]))
+    return (f"Best arm a user can make (the oracle arms aside): {first}, {m[first] - m[second]:+.3f} over {second} "
+            f"(combined standard error {se:.3f}). "
+            "All arms, best first (TSS-averaged balanced accuracy; seconds to make the training data): "
+            + ", ".join(f"{a} {m[a]:.3f} ({seconds[a]:.1f} s)" for a in r.index) + ".")
+
+
+def oracle_line(probe: pd.DataFrame) -> str:
+    """What the renderer's own patches say about class-only data below real data alone."""
+    r = probe.set_index("arm")["tss_balanced_accuracy_mean"]
+    real, cls = arms.REAL.name, arms.CLS.name
+    oracle, medi_oracle = arms.CLS_ORACLE.name, arms.MEDI_ORACLE.name
+    if r[cls] >= r[real]:
+        why = f"{cls} is not below {real} in this run"
+    elif r[oracle] < r[real]:
+        why = (f"{oracle} falls below {real} too: class-only data that follows the cohort's class-site confound "
+               "lowers the probe by the demo's design, however good the generator")
+    else:
+        why = (f"{oracle} is not below {real}: perfect class-only patches would not lower the probe, so {cls}'s "
+               "deficit comes from the trained model's samples")
+    return (f"Oracle arms (freshly rendered patches, the best each generator could make): {oracle} {r[oracle]:.3f}, "
+            f"{medi_oracle} {r[medi_oracle]:.3f}, against {cls} {r[cls]:.3f} and {real} {r[real]:.3f}; {why}.")
 
 
 def student_lines(cfg, results: dict, cells: pd.DataFrame) -> list[str]:
@@ -128,6 +162,7 @@ def _sections(cfg, index, results, timing, total, source=None) -> dict:
             "Linear probe on unseen sites, TSS-averaged balanced accuracy: "
             + ", ".join(f"{a} {p.loc[a, 'tss_balanced_accuracy_mean']:.3f} ± {p.loc[a, 'tss_balanced_accuracy_sem']:.3f}"
                         for a in p.index) + f" ({int(p['runs'].iloc[0])} runs each).",
+            ranking_line(results["probe"], results["arm_seconds"]), oracle_line(results["probe"]),
             f"Class-site mutual information of the probe's real pool: {bits['real']:.2f} bits, "
             f"{bits['real+' + hi]:.2f} bits with the {hi} samples added ({full_bits:g} bits = log2 of {len(spec.classes)} "
             "classes: the site gives the class away).",
@@ -144,7 +179,14 @@ def _sections(cfg, index, results, timing, total, source=None) -> dict:
                   f"synthetic:real {cfg.probe_ratio:g}:1 ({hi}: every class x site of {', '.join(sites)}, including the "
                   f"{len(unseen)} combinations never seen in training, "
                   f"{', '.join(f'{c}@{s}' for c, s in unseen[:4])}{', ...' if len(unseen) > 4 else ''}; "
-                  f"{lo}: class only, so its stains follow the cohort's class-site confound)."),
+                  f"{lo}: class only, so its stains follow the cohort's class-site confound). "
+                  + "What a pathology user would do instead, and the renderer as a perfect generator: "
+                  + "; ".join(f"{a.name}: {a.label}" for a in arms.for_config(cfg)
+                              if isinstance(a.recipe, (arms.StainAugmented, arms.StainNormalised, arms.Rendered)))
+                  + f" (augmentation: HED jitter alpha 1 ± {stain.HED_SIGMA:g}, beta ± {stain.HED_SIGMA:g} per stain; "
+                  f"torchstain's Macenko augmentation ± {stain.MACENKO_SIGMA:g}; the augmented copies of the probe's "
+                  "own real draw, as many as the synthetic arms add; normalisation: every real patch, train and "
+                  "test, to a mosaic of the trained cells' patches)."),
         "cells_text": (f"A {lo} patch has no site: each trained cell is compared with a disjoint random draw of its class's "
                        f"{lo} patches, as many as {hi} made for the cell. A class's pooled distance favours a model that "
                        f"reproduces the cohort's class-site mixture; {hi} also renders the combinations absent from "
@@ -157,7 +199,7 @@ def _sections(cfg, index, results, timing, total, source=None) -> dict:
                            "--noise-levels shows where: the model's estimate of the clean image at high noise)."
                            if site.colour_spread_generated < 0.5 * site.colour_spread_real else ".")),
         "fid_cells": cell_table,
-        "probe": probe_table(results["probe"]),
+        "probe": probe_table(results["probe"], results["arm_seconds"]),
         "probe_sites": by_site.reset_index().rename(columns={"arm": "Training data"}),
         "probe_sites_text": (f"Balanced accuracy per unseen test site (mean over the probe runs; their mean is the "
                              f"TSS-averaged accuracy). Of {by_site.shape[1]} sites: "
@@ -178,20 +220,18 @@ def _sections(cfg, index, results, timing, total, source=None) -> dict:
         "grids": grids(cfg),
         "mi_arm": hi,
         "config": pd.DataFrame({"setting": list(vars(cfg)), "value": [str(v) for v in vars(cfg).values()]}),
-        "probe_summary": results["probe"],
     }
 
 
 def _markdown(s: dict, rel: dict) -> str:
-    from ..eval.probe import to_markdown
-
     md = ["# medi-fast demo report\n"]
     if s["quick"]:
         md.append(f"> **{s['quick']}**\n")
     md += [f"{s['ran']}\n", f"**{s['verdict']}**\n", "\n".join(f"- {h}" for h in s["headline"]) + "\n",
            f"{s['features']}\n\n{s['setup']}\n",
-           "## Linear probe (Table-1 style, mean ± SEM over runs)\n\n" + to_markdown(s["probe_summary"])
-           + f"\n![probe]({rel['probe']})\n\n{s['probe_sites_text']}\n\n"
+           "## Linear probe (Table-1 style, mean ± SEM over runs; seconds to make each arm's training data)\n\n"
+           + s["probe"].to_markdown(index=False, colalign=("left",) + ("right",) * (s["probe"].shape[1] - 1))
+           + f"\n\n![probe]({rel['probe']})\n\n{s['probe_sites_text']}\n\n"
            + s["probe_sites"].to_markdown(index=False, floatfmt=".3f") + "\n",
            f"## Samples (classes x sites, {figures.PER_SIDE ** 2} per cell)\n\nReal:\n\n![real]({rel['real']})\n\n"
            + "".join(f"{g['md']}:\n\n![{g['key']}]({rel[g['key']]})\n\n" for g in s["grids"])[:-1],

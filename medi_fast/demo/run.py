@@ -81,26 +81,29 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
     ctx.begin(f"rendering the synthetic cohort into {out / 'data'}")
     with timer("data: render, index, pack"):
         data = stages.build_data(cfg, out)
+    ctx.index = data["index"]
     for arm in compared:
         arm.recipe.prepare(arm, ctx)
-    ctx.begin(f"generating with ONNX Runtime (DDIM-{cfg.sample_steps})")
-    made = {arm.name: arm.recipe.make(arm, ctx) for arm in compared}
-    synthetic = {name: patches for name, patches in made.items() if patches is not None}
-    return _evaluate_and_report(cfg, out, out, data["index"], synthetic, timer, t_all, ctx,
+    ctx.begin(f"making each arm's training data (ONNX Runtime DDIM-{cfg.sample_steps}, stain transforms, renderer)")
+    for arm in compared:  # in registry order: an arm built on another's patches comes after it
+        ctx.made[arm.name] = arm.recipe.make(arm, ctx)
+    return _evaluate_and_report(cfg, out, out, data["index"], timer, t_all, ctx,
                                 arm_seconds=arms.cost(compared, ctx.seconds))
 
 
-def _evaluate_and_report(cfg: DemoConfig, out: Path, run: Path, index, synthetic: dict, timer: Timer,
+def _evaluate_and_report(cfg: DemoConfig, out: Path, run: Path, index, timer: Timer,
                          t_all: float, ctx: arms.Context, arm_seconds: dict[str, float],
                          extra: dict | None = None) -> Path:
-    """Stages 5 and 6 on the cohort and synthetic patches of the run in `run`, into `out`."""
+    """The evaluation and the report on the cohort of the run in `run` and the arms' patches in `ctx`
+    (`made`, `views`), into `out`."""
     from .report import write_report
 
     compared = arms.for_config(cfg)
+    synthetic = {name: patches for name, patches in ctx.made.items() if patches is not None}
     ctx.begin("evaluating (colour-texture features: FID-style distance, linear probe, shortcut meter, site colours)")
     with timer("evaluate"):
-        real_images = stages.real_patches(run)
-        results = stages.evaluate(cfg, index, real_images, synthetic)
+        real_images = ctx.real()
+        results = stages.evaluate(cfg, index, real_images, synthetic, ctx.views, [a.name for a in compared])
         # per arm whose samples carry a site: how well they reproduce each site's stain
         results["site"] = {a.name: stages.measure_site_fidelity(cfg, index, real_images, synthetic[a.name])
                            for a in compared if a.recipe.per_site}
@@ -165,11 +168,12 @@ def reevaluate(cfg: DemoConfig, source, overwrite: bool = False) -> Path:
     out = prepare_out(Path(cfg.out), overwrite)
     t_all = time.perf_counter()
     index = pd.read_parquet(source / "index.parquet")
-    loaded = {a.name: a.recipe.load(a, source) for a in compared}
-    synthetic = {name: patches for name, patches in loaded.items() if patches is not None}
     total = _steps(compared)
-    ctx = arms.Context(cfg, out, Timer(), _log, total=total, done=total - 2)  # the run's last two steps
-    return _evaluate_and_report(cfg, out, source, index, synthetic, ctx.timer, t_all, ctx, costs,
+    ctx = arms.Context(cfg, out, Timer(), _log, total=total, done=total - 2,  # the run's last two steps
+                       index=index, data=source)
+    for a in compared:  # in registry order, as the run made them
+        ctx.made[a.name] = a.recipe.load(a, source, ctx)
+    return _evaluate_and_report(cfg, out, source, index, ctx.timer, t_all, ctx, costs,
                                 extra={"reevaluated_from": str(source), "seconds": done["seconds"]})
 
 

@@ -24,6 +24,20 @@ def arm_names(records: list[dict]) -> list[str]:
     return list(records[0]["probe"])
 
 
+def gaps(records: list[dict]) -> list:
+    """The comparisons (arms.GAPS) whose two arms the runs compared: runs recorded before an arm existed
+    answer the others."""
+    names = set(arm_names(records))
+    return [g for g in GAPS if g.hi in names and g.lo in names]
+
+
+def arm_cost(records: list[dict]) -> dict[str, float]:
+    """Each arm's mean seconds over the runs to make its training data (arms.cost), for the arms whose runs
+    recorded it."""
+    return {a: float(np.mean([r["arm_seconds"][a] for r in records]))
+            for a in arm_names(records) if all(a in r.get("arm_seconds", {}) for r in records)}
+
+
 def closer_column() -> str:
     """per_seed's column: in how many trained cells the headline arm's patches were the closer ones."""
     return f"cells {HEADLINE.hi} closer"
@@ -36,7 +50,7 @@ def per_seed(records: list[dict]) -> pd.DataFrame:
     for r in records:
         p = r["probe"]
         rows.append({"seed": r["seed"], **{a: p[a]["tss_bacc"] for a in arm_names(records)},
-                     **{g.column: p[g.hi]["tss_bacc"] - p[g.lo]["tss_bacc"] for g in GAPS},
+                     **{g.column: p[g.hi]["tss_bacc"] - p[g.lo]["tss_bacc"] for g in gaps(records)},
                      **{f"cell distance {a}": r["fid_cell_mean"][a] for a in (HEADLINE.hi, HEADLINE.lo)},
                      closer_column(): f"{r['cells_medi_closer']}/{r['cells']}",
                      "stain slope": r["site_slope"], "stain correlation": r["site_correlation"],
@@ -59,8 +73,9 @@ def aggregate(records: list[dict]) -> dict:
 
     ranked = sorted(arm_names(records), key=lambda a: -stats[a]["mean"])
     return {"seeds": [int(s) for s in t["seed"]], "n": len(t), "arms": arm_names(records), "stats": stats,
-            **{g.key: separated(g.hi, g.lo) for g in GAPS},
-            **{f"{g.key}_every_seed": bool((t[g.column] > 0).all()) for g in GAPS},
+            **{g.key: separated(g.hi, g.lo) for g in gaps(records)},
+            **{f"{g.key}_every_seed": bool((t[g.column] > 0).all()) for g in gaps(records)},
+            "arm_seconds": arm_cost(records),
             # the arms from best to worst mean, and whether each is separated from the next
             "order": ranked, "order_separated": [separated(a, b) for a, b in zip(ranked, ranked[1:])]}
 
@@ -76,7 +91,6 @@ def order_text(agg: dict) -> str:
 def verdict(agg: dict) -> str:
     s = agg["stats"]
     hi, lo = HEADLINE.hi, HEADLINE.lo
-    arms = ", ".join(f"{a} {s[a]['mean']:.3f} ± {s[a]['sd']:.3f}" for a in agg["arms"])
     gap = s[HEADLINE.column]
     if agg[HEADLINE.key]:
         head = f"{hi} beat {lo} by more than the spread over seeds"
@@ -85,7 +99,12 @@ def verdict(agg: dict) -> str:
     else:
         head = f"{hi} did not beat {lo} in every seed"
     sep = all(agg["order_separated"])
-    return (f"{head}: TSS-averaged balanced accuracy (mean ± SD over {agg['n']} seeds) {arms}; {HEADLINE.column} "
+    cost = agg.get("arm_seconds", {})
+    arms = ", ".join(f"{a} {s[a]['mean']:.3f} ± {s[a]['sd']:.3f}" + (f" ({cost[a]:.0f} s)" if a in cost else "")
+                     for a in agg["arms"])
+    return (f"{head}: TSS-averaged balanced accuracy (mean ± SD over {agg['n']} seeds"
+            + ("; in brackets the mean seconds to make the arm's training data" if cost else "")
+            + f") {arms}; {HEADLINE.column} "
             f"{gap['mean']:+.3f} ± {gap['sd']:.3f} (range {gap['min']:+.3f} to {gap['max']:+.3f}). Order: "
             f"{order_text(agg)} ({'every arm separated from the next' if sep else '≈: not separated'} by more than "
             "the spread over seeds).")

@@ -282,10 +282,51 @@ def cell_labels(cfg: DemoConfig, synthetic: dict) -> dict[str, np.ndarray]:
     return labels
 
 
-def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synthetic: dict) -> dict:
+def probe_pool(cfg: DemoConfig, index: pd.DataFrame) -> np.ndarray:
+    """Which cohort patches (a mask over the index) the probe draws its k real patches per class from."""
+    site = index["tissue_source_site"].to_numpy()
+    pool = np.zeros(len(index), bool)
+    for c, sites in cfg.spec.probe_pool.items():
+        pool |= (index["class"].to_numpy() == c) & np.isin(site, sites)
+    return pool
+
+
+def render_oracle(cfg: DemoConfig, per_site: bool) -> tuple[pd.DataFrame, np.ndarray]:
+    """Fresh patches from the cohort's renderer, through the cohort's own path to the model resolution
+    (the site's JPEG quality, then `load_patch`'s resize): per_site, n_synthetic_per_combo of every class x
+    cohort site (what MeDi makes); otherwise as many per class, spread evenly over its cohort sites only
+    (what a class-only model learns).  Seeds of their own: none is a patch of the cohort."""
+    import io
+    import zlib
+
+    from ..data.imageio import load_patch
+    from ..data.synth import jpeg_bytes, render_patches, site_style
+
+    spec, n = cfg.spec, cfg.n_synthetic_per_combo
+    counts = []
+    for c in spec.classes:
+        sites = spec.sites if per_site else list(spec.cohort[c])
+        total = n * len(spec.sites)
+        counts += [(c, s, total // len(sites) + (i < total % len(sites)) if not per_site else n)
+                   for i, s in enumerate(sites)]
+    rows, images = [], []
+    for c, s, k in counts:
+        style = site_style(s)
+        rng = np.random.default_rng([cfg.seed, 7919, zlib.crc32(c.encode()), zlib.crc32(s.encode())])
+        imgs = render_patches(c, style, k, cfg.render_resolution, seed=rng.integers(2 ** 63))
+        images += [load_patch(io.BytesIO(jpeg_bytes(im, style.jpeg_quality)), cfg.resolution) for im in imgs]
+        rows += [(c, s)] * k
+    return pd.DataFrame(rows, columns=["class", "tissue_source_site"]), np.stack(images)
+
+
+def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synthetic: dict,
+             views: dict | None = None, order: list[str] | None = None) -> dict:
+    """The distances, the probe and the shortcut meter.  `synthetic`: each arm's added patches; `views`:
+    each arm's transformed real patches (index order), on which the probe is trained and tested instead;
+    `order`: the arms' order in the tables (first seen, otherwise)."""
     from ..eval.features import ColourTexture
     from ..eval.fid import compute_fid
-    from ..eval.probe import ProbeConfig, per_site, run_probe, summarise
+    from ..eval.probe import NO_SYNTHETIC, SOURCE, ProbeConfig, per_site, run_probe, summarise
     from ..eval.shortcut import mi_report
 
     spec = cfg.spec
@@ -297,9 +338,12 @@ def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synt
     z = lambda x: (x - mu) / sd  # noqa: E731
     syn = {name: (meta, z(feat(images))) for name, (meta, images) in synthetic.items()}
 
-    # FID-style distance per class (colour-texture features), synthetic vs the real cohort, averaged.
+    # FID-style distance per class (colour-texture features), synthetic vs the real cohort, averaged: for the
+    # arms that make new patches; copies of the probe's own real pool (SOURCE) are no generator's output, and
+    # how many there are follows the probe's settings.
+    made = {name: p for name, p in synthetic.items() if SOURCE not in p[0].columns}
     fid_rows = []
-    for name, (meta, xs) in syn.items():
+    for name, (meta, xs) in ((n, syn[n]) for n in made):
         t = compute_fid(z(x_real[cohort]), xs, real_labels=index["class"].to_numpy()[cohort],
                         fake_labels=meta["class"].to_numpy()).set_index("group")
         fid_rows += [{"model": name, "class": c, "distance": float(t.loc[c, "fid"])} for c in spec.classes]
@@ -309,7 +353,7 @@ def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synt
     real_cells = np.array([f"{c}@{s}" for c, s in zip(index["class"].to_numpy()[cohort], site[cohort])], dtype=object)
     cells = [f"{c}@{s}" for c, ss in spec.cohort.items() for s in ss]
     cell_rows = []
-    for name, lab in cell_labels(cfg, synthetic).items():
+    for name, lab in cell_labels(cfg, made).items():
         keep = np.isin(lab, cells)
         t = compute_fid(z(x_real[cohort]), syn[name][1][keep], real_labels=real_cells,
                         fake_labels=lab[keep]).set_index("group")
@@ -317,21 +361,35 @@ def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synt
                        "distance": float(t.loc[cell, "fid"]) if cell in t.index else np.nan} for cell in cells]
     fid_cells = pd.DataFrame(cell_rows)
 
-    pool = np.zeros(len(index), bool)
-    for c, sites in spec.probe_pool.items():
-        pool |= (index["class"].to_numpy() == c) & np.isin(site, sites)
+    pool = probe_pool(cfg, index)
     test = np.isin(site, spec.test_sites)
     meta = index[["class", "tissue_source_site"]].reset_index(drop=True)
-    runs = []
-    for rep in range(cfg.probe_repeats):
-        pc = ProbeConfig(k=cfg.probe_k, ratio=cfg.probe_ratio, one_site_per_class=True, max_runs=None, seed=cfg.seed + rep)
-        r = run_probe((meta[pool].reset_index(drop=True), z(x_real[pool])),
-                      (meta[test].reset_index(drop=True), z(x_real[test])),
-                      {n: (m[["class", "tissue_source_site"]], x) for n, (m, x) in syn.items()},
-                      list(spec.classes), pc)
-        r["run"] = r["run"] + rep * 1000
-        runs.append(r)
+    keep = ["class", "tissue_source_site", SOURCE]
+
+    def probe(x: np.ndarray, added: dict) -> list[pd.DataFrame]:
+        """The probe's repeats on real features x (standardised), with `added` patches per arm."""
+        out = []
+        for rep in range(cfg.probe_repeats):
+            pc = ProbeConfig(k=cfg.probe_k, ratio=cfg.probe_ratio, one_site_per_class=True, max_runs=None,
+                             seed=cfg.seed + rep)
+            r = run_probe((meta[pool].reset_index(drop=True), x[pool]), (meta[test].reset_index(drop=True), x[test]),
+                          {n: (m[[c for c in keep if c in m.columns]], xs) for n, (m, xs) in added.items()},
+                          list(spec.classes), pc)
+            r["run"] = r["run"] + rep * 1000
+            out.append(r)
+        return out
+
+    runs = probe(z(x_real), syn)
+    for name, images in (views or {}).items():
+        # trained and tested on the transformed patches alone, standardised on the transformed cohort; the
+        # same real draws as every other arm (the draw depends on the metadata and the seed only)
+        xv = feat(images)
+        mu_v, sd_v = xv[cohort].mean(0), xv[cohort].std(0) + 1e-8
+        runs += [r[r["arm"] == NO_SYNTHETIC].assign(arm=name) for r in probe((xv - mu_v) / sd_v, {})]
     runs = pd.concat(runs, ignore_index=True)
+    if order is not None:
+        runs = runs.sort_values("arm", key=lambda a: a.map({n: i for i, n in enumerate(order)}),
+                                kind="stable").reset_index(drop=True)
     summary = summarise(runs)
     sites = per_site(runs)
     probe_train = meta[pool]

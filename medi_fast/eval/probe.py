@@ -28,6 +28,9 @@ METRICS = ("balanced_accuracy", "tss_balanced_accuracy", "mcc")
 NO_SYNTHETIC = "no-synthetic"
 # run_probe's per-test-site balanced accuracy columns: "bacc@" + site code.
 SITE_PREFIX = "bacc@"
+# A synthetic set's column naming, for patches derived from real training patches (an augmented copy), the
+# row of the real training set each came from: a run adds only those derived from the patches it drew.
+SOURCE = "derived_from_train_row"
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ def _fit_predict(x, y, x_test, cfg: ProbeConfig) -> np.ndarray:
 
 def run_probe(train, test, synthetic: dict, classes, cfg: ProbeConfig = ProbeConfig()) -> pd.DataFrame:
     """``train``/``test``/each synthetic value: (metadata DataFrame with class [+ site], embeddings (N, D)).
+    A synthetic set with a SOURCE column is drawn from the patches derived from the run's real draw only.
     Returns one row per (run, arm) with the run's sites and the three metrics."""
     (tr_meta, tr_x), (te_meta, te_x) = train, test
     for name, (meta, _) in [("real-train", train), ("real-test", test)]:
@@ -178,6 +182,7 @@ def run_probe(train, test, synthetic: dict, classes, cfg: ProbeConfig = ProbeCon
         raise MediFastError(f"the real test set has none of the classes {', '.join(classes)}; check --task")
     te_meta, te_x = te_meta[keep].reset_index(drop=True), te_x[keep]
     tr_keep = tr_meta["class"].isin(classes).to_numpy()
+    tr_rows = np.flatnonzero(tr_keep)  # each kept row's position in `train`, which SOURCE refers to
     tr_meta, tr_x = tr_meta[tr_keep].reset_index(drop=True), tr_x[tr_keep]
     y_test, test_sites = te_meta["class"].to_numpy(), te_meta[SITE].to_numpy()
     n_syn = int(round(cfg.ratio * cfg.k))
@@ -191,7 +196,10 @@ def run_probe(train, test, synthetic: dict, classes, cfg: ProbeConfig = ProbeCon
             if n_syn == 0:
                 arms[name] = (x_real, y_real)
                 continue
-            pos = _draw(s_meta, classes, n_syn, np.random.default_rng([cfg.seed, run, 1]), what=f"synthetic ({name})")
+            cand = (np.flatnonzero(s_meta[SOURCE].isin(tr_rows[real]).to_numpy()) if SOURCE in s_meta.columns
+                    else np.arange(len(s_meta)))
+            pos = cand[_draw(s_meta.iloc[cand], classes, n_syn, np.random.default_rng([cfg.seed, run, 1]),
+                             what=f"synthetic ({name})")]
             arms[name] = (np.concatenate([x_real, s_x[pos]]), np.concatenate([y_real, s_meta["class"].to_numpy()[pos]]))
         label = ";".join(f"{c}@{'+'.join(sites[c])}" for c in classes) if cfg.one_site_per_class else "all"
         for arm, (x, y) in arms.items():
