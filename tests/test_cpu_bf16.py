@@ -1,12 +1,14 @@
-"""bf16 generation on a CPU: offered only where the CPU has bf16 units, run when asked by name (auto
-keeps fp32), gated per model against fp32 when it starts, and batch-invariant."""
+"""bf16 generation on a CPU (torch-bf16 for checkpoints, openvino-bf16 for ONNX files): offered only
+where the CPU has bf16 units, run when asked by name (auto keeps fp32), gated per model against fp32
+when it starts, and batch-invariant."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from medi_fast import backends
-from medi_fast.backends import BACKENDS, AccuracyGateError, accuracy, cpu_bf16_native, create, open_model
+from medi_fast.backends import BACKENDS, accuracy, cpu_bf16_native, create, open_model
+from medi_fast.backends.accuracy import AccuracyGateError
 from medi_fast.cli import main
 from medi_fast.errors import MediFastError
 
@@ -102,3 +104,44 @@ def test_an_images_eps_does_not_depend_on_its_batch(ckpt, bf16_cpu):
     assert whole.shape == (40, 3, 32, 32)
     assert torch.equal(whole, torch.cat([part(0, 7), part(7, 40)]))
     assert torch.equal(whole, torch.cat([part(i, i + 1) for i in range(40)]))
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory, tiny_ckpt):
+    pytest.importorskip("openvino")
+    from medi_fast import checkpoint
+    from medi_fast.backends.contract import BatchRange
+    from medi_fast.engines.export import ExportConfig, export_onnx
+
+    return export_onnx(checkpoint.load(tiny_ckpt), tmp_path_factory.mktemp("ov") / "model.onnx",
+                       ExportConfig(batch=BatchRange(1, 16, 64)))
+
+
+@pytest.fixture
+def bf16_units(monkeypatch):
+    monkeypatch.setattr(backends, "cpu_bf16_native", lambda cpuinfo=None: True)
+
+
+def test_openvino_bf16_by_name_gated_and_batch_invariant(onnx_model, bf16_units):
+    info = open_model(onnx_model)
+    assert "openvino-bf16" not in backends.auto_candidates("onnx") and backends.resolve("auto", info) == "ort-cpu"
+    den = create("openvino-bf16", info)
+    # more of the graph in bf16 than torch's autocast: a larger error, inside its own 5e-2 bound
+    assert den.name == "openvino-bf16" and 1e-3 < den.gate.rel < accuracy.OPENVINO_BF16_REL == 5e-2
+    assert den.gate.nonfinite == 0
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(20, 3, 32, 32, generator=g), torch.randint(0, 1000, (20,), generator=g)
+    cond = {"class": torch.randint(0, 3, (20,), generator=g), "tss": torch.randint(0, 4, (20,), generator=g)}
+    whole = den(x, t, cond)
+    alone = torch.cat([den(x[i:i + 1], t[i:i + 1], {k: v[i:i + 1] for k, v in cond.items()}) for i in range(20)])
+    assert torch.equal(whole, alone)
+
+
+def test_openvino_bf16_refused_without_bf16_units_or_past_its_gate(onnx_model, monkeypatch):
+    monkeypatch.setattr(backends, "cpu_bf16_native", lambda cpuinfo=None: False)
+    ok, why = BACKENDS["openvino-bf16"].availability()
+    assert not ok and why.startswith("this CPU has no bf16 units")
+    monkeypatch.setattr(backends, "cpu_bf16_native", lambda cpuinfo=None: True)
+    monkeypatch.setattr(accuracy, "OPENVINO_BF16_REL", 1e-6)
+    with pytest.raises(AccuracyGateError, match="^openvino-bf16 fails its accuracy gate on model.onnx"):
+        create("openvino-bf16", open_model(onnx_model))

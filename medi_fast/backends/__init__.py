@@ -93,6 +93,8 @@ register("torch-compile", "torch_backend:TorchCompileBackend", ("checkpoint",), 
          "torch.compile (CUDA: fp16 + channels_last + CUDA graphs; CPU: fp32)")
 register("ort-cpu", "onnxruntime_backend:OrtCPUBackend", ("onnx",), 20, "ONNX Runtime CPU, threads = physical cores")
 register("openvino", "openvino_backend:OpenVINOBackend", ("onnx",), 15, "OpenVINO CPU fp32 (optional extra; --backend openvino)")
+register("openvino-bf16", "openvino_backend:OpenVINOBF16Backend", ("onnx",), 16,
+         "OpenVINO CPU bf16 (by name on CPUs with bf16 units, gated per model)")
 register("ort-cuda", "onnxruntime_backend:OrtCUDABackend", ("onnx",), 40, "ONNX Runtime CUDA, IO binding (+ CUDA graph)")
 register("ort-trt", "onnxruntime_backend:OrtTensorRTBackend", ("onnx",), 50, "ONNX Runtime TensorRT EP, fp16, engine cache")
 register("tensorrt", "tensorrt_backend:TensorRTBackend", ("tensorrt",), 60, "TensorRT engine, execute_async_v3 + CUDA graph")
@@ -402,10 +404,6 @@ def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
         if key.strip().lower() in ("flags", "features"):
             flags.update(value.split())
     return any(f in flags for f in CPU_BF16_FLAGS)
-
-
-class AccuracyGateError(MediFastError):
-    """A reduced-precision backend whose eps on this model is too far from fp32."""
 
 
 @contextmanager

@@ -13,12 +13,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .contract import IOContract
+from ..errors import MediFastError
+from .contract import BatchRange, IOContract
 
 # Relative eps error of a reduced-precision denoiser vs its fp32 reference.  bf16 keeps 8 mantissa
 # bits to fp16's 11: ~1e-2 on every model tried (CPU and GPU), hence a bound three times that.
 FP16_REL = 1e-2
 BF16_REL = 3e-2
+# OpenVINO's bf16 precision hint runs more of the graph in bf16 than torch's autocast (which keeps its
+# normalisations in fp32): 1.9e-2 (medi-128), 2.4e-2 (small-64) and 3.2e-2 (tiny-32), random weights.
+OPENVINO_BF16_REL = 5e-2
 # Probe batches of a gate that runs when a backend starts (bf16 on a CPU): the first batch covers
 # every probed timestep; the fp32 reference call is the cost (about 5 s for medi-128 on 2 cores).
 GATE_BATCHES = 2
@@ -119,4 +123,21 @@ def check_denoiser(reference, candidate, contract: IOContract, spec, *, rel_boun
         check.nonfinite += int((~torch.isfinite(images[1])).sum())
         a, b = (to_uint8(torch.nan_to_num(im)).astype(np.int16) for im in images)
         check.image_levels, check.image_bound = int(np.abs(a - b).max()), image_bound
+    return check
+
+
+class AccuracyGateError(MediFastError):
+    """A reduced-precision backend whose eps on this model is too far from fp32."""
+
+
+def bf16_gate(name: str, reference, candidate, info, rel_bound: float | None = None) -> DenoiserCheck:
+    """The gate a bf16 backend passes when it starts on a CPU: its eps on the first ``GATE_BATCHES``
+    probe batches (of 4) within ``rel_bound`` (default ``BF16_REL``) of ``reference`` (the same model
+    in fp32) and finite; ``AccuracyGateError`` in one line otherwise."""
+    contract = IOContract.from_spec(info.spec, info.resolution, BatchRange(1, 4, 4))
+    check = check_denoiser(reference, candidate, contract, info.spec, batches=GATE_BATCHES,
+                           rel_bound=BF16_REL if rel_bound is None else rel_bound)
+    if not check.ok:
+        raise AccuracyGateError(f"{name} fails its accuracy gate on {info.path.name}: {check.summary()} "
+                                "against the same model in fp32")
     return check

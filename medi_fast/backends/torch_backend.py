@@ -7,7 +7,7 @@ import torch
 
 from .. import checkpoint as ckpt_io
 from ..errors import MediFastError
-from . import AccuracyGateError, Backend, ModelInfo, bf16_native, cpu_bf16_native
+from . import Backend, ModelInfo, bf16_native, cpu_bf16_native
 
 
 def read_checkpoint_info(path) -> ModelInfo:
@@ -156,19 +156,13 @@ class TorchBF16Backend(TorchBackend):
         return torch.cat(out)
 
     def _check_gate(self, info):
-        from .accuracy import BF16_REL, GATE_BATCHES, check_denoiser
-        from .contract import BatchRange, IOContract
+        from .accuracy import bf16_gate
 
         @torch.inference_mode()
         def fp32(x, t, cond):  # the same weights without autocast
             return self._forward(x, t, cond).float()
 
-        contract = IOContract.from_spec(info.spec, info.resolution, BatchRange(1, 4, 4))
-        check = check_denoiser(fp32, self, contract, info.spec, rel_bound=BF16_REL, batches=GATE_BATCHES)
-        if not check.ok:
-            raise AccuracyGateError(f"torch-bf16 fails its accuracy gate on {info.path.name}: {check.summary()} "
-                                    "against the same model in fp32")
-        return check
+        return bf16_gate("torch-bf16", fp32, self, info)
 
 
 COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
