@@ -74,8 +74,9 @@ def fp32_conv_peak(threads: int, repeats: int = 10) -> tuple[float, list]:
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], [w])
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
-        sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-                                    .SerializeToString(), so, providers=["CPUExecutionProvider"])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8  # onnx writes its newest IR by default; ONNX Runtime may read only older ones
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         x = np.random.default_rng(1).standard_normal(shape, np.float32)
         best = min(alternate({"conv": lambda: sess.run(None, {"x": x})}, repeats).wall["conv"])
         rates.append({"shape": shape, "gflop_s": round(2 * batch * ch * ch * 9 * px * px / best / 1e9, 1)})
