@@ -186,7 +186,6 @@ class TorchCompileBackend(TorchBackend):
             self.dtype = torch.float16
             self.channels_last = True
         super().__init__(info, device=device, **kw)
-
         self._batch = 0  # the largest batch compiled so far
 
     @property
