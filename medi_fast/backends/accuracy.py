@@ -24,7 +24,7 @@ BF16_REL = 3e-2
 # normalisations in fp32): 1.9e-2 (medi-128), 2.4e-2 (small-64) and 3.2e-2 (tiny-32), random weights.
 OPENVINO_BF16_REL = 5e-2
 # Probe batches of a gate that runs when a backend starts (bf16 on a CPU): the first batch covers
-# every probed timestep; the fp32 reference call is the cost (about 5 s for medi-128 on 2 cores).
+# every probed timestep; the two fp32 reference calls (batches of 4) are most of its cost.
 GATE_BATCHES = 2
 # Timesteps probed: both ends of the schedule and the middle, where eps magnitudes differ most.
 TIMESTEPS = (0, 1, 250, 500, 750, 999)
