@@ -29,8 +29,7 @@ from . import plan as plans
 from .backends import ModelInfo, sampling_threads
 from .conditioning import CATEGORICAL, ConditionSpec, column_for
 from .errors import MediFastError
-from .generate import GenerateConfig
-from .guidance import classifier_free
+from .generate import GenerateConfig, guided, row_conditions, row_noise
 from .pixels import from_uint8, to_uint8
 from .samplers import ddim_invert, get_sampler, timesteps_for
 
@@ -105,27 +104,22 @@ def edit_rows(denoiser, info: ModelInfo, images: np.ndarray, rows: pd.DataFrame,
     if n_run == 0:  # strength 0 (or below one step): nothing to undo, the input is the answer
         return np.array(images, dtype=np.uint8, copy=True)
     check_model(info, cfg)
-    spec, schedule, res = info.spec, info.schedule, info.resolution
+    spec, schedule = info.spec, info.schedule
     device = getattr(denoiser, "device", torch.device("cpu"))
     ts = timesteps_for(cfg.sampler, schedule, cfg.steps)
     start = len(ts) - n_run
     x0 = from_uint8(images).to(device)  # (B, 3, H, W) in [-1, 1]
-    target = {k: v.to(device) for k, v in spec.encode({n: rows[n].tolist() for n in spec.names}, len(rows)).items()}
-    gens = [torch.Generator().manual_seed(int(s)) for s in rows["seed"]]
-
-    def draw() -> torch.Tensor:  # the next draw of each row's own stream
-        return torch.stack([torch.randn(3, res, res, generator=g) for g in gens]).to(device)
-
-    fn = denoiser if cfg.guidance == 1.0 else classifier_free(denoiser, spec, cfg.guidance)
+    target = row_conditions(spec, rows, device)
+    draw = row_noise(rows, info.resolution, device)
     with sampling_threads(denoiser):
         if cfg.method == "sdedit":
             t0 = torch.full((len(rows),), int(ts[start]), dtype=torch.long, device=device)
             x = schedule.add_noise(x0, draw(), t0)
         else:
             # encoded with the conditional model alone: guidance has no inverse, the decoding applies it
-            source = spec.encode({n: rows[source_column(n)].tolist() for n in spec.names}, len(rows))
-            x = ddim_invert(denoiser, x0, ts, schedule, {k: v.to(device) for k, v in source.items()}, stop=start)
-        x = get_sampler(cfg.sampler)(fn, x, ts, schedule, target, eta=cfg.eta,
+            source = row_conditions(spec, rows, device, column=source_column)
+            x = ddim_invert(denoiser, x0, ts, schedule, source, stop=start)
+        x = get_sampler(cfg.sampler)(guided(denoiser, spec, cfg.guidance), x, ts, schedule, target, eta=cfg.eta,
                                      noise=(lambda _: draw()) if cfg.eta > 0 else None, start=start)
         return to_uint8(x)
 

@@ -119,23 +119,35 @@ def distilled_warning(info: ModelInfo, cfg: GenerateConfig) -> str | None:
             f"measured at {made}; drop --steps/--sampler to use it")
 
 
+def row_noise(rows: pd.DataFrame, resolution: int, device) -> Callable[[], torch.Tensor]:
+    """Each row's own noise stream, seeded by its plan seed: every call draws the next (B, 3, H, W), so
+    an image never depends on the rows it is batched with."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in rows["seed"]]
+    return lambda: torch.stack([torch.randn(3, resolution, resolution, generator=g) for g in gens]).to(device)
+
+
+def row_conditions(spec, rows: pd.DataFrame, device, column: Callable[[str], str] = str) -> dict:
+    """The rows' conditioning ids on ``device``, each attribute read from ``rows[column(name)]``."""
+    values = {name: rows[column(name)].tolist() for name in spec.names}
+    return {k: v.to(device) for k, v in spec.encode(values, len(rows)).items()}
+
+
+def guided(denoiser, spec, guidance: float):
+    """The denoiser with classifier-free guidance at ``guidance`` (itself at 1)."""
+    return denoiser if guidance == 1.0 else classifier_free(denoiser, spec, guidance)
+
+
 def sample_rows(denoiser, info: ModelInfo, rows: pd.DataFrame, cfg: GenerateConfig) -> np.ndarray:
     """Generate one batch; each row's image depends only on its seed and conditioning."""
-    res = info.resolution
     device = getattr(denoiser, "device", torch.device("cpu"))
-    gens = [torch.Generator().manual_seed(int(s)) for s in rows["seed"]]
-    x_T = torch.stack([torch.randn(3, res, res, generator=g) for g in gens]).to(device)  # (B, 3, H, W)
-
-    def noise(_: int) -> torch.Tensor:  # per-sample streams continue after x_T
-        return torch.stack([torch.randn(3, res, res, generator=g) for g in gens]).to(device)
-
-    values = {name: rows[name].tolist() for name in info.spec.names}
-    cond = {k: v.to(device) for k, v in info.spec.encode(values, len(rows)).items()}
-    fn = denoiser if cfg.guidance == 1.0 else classifier_free(denoiser, info.spec, cfg.guidance)
+    draw = row_noise(rows, info.resolution, device)
+    x_T = draw()  # (B, 3, H, W); with eta > 0 the per-row streams continue after it
+    cond = row_conditions(info.spec, rows, device)
     sampler = get_sampler(cfg.sampler)
     ts = timesteps_for(cfg.sampler, info.schedule, cfg.steps)
     with sampling_threads(denoiser):
-        x0 = sampler(fn, x_T, ts, info.schedule, cond, eta=cfg.eta, noise=noise if cfg.eta > 0 else None)
+        x0 = sampler(guided(denoiser, info.spec, cfg.guidance), x_T, ts, info.schedule, cond, eta=cfg.eta,
+                     noise=(lambda _: draw()) if cfg.eta > 0 else None)
         return to_uint8(x0)
 
 
