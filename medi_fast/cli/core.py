@@ -72,6 +72,64 @@ def runtime_options(func):
     return func
 
 
+def ray_choice(ray_address, ray_workers, ray_gpus_per_worker=None):
+    """`--ray [ADDRESS]` and its pool options as ``RayOptions`` (None without --ray), checked, the [ray]
+    extra required in one line."""
+    from ..generate import RayOptions
+
+    if ray_address is None:
+        given = [o for o, v in (("--ray-workers", ray_workers), ("--ray-gpus-per-worker", ray_gpus_per_worker))
+                 if v is not None]
+        if given:
+            raise MediFastError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only with --ray; "
+                                "add --ray")
+        return None
+    if _given("workers"):  # Ray actors write their own files; there are no writer threads to size
+        raise MediFastError("--workers has no effect with --ray (each actor writes its own files); drop it, "
+                            "or size the pool with --ray-workers")
+    from ..ray_generate import require_ray
+
+    require_ray()  # a missing extra is said first, in one line
+    return RayOptions(address=None if ray_address == "local" else ray_address, workers=ray_workers,
+                      gpus_per_worker=ray_gpus_per_worker)
+
+
+def check_engine_cache(engine_cache, backend) -> None:
+    if engine_cache is not None and backend not in ("tensorrt", "ort-trt"):
+        raise MediFastError("--engine-cache applies to --backend tensorrt or ort-trt only; drop it or pick one")
+
+
+def open_for_backend(path, backend: str, engine_cache):
+    """The model file as the backend runs it (an .onnx for --backend tensorrt: its engine, built on first
+    use and reused from the engine cache after) and the backend's options from the command line."""
+    from .. import backends
+
+    info = backends.open_model(path)
+    if backend == "tensorrt" and info.kind == "onnx":
+        from ..engines.tensorrt_build import cached_engine
+
+        info = backends.open_model(cached_engine(info.path, engine_cache))
+    return info
+
+
+def backend_options(device, backend: str, engine_cache) -> dict:
+    options = {"device": device} if device else {}
+    if engine_cache and backend == "ort-trt":
+        options["cache_dir"] = str(engine_cache)
+    return options
+
+
+def echo_start(job, info, choice, out_text: str | None) -> None:
+    """What a job runs, where it writes and its warnings, on stderr once its checks have passed."""
+    used = info.path if info.path == choice.path else f"{info.path} of {choice.path}"
+    where = f"on Ray, backend {job.backend}" if job.on_ray else f"backend {job.backend}"
+    click.echo(f"model {used} (from {choice.source}), hash {info.model_hash}, {where}", err=True)
+    if job.out is not None:
+        click.echo(f"output {job.out}" + (f" ({out_text})" if out_text else ""), err=True)
+    for warning in job.warnings:
+        click.echo(f"medi-fast: warning: {warning}", err=True)
+
+
 @click.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--model", "model_opt", type=click.Path(path_type=Path), help=MODEL_HELP)
@@ -119,58 +177,32 @@ def generate(model, model_opt, class_, tss, gender, race, age, meta, n, plan, si
     medi-fast generate model.onnx --plan fill-missing --classes LUAD,LUSC --sites-from split/train.csv \\
         --n-per-combo 50 --out synth/
     """
-    from .. import backends
     from .. import plan as plans
-    from ..generate import FIDStats, GenerateConfig, RayOptions, for_model
+    from ..generate import FIDStats, GenerateConfig, for_model
     from ..job import run_job
 
-    if engine_cache is not None and backend not in ("tensorrt", "ort-trt"):
-        raise MediFastError("--engine-cache applies to --backend tensorrt or ort-trt only; drop it or pick one")
+    check_engine_cache(engine_cache, backend)
     if inception_weights is not None and fid_stats is None:
         raise MediFastError("--inception-weights applies to --fid-stats only; drop it or add --fid-stats FILE.npz")
-    ray = None
-    if ray_address is not None:
-        if _given("workers"):  # Ray actors write their own files; there are no writer threads to size
-            raise MediFastError("--workers has no effect with --ray (each actor writes its own files); drop it, "
-                                "or size the pool with --ray-workers")
-        ray = RayOptions(address=None if ray_address == "local" else ray_address, workers=ray_workers,
-                         gpus_per_worker=ray_gpus_per_worker)
-    elif ray_workers is not None or ray_gpus_per_worker is not None:
-        raise MediFastError("--ray-workers and --ray-gpus-per-worker apply only with --ray; add --ray")
-    if ray is not None:
-        from ..ray_generate import require_ray
-
-        require_ray()  # a missing extra is said first, in one line
+    ray = ray_choice(ray_address, ray_workers, ray_gpus_per_worker)
     choice = _model_choice(model, model_opt)
     cfg = GenerateConfig(steps=100 if steps is None else steps, eta=eta, guidance=guidance, batch_size=batch_size,
                          sampler="ddim" if sampler is None else sampler,  # --sampler '' is an unknown name
                          format=fmt, jpeg_quality=jpeg_quality, workers=workers)
     shard_ = _parse_shard(shard)
     values = _with_class(class_, _metadata(tss, gender, race, age, meta))
-    info = backends.open_model(choice.path)
-    if backend == "tensorrt" and info.kind == "onnx":  # build on first use, reuse from the engine cache after
-        from ..engines.tensorrt_build import cached_engine
-
-        info = backends.open_model(cached_engine(info.path, engine_cache))
+    info = open_for_backend(choice.path, backend, engine_cache)
     cfg = for_model(cfg, info, steps_given=steps is not None, sampler_given=sampler is not None)
     the_plan = plans.build(info.spec, plan=plan, values=values, n=n, seed=seed, sites_from=sites_from,
                            classes=parse_list(classes or ""), n_per_combo=n_per_combo, k=k)
     out_source = _source_of("out")
     if out is None and fid_stats is None:
         out, out_source = plans.default_out_dir(the_plan, plan), "default; --out DIR to change"
-    options = {"device": device} if device else {}
-    if engine_cache and backend == "ort-trt":
-        options["cache_dir"] = str(engine_cache)
+    options = backend_options(device, backend, engine_cache)
     fid = FIDStats(fid_stats, weights=inception_weights, device=device) if fid_stats is not None else None
 
     def started(job) -> None:
-        used = info.path if info.path == choice.path else f"{info.path} of {choice.path}"
-        where = f"on Ray, backend {job.backend}" if job.on_ray else f"backend {job.backend}"
-        click.echo(f"model {used} (from {choice.source}), hash {info.model_hash}, {where}", err=True)
-        if job.out is not None:
-            click.echo(f"output {job.out} ({out_source})", err=True)
-        for warning in job.warnings:
-            click.echo(f"medi-fast: warning: {warning}", err=True)
+        echo_start(job, info, choice, out_source)
         if not quiet:
             click.echo(f"{len(the_plan)} images planned"
                        f"{f', shard {shard_[0]}/{shard_[1]}' if shard_[1] > 1 else ''}", err=True)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import MediFastError
-from .core import MODEL_HELP, runtime_options
+from .core import (MODEL_HELP, backend_options, check_engine_cache, echo_start, open_for_backend, ray_choice,
+                   runtime_options)
 
 
 @click.command()
@@ -48,52 +48,28 @@ def edit(images, to, strength, method, out, model, batch_size, steps, sampler, e
     medi-fast edit patches/ --to class=LUAD --to tss=44 --strength 0.5 --out edited/
     medi-fast edit index.parquet --to tss=44 --method inversion --strength 0.8 --out edited/
     """
-    from .. import backends
     from .. import edit as edits
     from ..defaults import require_model
-    from ..generate import RayOptions, for_model
+    from ..generate import for_model
     from ..job import run_job
 
-    if engine_cache is not None and backend not in ("tensorrt", "ort-trt"):
-        raise MediFastError("--engine-cache applies to --backend tensorrt or ort-trt only; drop it or pick one")
-    ray = None
-    if ray_address is not None:
-        if click.get_current_context().get_parameter_source("workers") is click.core.ParameterSource.COMMANDLINE:
-            raise MediFastError("--workers has no effect with --ray (each actor writes its own files); drop it, "
-                                "or size the pool with --ray-workers")
-        ray = RayOptions(address=None if ray_address == "local" else ray_address, workers=ray_workers)
-    elif ray_workers is not None:
-        raise MediFastError("--ray-workers applies only with --ray; add --ray")
+    check_engine_cache(engine_cache, backend)
+    ray = ray_choice(ray_address, ray_workers)
     cfg = edits.EditConfig(steps=100 if steps is None else steps, eta=eta, guidance=guidance, batch_size=batch_size,
                            sampler="ddim" if sampler is None else sampler, format=fmt, jpeg_quality=jpeg_quality,
                            workers=workers, strength=strength, method=method)
     targets = edits.parse_targets(to)
-    if ray is not None:
-        from ..ray_generate import require_ray
-
-        require_ray()
     edits.check_out(out, images)
     choice = require_model(model)
-    info = backends.open_model(choice.path)
-    if backend == "tensorrt" and info.kind == "onnx":  # build on first use, reuse from the engine cache after
-        from ..engines.tensorrt_build import cached_engine
-
-        info = backends.open_model(cached_engine(info.path, engine_cache))
+    info = open_for_backend(choice.path, backend, engine_cache)
     cfg = for_model(cfg, info, steps_given=steps is not None, sampler_given=sampler is not None)
     the_plan = edits.plan_edits(info.spec, edits.read_input(images, info.spec), targets, seed, method)
     edits.check_model(info, cfg)
     edits.check_images(the_plan, info.resolution)
-    options = {"device": device} if device else {}
-    if engine_cache and backend == "ort-trt":
-        options["cache_dir"] = str(engine_cache)
+    options = backend_options(device, backend, engine_cache)
 
     def started(job) -> None:
-        used = info.path if info.path == choice.path else f"{info.path} of {choice.path}"
-        where = f"on Ray, backend {job.backend}" if job.on_ray else f"backend {job.backend}"
-        click.echo(f"model {used} (from {choice.source}), hash {info.model_hash}, {where}", err=True)
-        click.echo(f"output {job.out}", err=True)
-        for warning in job.warnings:
-            click.echo(f"medi-fast: warning: {warning}", err=True)
+        echo_start(job, info, choice, None)
         if not quiet:
             click.echo(f"{len(the_plan)} images to edit ({method}, strength {strength}: the last "
                        f"{cfg.steps_run()} of {cfg.steps} {cfg.sampler} steps)", err=True)
