@@ -35,6 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
+from medi_fast.demo import stain  # noqa: E402
+
 import medi_fast  # noqa: E402
 from medi_fast.data.synth import render_patches, site_style  # noqa: E402
 
@@ -58,26 +60,6 @@ def observed(images: np.ndarray, site: str, resolution: int) -> np.ndarray:
 
 def render(cls: str, site: str, seeds, resolution: int) -> np.ndarray:
     return observed(np.concatenate([render_patches(cls, site, 1, 64, seed=int(s)) for s in seeds]), site, resolution)
-
-
-def stain_normalisers(reference: np.ndarray) -> dict:
-    """Macenko and Reinhard (torchstain) fitted on a 2 x 2 mosaic of ``reference`` patches."""
-    import torchstain
-
-    r = reference
-    mosaic = np.concatenate([np.concatenate([r[0], r[1]], 1), np.concatenate([r[2], r[3]], 1)], 0)
-    macenko = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
-    macenko.fit(mosaic)
-    reinhard = torchstain.normalizers.ReinhardNormalizer(backend="numpy")
-    reinhard.fit(mosaic)
-
-    def run_macenko(img):
-        out, _, _ = macenko.normalize(I=img, stains=False)
-        return np.clip(out, 0, 255).astype(np.uint8)
-
-    def run_reinhard(img):
-        return np.clip(reinhard.normalize(img), 0, 255).astype(np.uint8)
-    return {"macenko": run_macenko, "reinhard": run_reinhard}
 
 
 def measures(out: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,8 +112,8 @@ def main() -> int:
             src, truth = render(cls, source, seeds, res), render(cls, target, seeds, res)
             reference = render(cls, target, SEED_BASE + 500 + 1000 * ci + np.arange(4), res)
             outs = {("identity", 0.0): src}
-            for name, fn in stain_normalisers(reference).items():
-                outs[(name, 0.0)] = np.stack([fn(img) for img in src])
+            for name in stain.NORMALISATIONS:  # the demo's normalisation arms, fitted on the reference mosaic
+                outs[(name, 0.0)] = stain.normalise(name, src, stain.mosaic(reference))
             for method in ("sdedit", "inversion"):
                 for s in strengths:
                     outs[(method, s)] = pipe.edit(src, cls, tss=target, strength=s, method=method,
