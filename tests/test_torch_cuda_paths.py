@@ -118,7 +118,8 @@ def test_auto_says_when_it_leaves_a_gpu_idle(ckpt, tmp_path, monkeypatch):
     info = open_model(onnx_path)
     den = backends.create("auto", info)
     assert den.name == "ort-cpu"
-    assert backends.idle_gpu_warning("auto", den, info) is None  # no GPU here (or not faked yet)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backends.idle_gpu_warning("auto", den, info) is None  # no GPU: nothing left idle
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     msg = backends.idle_gpu_warning("auto", den, info)
     assert msg.startswith("ort-cpu runs model.onnx on the CPU although this machine has a CUDA GPU")
