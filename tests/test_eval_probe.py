@@ -118,3 +118,26 @@ def test_tasks():
     assert resolve_task("TCGA-LUAD,Lung_squamous_cell_carcinoma") == ["LUAD", "LUSC"]
     with pytest.raises(MediFastError, match="fewer than two classes"):
         resolve_task("nsclcx")
+
+
+def test_drawn_rows_are_the_real_patches_the_runs_draw():
+    """drawn_rows: a set derived (SOURCE) from those rows alone serves every run; without one of them a run
+    that drew it finds too few patches."""
+    from medi_fast.eval.probe import SOURCE, ProbeConfig, drawn_rows, run_probe
+
+    rng = np.random.default_rng(0)
+    train = pd.DataFrame({"class": ["A"] * 12 + ["B"] * 12 + ["C"] * 3,
+                          "tissue_source_site": (["s1"] * 6 + ["s2"] * 6) * 2 + ["s3"] * 3})
+    test = pd.DataFrame({"class": ["A", "B"] * 4, "tissue_source_site": ["t1"] * 8})
+    cfg = ProbeConfig(k=3, ratio=1.0, one_site_per_class=True, max_runs=None, seed=4)
+    rows = drawn_rows(train, ["A", "B"], cfg)
+    assert len(rows) < 24 and set(train["class"].iloc[rows]) == {"A", "B"}  # class C is not a probe class
+    x, xt = rng.normal(size=(len(train), 3)), rng.normal(size=(len(test), 3))
+
+    def derived(keep):
+        return pd.DataFrame({"class": train["class"].iloc[keep].to_numpy(), SOURCE: keep}), x[keep]
+
+    runs = run_probe((train, x), (test, xt), {"aug": derived(rows)}, ["A", "B"], cfg)
+    assert len(runs) == 2 * 4  # every site combination ran, with the derived arm
+    with pytest.raises(MediFastError, match="only 2 synthetic"):
+        run_probe((train, x), (test, xt), {"aug": derived(rows[1:])}, ["A", "B"], cfg)

@@ -163,6 +163,22 @@ def _fit_predict(x, y, x_test, cfg: ProbeConfig) -> np.ndarray:
     return clf.fit(x, y).predict(x_test)
 
 
+def _real_draws(meta: pd.DataFrame, classes, cfg: ProbeConfig):
+    """Each run's (run, {class: sites}, row positions of its k real patches per class) over ``meta``
+    (the real training pool, of ``classes`` only).  Every arm of a run trains on this draw."""
+    for run, sites in enumerate(site_combinations(meta, classes, cfg)):
+        yield run, sites, _draw(meta, classes, cfg.k, np.random.default_rng([cfg.seed, run]), sites)
+
+
+def drawn_rows(train_meta: pd.DataFrame, classes, cfg: ProbeConfig = ProbeConfig()) -> np.ndarray:
+    """The rows of ``train_meta`` (positions, sorted) that some run of :func:`run_probe` with ``cfg`` draws
+    as its real patches: the only ones a synthetic set derived from real patches (SOURCE) needs to cover."""
+    keep = train_meta["class"].isin(classes).to_numpy()
+    rows = np.flatnonzero(keep)
+    meta = train_meta[keep].reset_index(drop=True)
+    return np.unique(np.concatenate([rows[real] for _, _, real in _real_draws(meta, classes, cfg)]))
+
+
 def run_probe(train, test, synthetic: dict, classes, cfg: ProbeConfig = ProbeConfig()) -> pd.DataFrame:
     """``train``/``test``/each synthetic value: (metadata DataFrame with class [+ site], embeddings (N, D)).
     A synthetic set with a SOURCE column is drawn from the patches derived from the run's real draw only.
@@ -187,9 +203,7 @@ def run_probe(train, test, synthetic: dict, classes, cfg: ProbeConfig = ProbeCon
     y_test, test_sites = te_meta["class"].to_numpy(), te_meta[SITE].to_numpy()
     n_syn = int(round(cfg.ratio * cfg.k))
     rows = []
-    for run, sites in enumerate(site_combinations(tr_meta, classes, cfg)):
-        rng = np.random.default_rng([cfg.seed, run])
-        real = _draw(tr_meta, classes, cfg.k, rng, sites)
+    for run, sites, real in _real_draws(tr_meta, classes, cfg):
         x_real, y_real = tr_x[real], tr_meta["class"].to_numpy()[real]
         arms = {NO_SYNTHETIC: (x_real, y_real)}
         for name, (s_meta, s_x) in synthetic.items():
