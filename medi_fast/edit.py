@@ -215,7 +215,8 @@ def plan_edits(spec: ConditionSpec, sources: pd.DataFrame, targets: Mapping[str,
                method: str = "sdedit") -> plans.Plan:
     """The plan of an edit: one row per source (``sources``: :func:`read_input`'s columns, ``source``
     None for images given in memory) with the target conditions (each attribute's ``targets`` value,
-    by attribute or data column name, else the source's own), the source conditions and the seed
+    by attribute or data column name, else the source's own; one value for all rows or a sequence of one per
+    row), the source conditions and the seed
     (``plan.derive_seeds(seed, row)``, as generation's).  Values are checked against the model's
     vocabularies."""
     names = {column_for(n): n for n in spec.names}
@@ -247,7 +248,7 @@ def plan_edits(spec: ConditionSpec, sources: pd.DataFrame, targets: Mapping[str,
         src = plans.from_counts(spec, sources[list(spec.names)].assign(count=1), 0).rows
     tgt = sources[list(spec.names)].copy()
     for name, value in wanted.items():
-        tgt[name] = [value] * len(tgt)
+        tgt[name] = _per_row(name, value, len(tgt))
     plan = plans.from_counts(spec, tgt.assign(count=1), seed)
     rows = plan.rows.drop(columns="seed")
     rows[SOURCE] = [None if s is None else str(s) for s in sources[SOURCE]]
@@ -255,6 +256,17 @@ def plan_edits(spec: ConditionSpec, sources: pd.DataFrame, targets: Mapping[str,
         rows[source_column(name)] = src[name].to_numpy() if src is not None else [None] * len(rows)
     rows["seed"] = plan.rows["seed"].to_numpy()
     return plans.Plan(rows, plan.attributes)
+
+
+def _per_row(name: str, value, n: int) -> list:
+    """A target value for every row: one value (a string or a number) for all, or a sequence of n."""
+    if isinstance(value, (str, bytes)) or np.ndim(value) == 0:
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise MediFastError(f"the target {name} gives {len(values)} values for {n} images; give one per image, or "
+                            "one value for all")
+    return values
 
 
 def check_images(plan: plans.Plan, resolution: int) -> None:

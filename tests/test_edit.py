@@ -187,8 +187,22 @@ def test_sdedit_noise_comes_from_the_seed(pipe, patches):
     assert np.abs(b[:3].astype(int) - a[:3]).max() <= 1 and (b[3] != a[3]).mean() > 0.5
 
 
+def test_a_target_per_image_is_each_image_edited_to_its_own(pipe, patches):
+    """tss=[...] gives each image its own target: the images a call per target makes (sdedit: the same
+    noise, as image i's comes from (seed, i))."""
+    sites = ["44", "49", "44", "05", "49"]
+    mixed = pipe.edit(patches, tss=sites, strength=0.6, seed=3, source=SOURCE)
+    for site in set(sites):
+        alone = pipe.edit(patches, tss=site, strength=0.6, seed=3, source=SOURCE)
+        rows = [i for i, s in enumerate(sites) if s == site]
+        assert np.abs(mixed[rows].astype(int) - alone[rows]).max() <= 1
+    with pytest.raises(MediFastError, match="the target tss gives 2 values for 5 images; give one per image"):
+        pipe.edit(patches, tss=["44", "49"], source=SOURCE)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda p, x: p.edit(x[:, :16], tss="44", source=SOURCE), "images are 32x16; this model edits 32x32"),
+    (lambda p, x: p.edit(x, tss=["44", "99", "44", "44", "44"], source=SOURCE), "unknown tss '99'"),
     (lambda p, x: p.edit(x.astype(np.float32), tss="44", source=SOURCE), "images must be uint8"),
     (lambda p, x: p.edit(x, tss="44", method="inversion"), "--method inversion encodes each patch under its source"),
     (lambda p, x: p.edit(x, tss="44"), "no source class; give the target with --to class=NAME"),
