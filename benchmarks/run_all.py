@@ -304,16 +304,9 @@ def per_site_table(ds: dict) -> list[str]:
     recs = ds["variants"].get(name, {}).get("records", []) if name else []
     if not recs or not all("probe_sites" in r for r in recs):
         return []
-    from medi_fast.demo.seeds import arm_names, gaps
+    from medi_fast.demo.seeds import per_site_rows
 
-    arms = arm_names(recs)
-    sites = list(recs[0]["probe_sites"][arms[0]])
-    at = lambda r, a, s: r["probe_sites"][a][s]  # noqa: E731
-    rows = [{"": a, **{s: f"{sum(at(r, a, s) for r in recs) / len(recs):.3f}" for s in sites}} for a in arms]
-    for hi, lo in ((g.hi, g.lo) for g in reversed(gaps(recs))):  # each gap above the one it builds on
-        rows.append({"": f"{hi} - {lo} (range over seeds)",
-                     **{s: f"{min(at(r, hi, s) - at(r, lo, s) for r in recs):+.2f} to "
-                           f"{max(at(r, hi, s) - at(r, lo, s) for r in recs):+.2f}" for s in sites}})
+    rows = per_site_rows(recs)
     return [f"The demo's default per unseen test site ({len(recs)} seeds): balanced accuracy at each site, mean "
             "over seeds (the TSS-averaged accuracy above is the mean over sites), and the gaps' range over seeds. "
             "Each site is a stain shift of its own.", "", _table(rows), ""]

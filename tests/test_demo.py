@@ -41,7 +41,7 @@ def test_report_and_outputs(demo_run):
     for name in compared:  # the probe's table: a row per arm, the seconds to make its data beside its accuracy
         assert re.search(rf"^\| {re.escape(name)} +\| +\d+ \| .* \| +[\d.]+ \|$", md, re.M), name
     assert "## Timings" in md and "| total " in md
-    for fig in ("coverage", "real", "medi", "cls"):
+    for fig in ("coverage", "real", "medi", "cls", "medi-edit"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 0
     # MeDi fills every class x cohort site, including the combinations absent from training.
     medi = pd.read_csv(out / "synthetic" / "medi" / "manifest.csv", dtype=str, keep_default_na=False)
@@ -76,8 +76,8 @@ def test_report_and_outputs(demo_run):
     # Every arm of the registry, in its order; each one's cost is the seconds of its own stages in the timings
     # (those of the arms it builds on included).
     assert list(res["probe"]) == list(res["arm_seconds"]) == compared
-    assert compared == ["no-synthetic", "CLS", "MeDi", "HED-jitter", "Macenko-aug", "MeDi+HED", "Macenko-norm",
-                        "Reinhard-norm", "CLS-oracle", "MeDi-oracle"]
+    assert compared == ["no-synthetic", "CLS", "MeDi", "MeDi-edit", "HED-jitter", "Macenko-aug", "MeDi+HED",
+                        "Macenko-norm", "Reinhard-norm", "CLS-oracle", "MeDi-oracle"]
     section = md.split("## Timings")[1]
     timings = {m[0]: float(m[1]) for m in re.findall(r"^\| (.+?) +\| +([\d.]+) \|$", section, re.M)}
     assert res["arm_seconds"]["no-synthetic"] == 0.0
@@ -275,6 +275,11 @@ def test_seeds_run_once_per_seed_and_report_the_spread(tmp_path):
     assert agg["stats"]["MeDi"]["mean"] == pytest.approx(np.mean(accs))
     md = (out / "report.md").read_text()
     assert "mean ± SD (2 seeds)" in md and "seed-1/report.html" in md
+    # per test site: each arm's mean over seeds, and the headline gap's range
+    site = md.split("## Per unseen test site")[1]
+    medi_s5 = np.mean([json.loads((out / f"seed-{s}" / "results.json").read_text())["probe_sites"]["MeDi"]["S5"]
+                       for s in (0, 1)])
+    assert re.search(rf"^\| MeDi +\| +{medi_s5:.3f} +\|", site, re.M) and "| MeDi - CLS (range over seeds)" in site
     assert "MeDi" in (out / "report.html").read_text()
     # The directory of a run over seeds can be overwritten by another.
     run_seeds(toy(out), [0, 2], overwrite=True)
@@ -381,7 +386,8 @@ def test_a_probe_larger_than_the_synthetic_set_is_refused_up_front(tmp_path):
 def test_the_registry_names_the_arms_in_order_and_the_student_only_with_distill():
     from medi_fast.eval.probe import NO_SYNTHETIC
 
-    others = ["HED-jitter", "Macenko-aug", "MeDi+HED", "Macenko-norm", "Reinhard-norm", "CLS-oracle", "MeDi-oracle"]
+    others = ["MeDi-edit", "HED-jitter", "Macenko-aug", "MeDi+HED", "Macenko-norm", "Reinhard-norm", "CLS-oracle",
+              "MeDi-oracle"]
     assert [a.name for a in arms.for_config(DemoConfig())] == [NO_SYNTHETIC, "CLS", "MeDi", *others]
     with_student = arms.for_config(DemoConfig(distill=True, distill_steps=2))
     assert [a.name for a in with_student] == [NO_SYNTHETIC, "CLS", "MeDi", "MeDi-2-step", *others]
@@ -390,12 +396,13 @@ def test_the_registry_names_the_arms_in_order_and_the_student_only_with_distill(
     assert [a.recipe.per_site for a in with_student[:3]] == [False, False, True]
     # only the arms with a model train; MeDi + HED builds on MeDi's samples; the oracles render
     assert [a.name for a in with_student if a.recipe.trains] == ["CLS", "MeDi"]
-    assert {a.name: a.recipe.needs for a in with_student if a.recipe.needs} == {"MeDi-2-step": ("MeDi",),
-                                                                                "MeDi+HED": ("MeDi",)}
-    assert [a.name for a in with_student if a.recipe.per_site] == ["MeDi", "MeDi-2-step", "MeDi-oracle"]
+    assert {a.name: a.recipe.needs for a in with_student if a.recipe.needs} == {
+        "MeDi-2-step": ("MeDi",), "MeDi-edit": ("MeDi",), "MeDi+HED": ("MeDi",)}
+    assert [a.name for a in with_student if a.recipe.per_site] == ["MeDi", "MeDi-2-step", "MeDi-edit", "MeDi-oracle"]
     # an arm's cost: its own stages and those of the arms it builds on (the student's teacher)
     assert arms.cost(with_student, {"CLS": 3.0, "MeDi": 10.0, "MeDi-2-step": 2.5, "MeDi+HED": 0.5, "HED-jitter": 0.25}
-                     ) == {NO_SYNTHETIC: 0.0, "CLS": 3.0, "MeDi": 10.0, "MeDi-2-step": 12.5, "HED-jitter": 0.2,
+                     ) == {NO_SYNTHETIC: 0.0, "CLS": 3.0, "MeDi": 10.0, "MeDi-2-step": 12.5, "MeDi-edit": 10.0,
+                           "HED-jitter": 0.2,
                            "Macenko-aug": 0.0, "MeDi+HED": 10.5, "Macenko-norm": 0.0, "Reinhard-norm": 0.0,
                            "CLS-oracle": 0.0, "MeDi-oracle": 0.0}
     assert arms.HEADLINE.column == "MeDi - CLS" and [g.key for g in arms.GAPS] == [
@@ -549,7 +556,8 @@ def test_seeds_report_takes_every_registry_arm_with_its_cost_and_older_runs_with
     assert agg["arms"] == names and agg["order"] == names[::-1]
     assert [g.key for g in gaps(recs)] == [g.key for g in arms.GAPS]
     assert agg["arm_seconds"] == {a: float(i) for i, a in enumerate(names)}
-    assert "MeDi-oracle 0.892 ± 0.002 (9 s)" in verdict(agg) and "seconds to make" in verdict(agg)
+    last = len(names) - 1  # MeDi-oracle, the last arm: 0.80 + 0.01 x its place + 0.002 x the mean seed
+    assert f"MeDi-oracle {0.802 + 0.01 * last:.3f} ± 0.002 ({last} s)" in verdict(agg) and "seconds to make" in verdict(agg)
     write_seeds_report(tmp_path, DemoConfig(), recs)
     assert "CLS-oracle - no-synthetic" in (tmp_path / "report.md").read_text()
     # runs recorded before the stain and oracle arms: the comparisons they can answer, no cost
@@ -587,5 +595,44 @@ def test_run_all_shows_every_arm_over_seeds_with_its_cost():
                                  "probe_ratio": 4.0, "test_sites": ["S5", "S6"], "description": "d", "summary": "s"}}}
     head, md = run_all.demo_seeds_section(ds)
     text = "\n".join(head + md)
-    assert "MeDi-oracle 18" in text and "Seconds to make each arm's training data" in text
+    assert f"MeDi-oracle {2 * (len(names) - 1)}" in text and "Seconds to make each arm's training data" in text
     assert "CLS-oracle - no-synthetic (range over seeds)" in text and all(f"| {a} " in text for a in names)
+
+
+def test_edited_arm_moves_each_drawn_real_patch_to_every_cohort_site_with_the_pipelines_edit(demo_run):
+    """MeDi-edit: every real patch a probe run draws, once per cohort site, made by Pipeline.edit (the same
+    images as editing one patch alone), derived from its pool row so the probe adds only the run's own."""
+    from medi_fast.api import Pipeline
+    from medi_fast.demo import stages
+    from medi_fast.eval.probe import SOURCE
+
+    out, _ = demo_run
+    cfg = toy(out)
+    edits = pd.read_csv(out / "synthetic" / "medi-edit" / "manifest.csv", dtype=str, keep_default_na=False)
+    index = pd.read_parquet(out / "index.parquet")
+    pool = stages.probe_pool(cfg, index)
+    drawn = stages.probe_drawn(cfg, index)
+    src = edits[SOURCE].astype(int).to_numpy()
+    assert sorted(set(src)) == list(drawn) and len(drawn) >= cfg.probe_k * len(cfg.spec.classes)
+    for r in drawn:  # each drawn patch once per cohort site, its class kept, its source site recorded
+        mine = edits[src == r]
+        assert sorted(mine["tissue_source_site"]) == cfg.spec.sites
+        row = index[pool].iloc[r]
+        assert set(mine["class"]) == {row["class"]} and set(mine["source_tissue_source_site"]) == {row["tissue_source_site"]}
+    pipe = Pipeline.open(out / "engines" / "medi" / "model.onnx", backend="ort-cpu", steps=cfg.sample_steps)
+    real = _real_images(out)[pool]
+    for i in (0, len(edits) - 1):
+        one = pipe.edit(real[src[i]], tss=edits["tissue_source_site"][i], method=cfg.edit_method,
+                        strength=cfg.edit_strength, source={"class": edits["class"][i],
+                                                            "tss": edits["source_tissue_source_site"][i]})
+        saved = np.asarray(__import__("PIL.Image").Image.open(out / "synthetic" / "medi-edit" / edits["file"][i]))
+        assert np.array_equal(one[0], saved)
+
+
+def test_reevaluating_edits_with_another_k_is_refused_in_one_line(demo_run, tmp_path):
+    from medi_fast.demo.run import reevaluate
+
+    out, _ = demo_run
+    with pytest.raises(MediFastError, match="do not cover the real patches this probe draws .*run the demo afresh"):
+        reevaluate(replace(toy(tmp_path / "again"), k=6, probe_ratio=1.0), out)
+    assert not (tmp_path / "again").exists()

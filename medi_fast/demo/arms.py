@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
+from ..errors import MediFastError
 from ..eval.probe import NO_SYNTHETIC, SOURCE
 from . import stages, stain
 from .stages import DemoConfig
@@ -268,6 +269,77 @@ class Rendered:
         return stages.render_oracle(ctx.cfg, self.per_site)
 
 
+@dataclass(frozen=True)
+class Edited:
+    """Real patches moved to other sites by `medi-fast edit` (`Pipeline.edit`) with the `model` arm's
+    model: each patch of the probe's real pool that one of its runs draws (`stages.probe_drawn`), once into
+    every cohort site (more copies, cycling the sites, when the probe ratio asks for more), with
+    cfg.edit_method at cfg.edit_strength and DDIM-cfg.sample_steps.  The probe adds those derived from the
+    patches it drew, as many per class as the synthetic arms add.  The edits are kept in
+    OUT/synthetic/<folder> (`manifest.csv` and PNGs) for `load`."""
+
+    model: str
+    folder: str
+    trains: bool = False
+    per_site: bool = True
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return (self.model,)
+
+    def prepare(self, arm: "Arm", ctx: Context) -> None:
+        pass
+
+    def make(self, arm: "Arm", ctx: Context) -> Patches:
+        cfg = ctx.cfg
+        with ctx.stage(arm.name, f"edit {arm.name} ({cfg.edit_method} {cfg.edit_strength:g}, "
+                                 f"DDIM-{cfg.sample_steps}, ort-cpu)"):
+            meta, images = self.edits(ctx)
+            folder = ctx.out / "synthetic" / self.folder
+            folder.mkdir(parents=True, exist_ok=True)
+            from PIL import Image
+
+            meta["file"] = [f"{i:06d}.png" for i in range(len(meta))]
+            for name, im in zip(meta["file"], images):
+                Image.fromarray(im).save(folder / name)
+            meta.to_csv(folder / "manifest.csv", index=False)
+        return meta.drop(columns="file"), images
+
+    def load(self, arm: "Arm", run: Path, ctx: Context) -> Patches:
+        meta, images = stages.load_synthetic(run / "synthetic" / self.folder)
+        meta[SOURCE] = meta[SOURCE].astype(int)
+        # re-evaluated with another k or number of repeats, the probe draws patches the run did not edit
+        copies = meta[SOURCE].value_counts()
+        wanted = stages.probe_drawn(ctx.cfg, ctx.index)
+        if not all(copies.get(r, 0) >= self.copies(ctx.cfg) for r in wanted):
+            raise MediFastError(f"the edits in {run / 'synthetic' / self.folder} do not cover the real patches this "
+                                "probe draws (another k, ratio or number of repeats than the run's); run the demo afresh")
+        return meta.drop(columns="file"), images
+
+    @staticmethod
+    def copies(cfg: DemoConfig) -> int:
+        """Edits per drawn patch: one per cohort site, or as many as the probe ratio asks for."""
+        return max(len(cfg.spec.sites), math.ceil(cfg.probe_ratio))
+
+    def edits(self, ctx: Context) -> tuple[pd.DataFrame, np.ndarray]:
+        from ..api import Pipeline
+
+        cfg, spec = ctx.cfg, ctx.cfg.spec
+        pool = stages.probe_pool(cfg, ctx.index)
+        rows = ctx.index.loc[pool, ["class", "tissue_source_site"]].reset_index(drop=True)
+        drawn = stages.probe_drawn(cfg, ctx.index)
+        copies = self.copies(cfg)
+        source = np.repeat(drawn, copies)
+        target = [spec.sites[j % len(spec.sites)] for j in range(copies)] * len(drawn)
+        src = rows.loc[source].reset_index(drop=True)
+        pipe = Pipeline.open(ctx.onnx[self.model], backend="ort-cpu", steps=cfg.sample_steps,
+                             batch_size=cfg.sample_batch)
+        images = pipe.edit(ctx.real()[pool][source], tss=target, source=src, method=cfg.edit_method, strength=cfg.edit_strength, seed=cfg.seed)
+        meta = pd.DataFrame({"class": src["class"], "tissue_source_site": target, SOURCE: source,
+                             "source_tissue_source_site": src["tissue_source_site"]})
+        return meta, images
+
+
 def _always(cfg: DemoConfig) -> bool:
     return True
 
@@ -280,7 +352,7 @@ class Arm:
     name: str
     label: str
     colour: str
-    recipe: RealOnly | ModelSamples | DistilledSamples | StainAugmented | StainNormalised | Rendered
+    recipe: RealOnly | ModelSamples | DistilledSamples | Edited | StainAugmented | StainNormalised | Rendered
     grid: bool = False
     enabled: Callable[[DemoConfig], bool] = _always
 
@@ -298,12 +370,14 @@ MACENKO_AUG = Arm("Macenko-aug", "Macenko-augmented real patches", "#4f8f2f", St
 MEDI_HED = Arm("MeDi+HED", "HED-jittered MeDi samples", "#e08a3c", StainAugmented("hed", base=MEDI.name))
 MACENKO_NORM = Arm("Macenko-norm", "Macenko-normalised real patches", "#8e6bb8", StainNormalised("macenko"))
 REINHARD_NORM = Arm("Reinhard-norm", "Reinhard-normalised real patches", "#b39ddb", StainNormalised("reinhard"))
+# The MeDi model's counterfactuals of the real patches: each drawn real patch shown at every cohort site.
+EDITED = Arm("MeDi-edit", "real patches edited into every cohort site", "#d9928f", Edited(MEDI.name, "medi-edit"))
 # The renderer itself as the generator: the ceiling of each model arm's recipe.
 CLS_ORACLE = Arm("CLS-oracle", "rendered, class at its cohort sites", "#1f3f66", Rendered(per_site=False))
 MEDI_ORACLE = Arm("MeDi-oracle", "rendered, every class x cohort site", "#7a1f1d", Rendered(per_site=True))
 # The probe's arms in this order (its tables, the figures' bars, results.json).
-REGISTRY = (REAL, CLS, MEDI, STUDENT, HED, MACENKO_AUG, MEDI_HED, MACENKO_NORM, REINHARD_NORM, CLS_ORACLE,
-            MEDI_ORACLE)
+REGISTRY = (REAL, CLS, MEDI, STUDENT, EDITED, HED, MACENKO_AUG, MEDI_HED, MACENKO_NORM, REINHARD_NORM,
+            CLS_ORACLE, MEDI_ORACLE)
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,25 @@ def sample_grids(fig: Path, index: pd.DataFrame, real: np.ndarray, synthetic: di
     return paths
 
 
+def counterfactual_grid(path: Path, pool: np.ndarray, meta: pd.DataFrame, images: np.ndarray, source: str,
+                        classes, sites) -> Path:
+    """The edited arm's counterfactuals: per class (rows) the first PER_SIDE**2 real patches it edited
+    (`pool[meta[source]]`, first column) and each one moved to every site (columns), a patch in the same
+    place of every cell."""
+    n = PER_SIDE ** 2
+    src, cls_, site = meta[source].to_numpy(), meta["class"].to_numpy(), meta["tissue_source_site"].to_numpy()
+    cells = []
+    for c in classes:
+        firsts = list(dict.fromkeys(src[cls_ == c]))[:n]
+        row = [[pool[r] for r in firsts] or None]
+        for s in sites:
+            pos = [np.flatnonzero((src == r) & (site == s)) for r in firsts]
+            row.append([images[p[0]] for p in pos if len(p)] or None)
+        cells.append(row)
+    grid(cells, list(classes), ["real", *[f"-> {s}" for s in sites]], pool.shape[1]).save(path)
+    return path
+
+
 def probe_chart(summary: pd.DataFrame, colours: dict[str, str], path: Path, chance: float = 0.5) -> Path:
     """Balanced and TSS-averaged balanced accuracy per arm, mean with SEM error bars, values written on;
     ``colours``: each arm's bar colour; ``chance``: 1 / the number of classes."""

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from ..eval.probe import SOURCE
 from ..io import atomic_write_text
-from . import arms, figures, stain
+from . import arms, figures, stages, stain
 
 
 # Two arms whose balanced accuracies at a test site differ by no more than this are level there.
@@ -115,6 +116,12 @@ def grids(cfg) -> list[dict]:
         out.append({"key": a.recipe.folder, "alt": f"{a.name} samples",
                     "md": f"{a.name} ({red})" if a.recipe.per_site else f"{a.name} (no site control)",
                     "html": f"{a.name} (outlined in {red})" if a.recipe.per_site else f"{a.name} (no site control)"})
+    for a in arms.for_config(cfg):
+        if isinstance(a.recipe, arms.Edited):
+            text = (f"{a.name}, counterfactuals: real patches of the probe's pool (first column) moved by `medi-fast "
+                    f"edit` ({cfg.edit_method}, strength {cfg.edit_strength:g}) with the {a.recipe.model} model to "
+                    "each cohort site, the same patch in the same place of every cell")
+            out.append({"key": a.recipe.folder, "alt": f"{a.name} counterfactuals", "md": text, "html": text})
     return out
 
 
@@ -182,8 +189,10 @@ def _sections(cfg, index, results, timing, total, source=None) -> dict:
                   f"{lo}: class only, so its stains follow the cohort's class-site confound). "
                   + "What a pathology user would do instead, and the renderer as a perfect generator: "
                   + "; ".join(f"{a.name}: {a.label}" for a in arms.for_config(cfg)
-                              if isinstance(a.recipe, (arms.StainAugmented, arms.StainNormalised, arms.Rendered)))
-                  + f" (augmentation: HED jitter alpha 1 ± {stain.HED_SIGMA:g}, beta ± {stain.HED_SIGMA:g} per stain; "
+                              if isinstance(a.recipe, (arms.Edited, arms.StainAugmented, arms.StainNormalised, arms.Rendered)))
+                  + f" (edits: every real patch a probe run draws, moved by `medi-fast edit` ({cfg.edit_method}, "
+                  f"strength {cfg.edit_strength:g}, DDIM-{cfg.sample_steps}) to each of {', '.join(sites)}; "
+                  f"augmentation: HED jitter alpha 1 ± {stain.HED_SIGMA:g}, beta ± {stain.HED_SIGMA:g} per stain; "
                   f"torchstain's Macenko augmentation ± {stain.MACENKO_SIGMA:g}; the augmented copies of the probe's "
                   "own real draw, as many as the synthetic arms add; normalisation: every real patch, train and "
                   "test, to a mosaic of the trained cells' patches)."),
@@ -336,6 +345,12 @@ def write_report(out: Path, cfg, index: pd.DataFrame, real_images: np.ndarray, s
     pics["coverage"] = plot_coverage(coverage_matrix(index), fig / "coverage.png")
     pics["probe"] = figures.probe_chart(results["probe"], {a.name: a.colour for a in compared}, fig / "probe.png",
                                         chance=1 / len(spec.classes))
+    pool = real_images[stages.probe_pool(cfg, index)]
+    for a in compared:
+        if isinstance(a.recipe, arms.Edited):
+            meta, images = synthetic[a.name]
+            pics[a.recipe.folder] = figures.counterfactual_grid(fig / f"{a.recipe.folder}.png", pool, meta, images,
+                                                                SOURCE, spec.classes, spec.sites)
     hi = arms.HEADLINE.hi
     pics["site"] = figures.site_chart(results["site"][hi], hi, fig / "site.png")
     total = time.perf_counter() - started

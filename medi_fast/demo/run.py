@@ -165,14 +165,14 @@ def reevaluate(cfg: DemoConfig, source, overwrite: bool = False) -> Path:
             and isinstance(done.get("seconds"), (int, float))):
         raise MediFastError(f"the results.json of the demo run in {source} does not record this version's arms and "
                             "their seconds; run the demo afresh")
-    out = prepare_out(Path(cfg.out), overwrite)
     t_all = time.perf_counter()
     index = pd.read_parquet(source / "index.parquet")
     total = _steps(compared)
-    ctx = arms.Context(cfg, out, Timer(), _log, total=total, done=total - 2,  # the run's last two steps
+    ctx = arms.Context(cfg, Path(cfg.out), Timer(), _log, total=total, done=total - 2,  # the run's last two steps
                        index=index, data=source)
-    for a in compared:  # in registry order, as the run made them
+    for a in compared:  # in registry order, as the run made them; a load that fails leaves out untouched
         ctx.made[a.name] = a.recipe.load(a, source, ctx)
+    out = ctx.out = prepare_out(Path(cfg.out), overwrite)
     return _evaluate_and_report(cfg, out, source, index, ctx.timer, t_all, ctx, costs,
                                 extra={"reevaluated_from": str(source), "seconds": done["seconds"]})
 

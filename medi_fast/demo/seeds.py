@@ -80,6 +80,22 @@ def aggregate(records: list[dict]) -> dict:
             "order": ranked, "order_separated": [separated(a, b) for a, b in zip(ranked, ranked[1:])]}
 
 
+def per_site_rows(records: list[dict]) -> list[dict]:
+    """Per arm, its balanced accuracy at each unseen test site (mean over seeds, formatted), then each gap's
+    range over seeds per site; [] for runs recorded before the per-site accuracies were kept."""
+    if not records or not all("probe_sites" in r for r in records):
+        return []
+    arms = arm_names(records)
+    sites = list(records[0]["probe_sites"][arms[0]])
+    at = lambda r, a, s: r["probe_sites"][a][s]  # noqa: E731
+    rows = [{"": a, **{s: f"{sum(at(r, a, s) for r in records) / len(records):.3f}" for s in sites}} for a in arms]
+    for hi, lo in ((g.hi, g.lo) for g in reversed(gaps(records))):  # each gap above the one it builds on
+        rows.append({"": f"{hi} - {lo} (range over seeds)",
+                     **{s: f"{min(at(r, hi, s) - at(r, lo, s) for r in records):+.2f} to "
+                           f"{max(at(r, hi, s) - at(r, lo, s) for r in records):+.2f}" for s in sites}})
+    return rows
+
+
 def order_text(agg: dict) -> str:
     """The arms from best to worst, '>' where the next is separated by more than the spread, '≈' where not."""
     out = agg["order"][0]
@@ -136,10 +152,14 @@ def write_seeds_report(out: Path, cfg, records: list[dict]) -> Path:
              f"{s[f'cell distance {hi}']['mean']:.1f} ± {s[f'cell distance {hi}']['sd']:.1f}, {lo} "
              f"{s[f'cell distance {lo}']['mean']:.1f} ± {s[f'cell distance {lo}']['sd']:.1f}; {hi}'s stain slope "
              f"{s['stain slope']['mean']:.2f} ± {s['stain slope']['sd']:.2f} (1 = the full difference between sites).")
+    sites = pd.DataFrame(per_site_rows(records))
+    sites_head = ("## Per unseen test site (balanced accuracy, mean over seeds; the gaps' range over seeds)\n"
+                  if len(sites) else "")
     md = "\n".join(["# medi-fast demo report: several seeds\n", *([f"> **{quick}**\n"] if quick else []),
                     f"{ran}\n", f"**{text}**\n", f"{cells}\n",
                     "## Per seed (TSS-averaged balanced accuracy of the linear probe on unseen sites)\n",
                     shown.to_markdown(index=False), "",
+                    *([sites_head, sites.to_markdown(index=False), ""] if len(sites) else []),
                     *[f"- [seed {r['seed']}](seed-{r['seed']}/report.html)" for r in records], ""])
     atomic_write_text(out / "report.md", md)
     import html
@@ -152,6 +172,8 @@ def write_seeds_report(out: Path, cfg, records: list[dict]) -> Path:
             + (f"<p class=\"warn\">{html.escape(quick)}</p>" if quick else "")
             + f"<p>{html.escape(ran)}</p><p><b>{html.escape(text)}</b></p><p>{html.escape(cells)}</p>"
             + shown.to_html(index=False, border=0)
+            + (f"<h2>{html.escape(sites_head.lstrip('# ').strip())}</h2>" + sites.to_html(index=False, border=0)
+               if len(sites) else "")
             + "<ul>" + "".join(f"<li><a href=\"seed-{r['seed']}/report.html\">seed {r['seed']}</a></li>"
                                for r in records) + "</ul></body></html>\n")
     atomic_write_text(out / "report.html", page)

@@ -103,6 +103,10 @@ class DemoConfig:
     sample_steps: int = 15
     sample_batch: int = 64
     n_synthetic_per_combo: int = 40
+    # The edited arm (arms.EDITED): each real patch the probe draws moved by `medi-fast edit` to every
+    # cohort site with the MeDi model; inversion keeps the tissue (benchmarks/edit_quality.py).
+    edit_method: str = "inversion"
+    edit_strength: float = 0.5
     # Probe: k real patches per class (None: the setting's), repeated over site pairs and seeds.
     k: int | None = None
     # Synthetic patches per real one in the probe.  4: as many as k per cohort site of a class, so MeDi's
@@ -291,6 +295,24 @@ def probe_pool(cfg: DemoConfig, index: pd.DataFrame) -> np.ndarray:
     return pool
 
 
+def probe_config(cfg: DemoConfig, repeat: int):
+    """The linear probe's settings for one of its cfg.probe_repeats repeats (each its own draws)."""
+    from ..eval.probe import ProbeConfig
+
+    return ProbeConfig(k=cfg.probe_k, ratio=cfg.probe_ratio, one_site_per_class=True, max_runs=None,
+                       seed=cfg.seed + repeat)
+
+
+def probe_drawn(cfg: DemoConfig, index: pd.DataFrame) -> np.ndarray:
+    """Positions in the probe's real pool (`probe_pool`'s rows, in index order) of every patch one of its
+    runs draws, over all repeats: the patches an arm derived from the real draw needs to cover."""
+    from ..eval.probe import drawn_rows
+
+    meta = index.loc[probe_pool(cfg, index), ["class", "tissue_source_site"]].reset_index(drop=True)
+    return np.unique(np.concatenate([drawn_rows(meta, list(cfg.spec.classes), probe_config(cfg, rep))
+                                     for rep in range(cfg.probe_repeats)]))
+
+
 def render_oracle(cfg: DemoConfig, per_site: bool) -> tuple[pd.DataFrame, np.ndarray]:
     """Fresh patches from the cohort's renderer, through the cohort's own path to the model resolution
     (the site's JPEG quality, then `load_patch`'s resize): per_site, n_synthetic_per_combo of every class x
@@ -326,7 +348,7 @@ def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synt
     `order`: the arms' order in the tables (first seen, otherwise)."""
     from ..eval.features import ColourTexture
     from ..eval.fid import compute_fid
-    from ..eval.probe import NO_SYNTHETIC, SOURCE, ProbeConfig, per_site, run_probe, summarise
+    from ..eval.probe import NO_SYNTHETIC, SOURCE, per_site, run_probe, summarise
     from ..eval.shortcut import mi_report
 
     spec = cfg.spec
@@ -370,8 +392,7 @@ def evaluate(cfg: DemoConfig, index: pd.DataFrame, real_images: np.ndarray, synt
         """The probe's repeats on real features x (standardised), with `added` patches per arm."""
         out = []
         for rep in range(cfg.probe_repeats):
-            pc = ProbeConfig(k=cfg.probe_k, ratio=cfg.probe_ratio, one_site_per_class=True, max_runs=None,
-                             seed=cfg.seed + rep)
+            pc = probe_config(cfg, rep)
             r = run_probe((meta[pool].reset_index(drop=True), x[pool]), (meta[test].reset_index(drop=True), x[test]),
                           {n: (m[[c for c in keep if c in m.columns]], xs) for n, (m, xs) in added.items()},
                           list(spec.classes), pc)
