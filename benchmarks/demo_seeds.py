@@ -20,7 +20,8 @@ per-site accuracies: how much the number of test sites decides the result, on th
 Per variant it writes WORK/<variant>/report.md (the `--seeds` report) and, for all variants,
 benchmarks/results/demo_seeds.json: per (variant, arm) the mean, SD and range over seeds of the TSS-averaged
 balanced accuracy, the gaps, the per-cell FID-style distances, MeDi's stain slope and the minutes per run;
-per variant also each arm's mean seconds to make its training data (`arm_seconds`).
+per variant also each arm's mean seconds to make its training data (`arm_seconds`).  Variants left out of
+--variants keep their recorded results, marked `carried_from` (when and where they ran).
 `shipped` marks the demo's default.  The default's models (the default and its probe-only variants) run
 over --default-seeds, the other variants over --seeds.  Seeds 5 and 6 of the default are a held-out check:
 its test sites were chosen without them.  Each full run takes 8-17 minutes on 2 cores, as fast as the
@@ -100,6 +101,21 @@ def run_one(cfg: DemoConfig, work: Path) -> dict:
     return json.loads(res.read_text())
 
 
+def carry_over(names: list[str], quick: bool) -> dict:
+    """The variants of the recorded results/demo_seeds.json that this run leaves out (--variants), kept
+    as they were, each marked with when and on which machine it ran (`carried_from`)."""
+    path = Path(__file__).resolve().parent / "results" / "demo_seeds.json"
+    if not path.is_file():
+        return {"variants": {}, "rows": []}
+    old = json.loads(path.read_text())
+    if bool(old.get("quick")) != quick:
+        return {"variants": {}, "rows": []}
+    mark = {"time_utc": old["machine"].get("time_utc"), "cpu": old["machine"].get("cpu"), "command": old.get("command")}
+    keep = {label: {**v, "carried_from": v.get("carried_from", mark)} for label, v in old["variants"].items()
+            if label.split(" on ")[0] not in names}
+    return {"variants": keep, "rows": [r for r in old["rows"] if r["variant"] in keep]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
@@ -141,7 +157,12 @@ def main() -> int:
                              "seeds": len(own), **{k: round(v, 4) for k, v in st[col].items()}})
             print(f"== {label}: " + ", ".join(f"{a} {st[a]['mean']:.3f} ± {st[a]['sd']:.3f}" for a in agg["arms"]),
                   flush=True)
-    write_results("demo_seeds", rows, extra={"seeds": seeds, "default_seeds": default_seeds, "quick": args.quick, "variants": per_variant})
+    carried = carry_over(names, args.quick)
+    for label, v in carried["variants"].items():
+        per_variant.setdefault(label, v)
+    rows += [r for r in carried["rows"] if r["variant"] not in {x["variant"] for x in rows}]
+    write_results("demo_seeds", rows, extra={"seeds": seeds, "default_seeds": default_seeds, "quick": args.quick,
+                                             "variants": per_variant})
     return 0
 
 
