@@ -36,7 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results  # noqa: E402
+from _common import RESULTS, write_results  # noqa: E402
 
 from medi_fast.demo import DemoConfig, run_demo  # noqa: E402
 from medi_fast.demo.run import EVALUATION_FIELDS, reevaluate, same_config  # noqa: E402
@@ -104,7 +104,7 @@ def run_one(cfg: DemoConfig, work: Path) -> dict:
 def carry_over(names: list[str], quick: bool) -> dict:
     """The variants of the recorded results/demo_seeds.json that this run leaves out (--variants), kept
     as they were, each marked with when and on which machine it ran (`carried_from`)."""
-    path = Path(__file__).resolve().parent / "results" / "demo_seeds.json"
+    path = RESULTS / "demo_seeds.json"
     if not path.is_file():
         return {"variants": {}, "rows": []}
     old = json.loads(path.read_text())

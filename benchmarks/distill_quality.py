@@ -4,20 +4,24 @@
         --index demo_out/index.parquet [--pack demo_out/pack] [--student student-1.pt]
 
 Without --student it distils the teacher first (medi_fast.training.distill, down to the fewest of
---steps, keeping every stage's student); with --student it takes that run's stage students
-(``<student stem>.distill/stages/student-NNNN.pt``).  For each of --steps (1, 2, 4, 8) it generates the
+--steps, keeping every stage's student), once per point of the --iters-per-stage curve (e.g.
+``100,300,1000:4``: 100 and 300 iterations per halving down to the fewest steps, 1000 down to 4); with
+--student it takes that run's stage students (``<student stem>.distill/stages/student-NNNN.pt``).  For each of --steps (1, 2, 4, 8) it generates the
 same plan (every class x trained site, one seed per image, so every sampler starts from the same x_T)
 with the student (its own DDIM-k), the teacher's DDIM-k and the teacher's --solver at k steps, plus the
 teacher's DDIM-100, and measures, with the demo's own evaluation (medi_fast.demo.stages, imported):
 
-* ``dist``: the FID-style colour-texture distance to the real cohort, per class, averaged;
+* ``dist``: the FID-style colour-texture distance to the real cohort, per class, averaged; ``cell_dist``:
+  the same per trained class x site cell, averaged (the demo's per-cell distance);
 * ``site_slope`` / ``site_corr``: per-site stain fidelity (medi_fast.eval.site_fidelity), 1.0 = every
   site's stain difference reproduced;
 * ``probe``: the demo protocol's linear probe (k real patches per class from confounded sites, tested
   on unseen sites), TSS-averaged balanced accuracy with these samples as the synthetic set;
 * ``unet_calls`` per image and ``s``: wall time of the sampling in this run (torch eager fp32).
 
-"Within 5 % of DDIM-100": distance at most 1.05 x DDIM-100's.  Writes benchmarks/results/distill_quality.json.
+"Within 5 % of DDIM-100": distance at most 1.05 x DDIM-100's.  ``meets_bounds``: a student that could replace
+the teacher: per-cell distance within 5 % of DDIM-100's, stain slope at least 0.9 of its, probe at most
+0.01 below its samples'.  Writes benchmarks/results/distill_quality.json.
 """
 from __future__ import annotations
 
@@ -49,6 +53,37 @@ def stage_students(student: Path) -> dict[int, Path]:
     return found
 
 
+def parse_curve(text: str, steps: list[int]) -> list[tuple[int, int]]:
+    """--iters-per-stage "100,300,1000:4" -> [(100, fewest), (300, fewest), (1000, 4)]: iterations per halving
+    and the fewest steps that distillation goes down to (default: the fewest of --steps)."""
+    out = []
+    for item in text.split(","):
+        iters, _, low = item.strip().partition(":")
+        out.append((int(iters), int(low) if low else steps[0]))
+    return out
+
+
+def distil(args, iters: int, fewest: int) -> tuple[Path, float | None]:
+    """The student of `iters` iterations per stage down to `fewest` steps (made once, under --work), and the
+    seconds its distillation took by its own clock."""
+    from medi_fast.training.distill import distill
+
+    work = Path(args.work) / f"iters-{iters}"
+    work.mkdir(parents=True, exist_ok=True)
+    student = work / f"student-{fewest}.pt"
+    run = student.with_name(student.stem + ".distill")
+    # --resume needs a checkpoint to continue from; a run killed before its first one starts afresh
+    resume = any((run / "checkpoints").glob("step-*.state.pt"))
+    if not student.exists():
+        distill(teacher=args.teacher, steps=fewest, teacher_steps=args.teacher_steps, out=str(student),
+                split=args.split, iters_per_stage=iters, batch_size=args.batch_size, lr=args.lr,
+                ema_decay=args.ema_decay, seed=args.seed, device="cpu", resume=resume, progress=False)
+    metrics = run / "metrics.csv"
+    secs = float(pd.read_csv(metrics)["elapsed_s"].iloc[-1]) if metrics.is_file() else None
+    print(f"iters {iters}: distilled to {fewest} steps in {secs} s", flush=True)
+    return student, secs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True, help="the demo's MeDi checkpoint")
@@ -57,10 +92,12 @@ def main(argv=None) -> int:
     ap.add_argument("--split", help="training split CSV for distilling (default: the teacher's)")
     ap.add_argument("--student", help="an already distilled student (its stage students are used); else distil")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "medi-fast-distill-quality"),
-                    help="where a new distillation is written (checkpoints stay out of the repository)")
+                    help="where new distillations are written (checkpoints stay out of the repository; reused)")
     ap.add_argument("--steps", default="1,2,4,8")
     ap.add_argument("--teacher-steps", type=int, default=16)
-    ap.add_argument("--iters-per-stage", type=int, default=40)
+    ap.add_argument("--iters-per-stage", default="40",
+                    help="iterations per halving, a comma-separated curve; ITERS:K distils that point only down to "
+                         "K steps (e.g. 100,300,1000:4)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--ema-decay", type=float, default=0.99)
@@ -73,33 +110,23 @@ def main(argv=None) -> int:
     steps = sorted(int(s) for s in args.steps.split(","))
 
     t0 = time.perf_counter()
-    distill_s = None
+    curve = []  # (iters per stage, distillation seconds, {steps: stage student})
     if args.student:
         student = Path(args.student)
         metrics = student.with_name(student.stem + ".distill") / "metrics.csv"
-        if metrics.is_file():  # the distillation's own clock: elapsed seconds at its last logged step
-            distill_s = float(pd.read_csv(metrics)["elapsed_s"].iloc[-1])
+        secs = float(pd.read_csv(metrics)["elapsed_s"].iloc[-1]) if metrics.is_file() else None
         config = metrics.with_name("config.json")
+        iters = None
         if config.is_file():  # report the settings that student was distilled with, not this script's defaults
             c = json.loads(config.read_text())
             args.teacher_steps = c.get("resolved_teacher_steps", args.teacher_steps)
-            args.iters_per_stage, args.batch_size = c["iters_per_stage"], c["batch_size"]
+            iters, args.batch_size = c["iters_per_stage"], c["batch_size"]
             args.lr, args.ema_decay = c["lr"], c["ema_decay"]
+        curve.append((iters, secs, stage_students(student)))
     else:
-        from medi_fast.training.distill import distill
-
-        work = Path(args.work)
-        work.mkdir(parents=True, exist_ok=True)
-        student = work / f"student-{steps[0]}.pt"
-        # --resume needs a checkpoint to continue from; a run killed before its first one starts afresh
-        resume = any((student.with_name(student.stem + ".distill") / "checkpoints").glob("step-*.state.pt"))
-        if not student.exists():
-            distill(teacher=args.teacher, steps=steps[0], teacher_steps=args.teacher_steps, out=str(student),
-                    split=args.split, iters_per_stage=args.iters_per_stage, batch_size=args.batch_size, lr=args.lr,
-                    ema_decay=args.ema_decay, seed=args.seed, device="cpu", resume=resume, progress=False)
-        distill_s = time.perf_counter() - t0
-        print(f"distilled in {distill_s:.0f} s", flush=True)
-    students = stage_students(student)
+        for iters, fewest in parse_curve(args.iters_per_stage, steps):
+            student, secs = distil(args, iters, fewest)
+            curve.append((iters, secs, stage_students(student)))
 
     from medi_fast.data.pack import read_pack
     from medi_fast.demo.stages import DEFAULT_SETTING, DemoConfig, evaluate, measure_site_fidelity
@@ -122,52 +149,61 @@ def main(argv=None) -> int:
     plan = plans.from_counts(spec, combos, args.seed)
     meta = pd.DataFrame({"class": plan.rows["class"].to_numpy(), "tissue_source_site": plan.rows["tss"].to_numpy()})
 
-    runs = [("teacher", "ddim", BASELINE_STEPS, args.teacher)]
+    runs = [("teacher", "ddim", BASELINE_STEPS, args.teacher, None)]
     for k in steps:
-        if k in students:
-            runs.append(("student", "ddim", k, str(students[k])))
-        runs += [("teacher", "ddim", k, args.teacher), ("teacher", args.solver, k, args.teacher)]
+        runs += [("teacher", "ddim", k, args.teacher, None), ("teacher", args.solver, k, args.teacher, None)]
+        runs += [("student", "ddim", k, str(found[k]), iters) for iters, _, found in curve if k in found]
     synthetic, rows = {}, []
-    for model, sampler, k, path in runs:
+    for model, sampler, k, path, iters in runs:
         pipe = medi_fast.load(path, backend="torch", batch_size=64, steps=k, sampler=sampler)
         t = time.perf_counter()
         images = pipe.run(plan)
         secs = time.perf_counter() - t
-        name = f"{model} {sampler}-{k}"
+        name = f"{model} {sampler}-{k}" + (f" ({iters} it)" if iters else "")
         synthetic[name] = (meta, images)
         site = measure_site_fidelity(cfg, index, real, (meta, images))
-        rows.append({"model": model, "sampler": sampler, "steps": k, "unet_calls": k, "s": secs,
+        rows.append({"name": name, "model": model, "sampler": sampler, "steps": k, "iters_per_stage": iters,
+                     "unet_calls": k, "s": secs, "images_per_s": len(plan) / secs,
                      "site_slope": site.slope, "site_corr": site.correlation, "shipped": model == "student",
                      "path": path})
-        print(f"{name:28s} {secs:7.1f} s  site slope {site.slope:.3f}", flush=True)
+        print(f"{name:34s} {secs:7.1f} s  site slope {site.slope:.3f}", flush=True)
 
     result = evaluate(cfg, index, real, synthetic)
     dist = result["fid"].groupby("model", sort=False)["distance"].mean()
+    cells = result["fid_cells"].groupby("model", sort=False)["distance"].mean()
     probe = result["probe"].set_index("arm")
     for r in rows:
-        name = f"{r['model']} {r['sampler']}-{r['steps']}"
-        r["dist"] = float(dist[name])
-        r["probe"] = float(probe.loc[name, "tss_balanced_accuracy_mean"])
-        r["probe_sem"] = float(probe.loc[name, "tss_balanced_accuracy_sem"])
+        r["dist"] = float(dist[r["name"]])
+        r["cell_dist"] = float(cells[r["name"]])
+        r["probe"] = float(probe.loc[r["name"], "tss_balanced_accuracy_mean"])
+        r["probe_sem"] = float(probe.loc[r["name"], "tss_balanced_accuracy_sem"])
     base = rows[0]
     no_syn = probe.loc["no-synthetic"] if "no-synthetic" in probe.index else None
     for r in rows:
         r["dist_vs_ddim100"] = r["dist"] / base["dist"]
+        r["cell_dist_vs_ddim100"] = r["cell_dist"] / base["cell_dist"]
+        r["slope_vs_ddim100"] = r["site_slope"] / base["site_slope"]
+        r["probe_minus_ddim100"] = r["probe"] - base["probe"]
         r["speedup_calls_vs_ddim100"] = BASELINE_STEPS / r["unet_calls"]
         r["speedup_wall_vs_ddim100"] = base["s"] / r["s"]
+        # the bar a student must clear to replace the teacher (issue bounds): per-cell distance within 5 % of
+        # DDIM-100's, at least 0.9 of its stain slope, probe at most 0.01 below its samples'
+        r["meets_bounds"] = bool(r["cell_dist_vs_ddim100"] <= 1 + TOLERANCE and r["slope_vs_ddim100"] >= 0.9
+                                 and r["probe_minus_ddim100"] >= -0.01)
     ok = [r["steps"] for r in rows if r["model"] == "student" and r["dist"] <= (1 + TOLERANCE) * base["dist"]]
     fewest = min(ok) if ok else None
-    print("\n| model | sampler | steps | dist | dist / DDIM-100 | site slope | probe TSS-bal-acc | s |")
+    print("\n| model | iters | steps | cell dist / DDIM-100 | slope / DDIM-100 | probe - DDIM-100 | meets | img/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['dist']:.3f} | {r['dist_vs_ddim100']:.3f} | "
-              f"{r['site_slope']:.3f} | {r['probe']:.3f} ± {r['probe_sem']:.3f} | {r['s']:.1f} |")
-    print("fewest student steps within 5 % of DDIM-100:", fewest)
-    extra = {"teacher": args.teacher, "student": str(student), "setting": setting, "n_images": len(plan), "distill_seconds": distill_s,
-             "distill": {"teacher_steps": args.teacher_steps, "iters_per_stage": args.iters_per_stage,
-                         "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay},
+        print(f"| {r['model']} {r['sampler']} | {r['iters_per_stage'] or ''} | {r['steps']} | "
+              f"{r['cell_dist_vs_ddim100']:.3f} | {r['slope_vs_ddim100']:.3f} | {r['probe_minus_ddim100']:+.3f} | "
+              f"{r['meets_bounds']} | {r['images_per_s']:.1f} |")
+    extra = {"teacher": args.teacher, "setting": setting, "n_images": len(plan),
+             "curve": [{"iters_per_stage": iters, "distill_seconds": secs, "student_steps": sorted(found)}
+                       for iters, secs, found in curve],
+             "distill": {"teacher_steps": args.teacher_steps, "batch_size": args.batch_size, "lr": args.lr,
+                         "ema_decay": args.ema_decay},
              "fewest_student_steps_within_5pct": fewest,
-             "speedup_calls_at_fewest": None if fewest is None else BASELINE_STEPS / fewest,
              "probe_no_synthetic": None if no_syn is None else float(no_syn["tss_balanced_accuracy_mean"]),
              "probe_repeats": args.probe_repeats, "solver": args.solver,
              "total_seconds": time.perf_counter() - t0}

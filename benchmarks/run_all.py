@@ -39,8 +39,10 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "int8_quality": ("int8_quality.py", []),
     # the demo's cohort and every arm that needs no model (no training): ~1-2 minutes on 2 cores
     "demo_arms": ("demo_arms.py", []),
-    # distils the demo model (16 -> 8, 4, 2, 1 steps) and evaluates: ~20 minutes on 2 cores
-    "distill_quality": ("distill_quality.py", []),
+    # distils the demo model (16 -> 8, 4, 2, 1 steps) along a curve of iterations per halving and evaluates
+    "distill_quality": ("distill_quality.py", ["--iters-per-stage", "100,300"]),
+    # a distillation iteration beside a training step of the same model: ~3 minutes on 2 cores
+    "distill_throughput": ("distill_throughput.py", []),
     # edits of rendered patches against the renderer's exact counterfactual: ~10 minutes on 2 cores
     "edit_quality": ("edit_quality.py", ["--n", "4", "--steps", "10", "--strengths", "0.25,0.5,0.75"]),
     # bf16 on a CPU with bf16 units beside fp32 and the reference loop, medi-128 one call included
@@ -50,7 +52,7 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     # the demo's MeDi model trained 700 steps in fp32 and in bf16 on the CPU: minutes per precision
     "cpu_bf16_training": ("cpu_bf16_training.py", []),
 }
-NEEDS_DEMO_MODEL = {"solver_quality_demo", "int8_quality", "distill_quality", "edit_quality"}  # run only with --demo-checkpoint
+NEEDS_DEMO_MODEL = {"solver_quality_demo", "int8_quality", "distill_quality", "distill_throughput", "edit_quality"}  # run only with --demo-checkpoint
 PUBLISHED_STEPS = 100  # the published sampling protocol: DDIM-100
 
 
@@ -65,6 +67,8 @@ def run_suite(names: list[str], demo_checkpoint: str | None) -> dict[str, str]:
             if name == "distill_quality":  # the demo's directory holds the index and pack beside runs/
                 demo_dir = Path(demo_checkpoint).resolve().parents[3]
                 args = args + ["--teacher", demo_checkpoint, "--index", str(demo_dir / "index.parquet")]
+            elif name == "distill_throughput":
+                args = args + ["--teacher", demo_checkpoint]
             else:
                 args = args + ["--checkpoint", demo_checkpoint]
         cmd = [sys.executable, str(HERE / script), *args]
@@ -243,7 +247,9 @@ def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
         arms = arm_names(s["records"])
         shipped = any(r["shipped"] for r in ds["rows"] if r["variant"] == name)
         sites = s["test_sites"]
-        rows.append({"variant": name + (" (the demo's default)" if shipped else ""),
+        carried = s.get("carried_from")  # kept from an earlier run of demo_seeds.py, with the arms it had then
+        rows.append({"variant": name + (" (the demo's default)" if shipped else "")
+                     + (f" (run {str(carried.get('time_utc'))[:10]}, arms of then)" if carried else ""),
                      "models": s["prediction_type"], "probe": f"k {s['k']}, {s['probe_ratio']:g}:1",
                      "test sites": f"{len(sites)} ({sites[0]}-{sites[-1]})" if len(sites) > 2 else ", ".join(sites),
                      "seeds": ",".join(map(str, s["seeds"])),
@@ -270,6 +276,8 @@ def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
                 head.append(f"  Over seeds {', '.join(map(str, sub['seeds']))} alone: "
                             + ", ".join(f"{a} {sub['stats'][a]['mean']:.3f} ± {sub['stats'][a]['sd']:.3f}" for a in arms)
                             + f"; order {order_text(sub)}.")
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # arms a carried variant did not have: "-"
+    rows = [{k: r.get(k, "-") for k in columns} for r in rows]
     held = [s for s in ds.get("default_seeds", []) if s not in ds["seeds"]]
     md = ["## The demo over seeds", "", _provenance(ds), "",
           "`medi-fast demo --setting S --seed N` per seed and variant of the demo: its default and the variants it "
@@ -329,33 +337,53 @@ def demo_arms_section(da: dict) -> list[str]:
 
 
 def distill_section(dq: dict) -> list[str]:
-    """Distilled students vs the teacher's samplers at the same steps vs DDIM-100 (distill_quality.py)."""
+    """Distilled students vs the teacher's samplers at the same steps vs DDIM-100 (distill_quality.py): the
+    students' quality along the curve of iterations per halving."""
     rows = dq["rows"]
     base = next(r for r in rows if r["model"] == "teacher" and r["steps"] == PUBLISHED_STEPS)
-    few = dq.get("fewest_student_steps_within_5pct")
     d = dq.get("distill", {})
-    how = (f"distilled {d.get('teacher_steps')} -> {min(r['steps'] for r in rows if r['model'] == 'student')} steps, "
-           f"{d.get('iters_per_stage')} iterations of batch {d.get('batch_size')} per stage"
-           + (f", {dq['distill_seconds']:.0f} s" if dq.get("distill_seconds") else ""))
-    if few is None:
-        verdict = ("**No student step count came within 5 % of DDIM-100's distance**: "
-                   + ", ".join(f"student-{r['steps']} {r['dist_vs_ddim100']:.2f}x" for r in rows if r["model"] == "student")
-                   + " DDIM-100's distance.")
-    else:
-        r = next(r for r in rows if r["model"] == "student" and r["steps"] == few)
-        verdict = (f"**Fewest student steps within 5 % of DDIM-100's distance: {few}** ({r['dist_vs_ddim100']:.2f}x its "
-                   f"distance): {PUBLISHED_STEPS / few:.0f}x fewer UNet calls, {r['speedup_wall_vs_ddim100']:.1f}x "
-                   f"DDIM-100's wall time in this run.")
+    curve = dq.get("curve", [])
+    how = (f"distilled from DDIM-{d.get('teacher_steps')} by halving, batch {d.get('batch_size')}, lr {d.get('lr')}, "
+           f"EMA {d.get('ema_decay')}; iterations per halving: "
+           + ", ".join(f"{c['iters_per_stage']} (down to {min(c['student_steps'])} steps, "
+                       + (f"{c['distill_seconds']:.0f} s)" if c.get("distill_seconds") else "time not recorded)")
+                       for c in curve))
+    students = [r for r in rows if r["model"] == "student"]
+    met = [r for r in students if r["meets_bounds"]]
+    four = [r for r in students if r["steps"] == 4]
+    verdict = ("**" + (f"Students meeting every bound: {', '.join(r['name'] for r in met)}" if met else
+                       "No student meets every bound") + ".** 4-step students along the curve (per-cell distance / "
+               "DDIM-100's, stain slope / DDIM-100's, probe - DDIM-100's): "
+               + "; ".join(f"{r['iters_per_stage']} it: {r['cell_dist_vs_ddim100']:.2f}x, {r['slope_vs_ddim100']:.2f}, "
+                           f"{r['probe_minus_ddim100']:+.3f}" for r in four) + ".")
     return ["## Distilled students (progressive distillation, demo MeDi model)", "", _provenance(dq), "",
-            f"{dq.get('n_images', '?')} images per setting (every class x trained site), the same starting noise for "
-            f"all; {how}. `dist` = the demo's FID-style colour-texture distance to the real cohort (per class, "
-            f"averaged); `site_slope` = per-site stain fidelity (1.0 = every site's stain difference reproduced); "
-            f"`probe` = the demo protocol's TSS-averaged balanced accuracy with these samples as the synthetic set "
-            f"({dq.get('probe_repeats', '?')} repeats; no synthetic data: {dq.get('probe_no_synthetic') or float('nan'):.3f}). "
-            f"DDIM-100 dist {base['dist']:.3f}, site slope {base['site_slope']:.3f}, probe {base['probe']:.3f}.", "",
-            verdict, "",
-            _table(rows, ["model", "sampler", "steps", "shipped", "dist", "dist_vs_ddim100", "site_slope", "site_corr",
-                          "probe", "probe_sem", "s", "speedup_calls_vs_ddim100"]), ""]
+            f"{dq.get('n_images', '?')} images per setting (every class x cohort site), the same starting noise for "
+            f"all; {how}. `cell_dist`: the demo's FID-style colour-texture distance to the real patches of each trained "
+            "class x site cell, averaged (`dist`: per class); `site_slope`: per-site stain fidelity (1.0 = every site's "
+            "stain difference reproduced); `probe`: the demo protocol's TSS-averaged balanced accuracy with these "
+            f"samples as the synthetic set ({dq.get('probe_repeats', '?')} repeats; no synthetic data: "
+            f"{dq.get('probe_no_synthetic') or float('nan'):.3f}); images/s: torch eager fp32 sampling in this run. "
+            "The bounds a student must meet to replace the teacher: per-cell distance within 5 % of DDIM-100's, "
+            "stain slope at least 0.9 of its, probe at most 0.01 below its samples'. "
+            f"DDIM-100: cell distance {base['cell_dist']:.1f}, site slope {base['site_slope']:.3f}, probe "
+            f"{base['probe']:.3f}.", "", verdict, "",
+            _table(rows, ["model", "sampler", "iters_per_stage", "steps", "cell_dist", "cell_dist_vs_ddim100", "dist",
+                          "site_slope", "slope_vs_ddim100", "probe", "probe_minus_ddim100", "meets_bounds",
+                          "images_per_s"]), ""]
+
+
+def distill_throughput_section(dt: dict) -> list[str]:
+    """benchmarks/distill_throughput.py: a distillation iteration beside a training step, same run."""
+    m = dt["median_s"]
+    return ["## What a distillation iteration costs", "", _provenance(dt), "",
+            f"The demo's MeDi model (`{dt['preset']}`, {dt['resolution']} px), batch {dt['batch_size']}: "
+            f"`medi-fast train` steps, `medi-fast distill` iterations (one halving from DDIM-{dt['teacher_steps']}) "
+            f"and the teacher's forward pass, alternated over {dt['rounds']} rounds of {dt['iters']}; seconds per "
+            "step from each run's own metrics clock (start-up excluded), median over rounds. An iteration runs the "
+            "teacher twice without gradients and one student optimiser step, so the arithmetic is (train step + 2 "
+            f"forward passes) / train step = **{dt['arithmetic_over_train']:.2f}x**; measured "
+            f"**{dt['distill_over_train']:.2f}x** (train {m['train']:.3f} s, distill {m['distill']:.3f} s, "
+            f"forward {m['forward']:.3f} s).", ""]
 
 
 def edit_section(eq: dict) -> list[str]:
@@ -596,7 +624,7 @@ def report(status: dict[str, str]) -> Path:
                                         "data_throughput", "solver_quality_demo", "sampling_throughput",
                                         "int8_quality", "ort_profile", "distill_quality", "demo_seeds",
                                         "ray_scaling", "export_cost", "edit_quality", "backends_bf16",
-                                        "cpu_bf16_training", "demo_arms")}
+                                        "cpu_bf16_training", "demo_arms", "distill_throughput")}
     bk, sq, gp, tr, ds = (r[n] for n in ("backends", "solver_quality_demo", "generate_pipeline",
                                          "training_throughput", "demo_seeds"))
     md = ["# Benchmark results", "",
@@ -616,6 +644,7 @@ def report(status: dict[str, str]) -> Path:
     # the sections in the order RESULTS.md shows them: (benchmark, section function)
     for name, section in (("backends", backends_section), ("sampling_throughput", sampling_section),
                           ("solver_quality_demo", solver_section), ("distill_quality", distill_section),
+                          ("distill_throughput", distill_throughput_section),
                           ("ort_profile", ort_profile_section), ("int8_quality", int8_section),
                           ("generate_pipeline", generate_section), ("training_throughput", training_section),
                           ("data_throughput", data_section), ("export_cost", export_section),

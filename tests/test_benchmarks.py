@@ -162,6 +162,7 @@ def test_demo_seeds_aggregates_and_resumes_from_finished_runs(tmp_path):
     """demo_seeds.py reuses a run whose demo_config.json is the variant's configuration (an interrupted
     benchmark resumes without rerunning), aggregates per variant, and run_all puts the table in RESULTS.md."""
     import importlib.util
+    import shutil
     from dataclasses import replace
 
     spec = importlib.util.spec_from_file_location("demo_seeds", BENCH / "demo_seeds.py")
@@ -207,6 +208,21 @@ def test_demo_seeds_aggregates_and_resumes_from_finished_runs(tmp_path):
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## The demo over seeds" in md and "0.830 ± 0.042" in md and f"| {name} " in md
     assert "| epsilon " in md and "k 20, 1:1" in md
+    # another variant run later keeps this one's recorded results, marked with when it ran
+    when = ds["machine"]["time_utc"]
+    for seed in (0, 1):
+        cfg = replace(bench.variant_config("ring4"), out=str(work / "ring4" / f"seed-{seed}"), seed=seed)
+        shutil.copytree(work / name / f"seed-{seed}", cfg.out)
+        (Path(cfg.out) / "demo_config.json").write_text(json.dumps(recorded_config(cfg)))
+        res = json.loads((Path(cfg.out) / "results.json").read_text())
+        res["probe_sites"] = {a: {s: v["tss_bacc"] for s in cfg.spec.test_sites} for a, v in res["probe"].items()}
+        (Path(cfg.out) / "results.json").write_text(json.dumps(res))
+    _run("demo_seeds.py", "--variants", "ring4", "--default-seeds", "0,1", "--work", str(work), out=tmp_path)
+    ds = json.loads((tmp_path / "demo_seeds.json").read_text())
+    assert list(ds["variants"]) == ["ring4", "ring4 on S5, S6", name] and ds["variants"][name]["carried_from"]["time_utc"] == when
+    assert ds["variants"][name]["stats"]["MeDi"]["mean"] == pytest.approx(0.83) and "carried_from" not in ds["variants"]["ring4"]
+    _run("run_all.py", "--report-only", out=tmp_path)
+    assert f"| {name} (run {when[:10]}, arms of then) " in (tmp_path / "RESULTS.md").read_text()
 
 
 def test_clean_image_colour_by_noise_level_is_exact_where_the_noise_is_negligible(tmp_path):
