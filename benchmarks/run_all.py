@@ -376,7 +376,7 @@ def distill_throughput_section(dt: dict) -> list[str]:
     """benchmarks/distill_throughput.py: a distillation iteration beside a training step, same run."""
     m = dt["median_s"]
     return ["## What a distillation iteration costs", "", _provenance(dt), "",
-            f"The demo's MeDi model (`{dt['preset']}`, {dt['resolution']} px), batch {dt['batch_size']}: "
+            f"The demo's teacher model (`{dt['preset']}`, {dt['resolution']} px), batch {dt['batch_size']}: "
             f"`medi-fast train` steps, `medi-fast distill` iterations (one halving from DDIM-{dt['teacher_steps']}) "
             f"and the teacher's forward pass, alternated over {dt['rounds']} rounds of {dt['iters']}; seconds per "
             "step from each run's own metrics clock (start-up excluded), median over rounds. An iteration runs the "

@@ -72,8 +72,8 @@ class Pipeline:
         ``images``: uint8 (N, H, W, 3) at the model's resolution (or one (H, W, 3), or a list).  The
         target: ``class_`` and metadata by attribute name (``tss="44"``, or one value per image:
         ``tss=["S1", "S2"]``); what is not given stays the source's.  ``source``: the images' own class
-        and metadata (one mapping for all, or a DataFrame / list of mappings, one per image); needed for ``method="inversion"``, and for ``sdedit`` unless
-        ``class_`` is given.  ``strength`` in [0, 1]: 0 returns the images, 1 starts from noise.  Image
+        and metadata (one mapping for all, or a DataFrame / list of mappings, one per image); needed for
+        ``method="inversion"``, and for ``sdedit`` unless ``class_`` is given.  ``strength`` in [0, 1]: 0 returns the images, 1 starts from noise.  Image
         ``i`` depends only on (seed, i), its conditions and itself: ``medi-fast edit`` with the same seed
         writes the same images."""
         from . import edit as edits

@@ -240,32 +240,37 @@ def test_bad_inputs_fail_in_one_line(teacher, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "s.distill").exists()
 
 
-def test_results_section_states_the_fewest_student_steps(tmp_path):
-    """run_all.py --report-only turns distill_quality.json into its RESULTS.md section and verdict."""
+def test_results_section_states_the_curve_and_which_students_meet_the_bounds(tmp_path):
+    """run_all.py --report-only turns distill_quality.json into its RESULTS.md section: the curve of
+    iterations per halving and which students meet every bound for replacing the teacher."""
     import json
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    def row(model, sampler, steps, dist, s):
-        return {"model": model, "sampler": sampler, "steps": steps, "unet_calls": steps, "s": s, "dist": dist,
-                "dist_vs_ddim100": dist / 10.0, "site_slope": 0.5, "site_corr": 0.9, "probe": 0.9, "probe_sem": 0.01,
-                "shipped": model == "student", "speedup_calls_vs_ddim100": 100 / steps,
-                "speedup_wall_vs_ddim100": 100.0 / s}
-    rows = [row("teacher", "ddim", 100, 10.0, 100.0), row("student", "ddim", 2, 12.0, 2.0),
-            row("student", "ddim", 4, 10.3, 4.0), row("teacher", "ddim", 4, 30.0, 4.0)]
+    def row(model, steps, iters, cell, slope, probe):
+        return {"name": f"{model} ddim-{steps}" + (f" ({iters} it)" if iters else ""), "model": model,
+                "sampler": "ddim", "steps": steps, "iters_per_stage": iters, "cell_dist": 10.0 * cell,
+                "cell_dist_vs_ddim100": cell, "dist": 1.0, "site_slope": slope, "slope_vs_ddim100": slope,
+                "probe": 0.9 + probe, "probe_minus_ddim100": probe, "images_per_s": 10.0 / steps,
+                "meets_bounds": cell <= 1.05 and slope >= 0.9 and probe >= -0.01}
+    rows = [row("teacher", 100, None, 1.0, 1.0, 0.0), row("student", 4, 100, 3.96, 0.98, 0.021),
+            row("student", 4, 1000, 1.04, 0.95, -0.005), row("student", 2, 1000, 1.2, 0.99, 0.0)]
     (tmp_path / "distill_quality.json").write_text(json.dumps({
         "name": "distill_quality", "machine": {}, "command": "x", "rows": rows, "n_images": 8,
-        "fewest_student_steps_within_5pct": 4, "distill": {"teacher_steps": 16, "iters_per_stage": 40, "batch_size": 16},
-        "distill_seconds": 600.0, "probe_no_synthetic": 0.8, "probe_repeats": 3}))
+        "curve": [{"iters_per_stage": 100, "distill_seconds": 120.0, "student_steps": [4]},
+                  {"iters_per_stage": 1000, "distill_seconds": 550.0, "student_steps": [2, 4]}],
+        "distill": {"teacher_steps": 16, "batch_size": 16, "lr": 5e-4, "ema_decay": 0.99},
+        "probe_no_synthetic": 0.8, "probe_repeats": 3}))
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
     r = subprocess.run([sys.executable, str(bench / "run_all.py"), "--report-only"], capture_output=True, text=True,
                        env={**os.environ, "MEDI_FAST_BENCH_RESULTS": str(tmp_path)}, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     md = (tmp_path / "RESULTS.md").read_text()
-    assert "## Distilled students" in md
-    assert "Fewest student steps within 5 % of DDIM-100's distance: 4** (1.03x its distance): 25x fewer UNet calls" in md
+    assert "## Distilled students" in md and "iterations per halving: 100 (down to 4 steps, 120 s), 1000" in md
+    assert "**Students meeting every bound: student ddim-4 (1000 it).**" in md
+    assert "100 it: 3.96x, 0.98, +0.021; 1000 it: 1.04x, 0.95, -0.005" in md
 
 
 def _files(root) -> dict:

@@ -334,7 +334,8 @@ class Edited:
         src = rows.loc[source].reset_index(drop=True)
         pipe = Pipeline.open(ctx.onnx[self.model], backend="ort-cpu", steps=cfg.sample_steps,
                              batch_size=cfg.sample_batch)
-        images = pipe.edit(ctx.real()[pool][source], tss=target, source=src, method=cfg.edit_method, strength=cfg.edit_strength, seed=cfg.seed)
+        images = pipe.edit(ctx.real()[pool][source], tss=target, source=src, method=cfg.edit_method,
+                           strength=cfg.edit_strength, seed=cfg.seed)
         meta = pd.DataFrame({"class": src["class"], "tissue_source_site": target, SOURCE: source,
                              "source_tissue_source_site": src["tissue_source_site"]})
         return meta, images
