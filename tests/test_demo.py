@@ -636,3 +636,27 @@ def test_reevaluating_edits_with_another_k_is_refused_in_one_line(demo_run, tmp_
     with pytest.raises(MediFastError, match="do not cover the real patches this probe draws .*run the demo afresh"):
         reevaluate(replace(toy(tmp_path / "again"), k=6, probe_ratio=1.0), out)
     assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("folder, column, value, words", [
+    ("medi", "file", "../../index.parquet", "does not list its images as files inside"),
+    ("medi-edit", "derived_from_train_row", "99999", "names source patches outside the probe's pool"),
+    ("medi-edit", "derived_from_train_row", "x", "names source patches outside the probe's pool"),
+])
+def test_reevaluating_a_damaged_manifest_is_refused_in_one_line(demo_run, tmp_path, folder, column, value, words):
+    """A run directory read back is checked like an option: no manifest entry leads outside its folder or
+    names a source patch the pool does not have."""
+    import shutil
+
+    from medi_fast.demo.run import reevaluate
+
+    out, _ = demo_run
+    source = tmp_path / "damaged"
+    shutil.copytree(out, source)
+    manifest = source / "synthetic" / folder / "manifest.csv"
+    m = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    m.loc[0, column] = value
+    m.to_csv(manifest, index=False)
+    with pytest.raises(MediFastError, match=words):
+        reevaluate(toy(tmp_path / "again"), source)
+    assert not (tmp_path / "again").exists()

@@ -307,7 +307,12 @@ class Edited:
 
     def load(self, arm: "Arm", run: Path, ctx: Context) -> Patches:
         meta, images = stages.load_synthetic(run / "synthetic" / self.folder)
-        meta[SOURCE] = meta[SOURCE].astype(int)
+        pool = int(stages.probe_pool(ctx.cfg, ctx.index).sum())
+        rows = pd.to_numeric(meta.get(SOURCE, pd.Series([], dtype=str)), errors="coerce")
+        if SOURCE not in meta.columns or rows.isna().any() or not rows.between(0, pool - 1).all():
+            raise MediFastError(f"the manifest in {run / 'synthetic' / self.folder} names source patches outside the "
+                                f"probe's pool of {pool}; the run is damaged: run the demo afresh")
+        meta[SOURCE] = rows.astype(int)
         # re-evaluated with another k or number of repeats, the probe draws patches the run did not edit
         copies = meta[SOURCE].value_counts()
         wanted = stages.probe_drawn(ctx.cfg, ctx.index)

@@ -251,10 +251,17 @@ def load_synthetic(folder: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """A finished generation's (manifest rows, images) read back from folder, as `generate` returned them."""
     from PIL import Image
 
-    manifest = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
+    path = folder / "manifest.csv"
+    manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
     if "tissue_source_site" not in manifest.columns:
         manifest["tissue_source_site"] = "none"
-    images = np.stack([np.asarray(Image.open(folder / f).convert("RGB")) for f in manifest["file"]])
+    root = folder.resolve()
+    files = [folder / f for f in manifest.get("file", pd.Series([], dtype=str))]
+    # a file named by the manifest stays inside its folder, whatever the manifest says
+    if "file" not in manifest.columns or any(root not in f.resolve().parents for f in files):
+        raise MediFastError(f"{path} does not list its images as files inside {folder}; the run is damaged: run the "
+                            "demo afresh")
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
     return manifest, images
 
 
