@@ -121,8 +121,11 @@ def run_job(model, plan: Plan, out=None, config: GenerateConfig | None = None, *
         gen.check(len(part))
     if out is not None:
         gen.check_run_dir(out, plan, shard)  # a directory of another run: refused before anything is printed
-    idle_gpu = backends.idle_gpu_warning(backend, denoiser, info) if ray is None and isinstance(backend, str) else None
-    warnings = tuple(w for w in (guidance_warning(info, cfg.guidance), distilled_warning(info, cfg), idle_gpu) if w)
+    local = ray is None and isinstance(backend, str)
+    idle_gpu = backends.idle_gpu_warning(backend, denoiser, info) if local else None
+    notes = tuple(getattr(denoiser, "notes", ())) if local else ()  # auto's fallbacks past a failed gate
+    warnings = tuple(w for w in (guidance_warning(info, cfg.guidance), distilled_warning(info, cfg), idle_gpu, *notes)
+                     if w)
     if on_start is not None:
         on_start(JobStart(info, name, cfg, len(part), shard, out, ray is not None, warnings))
     if ray is None:

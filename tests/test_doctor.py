@@ -44,6 +44,11 @@ def test_every_backend_has_a_row_and_available_cpu_ones_are_measured(inference_r
     assert rows["torch"].status == "ok" and rows["torch"].metrics["rel"] == 0.0  # the reference itself
     if not torch.cuda.is_available():
         assert rows["torch-fp16"].status == "absent" and rows["torch-fp16"].detail == "no CUDA GPU"
+    for name in ("torch-bf16", "openvino-bf16"):  # on a CPU with bf16 units: eps gated, images not on random weights
+        if BACKENDS[name].availability()[0] and not torch.cuda.is_available():
+            row = rows[name]
+            assert row.status == "ok" and row.metrics["image_bound"] is None and row.metrics["image_levels"] >= 0, row
+            assert row.detail.endswith("images not gated on random weights (--model CKPT gates them)")
 
 
 def test_training_check_compares_each_precision_with_cpu_fp32():
@@ -52,7 +57,12 @@ def test_training_check_compares_each_precision_with_cpu_fp32():
     assert by["fp32 (cpu)"].status == "ok" and by["fp32 (cpu)"].metrics["param_change_rel"] == 0.0
     cl = by["channels_last (cpu)"]
     assert cl.status == "ok" and 0 <= cl.metrics["param_change_rel"] <= doctor.TRAIN_BOUND["channels_last"]
-    assert doctor.training_variants(torch.device("cpu")) == ["fp32", "channels_last"]
+    from medi_fast.backends import cpu_bf16_native
+
+    # bf16 where the CPU has bf16 units (train --precision bf16, the demo's default there)
+    assert doctor.training_variants(torch.device("cpu")) == ["fp32", "channels_last"] + ["bf16"] * cpu_bf16_native()
+    if cpu_bf16_native():
+        assert by["bf16 (cpu)"].status == "ok" and 0 < by["bf16 (cpu)"].metrics["param_change_rel"] <= doctor.TRAIN_BOUND["bf16"]
     ddp = by["ddp (2 processes, gloo)"]  # two CPU processes: the DDP code path, all-reduce included
     assert ddp.status == "ok", ddp.detail
     assert 0 < ddp.metrics["param_change_rel"] <= doctor.TRAIN_BOUND["fp32"]

@@ -147,6 +147,12 @@ def pipe(tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
+def auto_pipe(tiny_ckpt):
+    """The API with the command's default backend (auto: torch-bf16 on a CPU with bf16 units)."""
+    return medi_fast.load(tiny_ckpt, steps=STEPS)
+
+
+@pytest.fixture(scope="module")
 def patches(pipe):
     """Five 'real' patches: the tiny model's LUAD images of site 05."""
     return pipe.generate("LUAD", tss="05", n=5, seed=11, steps=2)
@@ -239,7 +245,7 @@ def edit_cli(*args) -> int:
 
 
 @pytest.mark.parametrize("method", ["sdedit", "inversion"])
-def test_the_command_writes_what_the_api_returns(pipe, patches, sources, tiny_ckpt, tmp_path, method):
+def test_the_command_writes_what_the_api_returns(auto_pipe, patches, sources, tiny_ckpt, tmp_path, method):
     out = tmp_path / "moved"
     assert edit_cli(sources / "index.csv", "--model", tiny_ckpt, "--to", "tss=44", "--strength", "0.6", "--method",
                     method, "--seed", 7, "--batch-size", 2, "--out", out) == 0
@@ -251,12 +257,12 @@ def test_the_command_writes_what_the_api_returns(pipe, patches, sources, tiny_ck
     assert set(man["source_class"]) == {"LUAD"} and set(man["source_tissue_source_site"]) == {"05"}
     assert set(man["strength"]) == {"0.6"} and set(man["method"]) == {method} and set(man["steps"]) == {str(STEPS)}
     files = np.stack([np.asarray(Image.open(out / f)) for f in man["file"]])
-    api = pipe.edit(patches, tss="44", strength=0.6, method=method, seed=7, source=SOURCE, batch_size=2)
+    api = auto_pipe.edit(patches, tss="44", strength=0.6, method=method, seed=7, source=SOURCE, batch_size=2)
     assert np.array_equal(files, api)
     assert man["seed"].astype(np.int64).tolist() == plans.derive_seeds(7, range(5)).tolist()
 
 
-def test_a_folder_of_images_with_a_target_class(patches, sources, tiny_ckpt, tmp_path, pipe):
+def test_a_folder_of_images_with_a_target_class(patches, sources, tiny_ckpt, tmp_path, auto_pipe):
     out = tmp_path / "moved"
     assert edit_cli(sources / "img", "--model", tiny_ckpt, "--to", "class=LUSC", "--to", "tissue_source_site=49",
                     "--out", out) == 0
@@ -264,7 +270,7 @@ def test_a_folder_of_images_with_a_target_class(patches, sources, tiny_ckpt, tmp
     assert man["file"].tolist() == [f"LUSC/49/LUSC_49_{i:08d}.png" for i in range(5)]
     assert set(man["source_class"]) == {""}  # a folder says nothing of its patches' source
     files = np.stack([np.asarray(Image.open(out / f)) for f in man["file"]])
-    assert np.array_equal(files, pipe.edit(patches, "LUSC", tss="49"))
+    assert np.array_equal(files, auto_pipe.edit(patches, "LUSC", tss="49"))
 
 
 def test_an_interrupted_edit_resumes_and_a_changed_one_is_refused(sources, tiny_ckpt, tmp_path, refused, capsys):

@@ -88,13 +88,15 @@ register("torch-tf32", "torch_backend:TorchTF32Backend", ("checkpoint",), 12,
 register("torch-fp16", "torch_backend:TorchFP16Backend", ("checkpoint",), 31,
          "PyTorch CUDA, fp16 autocast + channels_last")
 register("torch-bf16", "torch_backend:TorchBF16Backend", ("checkpoint",), 30,
-         "PyTorch bf16 autocast + channels_last (CUDA; by name on CPUs with bf16 units, gated per model)")
+         "PyTorch bf16 autocast + channels_last (CUDA; CPUs with bf16 units, gated per model)")
 register("torch-compile", "torch_backend:TorchCompileBackend", ("checkpoint",), 5,
          "torch.compile (CUDA: fp16 + channels_last + CUDA graphs; CPU: fp32)")
 register("ort-cpu", "onnxruntime_backend:OrtCPUBackend", ("onnx",), 20, "ONNX Runtime CPU, threads = physical cores")
 register("openvino", "openvino_backend:OpenVINOBackend", ("onnx",), 15, "OpenVINO CPU fp32 (optional extra; --backend openvino)")
-register("openvino-bf16", "openvino_backend:OpenVINOBF16Backend", ("onnx",), 16,
-         "OpenVINO CPU bf16 (by name on CPUs with bf16 units, gated per model)")
+# Above ort-cpu: on a CPU with bf16 units it ran 3.3-3.8x ort-cpu's speed (benchmarks/backends.py, bf16
+# run), its DDIM images within a few grey levels of fp32's (benchmarks/cpu_bf16_quality.py).
+register("openvino-bf16", "openvino_backend:OpenVINOBF16Backend", ("onnx",), 25,
+         "OpenVINO CPU bf16 (CPUs with bf16 units, gated per model; optional extra)")
 register("ort-cuda", "onnxruntime_backend:OrtCUDABackend", ("onnx",), 40, "ONNX Runtime CUDA, IO binding (+ CUDA graph)")
 register("ort-trt", "onnxruntime_backend:OrtTensorRTBackend", ("onnx",), 50, "ONNX Runtime TensorRT EP, fp16, engine cache")
 register("tensorrt", "tensorrt_backend:TensorRTBackend", ("tensorrt",), 60, "TensorRT engine, execute_async_v3 + CUDA graph")
@@ -128,12 +130,6 @@ def open_model(path) -> ModelInfo:
         raise MediFastError(f"{path} is not a model file; expected one of {', '.join(sorted(READERS))}")
     module, func = reader.split(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), func)(path)
-
-
-def auto_candidates(kind: str) -> list[str]:
-    """What ``auto`` tries for a file kind, best first: the available backends, less those that run
-    here only when asked by name (``Backend.by_name_only``: bf16 on a CPU)."""
-    return [n for n in available(kind) if not BACKENDS[n].load_class().by_name_only()]
 
 
 def available(kind: str | None = None) -> list[str]:
@@ -269,7 +265,7 @@ def is_export_dir(path) -> bool:
 def resolve(name: str, info: ModelInfo) -> str:
     """The backend name to use: ``auto`` becomes the best available one for this model file."""
     if name == "auto":
-        names = auto_candidates(info.kind)
+        names = available(info.kind)
         if not names:
             raise MediFastError(f"no backend can run {info.path.name} here; see `medi-fast backends`")
         return names[0]
@@ -322,13 +318,39 @@ def check_options(name: str, cls, options: dict) -> None:
 
 
 def create(name: str, info: ModelInfo, **options) -> Callable:
-    """Instantiate a backend (``auto`` allowed) for a model file; unknown options are refused."""
-    name = resolve(name, info)
-    cls = BACKENDS[name].load_class()
-    check_options(name, cls, options)
-    backend = cls(info, **options)
-    backend.name = name
-    return backend
+    """Instantiate a backend (``auto`` allowed) for a model file; unknown options are refused.
+
+    Under ``auto`` a backend that fails its accuracy gate on this model (``AccuracyGateError``: bf16
+    on a CPU) gives way to the next available one; why is kept in the created backend's ``notes``
+    (``run_job`` shows them as warnings).  Asked by name, the gate's error is the answer."""
+    from .accuracy import AccuracyGateError
+
+    candidates = available(info.kind) if name == "auto" else [resolve(name, info)]
+    if not candidates:
+        resolve(name, info)  # the usual "no backend can run" error
+    if name == "auto" and options:  # options name the kind of backend wanted: auto picks among those taking them
+        takes = {c: backend_options(BACKENDS[c].load_class()) for c in candidates}
+        fits = [c for c in candidates if set(options) <= set(takes[c])]
+        if not fits:
+            valid = list(dict.fromkeys(o for c in candidates for o in takes[c]))
+            key = next((k for k in options if k not in valid), next(iter(options)))
+            raise MediFastError(f"no backend that auto picks here takes option {key!r}{suggest(key, valid)}; they "
+                                f"take {', '.join(valid)} (see `medi-fast backends`, or name one with --backend)")
+        candidates = fits
+    notes: list[str] = []
+    for i, chosen in enumerate(candidates):
+        cls = BACKENDS[chosen].load_class()
+        check_options(chosen, cls, options)
+        try:
+            backend = cls(info, **options)
+        except AccuracyGateError as e:
+            if name != "auto" or i == len(candidates) - 1:
+                raise
+            notes.append(f"{e}; using {candidates[i + 1]}")
+            continue
+        backend.name = chosen
+        backend.notes = tuple(notes)
+        return backend
 
 
 class Backend:
@@ -340,13 +362,10 @@ class Backend:
 
     name = "base"
     device = torch.device("cpu")
+    # Lines for the user about how this backend was chosen (``create``'s fallbacks under ``auto``).
+    notes: tuple[str, ...] = ()
     # True for CPU runtimes with their own thread pool (ONNX Runtime, OpenVINO): see sampling_threads.
     own_cpu_threads = False
-
-    @classmethod
-    def by_name_only(cls) -> bool:
-        """True where this backend runs here but ``auto`` must not pick it."""
-        return False
 
     @classmethod
     def available(cls) -> tuple[bool, str]:

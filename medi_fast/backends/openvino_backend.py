@@ -51,11 +51,10 @@ class OpenVINOBackend(Backend):
 class OpenVINOBF16Backend(OpenVINOBackend):
     """OpenVINO with its bf16 inference precision, on a CPU with bf16 units (AMX/AVX512-BF16 kernels:
     5.3x the reference loop for one medi-128 call, 2.2x torch-bf16, in benchmarks/backends.py's bf16
-    run).  By name only, as torch-bf16 on a CPU: its images differ from fp32's by a few grey levels.
-    Gated per model when it starts, against ONNX Runtime's fp32 on the same file.  An image's result
-    does not depend on its batch (tested bit for bit)."""
-
-    by_name_only = classmethod(lambda cls: True)
+    run).  What ``auto`` picks for an ONNX file on such a CPU when the extra is installed, gated per
+    model when it starts against ONNX Runtime's fp32 on the same file (``auto`` falls back to ort-cpu
+    when the gate fails, saying why).  An image's result does not depend on its batch (tested bit for
+    bit)."""
 
     def __init__(self, info: ModelInfo, device: str | None = None):
         super().__init__(info, precision="bf16", device=device)

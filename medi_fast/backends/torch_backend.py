@@ -117,17 +117,16 @@ def cpu_bf16_rows(resolution: int) -> int:
 
 
 class TorchBF16Backend(TorchBackend):
-    """bf16 autocast + channels_last.  On a CPU (oneDNN's bf16 convolutions: 2-3x fp32 where the CPU
-    has bf16 units) it runs when asked by name, gated per model when it starts: its eps on a probe
-    batch within ``BF16_REL`` of the same model in fp32 and finite, else ``AccuracyGateError``.
-    bf16 keeps 8 mantissa bits: ~1e-2 relative eps error on every model tried."""
+    """bf16 autocast + channels_last.  On a CPU with bf16 units (oneDNN's bf16 convolutions: 2-3x
+    fp32) it is what ``auto`` picks for a checkpoint, gated per model when it starts: its eps on a
+    probe batch within ``BF16_REL`` of the same model in fp32 and finite, else ``AccuracyGateError``
+    (``auto`` then falls back to fp32 saying why).  bf16 keeps 8 mantissa bits: ~1e-2 relative eps
+    error on every model tried; DDIM images within a few grey levels of fp32's on a trained model
+    (benchmarks/cpu_bf16_quality.py)."""
 
     dtype = torch.bfloat16
     channels_last = True
     available = classmethod(lambda cls: _bf16_here())
-    # On a CPU only by name: its images differ from fp32's by a few grey levels (not a bug, bf16's
-    # rounding), and fp32 is what a CPU user's images, tests and published numbers are made with.
-    by_name_only = classmethod(lambda cls: not torch.cuda.is_available())
 
     def __init__(self, info, device=None, **kw):
         super().__init__(info, device=device, **kw)

@@ -327,6 +327,12 @@ def info(model, as_json):
         click.echo(f"  {line}")
 
 
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @click.command("backends")
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 def list_backends(model):
@@ -341,6 +347,12 @@ def list_backends(model):
         ok, why = e.availability()
         click.echo(f"{name:<14} {'yes' if ok else 'no ':<4} runs {'/'.join(e.kinds):<12} {e.description}"
                    + ("" if ok else f"  [{why}]"))
+    gated = {n for n in ("torch-bf16", "openvino-bf16") if not torch_cuda()}
+    click.echo("\nauto tries, best first (a gated backend that fails its accuracy gate on a model gives way to "
+               "the next):")
+    for kind in ("checkpoint", "onnx", "tensorrt"):
+        names = backends.available(kind)
+        click.echo(f"  {kind:<11} " + (" > ".join(n + (" (gated)" if n in gated else "") for n in names) or "none here"))
     choice = choose_model(model)
     if choice is None or not choice.path.exists():
         return
