@@ -1,5 +1,6 @@
 """Smoke runs of the benchmark scripts that the docs quote (tiny sizes; results go to a temp dir)."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -175,6 +176,7 @@ def test_demo_seeds_aggregates_and_resumes_from_finished_runs(tmp_path):
     # probe-only variants share the default's models (and its extra seeds); other models do not
     assert bench.same_models(bench.variant_config("ring4-1to1"), DemoConfig())
     assert not bench.same_models(bench.variant_config("two-class-epsilon-1to1"), DemoConfig())
+    assert not bench.same_models(bench.variant_config("ring4-fp32"), DemoConfig())  # fp32 trains other models
     assert not bench.same_models(replace(DemoConfig(), prediction_type="epsilon"), DemoConfig())
     # a variant scored on fewer test sites: the mean of those sites' accuracies, the rest of the record as it was
     rec = {"seed": 0, "probe": {"MeDi": {"tss_bacc": 0.9, "runs": 5}},
@@ -208,6 +210,7 @@ def test_demo_seeds_aggregates_and_resumes_from_finished_runs(tmp_path):
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## The demo over seeds" in md and "0.830 ± 0.042" in md and f"| {name} " in md
     assert "| epsilon " in md and "k 20, 1:1" in md
+    assert re.search(r"\| epsilon +\| fp32; ort-cpu +\|", md)  # runs that record no precision: before it had one
     # another variant run later keeps this one's recorded results, marked with when it ran
     when = ds["machine"]["time_utc"]
     for seed in (0, 1):

@@ -88,6 +88,15 @@ def test_report_and_outputs(demo_run):
         want = own[a.name] + sum(own[n] for n in a.recipe.needs)
         assert res["arm_seconds"][a.name] == pytest.approx(want, abs=0.2 * (1 + len(stages_of)))
     assert "Seconds to make each arm's probe training data" in md
+    # The precision: bf16 training where the CPU has bf16 units; every synthetic folder made by auto's backend
+    # (gated per model: ONNX Runtime's fp32 where the gate refuses bf16), all said in the report.
+    from medi_fast.backends import available, cpu_bf16_native
+
+    prec = res["precision"]
+    assert prec["requested"] == "auto" and prec["training"] == ("bf16" if cpu_bf16_native() else "fp32")
+    assert set(prec["generation"]) == {"medi", "cls", "medi-edit"}
+    assert set(prec["generation"].values()) <= {available("onnx")[0], "ort-cpu"}
+    assert f"prediction, in {prec['training']}), exported to ONNX, sampled with DDIM-2 on " in md
     # The headline names the best arm, every arm with its cost, and what the oracle arms say.
     assert "Best arm a user can make (the oracle arms aside): " in md and "Oracle arms (freshly rendered patches" in md
 
@@ -190,7 +199,7 @@ def test_overwrite_replaces_a_previous_run(tmp_path):
 def test_help_lists_every_option(capsys):
     main(["demo", "--help"])
     text = capsys.readouterr().out
-    for opt in ("--out", "--quick", "--train-steps", "--seed", "--overwrite"):
+    for opt in ("--out", "--quick", "--train-steps", "--seed", "--precision", "--overwrite"):
         assert opt in text
 
 
@@ -293,6 +302,7 @@ def test_seeds_run_once_per_seed_and_report_the_spread(tmp_path):
     (["--seed", "1", "--seeds", "0,1"], "--seed and --seeds"),
     (["--seeds", "0,-1"], "--seeds must be in"),
     (["--setting", "ring5"], "closest"),
+    (["--precision", "fp16"], "'fp16' is not one of"),
 ])
 def test_bad_seed_and_setting_options_fail_in_one_line_before_output(tmp_path, capsys, args, words):
     out = tmp_path / "o"
@@ -342,6 +352,7 @@ def test_reevaluate_reads_back_the_run_exactly_and_changes_only_the_evaluation(d
     again = json.loads(reevaluate(toy(tmp_path / "same"), out).parent.joinpath("results.json").read_text())
     assert again["probe"] == first["probe"] and again["fid_cell_mean"] == first["fid_cell_mean"]
     assert again["reevaluated_from"] == str(out) and again["seconds"] == first["seconds"]
+    assert again["precision"] == first["precision"]  # what made the patches: the run's, not this process's
     # another probe ratio: the same patches, more of them in each probe run
     other = reevaluate(replace(toy(tmp_path / "ratio"), probe_ratio=1.0), out).parent
     assert json.loads((other / "demo_config.json").read_text())["probe_ratio"] == 1.0
@@ -462,6 +473,12 @@ def test_reevaluate_refuses_a_run_that_does_not_record_its_arms_costs(demo_run, 
     (source / "results.json").write_text(json.dumps({k: v for k, v in res.items() if k != "arm_seconds"}))
     with pytest.raises(MediFastError, match="does not record this version's arms and their seconds; run the demo "
                                             "afresh"):
+        reevaluate(toy(tmp_path / "again"), source)
+    assert not (tmp_path / "again").exists()
+    # a recorded precision that is not what the demo writes (a backend that does not exist): refused too
+    res["precision"]["generation"]["medi"] = "../../etc"
+    (source / "results.json").write_text(json.dumps(res))
+    with pytest.raises(MediFastError, match="records a damaged precision; run the demo afresh"):
         reevaluate(toy(tmp_path / "again"), source)
     assert not (tmp_path / "again").exists()
 
@@ -597,6 +614,11 @@ def test_run_all_shows_every_arm_over_seeds_with_its_cost():
     text = "\n".join(head + md)
     assert f"MeDi-oracle {2 * (len(names) - 1)}" in text and "Seconds to make each arm's training data" in text
     assert "CLS-oracle - no-synthetic (range over seeds)" in text and all(f"| {a} " in text for a in names)
+    assert "| fp32; ort-cpu " in text  # runs that record no precision were made before the demo had one
+    for i, r in enumerate(recs):  # what each run recorded: its training precision, the backends of its folders
+        r["precision"] = {"requested": "auto", "training": "bf16",
+                          "generation": {"medi": "openvino-bf16", "cls": ["openvino-bf16", "ort-cpu"][i]}}
+    assert run_all.precision_text(ds["variants"]["ring4"]) == "bf16; openvino-bf16, ort-cpu"
 
 
 def test_edited_arm_moves_each_drawn_real_patch_to_every_cohort_site_with_the_pipelines_edit(demo_run):
@@ -619,7 +641,8 @@ def test_edited_arm_moves_each_drawn_real_patch_to_every_cohort_site_with_the_pi
         assert sorted(mine["tissue_source_site"]) == cfg.spec.sites
         row = index[pool].iloc[r]
         assert set(mine["class"]) == {row["class"]} and set(mine["source_tissue_source_site"]) == {row["tissue_source_site"]}
-    pipe = Pipeline.open(out / "engines" / "medi" / "model.onnx", backend="ort-cpu", steps=cfg.sample_steps)
+    used = json.loads((out / "results.json").read_text())["precision"]["generation"]["medi-edit"]
+    pipe = Pipeline.open(out / "engines" / "medi" / "model.onnx", backend=used, steps=cfg.sample_steps)
     real = _real_images(out)[pool]
     for i in (0, len(edits) - 1):
         one = pipe.edit(real[src[i]], tss=edits["tissue_source_site"][i], method=cfg.edit_method,
@@ -660,3 +683,28 @@ def test_reevaluating_a_damaged_manifest_is_refused_in_one_line(demo_run, tmp_pa
     with pytest.raises(MediFastError, match=words):
         reevaluate(toy(tmp_path / "again"), source)
     assert not (tmp_path / "again").exists()
+
+
+def test_the_demos_precision_follows_the_cpu_and_bf16_is_refused_without_bf16_units(tmp_path, capsys, monkeypatch):
+    from medi_fast import backends
+    from medi_fast.demo import stages
+
+    cfg = DemoConfig.from_options(str(tmp_path / "o"))
+    assert cfg.precision == "auto" and DemoConfig.from_options("o", precision="fp32").precision == "fp32"
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(backends, "cpu_bf16_native", lambda cpuinfo=None, n=native: n)
+        assert stages.training_precision(cfg) == want
+        assert stages.train_config(cfg, tmp_path, "medi", "class,tss").precision == want
+        assert stages.training_precision(replace(cfg, precision="fp32")) == "fp32"
+    assert stages.generation_backend(cfg) == "auto" and stages.generation_backend(replace(cfg, precision="fp32")) == "ort-cpu"
+    with pytest.raises(MediFastError, match="^the demo's precision must be one of auto, fp32, bf16, got 'fp16'$"):
+        replace(cfg, precision="fp16")
+    # --precision bf16 on a CPU without bf16 units: one line, nothing written (one run and --seeds alike)
+    for extra in ([], ["--seeds", "0,1"]):
+        out = tmp_path / f"bf16{len(extra)}"
+        with pytest.raises(SystemExit) as e:
+            main(["demo", "--out", str(out), "--precision", "bf16", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code != 0 and len(err) == 1 and not out.exists()
+        assert err[0].startswith("medi-fast: error: --precision bf16: this CPU has no bf16 units"), err
+        assert err[0].endswith("use --precision auto or fp32")

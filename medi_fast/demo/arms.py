@@ -54,6 +54,7 @@ class Context:
     checkpoints: dict = field(default_factory=dict)
     onnx: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)  # arm name -> seconds of its own stages
+    backends: dict = field(default_factory=dict)  # synthetic/ folder -> the backend that made its patches
     index: Optional[pd.DataFrame] = None  # the cohort's index, once rendered
     data: Optional[Path] = None  # the run whose cohort this is (out, or the run re-evaluated)
     made: dict = field(default_factory=dict)  # arm name -> its Patches, in the order the arms were made
@@ -126,8 +127,9 @@ class ModelSamples:
             ctx.onnx[arm.name] = stages.export_model(ctx.checkpoints[arm.name], ctx.out, self.folder)
 
     def make(self, arm: "Arm", ctx: Context) -> Patches:
-        with ctx.stage(arm.name, f"generate {arm.name} (ort-cpu, DDIM-{ctx.cfg.sample_steps})"):
-            return stages.generate(ctx.cfg, ctx.onnx[arm.name], ctx.out, self.folder, cls_only=not self.per_site)
+        with ctx.stage(arm.name, f"generate {arm.name} ({stages.backend_label(ctx.cfg)}, DDIM-{ctx.cfg.sample_steps})"):
+            return stages.generate(ctx.cfg, ctx.onnx[arm.name], ctx.out, self.folder, cls_only=not self.per_site,
+                                   used=ctx.backends)
 
     def load(self, arm: "Arm", run: Path, ctx: Context) -> Patches:
         return stages.load_synthetic(run / "synthetic" / self.folder)
@@ -161,8 +163,9 @@ class DistilledSamples:
             path = stages.distill_model(cfg, ctx.checkpoints[self.teacher], ctx.out, self.folder)
         with ctx.stage(arm.name, f"export {arm.name} to ONNX"):
             ctx.onnx[arm.name] = stages.export_model(path, ctx.out, self.folder)
-        with ctx.stage(arm.name, f"generate {arm.name} (ort-cpu, its own steps)"):
-            return stages.generate(cfg, ctx.onnx[arm.name], ctx.out, self.folder, cls_only=not self.per_site)
+        with ctx.stage(arm.name, f"generate {arm.name} ({stages.backend_label(cfg)}, its own steps)"):
+            return stages.generate(cfg, ctx.onnx[arm.name], ctx.out, self.folder, cls_only=not self.per_site,
+                                   used=ctx.backends)
 
     def load(self, arm: "Arm", run: Path, ctx: Context) -> Patches:
         return stages.load_synthetic(run / "synthetic" / self.folder)
@@ -293,7 +296,7 @@ class Edited:
     def make(self, arm: "Arm", ctx: Context) -> Patches:
         cfg = ctx.cfg
         with ctx.stage(arm.name, f"edit {arm.name} ({cfg.edit_method} {cfg.edit_strength:g}, "
-                                 f"DDIM-{cfg.sample_steps}, ort-cpu)"):
+                                 f"DDIM-{cfg.sample_steps}, {stages.backend_label(cfg)})"):
             meta, images = self.edits(ctx)
             folder = ctx.out / "synthetic" / self.folder
             folder.mkdir(parents=True, exist_ok=True)
@@ -337,8 +340,9 @@ class Edited:
         source = np.repeat(drawn, copies)
         target = [spec.sites[j % len(spec.sites)] for j in range(copies)] * len(drawn)
         src = rows.loc[source].reset_index(drop=True)
-        pipe = Pipeline.open(ctx.onnx[self.model], backend="ort-cpu", steps=cfg.sample_steps,
+        pipe = Pipeline.open(ctx.onnx[self.model], backend=stages.generation_backend(cfg), steps=cfg.sample_steps,
                              batch_size=cfg.sample_batch)
+        ctx.backends[self.folder] = pipe.backend
         images = pipe.edit(ctx.real()[pool][source], tss=target, source=src, method=cfg.edit_method,
                            strength=cfg.edit_strength, seed=cfg.seed)
         meta = pd.DataFrame({"class": src["class"], "tissue_source_site": target, SOURCE: source,

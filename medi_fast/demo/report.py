@@ -158,8 +158,9 @@ def _sections(cfg, index, results, timing, total, source=None) -> dict:
         "ran": (f"medi-fast {__version__}, {when}: a synthetic H&E cohort (setting `{spec.name}`: classes "
                 f"{', '.join(spec.classes)}; "
                 f"{len(index)} real patches), `{cfg.preset}` UNets ({models}) trained "
-                f"{cfg.train_steps} steps at {cfg.resolution} px on the CPU ({cfg.prediction_type} prediction), "
-                f"exported to ONNX, sampled with ONNX Runtime (DDIM-{cfg.sample_steps}), and a linear probe trained "
+                f"{cfg.train_steps} steps at {cfg.resolution} px on the CPU ({cfg.prediction_type} prediction"
+                f"{_precision_text(results.get('precision'))}), exported to ONNX, sampled with DDIM-{cfg.sample_steps}"
+                f"{_backends_text(results.get('precision'))}, and a linear probe trained "
                 f"with and without their samples. Seed {cfg.seed}; "
                 + (f"took {total / 60:.1f} min." if source is None else
                    f"these are the models and patches of the run in {source}, evaluated again here "
@@ -328,6 +329,18 @@ def _html(s: dict, pics: dict) -> str:
     page = jinja2.Environment(autoescape=True).from_string(PAGE)
     return page.render(s=s, img={k: data_uri(v) for k, v in pics.items()}, per_cell=figures.PER_SIDE ** 2,
                        tables={k: Markup(v) for k, v in tables.items()})
+
+
+def _precision_text(precision: dict | None) -> str:
+    """", in bf16" (or fp32) as the run recorded its training precision; "" for a run that did not."""
+    return f", in {precision['training']}" if isinstance(precision, dict) and precision.get("training") else ""
+
+
+def _backends_text(precision: dict | None) -> str:
+    """" on openvino-bf16" (the backends that made the synthetic patches, as the run recorded them)."""
+    used = precision.get("generation") if isinstance(precision, dict) else None
+    names = sorted(set(used.values())) if isinstance(used, dict) and used else []
+    return f" on {', '.join(map(str, names))}" if names else ""
 
 
 def write_report(out: Path, cfg, index: pd.DataFrame, real_images: np.ndarray, synthetic: dict, results: dict,

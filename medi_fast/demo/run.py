@@ -73,6 +73,7 @@ def _steps(compared: list[arms.Arm]) -> int:
 
 def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
     """Run every stage; returns the path of report.html."""
+    stages.check_precision(cfg)
     out = prepare_out(Path(cfg.out), overwrite)
     timer = Timer()
     t_all = time.perf_counter()
@@ -84,15 +85,17 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
     ctx.index = data["index"]
     for arm in compared:
         arm.recipe.prepare(arm, ctx)
-    ctx.begin(f"making each arm's training data (ONNX Runtime DDIM-{cfg.sample_steps}, stain transforms, renderer)")
+    ctx.begin(f"making each arm's training data ({stages.backend_label(cfg)} DDIM-{cfg.sample_steps}, stain transforms, renderer)")
     for arm in compared:  # in registry order: an arm built on another's patches comes after it
         ctx.made[arm.name] = arm.recipe.make(arm, ctx)
     return _evaluate_and_report(cfg, out, out, data["index"], timer, t_all, ctx,
-                                arm_seconds=arms.cost(compared, ctx.seconds))
+                                arm_seconds=arms.cost(compared, ctx.seconds),
+                                precision={"requested": cfg.precision, "training": stages.training_precision(cfg),
+                                           "generation": dict(ctx.backends)})
 
 
 def _evaluate_and_report(cfg: DemoConfig, out: Path, run: Path, index, timer: Timer,
-                         t_all: float, ctx: arms.Context, arm_seconds: dict[str, float],
+                         t_all: float, ctx: arms.Context, arm_seconds: dict[str, float], precision: dict | None,
                          extra: dict | None = None) -> Path:
     """The evaluation and the report on the cohort of the run in `run` and the arms' patches in `ctx`
     (`made`, `views`), into `out`."""
@@ -108,6 +111,7 @@ def _evaluate_and_report(cfg: DemoConfig, out: Path, run: Path, index, timer: Ti
         results["site"] = {a.name: stages.measure_site_fidelity(cfg, index, real_images, synthetic[a.name])
                            for a in compared if a.recipe.per_site}
         results["arm_seconds"] = arm_seconds
+        results["precision"] = precision  # what the models trained in and the patches were made with
     ctx.begin("writing the report")
     with timer("report"):
         path = write_report(out, cfg, index, real_images, synthetic, results, timer.rows, started=t_all,
@@ -165,6 +169,10 @@ def reevaluate(cfg: DemoConfig, source, overwrite: bool = False) -> Path:
             and isinstance(done.get("seconds"), (int, float))):
         raise MediFastError(f"the results.json of the demo run in {source} does not record this version's arms and "
                             "their seconds; run the demo afresh")
+    precision = done.get("precision")
+    if precision is not None and not _valid_precision(precision):
+        raise MediFastError(f"the results.json of the demo run in {source} records a damaged precision; run the demo "
+                            "afresh")
     t_all = time.perf_counter()
     index = pd.read_parquet(source / "index.parquet")
     total = _steps(compared)
@@ -173,8 +181,19 @@ def reevaluate(cfg: DemoConfig, source, overwrite: bool = False) -> Path:
     for a in compared:  # in registry order, as the run made them; a load that fails leaves out untouched
         ctx.made[a.name] = a.recipe.load(a, source, ctx)
     out = ctx.out = prepare_out(Path(cfg.out), overwrite)
-    return _evaluate_and_report(cfg, out, source, index, ctx.timer, t_all, ctx, costs,
+    return _evaluate_and_report(cfg, out, source, index, ctx.timer, t_all, ctx, costs, precision=precision,
                                 extra={"reevaluated_from": str(source), "seconds": done["seconds"]})
+
+
+def _valid_precision(precision) -> bool:
+    """Is a run's recorded precision what run_demo writes: the precision asked for, the one trained in, and a
+    registered backend per synthetic/ folder?"""
+    from ..backends import BACKENDS
+
+    gen = precision.get("generation") if isinstance(precision, dict) else None
+    return (isinstance(precision, dict) and precision.get("requested") in stages.PRECISIONS
+            and precision.get("training") in ("fp32", "bf16") and isinstance(gen, dict)
+            and all(isinstance(k, str) and v in BACKENDS for k, v in gen.items()))
 
 
 def summary_record(cfg: DemoConfig, results: dict, seconds: float) -> dict:
@@ -198,7 +217,9 @@ def summary_record(cfg: DemoConfig, results: dict, seconds: float) -> dict:
             "colour_spread_generated": float(site.colour_spread_generated),
             "colour_spread_real": float(site.colour_spread_real),
             # seconds to make each arm's probe training data (arms.cost)
-            "arm_seconds": results["arm_seconds"]}
+            "arm_seconds": results["arm_seconds"],
+            # the precision asked for, the one the models trained in, the backend each synthetic/ folder was made with
+            "precision": results.get("precision")}
 
 
 def run_seeds(cfg: DemoConfig, seeds: list[int], overwrite: bool = False) -> Path:
@@ -209,6 +230,7 @@ def run_seeds(cfg: DemoConfig, seeds: list[int], overwrite: bool = False) -> Pat
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise MediFastError(f"--seeds needs two or more different seeds (got {','.join(map(str, seeds))}); "
                             "use --seed for one run")
+    stages.check_precision(cfg)
     out = prepare_out(Path(cfg.out), overwrite)
     records = []
     for seed in seeds:

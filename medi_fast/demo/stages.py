@@ -79,6 +79,9 @@ def setting(name: str) -> Setting:
     return SETTINGS[name]
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = "demo_out"
@@ -125,8 +128,15 @@ class DemoConfig:
     distill_steps: int = 4
     distill_teacher_steps: int = 16
     distill_iters: int = 300
+    # auto: bf16 where the CPU has bf16 units (training under bf16 autocast; generation and edits through
+    # `auto`'s backend, openvino-bf16 when the extra is installed), fp32 elsewhere; fp32: training in fp32
+    # and generation on ONNX Runtime's fp32, on any CPU.  The two over seeds: benchmarks/demo_seeds.py (ring4
+    # against ring4-fp32); what a run used is in its results.json.
+    precision: str = "auto"
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise MediFastError(f"the demo's precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         spec = setting(self.setting)  # an unknown name fails here, before any output
         k = spec.k if self.k is None else self.k
         draw, made = round(self.probe_ratio * k), self.n_synthetic_per_combo * len(spec.sites)
@@ -154,11 +164,11 @@ class DemoConfig:
     @classmethod
     def from_options(cls, out: str = "demo_out", quick: bool = False, seed: int = 0,
                      train_steps: int | None = None, setting: str = DEFAULT_SETTING,
-                     distill: bool = False) -> "DemoConfig":
+                     distill: bool = False, precision: str = "auto") -> "DemoConfig":
         """The configuration `medi-fast demo` runs for its command-line options."""
         if train_steps is not None and train_steps < 1:
             raise MediFastError(f"--train-steps {train_steps} is not a number of steps; pass 1 or more")
-        kw = {"setting": setting, "distill": distill}
+        kw = {"setting": setting, "distill": distill, "precision": precision}
         cfg = cls.quick_run(out, **kw) if quick else cls(out=out, **kw)
         return replace(cfg, seed=seed, **({"train_steps": train_steps} if train_steps else {}))
 
@@ -185,6 +195,37 @@ def build_data(cfg: DemoConfig, out: Path) -> dict:
     return {"index": index, "train_csv": out / "train.csv"}
 
 
+def check_precision(cfg: DemoConfig) -> None:
+    """Refuse --precision bf16 on a CPU without bf16 units, in one line, before any output."""
+    from ..backends import cpu_bf16_native
+
+    if cfg.precision == "bf16" and not cpu_bf16_native():
+        raise MediFastError("--precision bf16: this CPU has no bf16 units (avx512_bf16/amx_bf16 on x86-64, bf16 on "
+                            "Arm; bf16 would be emulated, slower than fp32); use --precision auto or fp32")
+
+
+def training_precision(cfg: DemoConfig) -> str:
+    """The precision the demo trains its models in here: bf16 where asked, or under auto where the CPU has
+    bf16 units (700 steps 1.5x faster, loss curve within 2 % of fp32's: benchmarks/cpu_bf16_training.py)."""
+    from ..backends import cpu_bf16_native
+
+    return "bf16" if cfg.precision == "bf16" or (cfg.precision == "auto" and cpu_bf16_native()) else "fp32"
+
+
+def generation_backend(cfg: DemoConfig) -> str:
+    """The backend the demo generates and edits with: ONNX Runtime's fp32 under --precision fp32, else
+    `auto` (on a CPU with bf16 units and the openvino extra: openvino-bf16, gated per model)."""
+    return "ort-cpu" if cfg.precision == "fp32" else "auto"
+
+
+def backend_label(cfg: DemoConfig) -> str:
+    """What generation_backend(cfg) will run here, for the log and the report's timings."""
+    from .. import backends
+
+    name = generation_backend(cfg)
+    return backends.available("onnx")[0] if name == "auto" and backends.available("onnx") else name
+
+
 def train_config(cfg: DemoConfig, out: Path, name: str, condition: str):
     """The demo's training settings for one model (a ``TrainConfig``; benchmarks vary one field of it)."""
     from ..training.config import TrainConfig
@@ -193,7 +234,7 @@ def train_config(cfg: DemoConfig, out: Path, name: str, condition: str):
                        prediction_type=cfg.prediction_type, resolution=cfg.resolution, batch_size=cfg.batch_size,
                        lr=cfg.lr, steps=cfg.train_steps, out=str(out / "runs" / name), warmup=25,
                        ema_decay=cfg.ema_decay, workers=0, seed=cfg.seed, checkpoint_every=cfg.train_steps,
-                       keep_last=1, log_every=25, grid_every=0, device="cpu")
+                       keep_last=1, log_every=25, grid_every=0, device="cpu", precision=training_precision(cfg))
 
 
 def train_model(cfg: DemoConfig, out: Path, name: str, condition: str) -> Path:
@@ -221,9 +262,10 @@ def distill_model(cfg: DemoConfig, teacher: Path, out: Path, name: str) -> Path:
                    lr=5e-4, ema_decay=cfg.ema_decay, seed=cfg.seed, device="cpu", progress=True)
 
 
-def generate(cfg: DemoConfig, onnx_path: Path, out: Path, name: str, cls_only: bool) -> tuple[pd.DataFrame, np.ndarray]:
-    """Generate with ONNX Runtime into out/synthetic/<name>; returns (manifest rows, images).  A distilled
-    student samples with its own sampler and steps."""
+def generate(cfg: DemoConfig, onnx_path: Path, out: Path, name: str, cls_only: bool,
+             used: dict | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """Generate with generation_backend(cfg) into out/synthetic/<name>; returns (manifest rows, images), and
+    puts the backend that ran in used[name].  A distilled student samples with its own sampler and steps."""
     from .. import backends
     from .. import plan as plans
     from ..generate import GenerateConfig, for_model
@@ -238,9 +280,11 @@ def generate(cfg: DemoConfig, onnx_path: Path, out: Path, name: str, cls_only: b
                               columns=["class", "tss", "count"])
     plan = plans.from_counts(info.spec, combos, cfg.seed)
     images = []
-    run_job(info, plan, out / "synthetic" / name,
-            for_model(GenerateConfig(steps=cfg.sample_steps, batch_size=cfg.sample_batch), info), backend="ort-cpu",
-            sinks=[lambda im, rows: images.append(im.copy())])
+    stats = run_job(info, plan, out / "synthetic" / name,
+                    for_model(GenerateConfig(steps=cfg.sample_steps, batch_size=cfg.sample_batch), info),
+                    backend=generation_backend(cfg), sinks=[lambda im, rows: images.append(im.copy())])
+    if used is not None:
+        used[name] = stats["backend"]
     manifest = pd.read_csv(out / "synthetic" / name / "manifest.csv", dtype=str, keep_default_na=False)
     if "tissue_source_site" not in manifest.columns:
         manifest["tissue_source_site"] = "none"
