@@ -51,8 +51,13 @@ SUITE: dict[str, tuple[str, list[str]]] = {
                                       "backends_bf16"]),
     # the demo's MeDi model trained 700 steps in fp32 and in bf16 on the CPU: minutes per precision
     "cpu_bf16_training": ("cpu_bf16_training.py", []),
+    # the demo model's DDIM-15 images through the bf16 paths against fp32, and the demo's measures on them
+    "cpu_bf16_quality": ("cpu_bf16_quality.py", []),
+    # the full demo in fp32 and at its default precision (bf16 where the CPU has it), in turn: ~10 minutes
+    "demo_precision": ("demo_precision.py", []),
 }
-NEEDS_DEMO_MODEL = {"solver_quality_demo", "int8_quality", "distill_quality", "distill_throughput", "edit_quality"}  # run only with --demo-checkpoint
+NEEDS_DEMO_MODEL = {"solver_quality_demo", "int8_quality", "distill_quality", "distill_throughput", "edit_quality",
+                    "cpu_bf16_quality"}  # run only with --demo-checkpoint
 PUBLISHED_STEPS = 100  # the published sampling protocol: DDIM-100
 
 
@@ -64,7 +69,7 @@ def run_suite(names: list[str], demo_checkpoint: str | None) -> dict[str, str]:
             if not demo_checkpoint:
                 status[name] = "not rerun (no --demo-checkpoint)"
                 continue
-            if name == "distill_quality":  # the demo's directory holds the index and pack beside runs/
+            if name in ("distill_quality", "cpu_bf16_quality"):  # the demo's directory: index and pack beside runs/
                 demo_dir = Path(demo_checkpoint).resolve().parents[3]
                 args = args + ["--teacher", demo_checkpoint, "--index", str(demo_dir / "index.parquet")]
             elif name == "distill_throughput":
@@ -235,6 +240,16 @@ def gpu_sections() -> list[str]:
     return md
 
 
+def precision_text(variant: dict) -> str:
+    """"bf16; openvino-bf16": what a variant's runs trained in and generated with, as each recorded it.  Runs
+    that do not record it were made before the demo had a precision: fp32 training, ONNX Runtime fp32."""
+    before = {"training": "fp32", "generation": {"": "ort-cpu"}}
+    recorded = [r.get("precision") if isinstance(r.get("precision"), dict) else before for r in variant["records"]]
+    training = sorted({p["training"] for p in recorded})
+    generation = sorted({b for p in recorded for b in (p.get("generation") or {}).values()})
+    return f"{'/'.join(training)}; {', '.join(generation)}"
+
+
 def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
     """The demo over seeds, per variant (benchmarks/demo_seeds.py): (summary lines, section lines)."""
     from medi_fast.demo.arms import HEADLINE
@@ -250,7 +265,8 @@ def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
         carried = s.get("carried_from")  # kept from an earlier run of demo_seeds.py, with the arms it had then
         rows.append({"variant": name + (" (the demo's default)" if shipped else "")
                      + (f" (run {str(carried.get('time_utc'))[:10]}, arms of then)" if carried else ""),
-                     "models": s["prediction_type"], "probe": f"k {s['k']}, {s['probe_ratio']:g}:1",
+                     "models": s["prediction_type"], "precision (training; generation)": precision_text(s),
+                     "probe": f"k {s['k']}, {s['probe_ratio']:g}:1",
                      "test sites": f"{len(sites)} ({sites[0]}-{sites[-1]})" if len(sites) > 2 else ", ".join(sites),
                      "seeds": ",".join(map(str, s["seeds"])),
                      **{a: f"{st[a]['mean']:.3f} ± {st[a]['sd']:.3f}" for a in arms},
@@ -290,7 +306,9 @@ def demo_seeds_section(ds: dict) -> tuple[list[str], list[str]]:
           "mean ± SD over seeds. *Separated*: the mean ± SD intervals over seeds do not overlap. A variant "
           "\"on S5, S6\" is the variant above it scored on its first two test sites alone (the same probe runs; "
           "the test design every setting had before ring4 got eight). Models: what "
-          "both UNets predict (epsilon or v). Probe: k real patches per class and synthetic:real. Cell distance: "
+          "both UNets predict (epsilon or v). Precision: what the models trained in and the backend that made "
+          "their patches, as the runs recorded them (`medi-fast demo --precision`; auto: bf16 where the CPU has "
+          "bf16 units). Probe: k real patches per class and synthetic:real. Cell distance: "
           "the FID-style colour-texture distance of each model's patches to the real patches of each trained "
           f"class x site cell ({lo}: a draw of its class), mean over cells and seeds. Stain slope: how much of the "
           f"real difference between sites {hi}'s patches reproduce (1 = all). Minutes per run: each training "
@@ -336,6 +354,12 @@ def demo_arms_section(da: dict) -> list[str]:
                      "runs": r["runs"], "seconds": f"{r['seconds']:.1f}"} for r in da["rows"]]), ""]
 
 
+def _student_label(row: dict) -> str:
+    """"300 it" for a v-prediction student, "300 it, sample" for an x0 one (rows from before the type: v)."""
+    kind = row.get("student_type") or "v_prediction"
+    return f"{row['iters_per_stage']} it" + ("" if kind == "v_prediction" else f", {kind}")
+
+
 def distill_section(dq: dict) -> list[str]:
     """Distilled students vs the teacher's samplers at the same steps vs DDIM-100 (distill_quality.py): the
     students' quality along the curve of iterations per halving."""
@@ -345,7 +369,7 @@ def distill_section(dq: dict) -> list[str]:
     curve = dq.get("curve", [])
     how = (f"distilled from DDIM-{d.get('teacher_steps')} by halving, batch {d.get('batch_size')}, lr {d.get('lr')}, "
            f"EMA {d.get('ema_decay')}; iterations per halving: "
-           + ", ".join(f"{c['iters_per_stage']} (down to {min(c['student_steps'])} steps, "
+           + ", ".join(f"{c.get('label') or c['iters_per_stage']} (down to {min(c['student_steps'])} steps, "
                        + (f"{c['distill_seconds']:.0f} s)" if c.get("distill_seconds") else "time not recorded)")
                        for c in curve))
     students = [r for r in rows if r["model"] == "student"]
@@ -354,8 +378,13 @@ def distill_section(dq: dict) -> list[str]:
     verdict = ("**" + (f"Students meeting every bound: {', '.join(r['name'] for r in met)}" if met else
                        "No student meets every bound") + ".** 4-step students along the curve (per-cell distance / "
                "DDIM-100's, stain slope / DDIM-100's, probe - DDIM-100's): "
-               + "; ".join(f"{r['iters_per_stage']} it: {r['cell_dist_vs_ddim100']:.2f}x, {r['slope_vs_ddim100']:.2f}, "
+               + "; ".join(f"{_student_label(r)}: {r['cell_dist_vs_ddim100']:.2f}x, {r['slope_vs_ddim100']:.2f}, "
                            f"{r['probe_minus_ddim100']:+.3f}" for r in four) + ".")
+    redraws = [r for r in rows if r["model"] == "teacher" and r["steps"] == PUBLISHED_STEPS and r is not base]
+    if redraws:  # DDIM-100 from other starting noise: the baseline's own spread by the same measures
+        verdict += (" DDIM-100 again from other starting noise (the measures' own spread): "
+                    + "; ".join(f"{r['cell_dist_vs_ddim100']:.2f}x, {r['slope_vs_ddim100']:.2f}, "
+                                f"{r['probe_minus_ddim100']:+.3f}" for r in redraws) + ".")
     return ["## Distilled students (progressive distillation, demo MeDi model)", "", _provenance(dq), "",
             f"{dq.get('n_images', '?')} images per setting (every class x cohort site), the same starting noise for "
             f"all; {how}. `cell_dist`: the demo's FID-style colour-texture distance to the real patches of each trained "
@@ -367,7 +396,8 @@ def distill_section(dq: dict) -> list[str]:
             "stain slope at least 0.9 of its, probe at most 0.01 below its samples'. "
             f"DDIM-100: cell distance {base['cell_dist']:.1f}, site slope {base['site_slope']:.3f}, probe "
             f"{base['probe']:.3f}.", "", verdict, "",
-            _table(rows, ["model", "sampler", "iters_per_stage", "steps", "cell_dist", "cell_dist_vs_ddim100", "dist",
+            _table(rows, ["model", "sampler", "student_type", "iters_per_stage", "steps", "cell_dist",
+                          "cell_dist_vs_ddim100", "dist",
                           "site_slope", "slope_vs_ddim100", "probe", "probe_minus_ddim100", "meets_bounds",
                           "images_per_s"]), ""]
 
@@ -478,6 +508,33 @@ def cpu_bf16_training_section(tr: dict) -> list[str]:
     return ["## Training in bf16 on this CPU", "", _provenance(tr), "",
             "The demo's MeDi model (demo-32, its data, settings and seed) trained once per precision, in turn; the "
             "loss logged every 25 steps and compared point by point.", "", _table(rows), ""]
+
+
+def cpu_bf16_quality_section(q: dict) -> list[str]:
+    """benchmarks/cpu_bf16_quality.py: the bf16 paths' images and the demo's measures against fp32's noise."""
+    noise = q.get("noise") or {}
+    cols = ["backend", "seed", "max_levels", "mean_levels", "p999_levels", "frac_over_8", "cell_dist", "site_slope",
+            "probe", "images_per_s", "speed_vs_ort_cpu", "within_noise"]
+    rows = [{c: r.get(c) for c in cols} for r in q["rows"]]
+    return ["## bf16 generation on this CPU, on the demo model", "", _provenance(q), "",
+            f"The demo's site-conditioned model ({q['setting']}), DDIM-{q['steps']}, {q['n_images']} images (every class x cohort "
+            "site), each path from the same starting noise; `ort-cpu` (fp32) is the reference, its rows with other "
+            "seeds are fp32's noise (a second draw). Levels: |image - reference's| in grey levels over every pixel; "
+            "`frac_over_8`: the share of pixels more than 8 levels off. `cell_dist`, `site_slope`, `probe`: the "
+            "demo's per-cell FID-style distance, stain slope and linear probe on each path's patches. "
+            "`within_noise`: every measure's difference to the reference at most fp32's own across seeds ("
+            + ", ".join(f"{k} {v:.3g}" for k, v in noise.items() if v is not None) + ").", "",
+            _table(rows), ""]
+
+
+def demo_precision_section(dp: dict) -> list[str]:
+    """benchmarks/demo_precision.py: the full demo in fp32 and at its default precision, in one run."""
+    return ["## The demo in fp32 and in bf16", "", _provenance(dp), "",
+            f"`medi-fast demo --seed {dp['seed']}` with `--precision fp32` and at its default (auto: bf16 training and "
+            "generation where the CPU has bf16 units), in turn, each afresh. `seconds`: each run's wall time; "
+            "`train_s_*`: each model's 700 training steps by the trainer's clock; `arm_s`: the seconds to make an "
+            "arm's training data (arms of 5 s or more); `probe`: one seed's accuracies (the result over seeds: the "
+            "section \"The demo over seeds\", ring4 against ring4-fp32).", "", _table(dp["rows"]), ""]
 
 
 def backends_section(bk: dict) -> list[str]:
@@ -624,7 +681,8 @@ def report(status: dict[str, str]) -> Path:
                                         "data_throughput", "solver_quality_demo", "sampling_throughput",
                                         "int8_quality", "ort_profile", "distill_quality", "demo_seeds",
                                         "ray_scaling", "export_cost", "edit_quality", "backends_bf16",
-                                        "cpu_bf16_training", "demo_arms", "distill_throughput")}
+                                        "cpu_bf16_training", "demo_arms", "distill_throughput",
+                                        "cpu_bf16_quality", "demo_precision")}
     bk, sq, gp, tr, ds = (r[n] for n in ("backends", "solver_quality_demo", "generate_pipeline",
                                          "training_throughput", "demo_seeds"))
     md = ["# Benchmark results", "",
@@ -649,7 +707,8 @@ def report(status: dict[str, str]) -> Path:
                           ("generate_pipeline", generate_section), ("training_throughput", training_section),
                           ("data_throughput", data_section), ("export_cost", export_section),
                           ("edit_quality", edit_section), ("backends_bf16", cpu_bf16_section),
-                          ("cpu_bf16_training", cpu_bf16_training_section)):
+                          ("cpu_bf16_training", cpu_bf16_training_section),
+                          ("cpu_bf16_quality", cpu_bf16_quality_section), ("demo_precision", demo_precision_section)):
         if r[name]:
             md += section(r[name])
     md += ds_md

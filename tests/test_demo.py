@@ -619,6 +619,9 @@ def test_run_all_shows_every_arm_over_seeds_with_its_cost():
         r["precision"] = {"requested": "auto", "training": "bf16",
                           "generation": {"medi": "openvino-bf16", "cls": ["openvino-bf16", "ort-cpu"][i]}}
     assert run_all.precision_text(ds["variants"]["ring4"]) == "bf16; openvino-bf16, ort-cpu"
+    recs[0]["precision"] = {"requested": "fp32", "training": "fp32", "generation": {"medi": "ort-cpu"}}
+    del recs[1]["precision"]  # a run from before the demo had a precision: fp32 and ort-cpu, as seed 0's
+    assert run_all.precision_text(ds["variants"]["ring4"]) == "fp32; ort-cpu"
 
 
 def test_edited_arm_moves_each_drawn_real_patch_to_every_cohort_site_with_the_pipelines_edit(demo_run):
