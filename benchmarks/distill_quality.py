@@ -19,6 +19,10 @@ teacher's DDIM-100, and measures, with the demo's own evaluation (medi_fast.demo
   on unseen sites), TSS-averaged balanced accuracy with these samples as the synthetic set;
 * ``unet_calls`` per image and ``s``: wall time of the sampling in this run (torch eager fp32).
 
+--student-types v_prediction,sample distils every curve point once per student parameterisation (x0 students
+in --work/iters-N-sample); --baseline-seeds 1,2 adds DDIM-100 draws from other starting noise, whose distance
+to the first DDIM-100's measures is the baseline's own spread.
+
 "Within 5 % of DDIM-100": distance at most 1.05 x DDIM-100's.  ``meets_bounds``: a student that could replace
 the teacher: per-cell distance within 5 % of DDIM-100's, stain slope at least 0.9 of its, probe at most
 0.01 below its samples'.  Writes benchmarks/results/distill_quality.json.
@@ -63,12 +67,13 @@ def parse_curve(text: str, steps: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def distil(args, iters: int, fewest: int) -> tuple[Path, float | None]:
+def distil(args, iters: int, fewest: int, student_type: str = "v_prediction") -> tuple[Path, float | None]:
     """The student of `iters` iterations per stage down to `fewest` steps (made once, under --work), and the
-    seconds its distillation took by its own clock."""
+    seconds its distillation took by its own clock.  `student_type`: what the student predicts (v, the paper's
+    choice and the default; "sample": x0 with truncated-SNR weighting)."""
     from medi_fast.training.distill import distill
 
-    work = Path(args.work) / f"iters-{iters}"
+    work = Path(args.work) / (f"iters-{iters}" + ("" if student_type == "v_prediction" else f"-{student_type}"))
     work.mkdir(parents=True, exist_ok=True)
     student = work / f"student-{fewest}.pt"
     run = student.with_name(student.stem + ".distill")
@@ -77,7 +82,8 @@ def distil(args, iters: int, fewest: int) -> tuple[Path, float | None]:
     if not student.exists():
         distill(teacher=args.teacher, steps=fewest, teacher_steps=args.teacher_steps, out=str(student),
                 split=args.split, iters_per_stage=iters, batch_size=args.batch_size, lr=args.lr,
-                ema_decay=args.ema_decay, seed=args.seed, device="cpu", resume=resume, progress=False)
+                ema_decay=args.ema_decay, seed=args.seed, device="cpu", resume=resume, progress=False,
+                prediction_type=student_type)
     metrics = run / "metrics.csv"
     secs = float(pd.read_csv(metrics)["elapsed_s"].iloc[-1]) if metrics.is_file() else None
     print(f"iters {iters}: distilled to {fewest} steps in {secs} s", flush=True)
@@ -98,6 +104,12 @@ def main(argv=None) -> int:
     ap.add_argument("--iters-per-stage", default="40",
                     help="iterations per halving, a comma-separated curve; ITERS:K distils that point only down to "
                          "K steps (e.g. 100,300,1000:4)")
+    ap.add_argument("--baseline-seeds", default="",
+                    help="comma-separated seeds of extra DDIM-100 draws (other starting noise): the baseline's own "
+                         "spread by each measure, against which the 5 %% bound can be read")
+    ap.add_argument("--student-types", default="v_prediction",
+                    help="comma-separated: what each curve point's student predicts (v_prediction, sample); "
+                         "each type distils the whole curve")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--ema-decay", type=float, default=0.99)
@@ -110,7 +122,7 @@ def main(argv=None) -> int:
     steps = sorted(int(s) for s in args.steps.split(","))
 
     t0 = time.perf_counter()
-    curve = []  # (iters per stage, distillation seconds, {steps: stage student})
+    curve = []  # (label, iters per stage, distillation seconds, {steps: stage student})
     if args.student:
         student = Path(args.student)
         metrics = student.with_name(student.stem + ".distill") / "metrics.csv"
@@ -122,11 +134,14 @@ def main(argv=None) -> int:
             args.teacher_steps = c.get("resolved_teacher_steps", args.teacher_steps)
             iters, args.batch_size = c["iters_per_stage"], c["batch_size"]
             args.lr, args.ema_decay = c["lr"], c["ema_decay"]
-        curve.append((iters, secs, stage_students(student)))
+        curve.append((f"{iters} it" if iters else "given student", iters, secs, stage_students(student)))
     else:
-        for iters, fewest in parse_curve(args.iters_per_stage, steps):
-            student, secs = distil(args, iters, fewest)
-            curve.append((iters, secs, stage_students(student)))
+        types = [t.strip() for t in args.student_types.split(",") if t.strip()]
+        for student_type in types:
+            for iters, fewest in parse_curve(args.iters_per_stage, steps):
+                student, secs = distil(args, iters, fewest, student_type)
+                label = f"{iters} it" + ("" if student_type == "v_prediction" else f", {student_type}")
+                curve.append((label, iters, secs, stage_students(student)))
 
     from medi_fast.data.pack import read_pack
     from medi_fast.demo.stages import DEFAULT_SETTING, DemoConfig, evaluate, measure_site_fidelity
@@ -149,20 +164,29 @@ def main(argv=None) -> int:
     plan = plans.from_counts(spec, combos, args.seed)
     meta = pd.DataFrame({"class": plan.rows["class"].to_numpy(), "tissue_source_site": plan.rows["tss"].to_numpy()})
 
-    runs = [("teacher", "ddim", BASELINE_STEPS, args.teacher, None)]
+    runs = [("teacher", "ddim", BASELINE_STEPS, args.teacher, None, args.seed)]
+    # DDIM-100 from other starting noise: how far a second draw of the baseline itself is from it by each measure
+    runs += [("teacher", "ddim", BASELINE_STEPS, args.teacher, None, int(s))
+             for s in args.baseline_seeds.split(",") if s.strip()]
     for k in steps:
-        runs += [("teacher", "ddim", k, args.teacher, None), ("teacher", args.solver, k, args.teacher, None)]
-        runs += [("student", "ddim", k, str(found[k]), iters) for iters, _, found in curve if k in found]
+        runs += [("teacher", "ddim", k, args.teacher, None, args.seed),
+                 ("teacher", args.solver, k, args.teacher, None, args.seed)]
+        runs += [("student", "ddim", k, str(found[k]), (label, iters), args.seed)
+                 for label, iters, _, found in curve if k in found]
     synthetic, rows = {}, []
-    for model, sampler, k, path, iters in runs:
+    for model, sampler, k, path, point, seed in runs:
+        label, iters = point if point else (None, None)
         pipe = medi_fast.load(path, backend="torch", batch_size=64, steps=k, sampler=sampler)
         t = time.perf_counter()
-        images = pipe.run(plan)
+        images = pipe.run(plan if seed == args.seed else plans.from_counts(spec, combos, seed))
         secs = time.perf_counter() - t
-        name = f"{model} {sampler}-{k}" + (f" ({iters} it)" if iters else "")
+        name = (f"{model} {sampler}-{k}" + (f" ({label})" if label else "")
+                + (f" (seed {seed})" if seed != args.seed else ""))
         synthetic[name] = (meta, images)
         site = measure_site_fidelity(cfg, index, real, (meta, images))
+        student_type = None if not label else ("sample" if label.endswith(", sample") else "v_prediction")
         rows.append({"name": name, "model": model, "sampler": sampler, "steps": k, "iters_per_stage": iters,
+                     "student_type": student_type, "seed": seed,
                      "unet_calls": k, "s": secs, "images_per_s": len(plan) / secs,
                      "site_slope": site.slope, "site_corr": site.correlation, "shipped": model == "student",
                      "path": path})
@@ -195,12 +219,12 @@ def main(argv=None) -> int:
     print("\n| model | iters | steps | cell dist / DDIM-100 | slope / DDIM-100 | probe - DDIM-100 | meets | img/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} {r['sampler']} | {r['iters_per_stage'] or ''} | {r['steps']} | "
+        print(f"| {r['model']} {r['sampler']} {r['student_type'] or ''} | {r['iters_per_stage'] or ''} | {r['steps']} | "
               f"{r['cell_dist_vs_ddim100']:.3f} | {r['slope_vs_ddim100']:.3f} | {r['probe_minus_ddim100']:+.3f} | "
               f"{r['meets_bounds']} | {r['images_per_s']:.1f} |")
     extra = {"teacher": args.teacher, "setting": setting, "n_images": len(plan),
-             "curve": [{"iters_per_stage": iters, "distill_seconds": secs, "student_steps": sorted(found)}
-                       for iters, secs, found in curve],
+             "curve": [{"iters_per_stage": iters, "label": label, "distill_seconds": secs, "student_steps": sorted(found)}
+                       for label, iters, secs, found in curve],
              "distill": {"teacher_steps": args.teacher_steps, "batch_size": args.batch_size, "lr": args.lr,
                          "ema_decay": args.ema_decay},
              "fewest_student_steps_within_5pct": fewest,

@@ -463,6 +463,30 @@ def backends_headline(bk: dict) -> list[str]:
     return lines
 
 
+def cpu_bf16_headline(bf: dict | None, dp: dict | None) -> list[str]:
+    """bf16 on this CPU (backends.py --name backends_bf16, demo_precision.py): the best bf16 path against the
+    reference loop and torch eager fp32, and the demo's default against --precision fp32."""
+    lines = []
+    for p in dict.fromkeys(r["preset"] for r in (bf or {}).get("rows", [])):
+        rows = [r for r in bf["rows"] if r["preset"] == p and not r.get("derived")]
+        best = max((r for r in rows if "bf16" in r["backend"]), key=lambda r: r["ratio_vs_reference"], default=None)
+        eager = next((r for r in rows if r["backend"].startswith("torch (")), None)
+        if best is None or eager is None:
+            continue
+        lines.append(f"* bf16 on this CPU, **{p}** (batch {best['batch']}, {best['steps']} step(s)): `{best['backend']}` "
+                     f"at **{best['ratio_vs_reference']:.2f}x** the reference loop, {eager['seconds'] / best['seconds']:.2f}x "
+                     "torch eager fp32 (what `auto` runs for an ONNX file on a CPU with bf16 units; RESULTS.md, "
+                     "\"bf16 on this CPU\").")
+    rows = {r["precision"]: r for r in (dp or {}).get("rows", [])}
+    if "fp32" in rows and "auto" in rows:
+        a = rows["auto"]
+        lines.append(f"* The demo at its default (`{a['training']}` training, `{a['generation']}` generation) "
+                     f"**{a['speed_vs_fp32']:.2f}x** faster than `--precision fp32`: {a['seconds'] / 60:.1f} against "
+                     f"{rows['fp32']['seconds'] / 60:.1f} min, one seed run after the other (its result over seven "
+                     "seeds: \"The demo over seeds\", ring4 against ring4-fp32).")
+    return lines
+
+
 def matched_quality_headline(bk: dict, sq: dict) -> list[str]:
     """Per preset: the fastest backend x solver at the fewest steps within 5 % of DDIM-100 (derived)."""
     lines = []
@@ -494,8 +518,9 @@ def cpu_bf16_section(bk: dict) -> list[str]:
     """benchmarks/backends.py on a CPU with bf16 units (--name backends_bf16): the bf16 rows beside fp32."""
     return ["## bf16 on this CPU", "", _provenance(bk), "",
             "The same harness as the section above (reference loop, alternating rounds), with `torch-bf16` on the "
-            "CPU (autocast, channels_last, fixed chunks of rows; by name only: docs/engines.md, \"bf16 on a CPU\") "
-            "and OpenVINO's bf16 hint beside the fp32 candidates; medi-128 is one UNet call at batch 2. "
+            "CPU (autocast, channels_last, fixed chunks of rows) and OpenVINO's bf16 hint (`openvino-bf16`) beside "
+            "the fp32 candidates: what `auto` runs for a checkpoint and an ONNX file on a CPU with bf16 units "
+            "(docs/engines.md, \"bf16 on a CPU\"); medi-128 is one UNet call at batch 2. "
             "`fraction_of_conv_rate`: each row's share of this machine's best fp32 or bf16 3x3-convolution rate, "
             "measured in the same run (the `ceiling` rows).", "",
             _table(bk["rows"], ["preset", "backend", "batch", "steps", "seconds", "images_per_s", "ratio_vs_reference",
@@ -694,7 +719,8 @@ def report(status: dict[str, str]) -> Path:
 
     ds_head, ds_md = demo_seeds_section(ds) if ds else ([], [])
     headline = ((backends_headline(bk) if bk else []) + (matched_quality_headline(bk, sq) if sq and bk else [])
-                + ([generate_headline(gp)] if gp else []) + ([training_headline(tr)] if tr else []) + ds_head)
+                + ([generate_headline(gp)] if gp else []) + ([training_headline(tr)] if tr else [])
+                + cpu_bf16_headline(r["backends_bf16"], r["demo_precision"]) + ds_head)
     if headline:
         md += ["## Summary", "", *headline, ""]
     if plot(bk, sq, RESULTS / "summary.png"):

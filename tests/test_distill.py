@@ -256,11 +256,14 @@ def test_results_section_states_the_curve_and_which_students_meet_the_bounds(tmp
                 "probe": 0.9 + probe, "probe_minus_ddim100": probe, "images_per_s": 10.0 / steps,
                 "meets_bounds": cell <= 1.05 and slope >= 0.9 and probe >= -0.01}
     rows = [row("teacher", 100, None, 1.0, 1.0, 0.0), row("student", 4, 100, 3.96, 0.98, 0.021),
-            row("student", 4, 1000, 1.04, 0.95, -0.005), row("student", 2, 1000, 1.2, 0.99, 0.0)]
+            row("student", 4, 1000, 1.04, 0.95, -0.005), row("student", 2, 1000, 1.2, 0.99, 0.0),
+            {**row("student", 4, 300, 2.0, 1.0, 0.0), "student_type": "sample"},  # an x0 student
+            {**row("teacher", 100, None, 1.3, 0.97, -0.002), "seed": 1}]  # DDIM-100 from other starting noise
     (tmp_path / "distill_quality.json").write_text(json.dumps({
         "name": "distill_quality", "machine": {}, "command": "x", "rows": rows, "n_images": 8,
         "curve": [{"iters_per_stage": 100, "distill_seconds": 120.0, "student_steps": [4]},
-                  {"iters_per_stage": 1000, "distill_seconds": 550.0, "student_steps": [2, 4]}],
+                  {"iters_per_stage": 1000, "distill_seconds": 550.0, "student_steps": [2, 4]},
+                  {"iters_per_stage": 300, "label": "300 it, sample", "distill_seconds": 300.0, "student_steps": [4]}],
         "distill": {"teacher_steps": 16, "batch_size": 16, "lr": 5e-4, "ema_decay": 0.99},
         "probe_no_synthetic": 0.8, "probe_repeats": 3}))
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -270,7 +273,9 @@ def test_results_section_states_the_curve_and_which_students_meet_the_bounds(tmp
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## Distilled students" in md and "iterations per halving: 100 (down to 4 steps, 120 s), 1000" in md
     assert "**Students meeting every bound: student ddim-4 (1000 it).**" in md
-    assert "100 it: 3.96x, 0.98, +0.021; 1000 it: 1.04x, 0.95, -0.005" in md
+    assert "100 it: 3.96x, 0.98, +0.021; 1000 it: 1.04x, 0.95, -0.005; 300 it, sample: 2.00x, 1.00, +0.000" in md
+    assert ", 300 it, sample (down to 4 steps, 300 s)" in md
+    assert "DDIM-100 again from other starting noise (the measures' own spread): 1.30x, 0.97, -0.002." in md
 
 
 def _files(root) -> dict:
