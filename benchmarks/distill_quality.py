@@ -57,13 +57,15 @@ def stage_students(student: Path) -> dict[int, Path]:
     return found
 
 
-def parse_curve(text: str, steps: list[int]) -> list[tuple[int, int]]:
-    """--iters-per-stage "100,300,1000:4" -> [(100, fewest), (300, fewest), (1000, 4)]: iterations per halving
-    and the fewest steps that distillation goes down to (default: the fewest of --steps)."""
+def parse_curve(text: str, steps: list[int]) -> list[tuple[int, int, str | None]]:
+    """--iters-per-stage "100,300,1000:4,3000:4:sample" -> [(100, fewest, None), (300, fewest, None), (1000, 4, None),
+    (3000, 4, "sample")]: iterations per halving, the fewest steps that distillation goes down to (default: the
+    fewest of --steps) and the student type of that point alone (default: each of --student-types)."""
     out = []
     for item in text.split(","):
-        iters, _, low = item.strip().partition(":")
-        out.append((int(iters), int(low) if low else steps[0]))
+        iters, _, rest = item.strip().partition(":")
+        low, _, kind = rest.partition(":")
+        out.append((int(iters), int(low) if low else steps[0], kind or None))
     return out
 
 
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher-steps", type=int, default=16)
     ap.add_argument("--iters-per-stage", default="40",
                     help="iterations per halving, a comma-separated curve; ITERS:K distils that point only down to "
-                         "K steps (e.g. 100,300,1000:4)")
+                         "K steps, ITERS:K:TYPE only for student type TYPE (e.g. 100,300,1000:4,3000:4:sample)")
     ap.add_argument("--baseline-seeds", default="",
                     help="comma-separated seeds of extra DDIM-100 draws (other starting noise): the baseline's own "
                          "spread by each measure, against which the 5 %% bound can be read")
@@ -138,7 +140,9 @@ def main(argv=None) -> int:
     else:
         types = [t.strip() for t in args.student_types.split(",") if t.strip()]
         for student_type in types:
-            for iters, fewest in parse_curve(args.iters_per_stage, steps):
+            for iters, fewest, only in parse_curve(args.iters_per_stage, steps):
+                if only is not None and only != student_type:
+                    continue
                 student, secs = distil(args, iters, fewest, student_type)
                 label = f"{iters} it" + ("" if student_type == "v_prediction" else f", {student_type}")
                 curve.append((label, iters, secs, stage_students(student)))

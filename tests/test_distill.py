@@ -409,3 +409,16 @@ def test_a_teacher_provenance_is_checked_like_the_options(teacher, tmp_path, cap
     line = _fail(["distill", bad, "--out", tmp_path / "s.pt", *ONE_STAGE, "--device", "cpu", "--quiet"], capsys)
     assert f"{bad} {expected}" in line
     assert not (tmp_path / "s.distill").exists() and not (tmp_path / "s.pt").exists()
+
+
+def test_the_quality_curve_names_iterations_fewest_steps_and_an_optional_student_type():
+    """distill_quality.py --iters-per-stage: ITERS[:K[:TYPE]] per point (TYPE: that point for one student type)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "distill_quality.py"
+    spec = importlib.util.spec_from_file_location("distill_quality_for_test", path)
+    dq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dq)
+    assert dq.parse_curve("100,300,1000:4,3000:4:sample", [1, 2, 4, 8]) == [
+        (100, 1, None), (300, 1, None), (1000, 4, None), (3000, 4, "sample")]
