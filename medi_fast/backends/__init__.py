@@ -93,7 +93,7 @@ register("torch-compile", "torch_backend:TorchCompileBackend", ("checkpoint",), 
          "torch.compile (CUDA: fp16 + channels_last + CUDA graphs; CPU: fp32)")
 register("ort-cpu", "onnxruntime_backend:OrtCPUBackend", ("onnx",), 20, "ONNX Runtime CPU, threads = physical cores")
 register("openvino", "openvino_backend:OpenVINOBackend", ("onnx",), 15, "OpenVINO CPU fp32 (optional extra; --backend openvino)")
-# Above ort-cpu: on a CPU with bf16 units it ran 3.3-3.8x ort-cpu's speed (benchmarks/backends.py, bf16
+# Above ort-cpu: on a CPU with bf16 units it ran 1.9-3.8x ort-cpu's speed (benchmarks/backends.py, bf16
 # run), its DDIM images within a few grey levels of fp32's (benchmarks/cpu_bf16_quality.py).
 register("openvino-bf16", "openvino_backend:OpenVINOBF16Backend", ("onnx",), 25,
          "OpenVINO CPU bf16 (CPUs with bf16 units, gated per model; optional extra)")
