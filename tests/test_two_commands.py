@@ -28,7 +28,10 @@ def _cli(args, capsys):
 def _start_cli(*args, cwd):
     """`medi-fast ARGS` as a background process (stdout/stderr to files in ``cwd``)."""
     out, err = open(cwd / "cli.out", "w"), open(cwd / "cli.err", "w")
-    return subprocess.Popen([sys.executable, "-m", "medi_fast.cli", *map(str, args)], cwd=cwd, stdout=out, stderr=err)
+    # Ctrl-C as a terminal delivers it, even where this test runs in a shell's background job (which starts
+    # with SIGINT ignored, and a child would inherit that and never stop)
+    return subprocess.Popen([sys.executable, "-m", "medi_fast.cli", *map(str, args)], cwd=cwd, stdout=out, stderr=err,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(proc, ready):
