@@ -40,8 +40,8 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     # the demo's cohort and every arm that needs no model (no training): ~1-2 minutes on 2 cores
     "demo_arms": ("demo_arms.py", []),
     # distils the demo model (16 -> 8, 4, 2, 1 steps) along a curve of iterations per halving, v and x0 students,
-    # and evaluates (about 50 minutes on 2 cores from scratch; students under --work are reused)
-    "distill_quality": ("distill_quality.py", ["--iters-per-stage", "100,300,1000:4",
+    # and evaluates (about 80 minutes on 2 cores from scratch; students under --work are reused)
+    "distill_quality": ("distill_quality.py", ["--iters-per-stage", "100,300,1000:4,3000:4:sample",
                                                "--student-types", "v_prediction,sample", "--baseline-seeds", "1"]),
     # a distillation iteration beside a training step of the same model: ~3 minutes on 2 cores
     "distill_throughput": ("distill_throughput.py", []),
