@@ -53,6 +53,7 @@ def test_without_bf16_units_it_is_not_offered_and_refused_in_one_line(ckpt, monk
 def test_auto_picks_bf16_on_a_bf16_cpu_after_its_gate(ckpt, bf16_cpu):
     info = open_model(ckpt)
     assert backends.resolve("auto", info) == "torch-bf16"
+    assert BACKENDS["torch-bf16"].load_class().gated_here() and not BACKENDS["torch"].load_class().gated_here()
     den = create("auto", info)
     assert den.name == "torch-bf16" and den.device.type == "cpu" and den.notes == ()
     # bf16's 8 mantissa bits: an eps error of about 1e-2, inside the 3e-2 bound, none non-finite

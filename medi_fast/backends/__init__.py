@@ -371,6 +371,11 @@ class Backend:
     def available(cls) -> tuple[bool, str]:
         return True, ""
 
+    @classmethod
+    def gated_here(cls) -> bool:
+        """True where this backend checks itself against fp32 on each model when it starts (bf16 on a CPU)."""
+        return False
+
     def __call__(self, x, t, cond):  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -56,6 +56,8 @@ class OpenVINOBF16Backend(OpenVINOBackend):
     when the gate fails, saying why).  An image's result does not depend on its batch (tested bit for
     bit)."""
 
+    gated_here = classmethod(lambda cls: True)
+
     def __init__(self, info: ModelInfo, device: str | None = None):
         super().__init__(info, precision="bf16", device=device)
         from . import accuracy

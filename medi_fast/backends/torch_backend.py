@@ -127,6 +127,7 @@ class TorchBF16Backend(TorchBackend):
     dtype = torch.bfloat16
     channels_last = True
     available = classmethod(lambda cls: _bf16_here())
+    gated_here = classmethod(lambda cls: not torch.cuda.is_available())  # the gate runs on a CPU
 
     def __init__(self, info, device=None, **kw):
         super().__init__(info, device=device, **kw)

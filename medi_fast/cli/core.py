@@ -327,12 +327,6 @@ def info(model, as_json):
         click.echo(f"  {line}")
 
 
-def torch_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 @click.command("backends")
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 def list_backends(model):
@@ -347,7 +341,7 @@ def list_backends(model):
         ok, why = e.availability()
         click.echo(f"{name:<14} {'yes' if ok else 'no ':<4} runs {'/'.join(e.kinds):<12} {e.description}"
                    + ("" if ok else f"  [{why}]"))
-    gated = {n for n in ("torch-bf16", "openvino-bf16") if not torch_cuda()}
+    gated = {n for n, e in backends.BACKENDS.items() if e.availability()[0] and e.load_class().gated_here()}
     click.echo("\nauto tries, best first (a gated backend that fails its accuracy gate on a model gives way to "
                "the next):")
     for kind in ("checkpoint", "onnx", "tensorrt"):
