@@ -31,7 +31,7 @@ from .conditioning import CATEGORICAL, ConditionSpec, column_for
 from .errors import MediFastError
 from .generate import GenerateConfig, guided, row_conditions, row_noise
 from .pixels import from_uint8, to_uint8
-from .samplers import ddim_invert, get_sampler, timesteps_for
+from .samplers import ddim_invert, get_sampler, needs_noise, timesteps_for
 
 METHODS = ("sdedit", "inversion")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -120,7 +120,7 @@ def edit_rows(denoiser, info: ModelInfo, images: np.ndarray, rows: pd.DataFrame,
             source = row_conditions(spec, rows, device, column=source_column)
             x = ddim_invert(denoiser, x0, ts, schedule, source, stop=start)
         x = get_sampler(cfg.sampler)(guided(denoiser, spec, cfg.guidance), x, ts, schedule, target, eta=cfg.eta,
-                                     noise=(lambda _: draw()) if cfg.eta > 0 else None, start=start)
+                                     noise=(lambda _: draw()) if needs_noise(cfg.sampler, cfg.eta) else None, start=start)
         return to_uint8(x)
 
 

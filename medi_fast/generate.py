@@ -28,7 +28,7 @@ from .guidance import classifier_free
 from .io import atomic_write_text, clean_tmp, ensure_dir
 from .pixels import to_uint8
 from .plan import Plan
-from .samplers import get_sampler, sampler_entry, timesteps_for
+from .samplers import get_sampler, needs_noise, sampler_entry, timesteps_for
 from .version import __version__
 from .writers import make_writer
 
@@ -68,6 +68,9 @@ class GenerateConfig:
         if not 1 <= self.workers <= 256:  # encoder/writer threads: a few per core is plenty
             raise MediFastError(f"--workers must be in 1..256 (encoder/writer threads), got {self.workers}")
         entry = sampler_entry(self.sampler)  # an unknown name fails before anything is loaded or written
+        if self.eta and entry.stochastic:
+            raise MediFastError(f"{self.sampler} draws fresh noise at every step and takes no --eta (got {self.eta}); "
+                                f"use --eta 0")
         if self.eta and not entry.takes_eta:
             raise MediFastError(f"{self.sampler} is a deterministic ODE solver and takes no --eta (got {self.eta}); "
                                 f"use --eta 0 or --sampler ddim")
@@ -147,7 +150,7 @@ def sample_rows(denoiser, info: ModelInfo, rows: pd.DataFrame, cfg: GenerateConf
     ts = timesteps_for(cfg.sampler, info.schedule, cfg.steps)
     with sampling_threads(denoiser):
         x0 = sampler(guided(denoiser, info.spec, cfg.guidance), x_T, ts, info.schedule, cond, eta=cfg.eta,
-                     noise=(lambda _: draw()) if cfg.eta > 0 else None)
+                     noise=(lambda _: draw()) if needs_noise(cfg.sampler, cfg.eta) else None)
         return to_uint8(x0)
 
 

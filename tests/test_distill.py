@@ -258,22 +258,30 @@ def test_results_section_states_the_curve_and_which_students_meet_the_bounds(tmp
     rows = [row("teacher", 100, None, 1.0, 1.0, 0.0), row("student", 4, 100, 3.96, 0.98, 0.021),
             row("student", 4, 1000, 1.04, 0.95, -0.005), row("student", 2, 1000, 1.2, 0.99, 0.0),
             {**row("student", 4, 300, 2.0, 1.0, 0.0), "student_type": "sample"},  # an x0 student
+            {**row("student", 4, 6000, 1.5, 1.0, 0.0), "student_type": "consistency", "sampler": "consistency",
+             "first_teacher_steps": 64},  # a consistency student on the DDIM-64 grid
+            row("teacher", 64, None, 1.01, 1.0, 0.001),  # the teacher's DDIM at a first teacher's steps
             {**row("teacher", 100, None, 1.3, 0.97, -0.002), "seed": 1}]  # DDIM-100 from other starting noise
     (tmp_path / "distill_quality.json").write_text(json.dumps({
         "name": "distill_quality", "machine": {}, "command": "x", "rows": rows, "n_images": 8,
         "curve": [{"iters_per_stage": 100, "distill_seconds": 120.0, "student_steps": [4]},
                   {"iters_per_stage": 1000, "distill_seconds": 550.0, "student_steps": [2, 4]},
-                  {"iters_per_stage": 300, "label": "300 it, sample", "distill_seconds": 300.0, "student_steps": [4]}],
-        "distill": {"teacher_steps": 16, "batch_size": 16, "lr": 5e-4, "ema_decay": 0.99},
+                  {"iters_per_stage": 300, "label": "300 it, sample", "distill_seconds": 300.0, "student_steps": [4]},
+                  {"iters_per_stage": 6000, "label": "6000 it, consistency, from DDIM-64", "distill_seconds": 1600.0,
+                   "student_steps": [4], "sampler": "consistency", "first_teacher_steps": 64}],
+        "distill": {"teacher_steps": 16, "batch_size": 16, "lr": 5e-4, "ema_decay": 0.99, "consistency_ema_decay": 0.95},
         "probe_no_synthetic": 0.8, "probe_repeats": 3}))
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
     r = subprocess.run([sys.executable, str(bench / "run_all.py"), "--report-only"], capture_output=True, text=True,
                        env={**os.environ, "MEDI_FAST_BENCH_RESULTS": str(tmp_path)}, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     md = (tmp_path / "RESULTS.md").read_text()
-    assert "## Distilled students" in md and "iterations per halving: 100 (down to 4 steps, 120 s), 1000" in md
+    assert "## Distilled students" in md and "iterations per halving: 100 (down to 4 steps, 120 s), 1000" in md, md
     assert "**Students meeting every bound: student ddim-4 (1000 it).**" in md
-    assert "100 it: 3.96x, 0.98, +0.021; 1000 it: 1.04x, 0.95, -0.005; 300 it, sample: 2.00x, 1.00, +0.000" in md
+    assert ("100 it: 3.96x, 0.98, +0.021; 1000 it: 1.04x, 0.95, -0.005; 300 it, sample: 2.00x, 1.00, +0.000; "
+            "6000 it, consistency, from DDIM-64: 1.50x, 1.00, +0.000.") in md
+    assert "(EMA and target network 0.95); it is sampled by the consistency sampler at each step count." in md
+    assert "the quality its students imitate): DDIM-64: 1.01x, 1.00, +0.001." in md
     assert ", 300 it, sample (down to 4 steps, 300 s)" in md
     assert "DDIM-100 again from other starting noise (the measures' own spread): 1.30x, 0.97, -0.002." in md
 
@@ -420,5 +428,12 @@ def test_the_quality_curve_names_iterations_fewest_steps_and_an_optional_student
     spec = importlib.util.spec_from_file_location("distill_quality_for_test", path)
     dq = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(dq)
-    assert dq.parse_curve("100,300,1000:4,3000:4:sample", [1, 2, 4, 8]) == [
-        (100, 1, None), (300, 1, None), (1000, 4, None), (3000, 4, "sample")]
+    assert dq.parse_curve("100,300,1000:4,3000:4:sample,6000:4:consistency:64", [1, 2, 4, 8]) == [
+        (100, 1, None, None), (300, 1, None, None), (1000, 4, None, None), (3000, 4, "sample", None),
+        (6000, 4, "consistency", 64)]
+    with pytest.raises(SystemExit, match="unknown student type 'lcm'"):
+        dq.parse_curve("100:4:lcm", [4])
+    # the students of the first curves keep their directories; a point from another first teacher gets its own
+    assert dq.work_name(3000, "sample", 16, 16) == "iters-3000-sample"
+    assert dq.work_name(6000, "consistency", 64, 16) == "iters-6000-consistency-from64"
+    assert dq.STUDENT_KINDS["consistency"] == ("consistency", "v_prediction")

@@ -322,7 +322,7 @@ def test_generate_refuses_a_model_whose_names_lead_outside_out_path(tmp_path, ca
     (["--tss", "05", "--meta", "class=LUSC"],
      "--class LUAD and --meta class=LUSC give the class twice with different values; give it once"),
     (["--tss", "05", "--sampler", ""],  # was taken for the default
-     "unknown sampler ''; choose from ddim, dpmpp-2m, unipc, dpmpp-2m-clip, unipc-clip"),
+     "unknown sampler ''; choose from ddim, dpmpp-2m, unipc, dpmpp-2m-clip, unipc-clip, consistency"),
     (["--tss", "05", "--shard", "0/1000000000000"],
      "--shard 0/1000000000000 cuts a plan of 3 image(s) into 1000000000000 shards; use at most 3 shards (N <= 3)"),
 ])

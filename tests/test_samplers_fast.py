@@ -35,7 +35,9 @@ def test_registered():
     assert SAMPLERS["dpmpp-2m-clip"].fn is dpmpp_2m_clip and SAMPLERS["unipc-clip"].fn is unipc_clip
     assert all(e.name == n for n, e in SAMPLERS.items())
     assert [n for n, e in SAMPLERS.items() if e.takes_eta] == ["ddim"]
-    assert all(e.own_timesteps is not None for n, e in SAMPLERS.items() if n != "ddim")
+    # the ODE solvers choose their own timesteps; DDIM and the consistency sampler run the schedule's grid
+    assert all(e.own_timesteps is not None for n, e in SAMPLERS.items() if n not in ("ddim", "consistency"))
+    assert SAMPLERS["consistency"].spacing == "trailing" and [n for n, e in SAMPLERS.items() if e.stochastic] == ["consistency"]
     assert get_sampler("unipc") is unipc
 
 

@@ -1,4 +1,5 @@
-"""Progressive distillation (Salimans & Ho 2022, Algorithm 2): a student that needs N DDIM steps.
+"""Few-step students: progressive distillation (Salimans & Ho 2022, Algorithm 2), a student that needs N DDIM
+steps, and consistency distillation (Song et al. 2023, Algorithm 2), a student for the consistency sampler.
 
 Each stage halves the steps.  The student, initialised from its teacher, learns to take in ONE DDIM
 step what the teacher does in TWO:
@@ -24,6 +25,14 @@ Run directory (``<out stem>.distill/`` beside the student):
     stages/student-0008.pt               each finished stage's student (EMA weights), kept for benchmarks
 
 The final student is copied to ``out`` last and atomically: ``out`` exists only when the run is complete.
+
+Consistency distillation (``method="consistency"``) is one stage on the teacher's DDIM-M grid t_1 > ... > t_M:
+
+    z_n = alpha_n x + sigma_n eps,  z^ = DDIM(teacher, z_n, t_n -> t_n+1)
+    target = x0 of the target network (the student's EMA) at (z^, t_n+1); the teacher's x0 after t_M
+    loss = pseudo-Huber(x0_student(z_n, t_n) - target)
+
+with the same run directory, stage file (``stages/student-000N.pt``) and resume as a halving stage.
 """
 from __future__ import annotations
 
@@ -41,7 +50,7 @@ from medi_fast import checkpoint as ckpt_io
 from medi_fast.errors import MediFastError, check_seed
 from medi_fast.io import atomic_write_text, ensure_dir
 from medi_fast.samplers.ddim import ddim_step
-from medi_fast.schedule import Schedule
+from medi_fast.schedule import Schedule, split_output
 
 from .data import Batches, condition_table, drop_conditions, open_training_data, require_rows
 from .ema import EMA
@@ -51,6 +60,9 @@ from .step import (TrainStep, autocast_dtype, check_resume_options, load_resume,
 from .stream import IndexStream, sampling_weights
 
 STUDENT_TYPES = ("v_prediction", "sample")
+# progressive: halving stages of DDIM students; consistency: one stage, a consistency model sampled by the
+# multistep consistency sampler (docs/distill.md)
+METHODS = ("progressive", "consistency")
 
 
 @dataclass(frozen=True)
@@ -68,9 +80,13 @@ class DistillConfig:
     iters_per_stage: int = 500
     # Peak learning rate, annealed linearly to 0 within each stage (AdamW, no weight decay).
     lr: float = 1e-4
-    ema_decay: float = 0.999
+    # The student's EMA (its weights are the result); None: 0.999, or 0.95 for consistency distillation, where
+    # the EMA is also the target network (Song et al. 2023's and LCM's rate)
+    ema_decay: float | None = None
     # v is the paper's recommendation; "sample" (x0) its alternative.  Epsilon cannot do 1 step (SNR 0).
     prediction_type: str = "v_prediction"
+    # "consistency": one stage of iters_per_stage iterations on the teacher's DDIM-teacher_steps grid
+    method: str = "progressive"
     # Conditioning dropout: None keeps the teacher's (so classifier-free guidance still works).
     cond_drop: float | None = None
     grad_clip: float = 1.0
@@ -98,12 +114,20 @@ class DistillConfig:
         need(self.teacher_steps is None or self.teacher_steps <= 1000,
              f"--teacher-steps must be at most 1000 (the schedule's timesteps), got {self.teacher_steps}")
         need(0 < self.lr <= 1, f"--lr must be in (0, 1], got {self.lr}")
-        need(0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        need(self.ema_decay is None or 0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         need(self.cond_drop is None or 0.0 <= self.cond_drop < 1.0, f"--cond-drop must be in [0, 1), got {self.cond_drop}")
         need(self.prediction_type in STUDENT_TYPES, f"--prediction-type must be one of {', '.join(STUDENT_TYPES)} "
              f"(an epsilon student cannot take the first step from pure noise), got {self.prediction_type!r}")
+        need(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         need(self.checkpoint_every >= 1 and self.log_every >= 1, "--checkpoint-every and --log-every must be >= 1")
         need(Path(self.out).suffix in ckpt_io.SUFFIXES, f"--out {self.out!r} must end in .pt or .safetensors")
+
+    @property
+    def decay(self) -> float:
+        """The EMA decay this run uses (--ema-decay, else the method's default)."""
+        if self.ema_decay is not None:
+            return self.ema_decay
+        return 0.95 if self.method == "consistency" else 0.999
 
     @property
     def run_path(self) -> Path:
@@ -128,11 +152,22 @@ def stage_plan(teacher_steps: int, steps: int) -> list[int]:
     return plan
 
 
-def student_schedule(teacher: Schedule, prediction_type: str, steps: int) -> Schedule:
-    """The student's schedule: the teacher's betas, its output type, trailing DDIM grid, no x0 clipping
-    (the student was trained to make exactly its unclipped step), made for DDIM-``steps``."""
+def consistency_plan(teacher_steps: int, steps: int) -> list[int]:
+    """Consistency distillation is one stage: [steps], once the student's ``steps`` levels are points of the
+    teacher's grid (trailing spacing nests the N- and M-step grids when M is N x a power of 2)."""
+    ratio = teacher_steps // steps if steps else 0
+    if steps >= teacher_steps or teacher_steps % steps or ratio & (ratio - 1):
+        raise MediFastError(f"--steps {steps} with --teacher-steps {teacher_steps}: the student samples at points of "
+                            f"the teacher's grid only when --teacher-steps is --steps x a power of 2 (at least 2); "
+                            f"use e.g. --teacher-steps {steps * 16}")
+    return [steps]
+
+
+def student_schedule(teacher: Schedule, prediction_type: str, steps: int, sampler: str = "ddim") -> Schedule:
+    """The student's schedule: the teacher's betas, its output type, trailing grid, no x0 clipping (the
+    student was trained to make exactly its unclipped step), made for ``sampler``-``steps``."""
     return replace(teacher, prediction_type=prediction_type, clip_sample=False, timestep_spacing="trailing",
-                   default_steps=int(steps), default_sampler="ddim")
+                   default_steps=int(steps), default_sampler=sampler)
 
 
 class StageGrid:
@@ -151,6 +186,22 @@ class StageGrid:
         self.abar = abar[self.t]  # (N,)
         self.abar_mid = abar[self.t_mid]  # (N,)
         self.abar_next = torch.cat([abar[self.t[1:]], final])  # (N,): the next student level, 1 after the last
+
+
+class ConsistencyGrid:
+    """The levels consistency distillation trains on: the teacher's DDIM-M grid (trailing) and, after each,
+    the next level (alpha_bar 1 after the last: there the consistency function is the identity)."""
+
+    def __init__(self, schedule: Schedule, teacher_steps: int, steps: int):
+        ts = schedule.timesteps(teacher_steps, "trailing")  # (M,) descending from T - 1
+        if not np.isin(schedule.timesteps(steps, "trailing"), ts).all():
+            raise MediFastError(f"the {steps}-step levels are not on the {teacher_steps}-step grid for T = "
+                                f"{schedule.num_train_timesteps}; use powers of 2 for --steps and --teacher-steps")
+        abar = schedule.alphas_cumprod.double()
+        self.t = torch.from_numpy(ts.copy())  # (M,)
+        self.abar = abar[self.t]  # (M,)
+        self.abar_next = torch.cat([abar[self.t[1:]], schedule.final_alpha_cumprod.double().reshape(1)])  # (M,)
+        self.t_next = torch.cat([self.t[1:], self.t[-1:]])  # (M,); the last is a placeholder (boundary)
 
 
 def _bcast(v: torch.Tensor, device) -> torch.Tensor:
@@ -185,6 +236,41 @@ def student_loss(out: torch.Tensor, x_target: torch.Tensor, z: torch.Tensor, aba
     return (snr.clamp(min=1.0) * (out - x_target) ** 2).mean()
 
 
+# Pseudo-Huber distance of improved consistency training (Song & Dhariwal 2024): sqrt(|d|^2 + c^2) - c per
+# image, c = 0.00054 sqrt(dimensions) (0.03 for a 3 x 32 x 32 patch): L2 for small differences, L1-like for large.
+HUBER_C_PER_SQRT_DIM = 0.00054
+
+
+def x0_of(prediction_type: str, out: torch.Tensor, z: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """The x0 a model's output stands for at z (abar: (B, 1, 1, 1)): the consistency function of a student."""
+    return split_output(prediction_type, out, z, abar.sqrt(), (1 - abar).sqrt())[0]
+
+
+@torch.no_grad()
+def consistency_target(teacher, teacher_schedule: Schedule, target_model, prediction_type: str,
+                       grid: ConsistencyGrid, z: torch.Tensor, idx: torch.Tensor, cond) -> torch.Tensor:
+    """f_target(z^_{t_{n+1}}): the target network's x0 at the point one teacher DDIM step from z (at
+    grid.t[idx]) lands on (Song et al. 2023, Algorithm 2), and the teacher's own x0 where that point is the
+    data level (the boundary condition f(x, 0) = x).  idx: (B,) grid indices."""
+    dev = z.device
+    abar, nxt = _bcast(grid.abar[idx], dev), _bcast(grid.abar_next[idx], dev)
+    out = teacher(z, grid.t[idx].to(dev), cond).float()
+    z_next = ddim_step(out, z, abar, nxt, teacher_schedule, use_clipped_model_output=True)
+    x0_teacher = x0_of(teacher_schedule.prediction_type, out, z, abar)
+    if teacher_schedule.clip_sample:
+        x0_teacher = x0_teacher.clamp(-teacher_schedule.clip_sample_range, teacher_schedule.clip_sample_range)
+    inner = x0_of(prediction_type, target_model(z_next, grid.t_next[idx].to(dev), cond).float(), z_next, nxt)
+    boundary = (idx == len(grid.t) - 1).to(dev).view(-1, 1, 1, 1)
+    return torch.where(boundary, x0_teacher, inner)
+
+
+def consistency_loss(x0_student: torch.Tensor, x0_target: torch.Tensor) -> torch.Tensor:
+    """Mean pseudo-Huber distance between the student's and the target's x0 (B, C, H, W)."""
+    c = HUBER_C_PER_SQRT_DIM * math.sqrt(x0_student[0].numel())
+    d2 = ((x0_student - x0_target) ** 2).flatten(1).sum(1)
+    return ((d2 + c * c).sqrt() - c).mean()
+
+
 def _teacher_record(ck) -> dict:
     """The teacher's training data, split and conditioning dropout from its provenance, each checked
     like the option it stands in for (a checkpoint's header may hold anything)."""
@@ -205,6 +291,10 @@ def _teacher_record(ck) -> dict:
 def _load_teacher(cfg: DistillConfig):
     ck = ckpt_io.load(cfg.teacher)
     sched = ck.schedule
+    if sched.default_steps is not None and (cfg.method == "consistency" or sched.default_sampler == "consistency"):
+        raise MediFastError(f"{cfg.teacher} is a student ({sched.default_sampler or 'ddim'}-{sched.default_steps}); "
+                            f"{'consistency distillation' if cfg.method == 'consistency' else 'progressive distillation of a consistency student'} "
+                            f"needs a trained model as teacher: pass the checkpoint it was distilled from")
     if sched.default_steps is not None:  # already a student
         if cfg.teacher_steps is not None and cfg.teacher_steps != sched.default_steps:
             raise MediFastError(f"{cfg.teacher} is a student distilled for {sched.default_steps} steps, not "
@@ -222,7 +312,8 @@ def _load_teacher(cfg: DistillConfig):
 # The options that decide what a run computes: --resume with another value is refused, naming it.
 RESUME_FIXED = {"teacher": "TEACHER", "steps": "--steps", "teacher_steps": "--teacher-steps",
                 "batch_size": "--batch-size", "iters_per_stage": "--iters-per-stage", "lr": "--lr",
-                "ema_decay": "--ema-decay", "prediction_type": "--prediction-type", "cond_drop": "--cond-drop",
+                "ema_decay": "--ema-decay", "prediction_type": "--prediction-type", "method": "--method",
+                "cond_drop": "--cond-drop",
                 "grad_clip": "--grad-clip", "seed": "--seed", "data": "--data", "split": "--split"}
 
 
@@ -246,7 +337,7 @@ def distill(cfg: DistillConfig | None = None, dataset=None, progress: bool = Tru
     if teacher_steps > teacher_ck.schedule.num_train_timesteps:
         raise MediFastError(f"--teacher-steps {teacher_steps} exceeds the schedule's {teacher_ck.schedule.num_train_timesteps} "
                             f"timesteps; use at most {teacher_ck.schedule.num_train_timesteps}")
-    plan = stage_plan(teacher_steps, cfg.steps)
+    plan = (consistency_plan if cfg.method == "consistency" else stage_plan)(teacher_steps, cfg.steps)
     check_writable_dir(cfg.run_path)
     run_path = cfg.run_path
     stages_dir = run_path / "stages"
@@ -256,10 +347,11 @@ def distill(cfg: DistillConfig | None = None, dataset=None, progress: bool = Tru
     data = cfg.data or record["data"]
     split = cfg.split if cfg.data else (cfg.split or record["split"])
     cond_drop = record["cond_drop"] if cfg.cond_drop is None else cfg.cond_drop
-    resolved = {**asdict(cfg), "teacher_steps": cfg.teacher_steps, "resolved_teacher_steps": teacher_steps,
+    resolved = {**asdict(cfg), "ema_decay": cfg.decay, "teacher_steps": cfg.teacher_steps, "resolved_teacher_steps": teacher_steps,
                 "stages": plan, "data": data, "split": split, "cond_drop": cond_drop, "teacher_hash": teacher_ck.hash}
     if cfg.resume:
         recorded = read_run_config(run_path / "config.json")
+        recorded.setdefault("method", "progressive")  # runs started before --method existed
         if recorded.get("teacher_hash") != teacher_ck.hash:
             raise MediFastError(f"--resume: the teacher {cfg.teacher} is not the checkpoint {run_path} was started "
                                 f"from (content hash {teacher_ck.hash}, recorded {recorded.get('teacher_hash')}); "
@@ -289,7 +381,7 @@ def distill(cfg: DistillConfig | None = None, dataset=None, progress: bool = Tru
     bar = tqdm(total=cfg.iters_per_stage * len(plan), initial=start, unit="it", disable=not progress,
                dynamic_ncols=True, desc="distill")
     distiller = _Distiller(cfg, run, iter(Batches(ds, stream, start, 0, False)), cond_all, cond_drop, device,
-                           autocast_dtype("auto", device), bar, {"data": data, "split": split})
+                           autocast_dtype("auto", device), bar, {"data": data, "split": split}, teacher_steps)
     teacher_path = Path(cfg.teacher)
     try:
         for k, n in enumerate(plan):
@@ -345,6 +437,7 @@ class _Distiller:
     amp: torch.dtype | None
     bar: object
     source: dict  # data and split, for the provenance
+    teacher_steps: int  # the first teacher's DDIM steps (consistency: the grid the student learns on)
     gen: torch.Generator = field(init=False)
     t0: float = field(init=False)
 
@@ -363,7 +456,7 @@ class _Distiller:
             log_sum += float(loss)
             log_n += 1
             self.bar.update(1)
-            self.bar.set_postfix(stage=f"{2 * stage.steps}->{stage.steps}", loss=f"{float(loss):.4f}")
+            self.bar.set_postfix(stage=f"{self.stage_from(stage)}->{stage.steps}", loss=f"{float(loss):.4f}")
             if done % self.cfg.log_every == 0 or done == stage.last:
                 self.log(done, log_sum / log_n, lr)
                 log_sum, log_n = 0.0, 0
@@ -374,6 +467,14 @@ class _Distiller:
         ckpt_io.save(ckpt_io.from_model(m.ema.model, m.student_schedule, preset=m.teacher_ck.preset,
                                         provenance=self.provenance(m, stage, stage.last)), stage.out)
 
+    @property
+    def consistency(self) -> bool:
+        return self.cfg.method == "consistency"
+
+    def stage_from(self, stage: Stage) -> int:
+        """The teacher steps a stage's student learns from."""
+        return self.teacher_steps if self.consistency else 2 * stage.steps
+
     def build(self, stage: Stage) -> _StageModels:
         """The teacher (frozen, EMA weights) and a student initialised from it, with its optimiser step."""
         cfg = self.cfg
@@ -382,14 +483,19 @@ class _Distiller:
         t_sched = teacher_ck.schedule
         seed_everything(cfg.seed + stage.index)
         student = copy.deepcopy(teacher).requires_grad_(True).train()
-        ema = EMA(student, cfg.ema_decay)
+        ema = EMA(student, cfg.decay)
         opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
         iters = cfg.iters_per_stage
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / iters))  # linear to 0 in the stage
         step = TrainStep(student, opt, device_type=self.device.type, amp=self.amp, scheduler=sched, ema=ema,
                          grad_clip=cfg.grad_clip)
-        return _StageModels(teacher_ck, teacher, t_sched, student_schedule(t_sched, cfg.prediction_type, stage.steps),
-                            StageGrid(t_sched, stage.steps), student, ema, step)
+        if self.consistency:  # one stage: the student learns the whole DDIM-M grid; its EMA is the target network
+            grid = ConsistencyGrid(t_sched, self.teacher_steps, stage.steps)
+            schedule = student_schedule(t_sched, cfg.prediction_type, stage.steps, sampler="consistency")
+        else:
+            grid = StageGrid(t_sched, stage.steps)
+            schedule = student_schedule(t_sched, cfg.prediction_type, stage.steps)
+        return _StageModels(teacher_ck, teacher, t_sched, schedule, grid, student, ema, step)
 
     def iteration(self, m: _StageModels, i: int) -> tuple[torch.Tensor, float]:
         """One optimiser step of the student on one batch; returns (loss, the learning rate used)."""
@@ -404,9 +510,15 @@ class _Distiller:
         noise = torch.randn(x0.shape, generator=gen, device=device)
         abar = _bcast(m.grid.abar[idx], device)
         z = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # z_t
-        x_target, _ = teacher_target(m.teacher, m.teacher_schedule, m.grid, z, idx, cond)
-        out = m.step.forward(z, m.grid.t[idx].to(device), cond)
-        loss = student_loss(out.float(), x_target, z, abar, self.cfg.prediction_type)
+        if self.consistency:
+            x_target = consistency_target(m.teacher, m.teacher_schedule, m.ema.model, self.cfg.prediction_type,
+                                          m.grid, z, idx, cond)
+            out = m.step.forward(z, m.grid.t[idx].to(device), cond)
+            loss = consistency_loss(x0_of(self.cfg.prediction_type, out.float(), z, abar), x_target)
+        else:
+            x_target, _ = teacher_target(m.teacher, m.teacher_schedule, m.grid, z, idx, cond)
+            out = m.step.forward(z, m.grid.t[idx].to(device), cond)
+            loss = student_loss(out.float(), x_target, z, abar, self.cfg.prediction_type)
         m.step.zero_grad()
         m.step.backward(loss)
         return loss.detach(), m.step.step().lr
@@ -418,10 +530,12 @@ class _Distiller:
                       "elapsed_s": round(time.perf_counter() - self.t0, 2)})
 
     def provenance(self, m: _StageModels, stage: Stage, done: int) -> dict:
-        return {"trainer": "medi-fast distill", "method": "progressive distillation (Salimans & Ho 2022)",
+        method = ("consistency distillation (Song et al. 2023)" if self.consistency
+                  else "progressive distillation (Salimans & Ho 2022)")
+        return {"trainer": "medi-fast distill", "method": method, "teacher_steps": self.stage_from(stage),
                 "stage_steps": stage.steps, "teacher": str(stage.teacher), "teacher_hash": m.teacher_ck.hash,
                 "step": done, "cond_drop": self.cond_drop, **self.source,
-                "config": {**asdict(self.cfg), "cond_drop": self.cond_drop}}
+                "config": {**asdict(self.cfg), "ema_decay": self.cfg.decay, "cond_drop": self.cond_drop}}
 
     def checkpoint(self, m: _StageModels, stage: Stage, done: int) -> None:
         ck = ckpt_io.from_model(m.student, m.student_schedule, preset=m.teacher_ck.preset, ema_model=m.ema.model,

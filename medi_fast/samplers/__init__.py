@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import MediFastError, suggest
+from .consistency import consistency
 from .ddim import ddim, ddim_invert
 from .dpm_solver import dpmpp_2m, dpmpp_2m_clip, multistep_timesteps
 from .unipc import unipc, unipc_clip
@@ -32,6 +33,8 @@ class SamplerEntry:
     own_timesteps: Callable | None = None
     # Stochastic samplers take eta > 0 (and a noise stream); ODE solvers are deterministic.
     takes_eta: bool = False
+    # Draws fresh noise at every step whatever eta (the consistency sampler): always given a noise stream.
+    stochastic: bool = False
     description: str = ""
 
     def timesteps(self, schedule, steps: int):
@@ -56,6 +59,13 @@ register_sampler("dpmpp-2m-clip", dpmpp_2m_clip, own_timesteps=multistep_timeste
                  description="DPM-Solver++(2M) with x0 clipped to [-1, 1]")
 register_sampler("unipc-clip", unipc_clip, own_timesteps=multistep_timesteps,
                  description="UniPC (bh2) with x0 clipped to [-1, 1]")
+register_sampler("consistency", consistency, spacing="trailing", stochastic=True,
+                 description="multistep consistency sampling (consistency-distilled students: fresh noise each step)")
+
+
+def needs_noise(name: str, eta: float) -> bool:
+    """Whether a run of sampler ``name`` at ``eta`` draws fresh noise after x_T (and needs a noise stream)."""
+    return eta > 0 or sampler_entry(name).stochastic
 
 
 def sampler_entry(name: str) -> SamplerEntry:
