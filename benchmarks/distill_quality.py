@@ -57,35 +57,54 @@ def stage_students(student: Path) -> dict[int, Path]:
     return found
 
 
-def parse_curve(text: str, steps: list[int]) -> list[tuple[int, int, str | None]]:
-    """--iters-per-stage "100,300,1000:4,3000:4:sample" -> [(100, fewest, None), (300, fewest, None), (1000, 4, None),
-    (3000, 4, "sample")]: iterations per halving, the fewest steps that distillation goes down to (default: the
-    fewest of --steps) and the student type of that point alone (default: each of --student-types)."""
+# A curve point's student type: (method, what the student predicts).  "consistency": consistency distillation
+# of a v student (one stage of ITERS iterations, sampled by the consistency sampler at any of --steps).
+STUDENT_KINDS = {"v_prediction": ("progressive", "v_prediction"), "sample": ("progressive", "sample"),
+                 "consistency": ("consistency", "v_prediction")}
+
+
+def parse_curve(text: str, steps: list[int]) -> list[tuple[int, int, str | None, int | None]]:
+    """--iters-per-stage "100,300,1000:4,3000:4:sample,1500:4:sample:64" -> [(100, fewest, None, None), ...,
+    (1500, 4, "sample", 64)]: iterations per halving (consistency: in all), the fewest steps that distillation goes
+    down to (default: the fewest of --steps), the student type of that point alone (default: each of
+    --student-types; one of STUDENT_KINDS) and its first teacher's DDIM steps (default: --teacher-steps)."""
     out = []
     for item in text.split(","):
-        iters, _, rest = item.strip().partition(":")
-        low, _, kind = rest.partition(":")
-        out.append((int(iters), int(low) if low else steps[0], kind or None))
+        iters, low, kind, first = (item.strip().split(":") + ["", "", ""])[:4]
+        if kind and kind not in STUDENT_KINDS:
+            raise SystemExit(f"curve point {item!r}: unknown student type {kind!r}; use one of {', '.join(STUDENT_KINDS)}")
+        out.append((int(iters), int(low) if low else steps[0], kind or None, int(first) if first else None))
     return out
 
 
-def distil(args, iters: int, fewest: int, student_type: str = "v_prediction") -> tuple[Path, float | None]:
+def work_name(iters: int, student_type: str, teacher_steps: int, default_teacher_steps: int) -> str:
+    """iters-N[-TYPE][-fromM]: the students of the first curves keep the names they were made under."""
+    return (f"iters-{iters}" + ("" if student_type == "v_prediction" else f"-{student_type}")
+            + ("" if teacher_steps == default_teacher_steps else f"-from{teacher_steps}"))
+
+
+def distil(args, iters: int, fewest: int, student_type: str = "v_prediction",
+           teacher_steps: int | None = None) -> tuple[Path, float | None]:
     """The student of `iters` iterations per stage down to `fewest` steps (made once, under --work), and the
-    seconds its distillation took by its own clock.  `student_type`: what the student predicts (v, the paper's
-    choice and the default; "sample": x0 with truncated-SNR weighting)."""
+    seconds its distillation took by its own clock.  `student_type`: a STUDENT_KINDS key (v, the paper's
+    choice and the default; "sample": x0 with truncated-SNR weighting; "consistency": consistency distillation).
+    `teacher_steps`: the first teacher's DDIM steps (default --teacher-steps)."""
     from medi_fast.training.distill import distill
 
-    work = Path(args.work) / (f"iters-{iters}" + ("" if student_type == "v_prediction" else f"-{student_type}"))
+    teacher_steps = teacher_steps or args.teacher_steps
+    method, prediction_type = STUDENT_KINDS[student_type]
+    work = Path(args.work) / work_name(iters, student_type, teacher_steps, args.teacher_steps)
     work.mkdir(parents=True, exist_ok=True)
     student = work / f"student-{fewest}.pt"
     run = student.with_name(student.stem + ".distill")
     # --resume needs a checkpoint to continue from; a run killed before its first one starts afresh
     resume = any((run / "checkpoints").glob("step-*.state.pt"))
     if not student.exists():
-        distill(teacher=args.teacher, steps=fewest, teacher_steps=args.teacher_steps, out=str(student),
+        decay = args.consistency_ema_decay if method == "consistency" else args.ema_decay
+        distill(teacher=args.teacher, steps=fewest, teacher_steps=teacher_steps, out=str(student),
                 split=args.split, iters_per_stage=iters, batch_size=args.batch_size, lr=args.lr,
-                ema_decay=args.ema_decay, seed=args.seed, device="cpu", resume=resume, progress=False,
-                prediction_type=student_type)
+                ema_decay=decay, seed=args.seed, device="cpu", resume=resume, progress=False,
+                prediction_type=prediction_type, method=method)
     metrics = run / "metrics.csv"
     secs = float(pd.read_csv(metrics)["elapsed_s"].iloc[-1]) if metrics.is_file() else None
     print(f"iters {iters}: distilled to {fewest} steps in {secs} s", flush=True)
@@ -109,12 +128,18 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-seeds", default="",
                     help="comma-separated seeds of extra DDIM-100 draws (other starting noise): the baseline's own "
                          "spread by each measure, against which the 5 %% bound can be read")
+    ap.add_argument("--reference-steps", default="",
+                    help="comma-separated: the teacher's DDIM at these steps too (e.g. 16,32,64: the first teacher of a "
+                         "distillation, whose quality its students learn to imitate)")
+    ap.add_argument("--name", default="distill_quality", help="results name (benchmarks/results/NAME.json)")
     ap.add_argument("--student-types", default="v_prediction",
-                    help="comma-separated: what each curve point's student predicts (v_prediction, sample); "
-                         "each type distils the whole curve")
+                    help="comma-separated: what each curve point's student is (v_prediction, sample: progressive "
+                         "distillation; consistency: consistency distillation); each type distils the whole curve")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--ema-decay", type=float, default=0.99)
+    ap.add_argument("--consistency-ema-decay", type=float, default=0.95,
+                    help="EMA (and target network) decay of consistency students (Song et al. 2023, LCM)")
     ap.add_argument("--solver", default="dpmpp-2m-clip", help="the teacher's fast solver (best on the demo model)")
     ap.add_argument("--n-per-combo", type=int, default=24)
     ap.add_argument("--probe-repeats", type=int, default=3)
@@ -124,7 +149,7 @@ def main(argv=None) -> int:
     steps = sorted(int(s) for s in args.steps.split(","))
 
     t0 = time.perf_counter()
-    curve = []  # (label, iters per stage, distillation seconds, {steps: stage student})
+    curve = []  # (label, iters per stage, distillation seconds, {steps: stage student}, sampler, first teacher steps)
     if args.student:
         student = Path(args.student)
         metrics = student.with_name(student.stem + ".distill") / "metrics.csv"
@@ -136,16 +161,26 @@ def main(argv=None) -> int:
             args.teacher_steps = c.get("resolved_teacher_steps", args.teacher_steps)
             iters, args.batch_size = c["iters_per_stage"], c["batch_size"]
             args.lr, args.ema_decay = c["lr"], c["ema_decay"]
-        curve.append((f"{iters} it" if iters else "given student", iters, secs, stage_students(student)))
+        curve.append((f"{iters} it" if iters else "given student", iters, secs, stage_students(student), "ddim",
+                      args.teacher_steps))
     else:
         types = [t.strip() for t in args.student_types.split(",") if t.strip()]
-        for student_type in types:
-            for iters, fewest, only in parse_curve(args.iters_per_stage, steps):
-                if only is not None and only != student_type:
-                    continue
-                student, secs = distil(args, iters, fewest, student_type)
-                label = f"{iters} it" + ("" if student_type == "v_prediction" else f", {student_type}")
-                curve.append((label, iters, secs, stage_students(student)))
+        unknown = [t for t in types if t not in STUDENT_KINDS]
+        if unknown:
+            raise SystemExit(f"--student-types: unknown {', '.join(unknown)}; use {', '.join(STUDENT_KINDS)}")
+        points = parse_curve(args.iters_per_stage, steps)
+        # untyped points once per --student-types entry; a typed point once, for its type
+        todo = [(t, p) for t in types for p in points if p[2] is None] + [(p[2], p) for p in points if p[2]]
+        for student_type, (iters, fewest, _, first) in todo:
+            first = first or args.teacher_steps
+            student, secs = distil(args, iters, fewest, student_type, first)
+            label = (f"{iters} it" + ("" if student_type == "v_prediction" else f", {student_type}")
+                     + ("" if first == args.teacher_steps else f", from DDIM-{first}"))
+            if STUDENT_KINDS[student_type][0] == "consistency":  # one model, sampled at any step count on its grid
+                found = {k: student for k in steps if k < first and first % k == 0 and not (first // k) & (first // k - 1)}
+                curve.append((label, iters, secs, found, "consistency", first))
+            else:
+                curve.append((label, iters, secs, stage_students(student), "ddim", first))
 
     from medi_fast.data.pack import read_pack
     from medi_fast.demo.stages import DEFAULT_SETTING, DemoConfig, evaluate, measure_site_fidelity
@@ -172,14 +207,16 @@ def main(argv=None) -> int:
     # DDIM-100 from other starting noise: how far a second draw of the baseline itself is from it by each measure
     runs += [("teacher", "ddim", BASELINE_STEPS, args.teacher, None, int(s))
              for s in args.baseline_seeds.split(",") if s.strip()]
+    runs += [("teacher", "ddim", int(k), args.teacher, None, args.seed)
+             for k in args.reference_steps.split(",") if k.strip()]
     for k in steps:
         runs += [("teacher", "ddim", k, args.teacher, None, args.seed),
                  ("teacher", args.solver, k, args.teacher, None, args.seed)]
-        runs += [("student", "ddim", k, str(found[k]), (label, iters), args.seed)
-                 for label, iters, _, found in curve if k in found]
+        runs += [("student", sampler, k, str(found[k]), (label, iters, first), args.seed)
+                 for label, iters, _, found, sampler, first in curve if k in found]
     synthetic, rows = {}, []
     for model, sampler, k, path, point, seed in runs:
-        label, iters = point if point else (None, None)
+        label, iters, first = point if point else (None, None, None)
         pipe = medi_fast.load(path, backend="torch", batch_size=64, steps=k, sampler=sampler)
         t = time.perf_counter()
         images = pipe.run(plan if seed == args.seed else plans.from_counts(spec, combos, seed))
@@ -188,9 +225,10 @@ def main(argv=None) -> int:
                 + (f" (seed {seed})" if seed != args.seed else ""))
         synthetic[name] = (meta, images)
         site = measure_site_fidelity(cfg, index, real, (meta, images))
-        student_type = None if not label else ("sample" if label.endswith(", sample") else "v_prediction")
+        student_type = None if not label else next((t for t in ("sample", "consistency") if f", {t}" in label),
+                                                   "v_prediction")
         rows.append({"name": name, "model": model, "sampler": sampler, "steps": k, "iters_per_stage": iters,
-                     "student_type": student_type, "seed": seed,
+                     "student_type": student_type, "first_teacher_steps": first, "seed": seed,
                      "unet_calls": k, "s": secs, "images_per_s": len(plan) / secs,
                      "site_slope": site.slope, "site_corr": site.correlation, "shipped": model == "student",
                      "path": path})
@@ -227,15 +265,16 @@ def main(argv=None) -> int:
               f"{r['cell_dist_vs_ddim100']:.3f} | {r['slope_vs_ddim100']:.3f} | {r['probe_minus_ddim100']:+.3f} | "
               f"{r['meets_bounds']} | {r['images_per_s']:.1f} |")
     extra = {"teacher": args.teacher, "setting": setting, "n_images": len(plan),
-             "curve": [{"iters_per_stage": iters, "label": label, "distill_seconds": secs, "student_steps": sorted(found)}
-                       for label, iters, secs, found in curve],
+             "curve": [{"iters_per_stage": iters, "label": label, "distill_seconds": secs, "student_steps": sorted(found),
+                        "sampler": sampler, "first_teacher_steps": first}
+                       for label, iters, secs, found, sampler, first in curve],
              "distill": {"teacher_steps": args.teacher_steps, "batch_size": args.batch_size, "lr": args.lr,
-                         "ema_decay": args.ema_decay},
+                         "ema_decay": args.ema_decay, "consistency_ema_decay": args.consistency_ema_decay},
              "fewest_student_steps_within_5pct": fewest,
              "probe_no_synthetic": None if no_syn is None else float(no_syn["tss_balanced_accuracy_mean"]),
              "probe_repeats": args.probe_repeats, "solver": args.solver,
              "total_seconds": time.perf_counter() - t0}
-    path = write_results("distill_quality", rows, extra)
+    path = write_results(args.name, rows, extra)
     print("wrote", path)
     return 0
 

@@ -40,9 +40,12 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     # the demo's cohort and every arm that needs no model (no training): ~1-2 minutes on 2 cores
     "demo_arms": ("demo_arms.py", []),
     # distils the demo model (16 -> 8, 4, 2, 1 steps) along a curve of iterations per halving, v and x0 students,
-    # and evaluates (about 80 minutes on 2 cores from scratch; students under --work are reused)
-    "distill_quality": ("distill_quality.py", ["--iters-per-stage", "100,300,1000:4,3000:4:sample",
-                                               "--student-types", "v_prediction,sample", "--baseline-seeds", "1"]),
+    # an x0 student from DDIM-64 and a consistency student on the DDIM-64 grid, and evaluates them beside the
+    # teacher's DDIM at 16-64 steps (about 3 hours on 2 cores from scratch; students under --work are reused)
+    "distill_quality": ("distill_quality.py", ["--iters-per-stage",
+                                               "100,300,1000:4,3000:4:sample,6000:4:consistency:64,1500:4:sample:64",
+                                               "--student-types", "v_prediction,sample", "--baseline-seeds", "1",
+                                               "--reference-steps", "16,32,64"]),
     # a distillation iteration beside a training step of the same model: ~3 minutes on 2 cores
     "distill_throughput": ("distill_throughput.py", []),
     # edits of rendered patches against the renderer's exact counterfactual: ~10 minutes on 2 cores
@@ -356,10 +359,13 @@ def demo_arms_section(da: dict) -> list[str]:
                      "runs": r["runs"], "seconds": f"{r['seconds']:.1f}"} for r in da["rows"]]), ""]
 
 
-def _student_label(row: dict) -> str:
-    """"300 it" for a v-prediction student, "300 it, sample" for an x0 one (rows from before the type: v)."""
+def _student_label(row: dict, teacher_steps=None) -> str:
+    """"300 it" for a v-prediction student, "300 it, sample" for an x0 one (rows from before the type: v),
+    "6000 it, consistency, from DDIM-64" for one whose first teacher is not the run's --teacher-steps."""
     kind = row.get("student_type") or "v_prediction"
-    return f"{row['iters_per_stage']} it" + ("" if kind == "v_prediction" else f", {kind}")
+    first = row.get("first_teacher_steps")
+    return (f"{row['iters_per_stage']} it" + ("" if kind == "v_prediction" else f", {kind}")
+            + ("" if first in (None, teacher_steps) else f", from DDIM-{first}"))
 
 
 def distill_section(dq: dict) -> list[str]:
@@ -369,27 +375,39 @@ def distill_section(dq: dict) -> list[str]:
     base = next(r for r in rows if r["model"] == "teacher" and r["steps"] == PUBLISHED_STEPS)
     d = dq.get("distill", {})
     curve = dq.get("curve", [])
-    how = (f"distilled from DDIM-{d.get('teacher_steps')} by halving, batch {d.get('batch_size')}, lr {d.get('lr')}, "
-           f"EMA {d.get('ema_decay')}; iterations per halving: "
+    cd = (f" A consistency student's iterations are one stage on the teacher's DDIM-M grid (EMA and target network "
+          f"{d['consistency_ema_decay']}); it is sampled by the consistency sampler at each step count."
+          if any(c.get("sampler") == "consistency" for c in curve) and "consistency_ema_decay" in d else "")
+    how = (f"distilled from DDIM-{d.get('teacher_steps')} (unless a point says otherwise) by halving, batch "
+           f"{d.get('batch_size')}, lr {d.get('lr')}, EMA {d.get('ema_decay')}; iterations per halving: "
            + ", ".join(f"{c.get('label') or c['iters_per_stage']} (down to {min(c['student_steps'])} steps, "
                        + (f"{c['distill_seconds']:.0f} s)" if c.get("distill_seconds") else "time not recorded)")
                        for c in curve))
+    label = lambda r: _student_label(r, d.get("teacher_steps"))  # noqa: E731
     students = [r for r in rows if r["model"] == "student"]
     met = [r for r in students if r["meets_bounds"]]
     four = [r for r in students if r["steps"] == 4]
     verdict = ("**" + (f"Students meeting every bound: {', '.join(r['name'] for r in met)}" if met else
                        "No student meets every bound") + ".** 4-step students along the curve (per-cell distance / "
                "DDIM-100's, stain slope / DDIM-100's, probe - DDIM-100's): "
-               + "; ".join(f"{_student_label(r)}: {r['cell_dist_vs_ddim100']:.2f}x, {r['slope_vs_ddim100']:.2f}, "
+               + "; ".join(f"{label(r)}: {r['cell_dist_vs_ddim100']:.2f}x, {r['slope_vs_ddim100']:.2f}, "
                            f"{r['probe_minus_ddim100']:+.3f}" for r in four) + ".")
+    steps_here = {r["steps"] for r in students}
+    refs = [r for r in rows if r["model"] == "teacher" and r["sampler"] == "ddim" and r["steps"] != PUBLISHED_STEPS
+            and r["steps"] not in steps_here]
+    if refs:  # the teacher's DDIM at a first teacher's steps: what its students learn to imitate
+        verdict += (" The teacher's own DDIM at the steps a distillation starts from (the quality its students "
+                    "imitate): " + "; ".join(f"DDIM-{r['steps']}: {r['cell_dist_vs_ddim100']:.2f}x, "
+                                             f"{r['slope_vs_ddim100']:.2f}, {r['probe_minus_ddim100']:+.3f}"
+                                             for r in refs) + ".")
     redraws = [r for r in rows if r["model"] == "teacher" and r["steps"] == PUBLISHED_STEPS and r is not base]
     if redraws:  # DDIM-100 from other starting noise: the baseline's own spread by the same measures
         verdict += (" DDIM-100 again from other starting noise (the measures' own spread): "
                     + "; ".join(f"{r['cell_dist_vs_ddim100']:.2f}x, {r['slope_vs_ddim100']:.2f}, "
                                 f"{r['probe_minus_ddim100']:+.3f}" for r in redraws) + ".")
-    return ["## Distilled students (progressive distillation, demo MeDi model)", "", _provenance(dq), "",
+    return ["## Distilled students (progressive and consistency distillation, demo MeDi model)", "", _provenance(dq), "",
             f"{dq.get('n_images', '?')} images per setting (every class x cohort site), the same starting noise for "
-            f"all; {how}. `cell_dist`: the demo's FID-style colour-texture distance to the real patches of each trained "
+            f"all; {how}.{cd} `cell_dist`: the demo's FID-style colour-texture distance to the real patches of each trained "
             "class x site cell, averaged (`dist`: per class); `site_slope`: per-site stain fidelity (1.0 = every site's "
             "stain difference reproduced); `probe`: the demo protocol's TSS-averaged balanced accuracy with these "
             f"samples as the synthetic set ({dq.get('probe_repeats', '?')} repeats; no synthetic data: "
@@ -398,7 +416,7 @@ def distill_section(dq: dict) -> list[str]:
             "stain slope at least 0.9 of its, probe at most 0.01 below its samples'. "
             f"DDIM-100: cell distance {base['cell_dist']:.1f}, site slope {base['site_slope']:.3f}, probe "
             f"{base['probe']:.3f}.", "", verdict, "",
-            _table(rows, ["model", "sampler", "student_type", "iters_per_stage", "steps", "cell_dist",
+            _table(rows, ["model", "sampler", "student_type", "first_teacher_steps", "iters_per_stage", "steps", "cell_dist",
                           "cell_dist_vs_ddim100", "dist",
                           "site_slope", "slope_vs_ddim100", "probe", "probe_minus_ddim100", "meets_bounds",
                           "images_per_s"]), ""]
