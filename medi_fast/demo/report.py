@@ -87,7 +87,7 @@ def student_lines(cfg, results: dict, cells: pd.DataFrame) -> list[str]:
         name, teacher = arm.name, arm.recipe.teacher
         lines.append(
             f"Distilled student ({name}: the {teacher} model distilled from DDIM-{cfg.distill_teacher_steps} to "
-            f"{cfg.distill_steps} DDIM steps, {cfg.distill_iters} iterations per stage; "
+            f"{cfg.distill_steps} DDIM steps ({cfg.distill_prediction_type} student), {cfg.distill_iters} iterations per stage; "
             f"{cfg.sample_steps / cfg.distill_steps:.1f}x fewer UNet calls than the demo's DDIM-{cfg.sample_steps}): "
             f"probe {p.loc[name, 'tss_balanced_accuracy_mean']:.3f} ± {p.loc[name, 'tss_balanced_accuracy_sem']:.3f} "
             f"({teacher} {p.loc[teacher, 'tss_balanced_accuracy_mean']:.3f}); FID-style distance per cell "
