@@ -88,3 +88,22 @@ def tiny_sampler_case():
     cond = model.spec.encode({"class": ["B", "A"], "tss": ["1", "2"]}, 2)
     x_T = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # (B, C, H, W)
     return model, cond, x_T
+
+
+@pytest.fixture(scope="session")
+def distill_teacher(tmp_path_factory) -> Path:
+    """A tiny 16 px MeDi teacher trained for 2 steps on the synthetic set (with cond-drop, for guidance): the
+    teacher of the distillation tests (progressive and consistency)."""
+    from medi_fast.cli import main
+    from medi_fast.data.index import build_index
+    from medi_fast.data.pack import pack_index
+    from medi_fast.data.synth import SynthConfig, render_dataset
+
+    root = tmp_path_factory.mktemp("distill")
+    render_dataset(SynthConfig.full(("LUAD", "LUSC"), ("S1", "S2"), n_per_combo=4, resolution=16), root / "ds")
+    df = build_index(root / "ds", root / "ds" / "clinical.csv")
+    pack = pack_index(df, 16, root / "pack16")
+    main(["train", "--data", str(pack), "--preset", "tiny-32", "--resolution", "16", "--batch-size", "4",
+          "--steps", "2", "--out", str(root / "run"), "--workers", "0", "--checkpoint-every", "2",
+          "--grid-every", "0", "--device", "cpu", "--cond-drop", "0.1"])
+    return root / "run" / "checkpoints" / "step-00000002.pt"

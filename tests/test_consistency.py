@@ -97,32 +97,8 @@ def test_the_target_is_the_target_networks_x0_one_teacher_step_on_and_the_data_a
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """A tiny 16 px v-prediction MeDi teacher trained for 2 steps on the synthetic set."""
-    from medi_fast.data.index import build_index
-    from medi_fast.data.pack import pack_index
-    from medi_fast.data.synth import SynthConfig, render_dataset
-
-    root = tmp_path_factory.mktemp("consistency")
-    render_dataset(SynthConfig.full(("LUAD", "LUSC"), ("S1", "S2"), n_per_combo=4, resolution=16), root / "ds")
-    df = build_index(root / "ds", root / "ds" / "clinical.csv")
-    pack = pack_index(df, 16, root / "pack16")
-    main(["train", "--data", str(pack), "--preset", "tiny-32", "--resolution", "16", "--batch-size", "4",
-          "--steps", "2", "--out", str(root / "run"), "--workers", "0", "--checkpoint-every", "2",
-          "--grid-every", "0", "--device", "cpu", "--prediction-type", "v_prediction"])
-    return root / "run" / "checkpoints" / "step-00000002.pt"
-
-
-def _fail(args, capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    line = err.strip().splitlines()[-1]
-    assert line.startswith("medi-fast: error: ")
-    return line
+def teacher(distill_teacher):
+    return distill_teacher
 
 
 def _distill(teacher, out, *extra):
@@ -131,7 +107,7 @@ def _distill(teacher, out, *extra):
 
 
 @pytest.mark.slow
-def test_consistency_student_end_to_end(teacher, tmp_path, capsys):
+def test_consistency_student_end_to_end(teacher, tmp_path, capsys, refused):
     out = tmp_path / "cd.pt"
     assert _distill(teacher, out, "--steps", "2", "--teacher-steps", "8") == 0
     assert "consistency-2 student" in capsys.readouterr().out
@@ -170,12 +146,12 @@ def test_consistency_student_end_to_end(teacher, tmp_path, capsys):
 
     # a consistency student is no teacher for either method
     for method in ("consistency", "progressive"):
-        line = _fail(["distill", out, "--out", tmp_path / "again.pt", "--steps", "1", "--method", method], capsys)
+        line = refused(["distill", out, "--out", tmp_path / "again.pt", "--steps", "1", "--method", method])
         assert "needs a trained model as teacher" in line and not (tmp_path / "again.pt").exists()
 
 
 @pytest.mark.slow
-def test_consistency_resume_equals_the_uninterrupted_run(teacher, tmp_path, monkeypatch, capsys):
+def test_consistency_resume_equals_the_uninterrupted_run(teacher, tmp_path, monkeypatch, capsys, refused):
     from medi_fast.training import distill as mod
 
     opts = dict(teacher=str(teacher), steps=2, teacher_steps=8, iters_per_stage=4, batch_size=2, device="cpu",
@@ -197,18 +173,18 @@ def test_consistency_resume_equals_the_uninterrupted_run(teacher, tmp_path, monk
     assert not out.exists()
     monkeypatch.setattr(mod, "consistency_loss", real_loss)
     # --resume under the other method is refused, naming it
-    line = _fail(["distill", teacher, "--out", out, "--steps", "2", "--teacher-steps", "8", "--batch-size", "2",
-                  "--iters-per-stage", "4", "--device", "cpu", "--resume", "--quiet"], capsys)
+    line = refused(["distill", teacher, "--out", out, "--steps", "2", "--teacher-steps", "8", "--batch-size", "2",
+                  "--iters-per-stage", "4", "--device", "cpu", "--resume", "--quiet"])
     assert "--method 'consistency' (now 'progressive')" in line
     mod.distill(out=str(out), resume=True, **opts)
     a, b = ckpt_io.load(whole), ckpt_io.load(out)
     assert all(torch.equal(a.weights()[k], b.weights()[k]) for k in a.weights())
 
 
-def test_consistency_refusals_are_one_line(teacher, tmp_path, capsys):
+def test_consistency_refusals_are_one_line(teacher, tmp_path, refused):
     out = tmp_path / "s.pt"
-    assert "--steps 3 with --teacher-steps 64" in _fail(["distill", teacher, "--out", out, "--method", "consistency",
-                                                        "--steps", "3"], capsys)
-    assert "'lcm' is not one of 'progressive', 'consistency'" in _fail(
-        ["distill", teacher, "--out", out, "--method", "lcm"], capsys)
+    assert "--steps 3 with --teacher-steps 64" in refused(["distill", teacher, "--out", out, "--method", "consistency",
+                                                        "--steps", "3"])
+    assert "'lcm' is not one of 'progressive', 'consistency'" in refused(
+        ["distill", teacher, "--out", out, "--method", "lcm"])
     assert not out.exists() and not (tmp_path / "s.distill").exists()

@@ -109,20 +109,8 @@ def test_one_student_step_lands_where_two_teacher_steps_land(tiny_sampler_case, 
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """A tiny 16 px MeDi teacher trained for 2 steps on the synthetic set (with cond-drop, for guidance)."""
-    from medi_fast.data.index import build_index
-    from medi_fast.data.pack import pack_index
-    from medi_fast.data.synth import SynthConfig, render_dataset
-
-    root = tmp_path_factory.mktemp("distill")
-    render_dataset(SynthConfig.full(("LUAD", "LUSC"), ("S1", "S2"), n_per_combo=4, resolution=16), root / "ds")
-    df = build_index(root / "ds", root / "ds" / "clinical.csv")
-    pack = pack_index(df, 16, root / "pack16")
-    main(["train", "--data", str(pack), "--preset", "tiny-32", "--resolution", "16", "--batch-size", "4",
-          "--steps", "2", "--out", str(root / "run"), "--workers", "0", "--checkpoint-every", "2",
-          "--grid-every", "0", "--device", "cpu", "--cond-drop", "0.1"])
-    return root / "run" / "checkpoints" / "step-00000002.pt"
+def teacher(distill_teacher):
+    return distill_teacher
 
 
 def _fail(args, capsys) -> str:
