@@ -107,3 +107,46 @@ def distill_teacher(tmp_path_factory) -> Path:
           "--steps", "2", "--out", str(root / "run"), "--workers", "0", "--checkpoint-every", "2",
           "--grid-every", "0", "--device", "cpu", "--cond-drop", "0.1"])
     return root / "run" / "checkpoints" / "step-00000002.pt"
+
+
+@pytest.fixture
+def interrupt_on_call(monkeypatch):
+    """``interrupt_on_call(module, name, n)``: ``module.name`` raises KeyboardInterrupt (Ctrl-C) on its n-th
+    call; returns the original, to put back with ``monkeypatch.setattr(module, name, original)``."""
+    def arm(module, name: str, n: int):
+        real = getattr(module, name)
+        calls = {"n": 0}
+
+        def interrupted(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, name, interrupted)
+        return real
+    return arm
+
+
+@pytest.fixture
+def generates_with_own_sampler(capsys):
+    """``check(student, tmp_path, steps, sampler)``: the student exported to ONNX, and generating from the
+    checkpoint (torch) and from the export (ort-cpu) with no warning, runs its own ``sampler``-``steps``
+    (manifest.csv says so).  Returns the ONNX path."""
+    import pandas as pd
+
+    from medi_fast.cli import main
+
+    def check(student, tmp_path, steps: int, sampler: str):
+        exp = tmp_path / "exp"
+        assert main(["export", str(student), "--out", str(exp), "--no-fp16", "--parity-steps", "2"]) == 0
+        for model, backend in ((student, "torch"), (exp / "model.onnx", "ort-cpu")):
+            dest = tmp_path / f"synth-{backend}"
+            capsys.readouterr()
+            assert main(["generate", str(model), "--class", "LUSC", "--tss", "S1", "--n", "2", "--out", str(dest),
+                         "--backend", backend, "--quiet"]) == 0
+            assert "warning" not in capsys.readouterr().err
+            m = pd.read_csv(dest / "manifest.csv")
+            assert set(m["steps"]) == {steps} and set(m["sampler"]) == {sampler} and len(m) == 2
+        return exp / "model.onnx"
+    return check

@@ -107,7 +107,7 @@ def _distill(teacher, out, *extra):
 
 
 @pytest.mark.slow
-def test_consistency_student_end_to_end(teacher, tmp_path, capsys, refused):
+def test_consistency_student_end_to_end(teacher, tmp_path, capsys, refused, generates_with_own_sampler):
     out = tmp_path / "cd.pt"
     assert _distill(teacher, out, "--steps", "2", "--teacher-steps", "8") == 0
     assert "consistency-2 student" in capsys.readouterr().out
@@ -122,15 +122,7 @@ def test_consistency_student_end_to_end(teacher, tmp_path, capsys, refused):
     assert metrics["step"].iloc[-1] == 3 and np.isfinite(metrics["loss"]).all()
 
     # generate: its own sampler and steps by default, from the checkpoint and its ONNX export, seeded per image
-    assert main(["export", str(out), "--out", str(tmp_path / "exp"), "--no-fp16", "--parity-steps", "2"]) == 0
-    for model, backend in ((out, "torch"), (tmp_path / "exp" / "model.onnx", "ort-cpu")):
-        dest = tmp_path / f"synth-{backend}"
-        capsys.readouterr()
-        assert main(["generate", str(model), "--class", "LUSC", "--tss", "S1", "--n", "2", "--out", str(dest),
-                     "--backend", backend, "--quiet"]) == 0
-        assert "warning" not in capsys.readouterr().err
-        m = pd.read_csv(dest / "manifest.csv")
-        assert set(m["steps"]) == {2} and set(m["sampler"]) == {"consistency"} and len(m) == 2
+    generates_with_own_sampler(out, tmp_path, 2, "consistency")
     import medi_fast
 
     a = medi_fast.load(out, backend="torch").generate("LUAD", tss="S1", n=2, seed=3)
@@ -151,22 +143,13 @@ def test_consistency_student_end_to_end(teacher, tmp_path, capsys, refused):
 
 
 @pytest.mark.slow
-def test_consistency_resume_equals_the_uninterrupted_run(teacher, tmp_path, monkeypatch, capsys, refused):
+def test_consistency_resume_equals_the_uninterrupted_run(teacher, tmp_path, monkeypatch, refused, interrupt_on_call):
     from medi_fast.training import distill as mod
 
     opts = dict(teacher=str(teacher), steps=2, teacher_steps=8, iters_per_stage=4, batch_size=2, device="cpu",
                 progress=False, checkpoint_every=1, method="consistency")
     whole = mod.distill(out=str(tmp_path / "whole.pt"), **opts)
-    calls = {"n": 0}
-    real_loss = mod.consistency_loss
-
-    def interrupted(*a, **k):  # Ctrl-C in the 3rd iteration
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(mod, "consistency_loss", interrupted)
+    real_loss = interrupt_on_call(mod, "consistency_loss", 3)  # Ctrl-C in the 3rd iteration
     out = tmp_path / "cut.pt"
     with pytest.raises(KeyboardInterrupt):
         mod.distill(out=str(out), **opts)

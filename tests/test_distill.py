@@ -131,7 +131,7 @@ def _distill(teacher, out, *extra):
 
 
 @pytest.mark.slow
-def test_distil_export_generate_with_own_steps(teacher, tmp_path, capsys):
+def test_distil_export_generate_with_own_steps(teacher, tmp_path, capsys, generates_with_own_sampler):
     out = tmp_path / "student.pt"
     assert _distill(teacher, out, "--steps", "1", "--teacher-steps", "4") == 0
     ck = ckpt_io.load(out)
@@ -148,19 +148,11 @@ def test_distil_export_generate_with_own_steps(teacher, tmp_path, capsys):
     assert "already exists" in _fail(["distill", teacher, "--out", out, "--steps", "1", "--teacher-steps", "4"], capsys)
 
     # generate from the checkpoint and from its ONNX export (ort-cpu): the student's own DDIM-1 by default
-    assert main(["export", str(out), "--out", str(tmp_path / "exp"), "--no-fp16", "--parity-steps", "2"]) == 0
+    generates_with_own_sampler(out, tmp_path, 1, "ddim")
     from medi_fast.backends import open_model
 
     info = open_model(tmp_path / "exp" / "model.onnx")
     assert (info.schedule.prediction_type, info.schedule.default_steps) == ("v_prediction", 1)
-    for model, backend in ((out, "torch"), (tmp_path / "exp" / "model.onnx", "ort-cpu")):
-        dest = tmp_path / f"synth-{backend}"
-        capsys.readouterr()
-        assert main(["generate", str(model), "--class", "LUSC", "--tss", "S1", "--n", "2", "--out", str(dest),
-                     "--backend", backend, "--quiet"]) == 0
-        assert "warning" not in capsys.readouterr().err
-        m = pd.read_csv(dest / "manifest.csv")
-        assert set(m["steps"]) == {1} and set(m["sampler"]) == {"ddim"} and len(m) == 2
     # an explicit --steps wins, with one warning line; unseen combinations generate too
     capsys.readouterr()
     assert main(["generate", str(out), "--class", "LUAD", "--tss", "S2", "--n", "1", "--steps", "3",
@@ -181,22 +173,13 @@ def test_distil_export_generate_with_own_steps(teacher, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_resume_after_an_interruption_equals_the_uninterrupted_run(teacher, tmp_path, monkeypatch):
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(teacher, tmp_path, monkeypatch, interrupt_on_call):
     from medi_fast.training import distill as mod
 
     opts = dict(teacher=str(teacher), steps=1, teacher_steps=4, iters_per_stage=2, batch_size=2, device="cpu",
                 progress=False, checkpoint_every=1)
     whole = mod.distill(out=str(tmp_path / "whole.pt"), **opts)
-    calls = {"n": 0}
-    real_loss = mod.student_loss
-
-    def interrupted(*a, **k):  # Ctrl-C in the 2nd iteration of the 2nd stage
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(mod, "student_loss", interrupted)
+    real_loss = interrupt_on_call(mod, "student_loss", 4)  # Ctrl-C in the 2nd iteration of the 2nd stage
     out = tmp_path / "cut.pt"
     with pytest.raises(KeyboardInterrupt):
         mod.distill(out=str(out), **opts)
