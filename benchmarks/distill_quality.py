@@ -17,7 +17,9 @@ teacher's DDIM-100, and measures, with the demo's own evaluation (medi_fast.demo
   site's stain difference reproduced;
 * ``probe``: the demo protocol's linear probe (k real patches per class from confounded sites, tested
   on unseen sites), TSS-averaged balanced accuracy with these samples as the synthetic set;
-* ``unet_calls`` per image and ``s``: wall time of the sampling in this run (torch eager fp32).
+* ``unet_calls`` per image and ``s``: wall time of the sampling in this run (torch eager fp32);
+* ``pixel_std``, ``laplacian_rms`` (and ``laplacian_vs_ddim100``): contrast and high-frequency energy of the
+  images, to tell blurred samples (below DDIM-100's) from noisy ones (above).
 
 --student-types v_prediction,sample distils every curve point once per student parameterisation (x0 students
 in --work/iters-N-sample); --baseline-seeds 1,2 adds DDIM-100 draws from other starting noise, whose distance
@@ -47,6 +49,15 @@ from medi_fast import plan as plans  # noqa: E402
 
 BASELINE_STEPS = 100
 TOLERANCE = 0.05
+
+
+def texture(images: np.ndarray) -> tuple[float, float]:
+    """(pixel_std, laplacian_rms) of uint8 images (N, H, W, 3) in [0, 1] units: the per-image contrast, averaged,
+    and the RMS of the 5-point Laplacian (high-frequency energy): whether a sampler's images are blurred (lower
+    than DDIM-100's) or noisy (higher)."""
+    im = images.astype(np.float32) / 255.0
+    lap = (4 * im[:, 1:-1, 1:-1] - im[:, :-2, 1:-1] - im[:, 2:, 1:-1] - im[:, 1:-1, :-2] - im[:, 1:-1, 2:])
+    return float(im.std(axis=(1, 2)).mean()), float(np.sqrt((lap ** 2).mean()))
 
 
 def stage_students(student: Path) -> dict[int, Path]:
@@ -225,12 +236,14 @@ def main(argv=None) -> int:
                 + (f" (seed {seed})" if seed != args.seed else ""))
         synthetic[name] = (meta, images)
         site = measure_site_fidelity(cfg, index, real, (meta, images))
+        pixel_std, laplacian_rms = texture(images)
         student_type = None if not label else next((t for t in ("sample", "consistency") if f", {t}" in label),
                                                    "v_prediction")
         rows.append({"name": name, "model": model, "sampler": sampler, "steps": k, "iters_per_stage": iters,
                      "student_type": student_type, "first_teacher_steps": first, "seed": seed,
                      "unet_calls": k, "s": secs, "images_per_s": len(plan) / secs,
                      "site_slope": site.slope, "site_corr": site.correlation, "shipped": model == "student",
+                     "pixel_std": pixel_std, "laplacian_rms": laplacian_rms,
                      "path": path})
         print(f"{name:34s} {secs:7.1f} s  site slope {site.slope:.3f}", flush=True)
 
@@ -249,6 +262,7 @@ def main(argv=None) -> int:
         r["dist_vs_ddim100"] = r["dist"] / base["dist"]
         r["cell_dist_vs_ddim100"] = r["cell_dist"] / base["cell_dist"]
         r["slope_vs_ddim100"] = r["site_slope"] / base["site_slope"]
+        r["laplacian_vs_ddim100"] = r["laplacian_rms"] / base["laplacian_rms"]
         r["probe_minus_ddim100"] = r["probe"] - base["probe"]
         r["speedup_calls_vs_ddim100"] = BASELINE_STEPS / r["unet_calls"]
         r["speedup_wall_vs_ddim100"] = base["s"] / r["s"]

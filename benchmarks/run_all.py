@@ -418,7 +418,8 @@ def distill_section(dq: dict) -> list[str]:
             f"{base['probe']:.3f}.", "", verdict, "",
             _table(rows, ["model", "sampler", "student_type", "first_teacher_steps", "iters_per_stage", "steps", "cell_dist",
                           "cell_dist_vs_ddim100", "dist",
-                          "site_slope", "slope_vs_ddim100", "probe", "probe_minus_ddim100", "meets_bounds",
+                          "site_slope", "slope_vs_ddim100", "probe", "probe_minus_ddim100", "laplacian_vs_ddim100",
+                          "meets_bounds",
                           "images_per_s"]), ""]
 
 
