@@ -123,7 +123,7 @@ class DemoConfig:
     # a 4-step x0 student, whose samples are an arm of their own (arms.STUDENT).  1500 iterations per
     # halving (four halvings, about 28 minutes on 2 cores): the setting that met every bound on the demo
     # model (per-cell distance 0.99x DDIM-100's, stain slope 1.03x, probe +0.025; benchmarks/distill_quality.py).
-    # From DDIM-16 no student can: DDIM-16 itself is 1.87x DDIM-100's.
+    # From DDIM-16 none did (best 1.44x): DDIM-16 itself is 1.87x DDIM-100's.
     distill: bool = False
     distill_steps: int = 4
     distill_teacher_steps: int = 64
