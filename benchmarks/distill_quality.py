@@ -60,6 +60,18 @@ def texture(images: np.ndarray) -> tuple[float, float]:
     return float(im.std(axis=(1, 2)).mean()), float(np.sqrt((lap ** 2).mean()))
 
 
+def on_grid(teacher_steps: int, steps: int) -> bool:
+    """Whether a consistency student of the DDIM-``teacher_steps`` grid can sample in ``steps`` steps."""
+    from medi_fast.errors import MediFastError
+    from medi_fast.training.distill import consistency_plan
+
+    try:
+        consistency_plan(teacher_steps, steps)
+    except MediFastError:
+        return False
+    return True
+
+
 def stage_students(student: Path) -> dict[int, Path]:
     stages = student.with_name(student.stem + ".distill") / "stages"
     found = {int(p.stem.split("-")[1]): p for p in sorted(stages.glob("student-*.pt"))}
@@ -172,8 +184,12 @@ def main(argv=None) -> int:
             args.teacher_steps = c.get("resolved_teacher_steps", args.teacher_steps)
             iters, args.batch_size = c["iters_per_stage"], c["batch_size"]
             args.lr, args.ema_decay = c["lr"], c["ema_decay"]
-        curve.append((f"{iters} it" if iters else "given student", iters, secs, stage_students(student), "ddim",
-                      args.teacher_steps))
+        from medi_fast import checkpoint as ckpt_io
+
+        sampler = ckpt_io.load(student).schedule.default_sampler or "ddim"  # a consistency student: its own sampler
+        found = ({k: student for k in steps if on_grid(args.teacher_steps, k)} if sampler == "consistency"
+                 else stage_students(student))
+        curve.append((f"{iters} it" if iters else "given student", iters, secs, found, sampler, args.teacher_steps))
     else:
         types = [t.strip() for t in args.student_types.split(",") if t.strip()]
         unknown = [t for t in types if t not in STUDENT_KINDS]
@@ -188,8 +204,8 @@ def main(argv=None) -> int:
             label = (f"{iters} it" + ("" if student_type == "v_prediction" else f", {student_type}")
                      + ("" if first == args.teacher_steps else f", from DDIM-{first}"))
             if STUDENT_KINDS[student_type][0] == "consistency":  # one model, sampled at any step count on its grid
-                found = {k: student for k in steps if k < first and first % k == 0 and not (first // k) & (first // k - 1)}
-                curve.append((label, iters, secs, found, "consistency", first))
+                curve.append((label, iters, secs, {k: student for k in steps if on_grid(first, k)}, "consistency",
+                              first))
             else:
                 curve.append((label, iters, secs, stage_students(student), "ddim", first))
 

@@ -408,3 +408,5 @@ def test_the_quality_curve_names_iterations_fewest_steps_and_an_optional_student
     assert dq.work_name(3000, "sample", 16, 16) == "iters-3000-sample"
     assert dq.work_name(6000, "consistency", 64, 16) == "iters-6000-consistency-from64"
     assert dq.STUDENT_KINDS["consistency"] == ("consistency", "v_prediction")
+    # a consistency student samples at every step count on its grid (consistency_plan's rule)
+    assert [k for k in (1, 2, 3, 4, 8, 64) if dq.on_grid(64, k)] == [1, 2, 4, 8]

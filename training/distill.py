@@ -155,7 +155,7 @@ def stage_plan(teacher_steps: int, steps: int) -> list[int]:
 def consistency_plan(teacher_steps: int, steps: int) -> list[int]:
     """Consistency distillation is one stage: [steps], once the student's ``steps`` levels are points of the
     teacher's grid (trailing spacing nests the N- and M-step grids when M is N x a power of 2)."""
-    ratio = teacher_steps // steps if steps else 0
+    ratio = teacher_steps // steps
     if steps >= teacher_steps or teacher_steps % steps or ratio & (ratio - 1):
         raise MediFastError(f"--steps {steps} with --teacher-steps {teacher_steps}: the student samples at points of "
                             f"the teacher's grid only when --teacher-steps is --steps x a power of 2 (at least 2); "
