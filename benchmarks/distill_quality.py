@@ -253,8 +253,8 @@ def main(argv=None) -> int:
         synthetic[name] = (meta, images)
         site = measure_site_fidelity(cfg, index, real, (meta, images))
         pixel_std, laplacian_rms = texture(images)
-        student_type = None if not label else next((t for t in ("sample", "consistency") if f", {t}" in label),
-                                                   "v_prediction")
+        student_type = None if not label else ("consistency" if sampler == "consistency" else
+                                               "sample" if ", sample" in label else "v_prediction")
         rows.append({"name": name, "model": model, "sampler": sampler, "steps": k, "iters_per_stage": iters,
                      "student_type": student_type, "first_teacher_steps": first, "seed": seed,
                      "unet_calls": k, "s": secs, "images_per_s": len(plan) / secs,
